@@ -1,0 +1,174 @@
+//! A fixed-length bitmap over the pages of a snapshot.
+//!
+//! Wire and disk layout: bit `i` is bit `i % 8` (least significant first) of
+//! byte `i / 8`; exactly `ceil(len / 8)` bytes, unused high bits zero.
+
+use crate::ProtocolError;
+
+/// One bit per page.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PageBitmap {
+    words: Vec<u64>,
+    len: u64,
+}
+
+impl std::fmt::Debug for PageBitmap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageBitmap")
+            .field("len", &self.len)
+            .field("ones", &self.count_ones())
+            .finish()
+    }
+}
+
+impl PageBitmap {
+    /// A bitmap of `len` clear bits.
+    pub fn new(len: u64) -> Self {
+        Self {
+            words: vec![0; usize::try_from(len.div_ceil(64)).expect("bitmap fits in memory")],
+            len,
+        }
+    }
+
+    /// Number of bits.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True for a bitmap of no bits.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes in the wire layout for `len` bits.
+    pub fn byte_len(len: u64) -> u64 {
+        len.div_ceil(8)
+    }
+
+    /// Whether bit `i` is set. Panics if `i >= len`.
+    pub fn get(&self, i: u64) -> bool {
+        assert!(i < self.len, "bit {i} out of a bitmap of {}", self.len);
+        self.words[(i / 64) as usize] & (1 << (i % 64)) != 0
+    }
+
+    /// Sets bit `i`. Panics if `i >= len`.
+    pub fn set(&mut self, i: u64) {
+        assert!(i < self.len, "bit {i} out of a bitmap of {}", self.len);
+        self.words[(i / 64) as usize] |= 1 << (i % 64);
+    }
+
+    /// Sets bits `start..start + count`.
+    pub fn set_range(&mut self, start: u64, count: u64) {
+        for i in start..start + count {
+            self.set(i);
+        }
+    }
+
+    /// Number of set bits.
+    pub fn count_ones(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// Maximal runs of set bits, as `(start, count)`, ascending.
+    pub fn runs(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let mut i = 0;
+        std::iter::from_fn(move || {
+            while i < self.len && !self.get(i) {
+                // Skip whole clear words quickly.
+                if i % 64 == 0 && self.words[(i / 64) as usize] == 0 {
+                    i += 64;
+                } else {
+                    i += 1;
+                }
+            }
+            if i >= self.len {
+                return None;
+            }
+            let start = i;
+            while i < self.len && self.get(i) {
+                i += 1;
+            }
+            Some((start, i - start))
+        })
+    }
+
+    /// The wire layout.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let n = Self::byte_len(self.len) as usize;
+        let mut out: Vec<u8> = self.words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        out.truncate(n);
+        out
+    }
+
+    /// Parses the wire layout of a bitmap of `len` bits. `field` names the
+    /// message field in errors.
+    pub fn from_bytes(field: &'static str, bytes: &[u8], len: u64) -> Result<Self, ProtocolError> {
+        let want = Self::byte_len(len);
+        if bytes.len() as u64 != want {
+            return Err(ProtocolError::invalid(
+                field,
+                format!(
+                    "a bitmap of {len} pages takes {want} bytes, this one has {}",
+                    bytes.len()
+                ),
+            ));
+        }
+        let mut map = Self::new(len);
+        for (w, chunk) in map.words.iter_mut().zip(bytes.chunks(8)) {
+            let mut buf = [0u8; 8];
+            buf[..chunk.len()].copy_from_slice(chunk);
+            *w = u64::from_le_bytes(buf);
+        }
+        if len % 64 != 0 {
+            let last = map.words.len() - 1;
+            if map.words[last] >> (len % 64) != 0 {
+                return Err(ProtocolError::invalid(
+                    field,
+                    format!("bits beyond page {len} are set; they must be zero"),
+                ));
+            }
+        }
+        Ok(map)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The byte layout is LSB-first and round-trips.
+    #[test]
+    fn bytes_round_trip() {
+        let mut m = PageBitmap::new(70);
+        m.set(0);
+        m.set(9);
+        m.set(69);
+        let b = m.to_bytes();
+        assert_eq!(b.len(), 9);
+        assert_eq!(b[0], 1);
+        assert_eq!(b[1], 2);
+        assert_eq!(b[8], 1 << 5);
+        assert_eq!(PageBitmap::from_bytes("x", &b, 70).unwrap(), m);
+    }
+
+    /// Wrong lengths and stray high bits are rejected.
+    #[test]
+    fn rejects_bad_bytes() {
+        assert!(PageBitmap::from_bytes("x", &[0; 3], 70).is_err());
+        let mut b = vec![0; 9];
+        b[8] = 0x80;
+        assert!(PageBitmap::from_bytes("x", &b, 70).is_err());
+    }
+
+    /// Runs are maximal and ascending, across word boundaries.
+    #[test]
+    fn runs() {
+        let mut m = PageBitmap::new(200);
+        m.set_range(3, 2);
+        m.set_range(60, 10);
+        m.set(199);
+        let r: Vec<_> = m.runs().collect();
+        assert_eq!(r, vec![(3, 2), (60, 10), (199, 1)]);
+        assert_eq!(m.count_ones(), 13);
+    }
+}
