@@ -119,7 +119,7 @@ impl PageBitmap {
             buf[..chunk.len()].copy_from_slice(chunk);
             *w = u64::from_le_bytes(buf);
         }
-        if len % 64 != 0 {
+        if !len.is_multiple_of(64) {
             let last = map.words.len() - 1;
             if map.words[last] >> (len % 64) != 0 {
                 return Err(ProtocolError::invalid(

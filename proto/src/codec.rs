@@ -168,7 +168,11 @@ impl PageBatch {
             let data = Compression::try_from(run.compression)?.decompress(run.data, len)?;
             runs.push(PageRun { range, data });
         }
-        let zero = batch.zero.into_iter().map(check).collect::<Result<_, _>>()?;
+        let zero = batch
+            .zero
+            .into_iter()
+            .map(check)
+            .collect::<Result<_, _>>()?;
         Ok(Self { runs, zero })
     }
 
@@ -186,7 +190,10 @@ mod tests {
     /// Each codec round-trips a compressible run; an incompressible run goes raw.
     #[test]
     fn codecs_round_trip() {
-        let data: Bytes = (0..8192u32).map(|i| (i % 7) as u8).collect::<Vec<_>>().into();
+        let data: Bytes = (0..8192u32)
+            .map(|i| (i % 7) as u8)
+            .collect::<Vec<_>>()
+            .into();
         for codec in [Compression::None, Compression::Lz4, Compression::Zstd] {
             let run = encode_run(PageIndex(2), 2, data.clone(), codec);
             let batch = pb::PageBatch {

@@ -24,11 +24,17 @@ fn validate_name(field: &'static str, name: &str) -> Result<(), ProtocolError> {
     if name.len() > MAX_NAME_LEN {
         return Err(ProtocolError::invalid(
             field,
-            format!("{} characters is longer than the limit of {MAX_NAME_LEN}", name.len()),
+            format!(
+                "{} characters is longer than the limit of {MAX_NAME_LEN}",
+                name.len()
+            ),
         ));
     }
     if name.starts_with('.') {
-        return Err(ProtocolError::invalid(field, format!("{name:?} starts with '.'")));
+        return Err(ProtocolError::invalid(
+            field,
+            format!("{name:?} starts with '.'"),
+        ));
     }
     if let Some(c) = name
         .chars()
@@ -263,10 +269,16 @@ impl TryFrom<pb::PageRange> for PageRange {
     type Error = ProtocolError;
     fn try_from(r: pb::PageRange) -> Result<Self, ProtocolError> {
         if r.count == 0 {
-            return Err(ProtocolError::invalid("range.count", "a range must hold at least one page"));
+            return Err(ProtocolError::invalid(
+                "range.count",
+                "a range must hold at least one page",
+            ));
         }
         Self::new(PageIndex(r.start), r.count).ok_or_else(|| {
-            ProtocolError::invalid("range", format!("start {} + count {} overflows", r.start, r.count))
+            ProtocolError::invalid(
+                "range",
+                format!("start {} + count {} overflows", r.start, r.count),
+            )
         })
     }
 }
@@ -343,15 +355,19 @@ pub fn validate_regions(
                 ),
             ));
         }
-        let end = r.offset.checked_add(r.size).filter(|&e| e <= image_size).ok_or_else(|| {
-            ProtocolError::invalid(
-                "regions",
-                format!(
-                    "region {:?} ends past the image, which has {image_size} bytes",
-                    r.name
-                ),
-            )
-        })?;
+        let end = r
+            .offset
+            .checked_add(r.size)
+            .filter(|&e| e <= image_size)
+            .ok_or_else(|| {
+                ProtocolError::invalid(
+                    "regions",
+                    format!(
+                        "region {:?} ends past the image, which has {image_size} bytes",
+                        r.name
+                    ),
+                )
+            })?;
         spans.push((r.offset, end, &r.name));
     }
     spans.sort_unstable();
@@ -518,7 +534,16 @@ mod tests {
     /// Names that could escape the store directory are refused.
     #[test]
     fn names_are_validated() {
-        for bad in ["", "..", ".hidden", "a/b", "a\\b", "a b", "é", &"x".repeat(129)] {
+        for bad in [
+            "",
+            "..",
+            ".hidden",
+            "a/b",
+            "a\\b",
+            "a b",
+            "é",
+            &"x".repeat(129),
+        ] {
             assert!(SnapshotId::new(bad).is_err(), "{bad:?} accepted");
         }
         for good in ["vm-1", "ubuntu_24.04", "A", &"x".repeat(128)] {
@@ -530,7 +555,13 @@ mod tests {
     #[test]
     fn ranges_are_validated() {
         assert!(PageRange::try_from(pb::PageRange { start: 0, count: 0 }).is_err());
-        assert!(PageRange::try_from(pb::PageRange { start: u64::MAX, count: 2 }).is_err());
+        assert!(
+            PageRange::try_from(pb::PageRange {
+                start: u64::MAX,
+                count: 2
+            })
+            .is_err()
+        );
         let r = PageRange::try_from(pb::PageRange { start: 5, count: 3 }).unwrap();
         assert_eq!(r.end(), 8);
         assert!(r.check_within(8).is_ok());

@@ -1,1 +1,34 @@
-//! placeholder
+//! faultline's snapshot server: exports immutable memory snapshots over gRPC
+//! (`faultline.v1.Faultline`), with health, reflection and Prometheus metrics.
+//!
+//! # Layout
+//! - [`store`]: where snapshots live. The [`store::SnapshotStore`] trait, the
+//!   local directory store, and the one-pass [`store::SnapshotWriter`] that
+//!   both import and upload use.
+//! - [`import`]: importing a raw memory file (Firecracker, Cloud Hypervisor)
+//!   into a store, with progress.
+//! - [`service`]: the gRPC service: validation at the edge, batches of pages,
+//!   the fault and prefetch streams, uploads.
+//! - [`error`]: the service's error and its one mapping to gRPC codes.
+//! - [`metrics`]: metric names and the Prometheus endpoint.
+//! - [`server`]: [`server::run`], the transport with its tuning, health,
+//!   reflection and graceful shutdown; [`server::spawn`] runs one on a
+//!   background task.
+//! - [`testing`]: deterministic synthetic memory images for tests, benchmarks
+//!   and the demo.
+//!
+//! The binary `faultline-server` (`src/main.rs`) only parses arguments and
+//! calls into these.
+
+pub mod error;
+pub mod import;
+pub mod metrics;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod testing;
+
+pub use error::Error;
+pub use server::{ServerHandle, run, spawn};
+pub use service::FaultlineService;
+pub use store::{LocalStore, SnapshotStore};

@@ -1,0 +1,357 @@
+//! `faultline-server`: serve, import, inspect and list memory snapshots.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use faultline_proto::{PageIndex, PageRange, PageSize, SnapshotId};
+use faultline_server::import::{RegionArg, import_file};
+use faultline_server::store::SnapshotStore;
+use faultline_server::{LocalStore, metrics};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// How long in-flight streams may take to finish after SIGINT/SIGTERM before
+/// the server exits anyway. A second signal exits at once.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "faultline-server",
+    version,
+    about = "Serves VM memory snapshots over gRPC to faultline pagers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the snapshots of a store over gRPC.
+    Serve {
+        /// Snapshot store directory.
+        #[arg(long, env = "FAULTLINE_STORE")]
+        store: PathBuf,
+        /// Address for gRPC.
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: SocketAddr,
+        /// Address for Prometheus metrics (GET /metrics); none if not given.
+        #[arg(long)]
+        metrics_listen: Option<SocketAddr>,
+    },
+    /// Import a raw memory file (e.g. a Firecracker memory snapshot) as a snapshot.
+    Import {
+        /// Snapshot store directory (created if missing).
+        #[arg(long, env = "FAULTLINE_STORE")]
+        store: PathBuf,
+        /// Name of the new snapshot: letters, digits, '.', '_', '-'.
+        #[arg(long)]
+        name: SnapshotId,
+        /// The raw memory file: guest regions back to back.
+        #[arg(long)]
+        mem_file: PathBuf,
+        /// Page size: 4K, or 2M for guests backed by hugetlbfs.
+        #[arg(long, default_value = "4K")]
+        page_size: PageSize,
+        /// A region NAME:SIZE[@GPA], in file order; repeat for each. Default:
+        /// one region "mem" covering the file at guest address 0.
+        #[arg(long = "region")]
+        regions: Vec<RegionArg>,
+    },
+    /// Show a snapshot's manifest.
+    Inspect {
+        /// Snapshot store directory.
+        #[arg(long, env = "FAULTLINE_STORE")]
+        store: PathBuf,
+        /// The snapshot.
+        #[arg(long)]
+        name: SnapshotId,
+        /// Also read every page and check it against its digest.
+        #[arg(long)]
+        verify: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the snapshots of a store.
+    List {
+        /// Snapshot store directory.
+        #[arg(long, env = "FAULTLINE_STORE")]
+        store: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli.command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve {
+            store,
+            listen,
+            metrics_listen,
+        } => serve(store, listen, metrics_listen),
+        Command::Import {
+            store,
+            name,
+            mem_file,
+            page_size,
+            regions,
+        } => import(store, name, mem_file, page_size, regions),
+        Command::Inspect {
+            store,
+            name,
+            verify,
+            json,
+        } => inspect(store, name, verify, json),
+        Command::List { store, json } => list(store, json),
+    }
+}
+
+fn open_store(dir: PathBuf) -> anyhow::Result<LocalStore> {
+    LocalStore::new(&dir)
+        .with_context(|| format!("cannot open the snapshot store {}", dir.display()))
+}
+
+#[tokio::main]
+async fn serve(
+    store: PathBuf,
+    listen: SocketAddr,
+    metrics_listen: Option<SocketAddr>,
+) -> anyhow::Result<()> {
+    let store: Arc<dyn SnapshotStore> = Arc::new(open_store(store)?);
+    let snapshots = store.list()?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}; is another server running there?"))?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    if let Some(addr) = metrics_listen {
+        let metrics_listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+        let mut stop = stop_rx.clone();
+        tracing::info!(
+            "metrics at {}",
+            metrics::describe(metrics_listener.local_addr()?)
+        );
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = metrics::serve(metrics_listener, shutdown).await {
+                tracing::error!("metrics endpoint failed: {e}");
+            }
+        });
+    } else {
+        metrics::install();
+    }
+    tracing::info!(
+        "serving {} snapshot(s) on {}",
+        snapshots.len(),
+        listener.local_addr()?
+    );
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!(
+            "shutting down: no new connections; streams in flight may finish (up to {}s, or signal again)",
+            SHUTDOWN_GRACE.as_secs()
+        );
+        let _ = stop_tx.send(true);
+        tokio::select! {
+            () = wait_for_signal() => tracing::warn!("second signal: exiting now"),
+            () = tokio::time::sleep(SHUTDOWN_GRACE) => tracing::warn!("grace period over: exiting"),
+        }
+        std::process::exit(1);
+    });
+    let mut stop = stop_rx;
+    faultline_server::run(listener, store, async move {
+        let _ = stop.wait_for(|s| *s).await;
+    })
+    .await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn import(
+    store: PathBuf,
+    name: SnapshotId,
+    mem_file: PathBuf,
+    page_size: PageSize,
+    regions: Vec<RegionArg>,
+) -> anyhow::Result<()> {
+    let store = open_store(store)?;
+    let size = std::fs::metadata(&mem_file)
+        .with_context(|| format!("cannot read the memory file {}", mem_file.display()))?
+        .len();
+    let bar = ProgressBar::new(size).with_style(
+        ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(format!("importing {name}"));
+    let started = std::time::Instant::now();
+    let summary = import_file(&store, name, page_size, &regions, &mem_file, |done| {
+        bar.set_position(done)
+    });
+    bar.finish_and_clear();
+    let summary = summary?;
+    println!(
+        "imported {} : {} pages of {} ({} zero, not stored) in {:.1}s",
+        summary.name,
+        summary.page_count,
+        page_size,
+        summary.zero_pages,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn inspect(store: PathBuf, name: SnapshotId, verify: bool, json: bool) -> anyhow::Result<()> {
+    let store = open_store(store)?;
+    let snapshot = store.open(&name)?;
+    let m = snapshot.manifest();
+    let mismatches = if verify {
+        let mut bad = Vec::new();
+        let chunk = (8 << 20) / m.page_size.bytes();
+        let mut start = 0;
+        while start < m.page_count {
+            let range = PageRange::new(PageIndex(start), chunk.min(m.page_count - start))
+                .expect("non-empty");
+            let data = snapshot.read(range);
+            for (i, page) in data.chunks(m.page_size.bytes_usize()).enumerate() {
+                let p = PageIndex(start + i as u64);
+                if !m.verify(p, page) {
+                    bad.push(p.0);
+                }
+            }
+            start = range.end();
+        }
+        Some(bad)
+    } else {
+        None
+    };
+    let working_sets: Vec<_> = m
+        .working_sets
+        .iter()
+        .map(|ws| {
+            let pages = snapshot.working_set(ws).map_or(0, |p| p.len());
+            serde_json::json!({ "name": ws, "pages": pages })
+        })
+        .collect();
+    let zero_pages = m.zero_map.count_ones();
+    if json {
+        let out = serde_json::json!({
+            "name": m.id,
+            "format_version": m.format_version,
+            "page_size": m.page_size.bytes(),
+            "page_count": m.page_count,
+            "image_size": m.image_size(),
+            "zero_pages": zero_pages,
+            "digest_algorithm": m.digest_algorithm,
+            "regions": m.regions,
+            "working_sets": working_sets,
+            "verified": mismatches.as_ref().map(Vec::is_empty),
+            "mismatched_pages": mismatches,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("snapshot     {}", m.id);
+        println!("page size    {}", m.page_size);
+        println!("pages        {} ({} bytes)", m.page_count, m.image_size());
+        println!(
+            "zero pages   {} ({:.1}%, not stored)",
+            zero_pages,
+            100.0 * zero_pages as f64 / m.page_count as f64
+        );
+        println!("digests      {:?}", m.digest_algorithm);
+        for r in &m.regions {
+            println!(
+                "region       {:<12} guest {:#x} offset {:#x} size {:#x}",
+                r.name, r.guest_address, r.offset, r.size
+            );
+        }
+        for ws in &working_sets {
+            println!("working set  {} ({} pages)", ws["name"], ws["pages"]);
+        }
+        if let Some(bad) = &mismatches {
+            if bad.is_empty() {
+                println!("verify       every page matches its digest");
+            } else {
+                println!(
+                    "verify       {} page(s) do not match their digest, first: {:?}",
+                    bad.len(),
+                    &bad[..bad.len().min(10)]
+                );
+            }
+        }
+    }
+    if mismatches.is_some_and(|b| !b.is_empty()) {
+        bail!("snapshot {} is corrupt; re-import it", m.id);
+    }
+    Ok(())
+}
+
+fn list(store: PathBuf, json: bool) -> anyhow::Result<()> {
+    let store = open_store(store)?;
+    let snapshots = store.list()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&snapshots)?);
+        return Ok(());
+    }
+    if snapshots.is_empty() {
+        println!("no snapshots; add one with `faultline-server import`");
+    }
+    for s in snapshots {
+        println!(
+            "{:<32} {:>10} pages of {:>7}  {:>5.1}% zero  working sets: {}",
+            s.name.as_str(),
+            s.page_count,
+            PageSize::try_from(s.page_size)
+                .map_or_else(|_| s.page_size.to_string(), |p| p.to_string()),
+            100.0 * s.zero_pages as f64 / s.page_count as f64,
+            if s.working_sets.is_empty() {
+                "none".to_owned()
+            } else {
+                s.working_sets
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        );
+    }
+    Ok(())
+}

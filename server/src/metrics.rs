@@ -1,0 +1,165 @@
+//! The server's metrics, all in one place, and the Prometheus endpoint.
+//!
+//! Names follow `faultline_server_<thing>_<unit>`; the only label is the RPC
+//! (and the status code on errors), so cardinality is bounded.
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::error::Error;
+
+/// Requests received, by RPC.
+pub const REQUESTS: &str = "faultline_server_requests_total";
+/// Requests that failed, by RPC and gRPC code.
+pub const REQUEST_ERRORS: &str = "faultline_server_request_errors_total";
+/// Time to answer a request (for streams: one fault answer; the set-up of a
+/// prefetch stream), by RPC.
+pub const REQUEST_SECONDS: &str = "faultline_server_request_duration_seconds";
+/// Pages answered, zero or not, by RPC.
+pub const PAGES_SERVED: &str = "faultline_server_pages_served_total";
+/// Zero pages answered with a flag instead of bytes, by RPC.
+pub const ZERO_PAGES_SKIPPED: &str = "faultline_server_zero_pages_skipped_total";
+/// Page bytes sent (before compression), by RPC.
+pub const BYTES_SERVED: &str = "faultline_server_bytes_served_total";
+/// Page bytes on the wire (after compression), by RPC.
+pub const WIRE_BYTES: &str = "faultline_server_wire_bytes_total";
+/// Streams open now, by RPC.
+pub const ACTIVE_STREAMS: &str = "faultline_server_active_streams";
+
+/// Latency buckets, in seconds: 10 us (a page-cache read) to 10 s (a huge
+/// upload chunk on a slow disk), about three per decade.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 0.1,
+    0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// How often histogram summaries are refreshed in the background.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder as the process's `metrics` recorder
+/// (once; later calls return the same handle).
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .expect("latency buckets are non-empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder is installed already, in which
+            // case metrics go there and this endpoint shows none of them.
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was installed already; /metrics will be empty");
+            }
+            handle
+        })
+        .clone()
+}
+
+/// Serves `GET /metrics` in Prometheus text format on `listener` until
+/// `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let handle = install();
+    let upkeep = handle.clone();
+    let upkeep = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let handle = handle.clone();
+            async move { handle.render() }
+        }),
+    );
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    upkeep.abort();
+    result
+}
+
+/// The address a metrics listener is bound to, for logs.
+pub fn describe(addr: SocketAddr) -> String {
+    format!("http://{addr}/metrics")
+}
+
+/// Times one request and counts it; records its error, if any.
+#[derive(Debug)]
+pub struct Request {
+    rpc: &'static str,
+    started: Instant,
+}
+
+impl Request {
+    /// Counts a request of `rpc` and starts its timer.
+    pub fn start(rpc: &'static str) -> Self {
+        counter!(REQUESTS, "rpc" => rpc).increment(1);
+        Self {
+            rpc,
+            started: Instant::now(),
+        }
+    }
+
+    /// Records `err` and turns it into the status to return.
+    pub fn fail(&self, err: Error) -> tonic::Status {
+        request_failed(self.rpc, err.code());
+        tracing::debug!(rpc = self.rpc, error = %err, "request failed");
+        err.into()
+    }
+}
+
+impl Drop for Request {
+    fn drop(&mut self) {
+        histogram!(REQUEST_SECONDS, "rpc" => self.rpc).record(self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// Counts a failed request of `rpc`.
+pub fn request_failed(rpc: &'static str, code: tonic::Code) {
+    counter!(REQUEST_ERRORS, "rpc" => rpc, "code" => format!("{code:?}")).increment(1);
+}
+
+/// Counts one request of a stream and its latency.
+pub fn request_done(rpc: &'static str, started: Instant) {
+    counter!(REQUESTS, "rpc" => rpc).increment(1);
+    histogram!(REQUEST_SECONDS, "rpc" => rpc).record(started.elapsed().as_secs_f64());
+}
+
+/// Counts pages sent.
+pub fn pages_served(rpc: &'static str, pages: u64, zero_pages: u64, bytes: u64, wire_bytes: u64) {
+    counter!(PAGES_SERVED, "rpc" => rpc).increment(pages);
+    counter!(ZERO_PAGES_SKIPPED, "rpc" => rpc).increment(zero_pages);
+    counter!(BYTES_SERVED, "rpc" => rpc).increment(bytes);
+    counter!(WIRE_BYTES, "rpc" => rpc).increment(wire_bytes);
+}
+
+/// Counts an open stream while alive.
+#[derive(Debug)]
+pub struct ActiveStream(&'static str);
+
+impl ActiveStream {
+    /// A stream of `rpc` opened.
+    pub fn new(rpc: &'static str) -> Self {
+        gauge!(ACTIVE_STREAMS, "rpc" => rpc).increment(1.0);
+        Self(rpc)
+    }
+}
+
+impl Drop for ActiveStream {
+    fn drop(&mut self) {
+        gauge!(ACTIVE_STREAMS, "rpc" => self.0).decrement(1.0);
+    }
+}

@@ -1,0 +1,106 @@
+//! Shared set-up: a store with an imported synthetic image, served
+//! in-process on 127.0.0.1:0.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use faultline_proto::pb::faultline_client::FaultlineClient;
+use faultline_proto::{PageSize, SnapshotId, pb};
+use faultline_server::import::import_file;
+use faultline_server::store::SnapshotStore;
+use faultline_server::testing::synthetic_image;
+use faultline_server::{LocalStore, ServerHandle};
+use tonic::transport::Channel;
+
+/// Pages in the test image: 4 MiB of 4 KiB pages.
+pub const PAGES: u64 = 1024;
+pub const PAGE: usize = 4096;
+pub const SNAPSHOT: &str = "img";
+
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub store: Arc<LocalStore>,
+    pub image: Vec<u8>,
+    pub server: ServerHandle,
+}
+
+impl Fixture {
+    /// A store holding snapshot `img` (the synthetic image with seed 7),
+    /// served on an ephemeral loopback port.
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(LocalStore::new(dir.path().join("store")).unwrap());
+        let image = synthetic_image(7, PAGES, PAGE);
+        let file = dir.path().join("mem.img");
+        std::fs::write(&file, &image).unwrap();
+        import_file(
+            &*store,
+            SnapshotId::new(SNAPSHOT).unwrap(),
+            PageSize::Size4K,
+            &[],
+            &file,
+            |_| {},
+        )
+        .unwrap();
+        let server = faultline_server::spawn(
+            "127.0.0.1:0".parse().unwrap(),
+            store.clone() as Arc<dyn SnapshotStore>,
+        )
+        .await
+        .unwrap();
+        Self {
+            dir,
+            store,
+            image,
+            server,
+        }
+    }
+
+    pub async fn client(&self) -> FaultlineClient<Channel> {
+        client(&self.server.url()).await
+    }
+
+    /// The bytes of pages `start..start + count` of the image.
+    pub fn pages(&self, start: u64, count: u64) -> &[u8] {
+        &self.image[start as usize * PAGE..(start + count) as usize * PAGE]
+    }
+}
+
+pub async fn client(url: &str) -> FaultlineClient<Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .unwrap();
+    FaultlineClient::new(channel)
+        .max_decoding_message_size(128 << 20)
+        .max_encoding_message_size(64 << 20)
+}
+
+/// Writes a decoded batch into `out` (an image-sized buffer) and marks the
+/// pages it held in `seen`, in the order they came; panics on a page sent
+/// twice.
+pub fn apply(batch: pb::PageBatch, out: &mut [u8], seen: &mut Vec<u64>) {
+    let decoded =
+        faultline_proto::codec::PageBatch::decode(batch, PageSize::Size4K, PAGES).unwrap();
+    for run in decoded.runs {
+        for (p, data) in run.pages(PageSize::Size4K) {
+            assert!(!seen.contains(&p.0), "page {} sent twice", p.0);
+            seen.push(p.0);
+            out[p.0 as usize * PAGE..(p.0 as usize + 1) * PAGE].copy_from_slice(&data);
+        }
+    }
+    for z in decoded.zero {
+        for p in z.iter() {
+            assert!(!seen.contains(&p.0), "page {} sent twice", p.0);
+            seen.push(p.0);
+            out[p.0 as usize * PAGE..(p.0 as usize + 1) * PAGE].fill(0);
+        }
+    }
+}
+
+pub fn range(start: u64, count: u64) -> pb::PageRange {
+    pb::PageRange { start, count }
+}
