@@ -1,1 +1,31 @@
-//! placeholder
+//! faultline's client: fills guest memory lazily from a faultline server through userfaultfd.
+//!
+//! This crate is embedded in a VMM or run as the `faultline` page-fault handler. It registers
+//! the memory regions that should hold a snapshot with userfaultfd and installs pages with the
+//! resolve operation the region's backing type advertises.
+//!
+//! # Layout
+//!
+//! - [`uffd`]: the only module with userfaultfd calls: open (syscall or `/dev/userfaultfd`),
+//!   the `UFFDIO_API` handshake ([`uffd::Features`]), register ([`uffd::ResolveOps`]), resolve
+//!   (COPY, ZEROPAGE, CONTINUE, WAKE, POISON), typed [`uffd::Event`]s, waiting with a stop signal.
+//! - [`backing`]: guest memory of each [`backing::BackingKind`] (anonymous, shmem, hugetlbfs,
+//!   guest_memfd) with its fd and fill view, or a VMM's mapping wrapped; KVM calls fenced in
+//!   [`backing::kvm`].
+//! - [`strategy`]: registering a region and choosing CONTINUE, COPY or eager filling from the
+//!   kernel's answer, honouring a forced [`strategy::Mode`].
+//! - [`remote`]: connections to a faultline server, the manifest, verified page batches.
+//! - [`fetch`]: downloading a whole snapshot into a raw memory file.
+//! - [`probe`]: what this kernel offers, per backing type, as a report (`faultline probe`).
+//! - `testutil` (tests, or feature `testutil`): skip-or-fail for missing kernel facilities, and
+//!   huge page reservations.
+
+pub mod backing;
+pub mod fetch;
+pub mod probe;
+pub mod remote;
+pub mod strategy;
+#[cfg(any(test, feature = "testutil"))]
+#[doc(hidden)]
+pub mod testutil;
+pub mod uffd;

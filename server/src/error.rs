@@ -26,6 +26,9 @@ pub enum Error {
         /// The most accepted.
         limit: u64,
     },
+    /// A message above the transport's size limit.
+    #[error("{0}; send smaller messages")]
+    MessageTooLarge(String),
     /// A stream's messages came in an order the RPC does not allow.
     #[error("{0}")]
     Sequence(&'static str),
@@ -64,7 +67,7 @@ impl Error {
             Self::Protocol(_) | Self::Sequence(_) => Code::InvalidArgument,
             Self::OutOfRange(_) => Code::OutOfRange,
             Self::NoWorkingSet { .. } => Code::NotFound,
-            Self::TooLarge { .. } => Code::ResourceExhausted,
+            Self::TooLarge { .. } | Self::MessageTooLarge(_) => Code::ResourceExhausted,
             Self::Open(e) | Self::List(ListError::Open(e)) | Self::Record(RecordError::Open(e)) => {
                 open_code(e)
             }
@@ -92,6 +95,18 @@ impl Error {
         pb::Error {
             code: self.code() as i32,
             message: self.to_string(),
+        }
+    }
+}
+
+impl Error {
+    /// The error behind a broken request stream: an oversized message (which
+    /// tonic reports as OutOfRange) or the client going away.
+    pub fn from_stream(status: &tonic::Status, broke: &'static str) -> Self {
+        if status.message().contains("message length too large") {
+            Self::MessageTooLarge(status.message().to_owned())
+        } else {
+            Self::Sequence(broke)
         }
     }
 }

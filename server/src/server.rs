@@ -14,10 +14,10 @@ use tonic::transport::server::TcpIncoming;
 use crate::service::FaultlineService;
 use crate::store::SnapshotStore;
 
-/// HTTP/2 stream window. The default 64 KiB lets a single stream carry one
-/// window per round trip; prefetch batches are 1 MiB, so the window must
-/// hold several of them for the sender never to wait for WINDOW_UPDATEs.
-/// Measured with `faultline-bench wire` (docs/protocol.md).
+/// HTTP/2 receive window per stream on the server, which paces uploads
+/// (`CreateSnapshot`). The same value as the client's receive window, whose
+/// effect on bulk streams is measured with `faultline-bench wire`
+/// (docs/protocol.md: 1.8x hyper's default, 5.5x the protocol's 64 KiB).
 pub const STREAM_WINDOW_BYTES: u32 = 16 << 20;
 
 /// HTTP/2 connection window: room for the stream windows of a fault stream
@@ -79,6 +79,9 @@ pub async fn run(
     // peer's delayed ACK (measured: 44 ms per 4 KiB unary call).
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            too_large_is_resource_exhausted as fn(_) -> _,
+        ))
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
@@ -90,6 +93,28 @@ pub async fn run(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
+}
+
+/// tonic rejects a request message above the decoding limit with
+/// OutOfRange before any handler runs; the protocol promises
+/// ResourceExhausted for a request too large to accept (OutOfRange means
+/// pages past the end of a snapshot). Such rejections are trailers-only
+/// responses, so the status is in the headers (the message percent-encoded).
+fn too_large_is_resource_exhausted(
+    mut resp: http::Response<tonic::body::Body>,
+) -> http::Response<tonic::body::Body> {
+    let headers = resp.headers_mut();
+    let out_of_range = headers
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() == b"11");
+    let too_large = headers
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        .is_some_and(|m| m.contains("message%20length%20too%20large"));
+    if out_of_range && too_large {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+    resp
 }
 
 /// A server running on a background task, for tests, benchmarks and

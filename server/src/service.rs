@@ -540,7 +540,12 @@ impl pb::faultline_server::Faultline for FaultlineService {
                         "the first message of CreateSnapshot must be the `header`",
                     ));
                 }
-                Err(_) => return Err(Error::Sequence("the upload broke off before its header")),
+                Err(status) => {
+                    return Err(Error::from_stream(
+                        &status,
+                        "the upload broke off before its header",
+                    ));
+                }
             };
             let spec = SnapshotSpec::try_from(header)?;
             let mut writer = blocking(move || store.create(spec).map_err(Error::from)).await?;
@@ -557,8 +562,11 @@ impl pb::faultline_server::Faultline for FaultlineService {
                     }
                     // The client went away: the writer is dropped, and with it
                     // the partial snapshot.
-                    Err(_) => {
-                        return Err(Error::Sequence("the upload broke off; nothing was kept"));
+                    Err(status) => {
+                        return Err(Error::from_stream(
+                            &status,
+                            "the upload broke off; nothing was kept",
+                        ));
                     }
                 };
                 writer = blocking(move || {

@@ -381,3 +381,30 @@ async fn corrupt_snapshot_files_are_refused() {
         );
     }
 }
+
+/// Messages above the server's 32 MiB decoding limit get ResourceExhausted,
+/// on unary calls and on streams, with the limit in the message.
+#[tokio::test]
+async fn oversized_messages_are_resource_exhausted() {
+    let f = Fixture::start().await;
+    let mut c = f.client().await;
+    let huge_name = "x".repeat(33 << 20);
+    assert_code(
+        c.read_pages(read(&huge_name, vec![range(0, 1)])).await,
+        Code::ResourceExhausted,
+        "the limit is",
+    );
+    assert_code(
+        c.create_snapshot(tokio_stream::iter(vec![
+            header("big", 64 << 20),
+            chunk(0, 33 << 20),
+        ]))
+        .await,
+        Code::ResourceExhausted,
+        "the limit is",
+    );
+    // Still serving.
+    c.read_pages(read(SNAPSHOT, vec![range(0, 1)]))
+        .await
+        .unwrap();
+}

@@ -1,0 +1,52 @@
+# faultline: the two commands of the README, and what they need.
+#
+#   make demo   generate a snapshot, serve it, read it back through faultline
+#   make test   formatting, clippy (warnings are errors), every test
+#
+# The build needs libclang (bindgen, for the userfaultfd crate). Run as root,
+# this Makefile installs what is missing with apt-get; otherwise it prints
+# the command to run.
+
+CARGO ?= cargo
+APT_PACKAGES := libclang-dev
+
+.PHONY: all deps build demo test fmt clippy unit clean
+
+all: build
+
+deps:
+	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs"; exit 1; }
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing:$$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null || exit 1; \
+	  else \
+	    echo "missing packages:$$missing"; \
+	    echo "run: sudo apt-get install -y$$missing"; exit 1; \
+	  fi; \
+	fi
+
+build: deps
+	$(CARGO) build --release --workspace
+
+demo: build
+	./scripts/demo.sh
+
+fmt:
+	$(CARGO) fmt --all --check
+
+clippy: deps
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit: deps
+	$(CARGO) test --workspace
+
+test: deps fmt clippy unit
+
+clean:
+	$(CARGO) clean
+	rm -rf demo-data

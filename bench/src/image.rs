@@ -1,0 +1,34 @@
+//! Synthetic guest memory images, written to a file.
+
+use std::io::Write;
+use std::path::Path;
+
+use faultline_server::testing::fill_page;
+
+/// Pages generated per write.
+const CHUNK_PAGES: usize = 2048;
+
+/// Writes an image of `size` bytes (a multiple of 4096) with `seed` to `out`.
+/// Page content follows [`faultline_server::testing::page_kind`]: about 40%
+/// zero pages in runs, 30% text, 30% random.
+pub fn write_image(out: &Path, size: u64, seed: u64) -> std::io::Result<()> {
+    if size == 0 || !size.is_multiple_of(4096) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("size {size} is not a positive multiple of 4096"),
+        ));
+    }
+    let mut file = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(out)?);
+    let pages = size / 4096;
+    let mut buf = vec![0u8; CHUNK_PAGES * 4096];
+    let mut page = 0;
+    while page < pages {
+        let n = (pages - page).min(CHUNK_PAGES as u64) as usize;
+        for (i, p) in buf[..n * 4096].chunks_mut(4096).enumerate() {
+            fill_page(seed, page + i as u64, p);
+        }
+        file.write_all(&buf[..n * 4096])?;
+        page += n as u64;
+    }
+    file.into_inner().map_err(|e| e.into_error())?.sync_all()
+}

@@ -1,0 +1,145 @@
+//! Helpers for tests that need kernel facilities: skip with a message where the machine lacks
+//! them, or fail when `FAULTLINE_REQUIRE_KERNEL=1` (CI) says they must be there; reserve huge
+//! pages and put the old pool size back.
+//!
+//! Compiled for this crate's tests and, with the `testutil` feature, for other crates' tests.
+
+use std::fmt::Display;
+use std::io::Write;
+use std::sync::Mutex;
+
+use crate::backing::{self, KvmVm};
+use crate::uffd::Uffd;
+
+/// The environment variable that turns skips into failures.
+pub const REQUIRE_KERNEL_ENV: &str = "FAULTLINE_REQUIRE_KERNEL";
+
+/// Whether missing kernel facilities must fail tests instead of skipping them.
+pub fn kernel_required() -> bool {
+    std::env::var(REQUIRE_KERNEL_ENV).is_ok_and(|v| v == "1")
+}
+
+/// Skips the current test with `reason` (say what is missing and how to provide it), or panics
+/// when [`kernel_required`].
+pub fn skip(reason: impl Display) {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("<unnamed test>")
+        .to_owned();
+    if kernel_required() {
+        panic!("{test}: {reason} ({REQUIRE_KERNEL_ENV}=1 forbids skipping)");
+    }
+    // Straight to stderr rather than `eprintln!`, which the test harness captures and shows
+    // only for failing tests: a skip must be visible.
+    let _ = writeln!(std::io::stderr(), "skipping {test}: {reason}");
+}
+
+/// Whether the process runs as root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A uffd with faultline's features, or a skip.
+pub fn require_uffd() -> Option<Uffd> {
+    match Uffd::open() {
+        Ok(uffd) => Some(uffd),
+        Err(err) => {
+            skip(format!("no userfaultfd: {err}"));
+            None
+        }
+    }
+}
+
+/// A KVM VM, or a skip.
+pub fn require_kvm() -> Option<KvmVm> {
+    match KvmVm::create() {
+        Ok(vm) => Some(vm),
+        Err(err) => {
+            skip(format!("no KVM: {err}"));
+            None
+        }
+    }
+}
+
+/// Process-wide bookkeeping of huge-page reservations made by tests running in parallel.
+#[derive(Debug)]
+struct Pool {
+    /// Live reservations.
+    users: usize,
+    /// `nr_hugepages` before the first reservation; written back when the last one ends.
+    original: usize,
+}
+
+static POOL: Mutex<Pool> = Mutex::new(Pool {
+    users: 0,
+    original: 0,
+});
+
+const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+
+/// Huge pages added to the pool for one test; removed again on drop (the pool goes back to its
+/// original size when the last reservation ends). Create it before the memory that uses it so
+/// that it is dropped after.
+#[derive(Debug)]
+pub struct HugePages {
+    /// Pages this reservation added.
+    count: usize,
+}
+
+/// Adds `count` 2 MiB pages to the huge page pool (as root), or skips.
+pub fn reserve_huge_pages(count: usize) -> Option<HugePages> {
+    if !is_root() {
+        skip(format!(
+            "reserving {count} huge pages needs root (writes {NR_HUGEPAGES})"
+        ));
+        return None;
+    }
+    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(current) = backing::nr_huge_pages() else {
+        skip(format!(
+            "{NR_HUGEPAGES} is unreadable: no hugetlbfs in this kernel"
+        ));
+        return None;
+    };
+    if pool.users == 0 {
+        pool.original = current;
+    }
+    let target = current + count;
+    if let Err(err) = std::fs::write(NR_HUGEPAGES, target.to_string()) {
+        skip(format!("writing {target} to {NR_HUGEPAGES} failed: {err}"));
+        return None;
+    }
+    let got = backing::nr_huge_pages().unwrap_or(0);
+    if got < target {
+        // Memory too fragmented to find contiguous 2 MiB pages; give back what came.
+        let back = if pool.users == 0 {
+            pool.original
+        } else {
+            current
+        };
+        let _ = std::fs::write(NR_HUGEPAGES, back.to_string());
+        skip(format!(
+            "the kernel found only {} of {count} huge pages to reserve",
+            got.saturating_sub(current)
+        ));
+        return None;
+    }
+    pool.users += 1;
+    Some(HugePages { count })
+}
+
+impl Drop for HugePages {
+    fn drop(&mut self) {
+        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        pool.users -= 1;
+        let value = if pool.users == 0 {
+            pool.original
+        } else {
+            backing::nr_huge_pages()
+                .unwrap_or(0)
+                .saturating_sub(self.count)
+        };
+        let _ = std::fs::write(NR_HUGEPAGES, value.to_string());
+    }
+}
