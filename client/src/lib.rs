@@ -14,6 +14,8 @@
 //!   [`backing::kvm`].
 //! - [`strategy`]: registering a region and choosing CONTINUE, COPY or eager filling from the
 //!   kernel's answer, honouring a forced [`strategy::Mode`].
+//! - [`pager`]: the engine: fault threads, page states, the demand link with read-ahead and
+//!   reconnection, the prefetcher, installation, completion, failure policy, statistics.
 //! - [`remote`]: connections to a faultline server, the manifest, verified page batches.
 //! - [`fetch`]: downloading a whole snapshot into a raw memory file.
 //! - [`probe`]: what this kernel offers, per backing type, as a report (`faultline probe`).
@@ -22,6 +24,7 @@
 
 pub mod backing;
 pub mod fetch;
+pub mod pager;
 pub mod probe;
 pub mod remote;
 pub mod strategy;

@@ -145,6 +145,30 @@ impl Mapping {
     }
 }
 
+impl Mapping {
+    /// Throws away the contents of `offset..offset+len`, so the next access reads zeros:
+    /// `MADV_DONTNEED` on a private mapping, `MADV_REMOVE` (punch a hole in the file) on a shared
+    /// one, whose pages would otherwise survive in the page cache. The pager uses it to undo an
+    /// install that raced with the guest discarding the same page.
+    pub fn discard(&self, offset: usize, len: usize, shared: bool) -> io::Result<()> {
+        self.check(offset, len)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let advice = if shared {
+            libc::MADV_REMOVE
+        } else {
+            libc::MADV_DONTNEED
+        };
+        // SAFETY: the range is inside this mapping (checked above), which holds no Rust object;
+        // discarding its contents only changes what the guest will read there next.
+        let rc = unsafe { libc::madvise(self.as_ptr().add(offset).cast(), len, advice) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
         if self.owned {

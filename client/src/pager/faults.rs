@@ -1,0 +1,277 @@
+//! Fault handling: the per-region fault threads reading the uffd, and the
+//! one decision procedure they share with `Pager::fault`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use faultline_proto::{PageIndex, PageRange};
+
+use super::Shared;
+use super::link::Demand;
+use super::pages::{IN_FLIGHT, MISSING, OUTSIDE, POISONED, PRESENT, ZERO_ON_FAULT};
+use super::region::{InstallError, RegionState};
+use super::stats::Source;
+use crate::strategy::Strategy;
+use crate::uffd::{Event, EventBuffer, FaultKind, Readiness, StopSignal};
+
+/// Messages read from a uffd with one `read(2)`. Faults from many vCPUs
+/// arrive together; 64 covers a burst without a large buffer.
+const EVENT_BATCH: usize = 64;
+
+/// Adaptive read-ahead: the window doubles while faults move forward
+/// through memory and halves when they jump around.
+#[derive(Debug)]
+pub struct Readahead {
+    last: Option<u64>,
+    window: u64,
+    min: u64,
+    max: u64,
+}
+
+impl Readahead {
+    /// Windows between `min` and `max` pages, starting at `min`.
+    pub fn new(min: u64, max: u64) -> Self {
+        let min = min.max(1);
+        Self {
+            last: None,
+            window: min,
+            min,
+            max: max.max(min),
+        }
+    }
+
+    /// The window (in pages, the faulting one included) for a fault on
+    /// `page`.
+    pub fn next(&mut self, page: u64) -> u64 {
+        if let Some(last) = self.last {
+            if page > last && page <= last + 2 * self.window {
+                self.window = (self.window * 2).min(self.max);
+            } else {
+                self.window = (self.window / 2).max(self.min);
+            }
+        }
+        self.last = Some(page);
+        self.window
+    }
+}
+
+impl Shared {
+    /// Handles a fault on `page` of `region`: resolves it locally when it
+    /// can (present, zero, already in the page cache), joins a fetch in
+    /// flight, or claims a read-ahead window and asks the demand link for it.
+    pub(crate) fn on_fault(
+        &self,
+        region: &RegionState,
+        page: PageIndex,
+        minor: bool,
+    ) -> Result<(), InstallError> {
+        self.counters.fault();
+        loop {
+            match self.table.get(page) {
+                PRESENT => {
+                    if minor && region.strategy() == Strategy::Continue {
+                        region.map_present(page)?;
+                        self.counters.pages(Source::Local, 1);
+                    } else {
+                        // A stale message: the page was installed after the
+                        // fault was queued, and the installer woke it.
+                        region.wake(page);
+                    }
+                    return Ok(());
+                }
+                ZERO_ON_FAULT => {
+                    region.install_zero(page, minor)?;
+                    self.table.zero_installed(page);
+                    self.counters
+                        .pages(if minor { Source::Local } else { Source::Zero }, 1);
+                    self.progress.notify_waiters();
+                    return Ok(());
+                }
+                IN_FLIGHT => {
+                    // Joined: the fetch in flight wakes every waiter when it
+                    // installs the page.
+                    self.counters.joined();
+                    self.record(PageRange::new(page, 1).expect("one page"));
+                    return Ok(());
+                }
+                POISONED => return region.poison(page, 1),
+                OUTSIDE => {
+                    region.wake(page);
+                    return Ok(());
+                }
+                MISSING => {
+                    if !self.table.claim(page) {
+                        continue; // lost a race; look again
+                    }
+                    self.request_window(region, page);
+                    return Ok(());
+                }
+                other => unreachable!("page state {other}"),
+            }
+        }
+    }
+
+    /// Having claimed `page`, claims the pages after it that are missing (up
+    /// to the read-ahead window, through zero pages, stopping at anything
+    /// present or in flight) and sends the request.
+    fn request_window(&self, region: &RegionState, page: PageIndex) {
+        let window = self.readahead[region.index]
+            .lock()
+            .expect("readahead lock")
+            .next(page.0);
+        let limit = (page.0 + window).min(region.first_page + region.pages);
+        let mut claimed = vec![true];
+        let mut end = page.0 + 1;
+        while end < limit {
+            let p = PageIndex(end);
+            match self.table.get(p) {
+                MISSING if self.table.claim(p) => claimed.push(true),
+                ZERO_ON_FAULT => claimed.push(false),
+                _ => break,
+            }
+            end += 1;
+        }
+        while claimed.last() == Some(&false) {
+            claimed.pop();
+            end -= 1;
+        }
+        let range = PageRange::new(page, end - page.0).expect("non-empty");
+        self.record(range);
+        self.demand(Demand {
+            region: region.index,
+            range,
+            claimed,
+            fault: Some(page),
+            started: Instant::now(),
+        });
+    }
+
+    /// Handles a memory-map event on `region`.
+    fn on_event(&self, region: &RegionState, event: Event) {
+        match event {
+            Event::Remove { start, end } => {
+                // The guest discarded these pages (balloon, MADV_DONTNEED):
+                // they read as zeros from now on. Installs in flight notice
+                // and undo themselves (see `PageTable::finish`).
+                let mut n = 0;
+                let mut addr = start;
+                while addr < end {
+                    if let Some(p) = region.page_of(addr) {
+                        self.table.remove(p);
+                        n += 1;
+                    }
+                    addr += region.page_bytes;
+                }
+                self.counters.removed(n);
+                self.progress.notify_waiters();
+            }
+            Event::Unmap { start, end } => {
+                tracing::warn!(
+                    region = region.index,
+                    "guest memory {start:#x}..{end:#x} was unmapped; those pages are no longer served"
+                );
+                let mut addr = start;
+                while addr < end {
+                    if let Some(p) = region.page_of(addr) {
+                        self.table.forget(p);
+                    }
+                    addr += region.page_bytes;
+                }
+                self.progress.notify_waiters();
+            }
+            Event::Remap { from, to, len } => {
+                if region.moved(from, to) {
+                    tracing::info!(
+                        region = region.index,
+                        "guest memory moved {from:#x} -> {to:#x} ({len} bytes)"
+                    );
+                } else {
+                    tracing::error!(
+                        region = region.index,
+                        "part of the guest memory was moved ({from:#x} -> {to:#x}, {len} bytes); \
+                         only whole regions can move, pages there are no longer served"
+                    );
+                }
+            }
+            Event::Fork => tracing::warn!("the process forked; the child's memory is not served"),
+            Event::Pagefault { .. } => unreachable!("faults are handled separately"),
+        }
+    }
+}
+
+/// The body of a region's fault thread: read messages until stopped,
+/// memory-map events first (so faults see their effect), then faults.
+pub(crate) fn fault_loop(shared: Arc<Shared>, region: usize, stop: Arc<StopSignal>) {
+    let r = &shared.regions[region];
+    let mut buf = EventBuffer::new(EVENT_BATCH);
+    let mut events = Vec::with_capacity(EVENT_BATCH);
+    loop {
+        let Some(uffd) = r.uffd() else { return };
+        match uffd.wait(None, Some(&stop)) {
+            Ok(Readiness::Stopped) => return,
+            Ok(Readiness::TimedOut | Readiness::Events) => {}
+            Err(e) => {
+                fatal(&format!(
+                    "waiting on the uffd of region {region} failed: {e}"
+                ));
+            }
+        }
+        events.clear();
+        if let Err(e) = uffd.read_events(&mut buf, &mut events) {
+            fatal(&format!("reading the uffd of region {region} failed: {e}"));
+        }
+        drop(uffd);
+        for e in events
+            .iter()
+            .filter(|e| !matches!(e, Event::Pagefault { .. }))
+        {
+            shared.on_event(r, *e);
+        }
+        for e in &events {
+            if let Event::Pagefault { address, kind, .. } = *e {
+                let Some(page) = r.page_of(address) else {
+                    tracing::error!(region, "fault at {address:#x} outside the region");
+                    continue;
+                };
+                if let Err(e) = shared.on_fault(r, page, kind == FaultKind::Minor) {
+                    if shared.is_stopping() {
+                        return;
+                    }
+                    fatal(&format!("resolving a fault on page {} failed: {e}", page.0));
+                }
+            }
+        }
+    }
+}
+
+/// The pager cannot go on, and the guest must not run on with memory it
+/// cannot fill: abort the process.
+pub(crate) fn fatal(msg: &str) -> ! {
+    tracing::error!("{msg}; aborting: the guest must not run with unfilled memory");
+    eprintln!("faultline: fatal: {msg}; aborting: the guest must not run with unfilled memory");
+    std::process::abort();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The window grows on forward access and shrinks on random access,
+    /// within its bounds.
+    #[test]
+    fn readahead_adapts() {
+        let mut ra = Readahead::new(4, 64);
+        assert_eq!(ra.next(100), 4);
+        assert_eq!(ra.next(104), 8);
+        assert_eq!(ra.next(112), 16);
+        assert_eq!(ra.next(128), 32);
+        assert_eq!(ra.next(160), 64);
+        assert_eq!(ra.next(224), 64);
+        assert_eq!(ra.next(5), 32);
+        assert_eq!(ra.next(9000), 16);
+        for _ in 0..10 {
+            ra.next(1);
+        }
+        assert_eq!(ra.next(1), 4);
+    }
+}

@@ -1,0 +1,189 @@
+//! The prefetcher: streams the recorded working set, then everything else,
+//! on its own connection, installing in large runs the pages nobody has
+//! claimed yet. It also fills regions that have no lazy method (EAGER)
+//! before the guest runs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use faultline_proto::codec::PageRun;
+use faultline_proto::{PageIndex, PageRange, pb};
+use futures::StreamExt;
+
+use super::link::{INITIAL_BACKOFF, MAX_BACKOFF};
+use super::region::InstallError;
+use super::stats::Source;
+use super::{PrefetchPolicy, Shared};
+use crate::remote::{Remote, RemoteError, Transport, decode_batch};
+
+/// Prefetching a stream failed (the pager retries).
+#[derive(Debug, thiserror::Error)]
+pub enum PrefetchError {
+    /// Talking to the server failed.
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+    /// Installing failed.
+    #[error(transparent)]
+    Install(#[from] InstallError),
+}
+
+/// Streams `req` and installs every page it brings that is still missing,
+/// counting them as `source`. Returns when the stream ends.
+pub(crate) async fn stream_into(
+    shared: &Shared,
+    url: &str,
+    req: pb::PrefetchRequest,
+    source: Source,
+) -> Result<(), PrefetchError> {
+    let remote = Remote::connect_with(url, Transport::default()).await?;
+    let mut stream = remote.prefetch(req).await?;
+    while let Some(batch) = stream.next().await {
+        let batch = batch.map_err(RemoteError::rpc("Prefetch"))?;
+        let batch = decode_batch(batch, &shared.manifest)?;
+        for run in &batch.runs {
+            install_unclaimed(shared, run, source)?;
+        }
+        shared.progress.notify_waiters();
+        if shared.is_stopping() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Installs the pages of `run` that nobody else has claimed, in runs of
+/// consecutive pages, each page verified first. A page failing its digest
+/// is given back (MISSING): a fault on it goes through the demand link,
+/// whose retries and failure policy apply.
+fn install_unclaimed(shared: &Shared, run: &PageRun, source: Source) -> Result<(), InstallError> {
+    let ps = shared.manifest.page_size.bytes_usize();
+    let mut from: Option<u64> = None;
+    let flush = |from: &mut Option<u64>, to: u64| -> Result<(), InstallError> {
+        let Some(f) = from.take() else { return Ok(()) };
+        let Some(region) = shared.region_of(PageIndex(f)) else {
+            return Ok(());
+        };
+        let off = (f - run.range.start().0) as usize * ps;
+        let data = &run.data[off..off + (to - f) as usize * ps];
+        region.install(PageIndex(f), data)?;
+        shared.counters.bytes(data.len() as u64);
+        shared.counters.pages(source, to - f);
+        for p in (f..to).map(PageIndex) {
+            if !shared.table.finish(p) {
+                region.discard(p);
+            }
+        }
+        Ok(())
+    };
+    for (p, data) in run.pages(shared.manifest.page_size) {
+        // A run must not cross a region boundary: close it where one ends.
+        if let Some(f) = from {
+            let same = shared.region_of(PageIndex(f)).map(|r| r.index)
+                == shared.region_of(p).map(|r| r.index);
+            if !same {
+                flush(&mut from, p.0)?;
+            }
+        }
+        if !shared.table.claim(p) {
+            flush(&mut from, p.0)?;
+            continue;
+        }
+        if !shared.manifest.verify(p, &data) {
+            shared.counters.corrupt();
+            tracing::warn!(
+                "prefetched page {} does not match its digest; not installed",
+                p.0
+            );
+            shared.table.release(p);
+            flush(&mut from, p.0)?;
+            continue;
+        }
+        from.get_or_insert(p.0);
+    }
+    flush(&mut from, run.range.end())
+}
+
+/// Runs the background prefetcher until every page is settled, the stream
+/// ends, or the pager stops. Connection failures are retried with backoff;
+/// the demand path works regardless.
+pub(crate) async fn run(shared: Arc<Shared>) {
+    let order = match shared.config.prefetch {
+        PrefetchPolicy::None => return,
+        PrefetchPolicy::WorkingSet => {
+            if !shared
+                .manifest
+                .working_sets
+                .contains(&shared.config.working_set)
+            {
+                tracing::info!(
+                    "prefetch: snapshot {} has no working set {:?}; nothing to prefetch",
+                    shared.manifest.id,
+                    shared.config.working_set.as_str()
+                );
+                return;
+            }
+            pb::PrefetchOrder::WorkingSetOnly
+        }
+        PrefetchPolicy::All => pb::PrefetchOrder::WorkingSetThenRest,
+    };
+    let servers = shared.config.servers.clone();
+    let mut backoff = INITIAL_BACKOFF;
+    for attempt in 0.. {
+        if shared.table.unsettled() == 0 || shared.is_stopping() {
+            return;
+        }
+        let req = pb::PrefetchRequest {
+            snapshot: shared.config.snapshot.to_string(),
+            order: order as i32,
+            working_set: shared.config.working_set.to_string(),
+            have: shared.table.settled_bitmap().to_bytes().into(),
+            compression: shared.config.compression.into(),
+            ..Default::default()
+        };
+        let url = &servers[attempt % servers.len()];
+        match stream_into(&shared, url, req, Source::Prefetch).await {
+            Ok(()) => return,
+            Err(e) => {
+                if shared.is_stopping() {
+                    return;
+                }
+                tracing::warn!("prefetch: {e}; retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+/// Fills `ranges` (pages of EAGER regions) before the guest runs: streams
+/// them and writes them through the region's own mapping. Retries until
+/// `deadline`.
+pub(crate) async fn fill_eager(
+    shared: &Shared,
+    ranges: Vec<PageRange>,
+    deadline: Duration,
+) -> Result<(), PrefetchError> {
+    let started = std::time::Instant::now();
+    let mut backoff = INITIAL_BACKOFF;
+    for attempt in 0.. {
+        let req = pb::PrefetchRequest {
+            snapshot: shared.config.snapshot.to_string(),
+            order: pb::PrefetchOrder::Ranges as i32,
+            ranges: ranges.iter().map(|&r| r.into()).collect(),
+            have: shared.table.settled_bitmap().to_bytes().into(),
+            compression: shared.config.compression.into(),
+            ..Default::default()
+        };
+        let url = &shared.config.servers[attempt % shared.config.servers.len()];
+        match stream_into(shared, url, req, Source::Eager).await {
+            Ok(()) => return Ok(()),
+            Err(e) if started.elapsed() < deadline => {
+                tracing::warn!("filling eager regions: {e}; retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    unreachable!("the loop returns")
+}

@@ -1,0 +1,309 @@
+//! One region under the pager: its memory, its uffd, its strategy, and the
+//! installer that puts verified pages into it.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use faultline_proto::{PageIndex, PageRange};
+
+use crate::backing::GuestMemory;
+use crate::strategy::{Decision, Strategy};
+use crate::uffd::{ResolveError, ResolveOps, Uffd};
+
+/// How long an install keeps retrying EAGAIN (a memory-map event the fault
+/// thread has not handled yet) before giving up. Events are read within
+/// microseconds; a second means the fault thread is stuck.
+pub const EAGAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Pause between EAGAIN retries: the refusal lasts until the thread that
+/// caused the event (in `madvise`, `munmap`) resumes, which a busy loop
+/// would only delay.
+const EAGAIN_PAUSE: Duration = Duration::from_micros(50);
+
+/// Installing pages failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    /// The kernel refused.
+    #[error("installing pages of region {region} failed: {source}")]
+    Resolve {
+        /// Region index.
+        region: usize,
+        /// What the kernel said.
+        source: ResolveError,
+    },
+    /// EAGAIN did not clear.
+    #[error(
+        "installing pages of region {region} kept failing with EAGAIN for {EAGAIN_TIMEOUT:?}: \
+         the fault thread is not reading memory-map events"
+    )]
+    Stuck {
+        /// Region index.
+        region: usize,
+    },
+    /// The region's uffd was closed (the pager is stopping) or never opened.
+    #[error("region {region} is no longer registered")]
+    Closed {
+        /// Region index.
+        region: usize,
+    },
+    /// Writing through the fill view failed (outside the mapping).
+    #[error("writing pages into region {region} failed: {reason}")]
+    Write {
+        /// Region index.
+        region: usize,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A region of guest memory being filled.
+#[derive(Debug)]
+pub struct RegionState {
+    /// Position in the pager's region list.
+    pub index: usize,
+    /// The memory.
+    pub memory: GuestMemory,
+    /// How it is filled, and why.
+    pub decision: Decision,
+    /// The uffd it is registered on; taken when the pager completes.
+    uffd: Mutex<Option<Arc<Uffd>>>,
+    /// Where the guest mapping is now (REMAP events move it).
+    host: AtomicUsize,
+    /// First snapshot page held by the region.
+    pub first_page: u64,
+    /// Snapshot pages held.
+    pub pages: u64,
+    /// Bytes per snapshot page (a multiple of the memory's page size).
+    pub page_bytes: usize,
+}
+
+/// Zeros to COPY from where ZEROPAGE is not advertised (hugetlbfs).
+fn zero_buffer(len: usize) -> &'static [u8] {
+    static ZEROS: OnceLock<Vec<u8>> = OnceLock::new();
+    let z = ZEROS.get_or_init(|| vec![0u8; crate::backing::HUGE_PAGE_SIZE]);
+    &z[..len]
+}
+
+impl RegionState {
+    /// A region whose memory starts at snapshot page `first_page`.
+    pub fn new(
+        index: usize,
+        memory: GuestMemory,
+        decision: Decision,
+        uffd: Option<Arc<Uffd>>,
+        first_page: u64,
+        page_bytes: usize,
+    ) -> Self {
+        let pages = (memory.len() / page_bytes) as u64;
+        Self {
+            index,
+            host: AtomicUsize::new(memory.host_addr()),
+            memory,
+            decision,
+            uffd: Mutex::new(uffd),
+            first_page,
+            pages,
+            page_bytes,
+        }
+    }
+
+    /// The strategy.
+    pub fn strategy(&self) -> Strategy {
+        self.decision.strategy()
+    }
+
+    /// The snapshot pages held.
+    pub fn range(&self) -> PageRange {
+        PageRange::new(PageIndex(self.first_page), self.pages).expect("regions are non-empty")
+    }
+
+    /// The uffd, while registered.
+    pub fn uffd(&self) -> Option<Arc<Uffd>> {
+        self.uffd.lock().expect("uffd lock").clone()
+    }
+
+    /// Takes the uffd away (completion, shutdown).
+    pub fn take_uffd(&self) -> Option<Arc<Uffd>> {
+        self.uffd.lock().expect("uffd lock").take()
+    }
+
+    /// Host address of snapshot page `page` (which must be in the region).
+    pub fn addr_of(&self, page: PageIndex) -> usize {
+        self.host.load(Ordering::Acquire) + (page.0 - self.first_page) as usize * self.page_bytes
+    }
+
+    /// The snapshot page holding host address `addr`, if in the region.
+    pub fn page_of(&self, addr: usize) -> Option<PageIndex> {
+        let base = self.host.load(Ordering::Acquire);
+        let off = addr.checked_sub(base)?;
+        (off < self.memory.len())
+            .then(|| PageIndex(self.first_page + (off / self.page_bytes) as u64))
+    }
+
+    /// The region moved (REMAP).
+    pub fn moved(&self, from: usize, to: usize) -> bool {
+        self.host
+            .compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    fn offset_of(&self, page: PageIndex) -> usize {
+        (page.0 - self.first_page) as usize * self.page_bytes
+    }
+
+    /// Installs verified snapshot bytes for the consecutive pages from
+    /// `start` (`data.len()` a multiple of the page size), waking whoever
+    /// waits on them. Pages already present are skipped (EEXIST: another
+    /// path won the race with the same content).
+    pub fn install(&self, start: PageIndex, data: &[u8]) -> Result<(), InstallError> {
+        let region = self.index;
+        match self.strategy() {
+            Strategy::Eager => self
+                .memory
+                .guest()
+                .write(self.offset_of(start), data)
+                .map_err(|e| InstallError::Write {
+                    region,
+                    reason: e.to_string(),
+                }),
+            Strategy::Copy { .. } => {
+                let uffd = self.uffd().ok_or(InstallError::Closed { region })?;
+                let addr = self.addr_of(start);
+                self.resolve(addr, data.len(), |at, done| {
+                    uffd.copy(at, &data[done..], false)
+                })
+            }
+            Strategy::Continue => {
+                let uffd = self.uffd().ok_or(InstallError::Closed { region })?;
+                let view = self.memory.fill_view().ok_or(InstallError::Write {
+                    region,
+                    reason: "the region has no fill view".into(),
+                })?;
+                // Fill the page cache through the unregistered view, then map
+                // the pages into the guest mapping, which wakes the waiters.
+                view.write(self.offset_of(start), data)
+                    .map_err(|e| InstallError::Write {
+                        region,
+                        reason: e.to_string(),
+                    })?;
+                let addr = self.addr_of(start);
+                self.resolve(addr, data.len(), |at, done| {
+                    uffd.continue_(at, data.len() - done, false)
+                })
+            }
+        }
+    }
+
+    /// Resolves a fault on a page whose content is zeros, without the
+    /// network. `minor`: the page cache holds the page already (a shmem page
+    /// the guest dropped with MADV_DONTNEED keeps its content), so it is
+    /// mapped as it is.
+    pub fn install_zero(&self, page: PageIndex, minor: bool) -> Result<(), InstallError> {
+        let region = self.index;
+        let uffd = self.uffd().ok_or(InstallError::Closed { region })?;
+        let addr = self.addr_of(page);
+        let len = self.page_bytes;
+        let ops = self
+            .decision
+            .registered
+            .map_or(ResolveOps::empty(), |(_, ops)| ops);
+        if minor {
+            return self.resolve(addr, len, |at, done| uffd.continue_(at, len - done, false));
+        }
+        if ops.contains(ResolveOps::ZEROPAGE) {
+            self.resolve(addr, len, |at, done| uffd.zeropage(at, len - done, false))
+        } else {
+            // hugetlbfs has no ZEROPAGE: copy a buffer of zeros.
+            let zeros = zero_buffer(len);
+            self.resolve(addr, len, |at, done| uffd.copy(at, &zeros[done..], false))
+        }
+    }
+
+    /// Wakes threads waiting on `page` (its fault message was stale: someone
+    /// else installed it).
+    pub fn wake(&self, page: PageIndex) {
+        if let Some(uffd) = self.uffd() {
+            let _ = uffd.wake(self.addr_of(page), self.page_bytes);
+        }
+    }
+
+    /// Maps the page cache's content of `page` (a MINOR fault on a page that
+    /// is present in the file but not in the guest mapping).
+    pub fn map_present(&self, page: PageIndex) -> Result<(), InstallError> {
+        let region = self.index;
+        let uffd = self.uffd().ok_or(InstallError::Closed { region })?;
+        let len = self.page_bytes;
+        self.resolve(self.addr_of(page), len, |at, done| {
+            uffd.continue_(at, len - done, false)
+        })
+    }
+
+    /// Makes `count` pages from `start` raise SIGBUS when touched, and wakes
+    /// their waiters (who take the SIGBUS): the failure policy's "poison".
+    pub fn poison(&self, start: PageIndex, count: u64) -> Result<(), InstallError> {
+        let region = self.index;
+        let uffd = self.uffd().ok_or(InstallError::Closed { region })?;
+        let len = count as usize * self.page_bytes;
+        self.resolve(self.addr_of(start), len, |at, done| {
+            uffd.poison(at, len - done, false)
+        })
+    }
+
+    /// Throws away an install that raced with the guest discarding the page
+    /// (REMOVE): the guest must read zeros there.
+    pub fn discard(&self, page: PageIndex) {
+        let offset = self.offset_of(page);
+        let shared = self.memory.fill_view().is_some();
+        let result = match self.memory.fill_view() {
+            Some(view) => view.discard(offset, self.page_bytes, shared),
+            None => self.memory.guest().discard(offset, self.page_bytes, false),
+        };
+        if let Err(e) = result {
+            tracing::error!(
+                region = self.index,
+                page = page.0,
+                "cannot discard a stale page: {e}"
+            );
+        }
+    }
+
+    /// Runs a resolve operation over `addr..addr+len` to the end: EEXIST
+    /// skips the page already there (and wakes it, in case its installer
+    /// used DONTWAKE); EAGAIN means a memory-map event is pending on the
+    /// uffd, which the fault thread will read: pause and retry the rest.
+    fn resolve(
+        &self,
+        addr: usize,
+        len: usize,
+        op: impl Fn(usize, usize) -> Result<usize, ResolveError>,
+    ) -> Result<(), InstallError> {
+        let region = self.index;
+        let mut done = 0;
+        let started = Instant::now();
+        while done < len {
+            match op(addr + done, done) {
+                Ok(n) => done += n.max(1),
+                Err(ResolveError::Exists { done: d, .. }) => {
+                    done += d;
+                    // The kernel stops at the first present page of the
+                    // memory's own page size.
+                    let skip = self.memory.page_size();
+                    if let Some(uffd) = self.uffd() {
+                        let _ = uffd.wake(addr + done, skip);
+                    }
+                    done += skip;
+                }
+                Err(ResolveError::Again { done: d, .. }) => {
+                    done += d;
+                    if started.elapsed() > EAGAIN_TIMEOUT {
+                        return Err(InstallError::Stuck { region });
+                    }
+                    std::thread::sleep(EAGAIN_PAUSE);
+                }
+                Err(source) => return Err(InstallError::Resolve { region, source }),
+            }
+        }
+        Ok(())
+    }
+}
