@@ -17,6 +17,8 @@
 //! - [`pager`]: the engine: fault threads, page states, the demand link with read-ahead and
 //!   reconnection, the prefetcher, installation, completion, failure policy, statistics.
 //! - [`remote`]: connections to a faultline server, the manifest, verified page batches.
+//! - [`restore`]: a whole restore in one process (`faultline restore`): memory, pager, touching
+//!   threads, verification, summary.
 //! - [`fetch`]: downloading a whole snapshot into a raw memory file.
 //! - [`probe`]: what this kernel offers, per backing type, as a report (`faultline probe`).
 //! - `testutil` (tests, or feature `testutil`): skip-or-fail for missing kernel facilities, and
@@ -27,6 +29,7 @@ pub mod fetch;
 pub mod pager;
 pub mod probe;
 pub mod remote;
+pub mod restore;
 pub mod strategy;
 #[cfg(any(test, feature = "testutil"))]
 #[doc(hidden)]

@@ -4,8 +4,12 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use faultline_client::backing::BackingKind;
 use faultline_client::fetch::fetch_to_file;
+use faultline_client::pager::{OnFailure, PrefetchPolicy};
 use faultline_client::remote::Remote;
+use faultline_client::restore::{RestoreOptions, Touch};
+use faultline_client::strategy::Mode;
 use faultline_proto::{Compression, SnapshotId};
 
 #[derive(Parser, Debug)]
@@ -21,6 +25,53 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Restore a snapshot lazily into memory of a backing type, touch pages from
+    /// threads like a guest, verify them, and print a summary.
+    Restore {
+        /// The server, http://HOST:PORT; repeat to list fallbacks.
+        #[arg(long = "server", env = "FAULTLINE_SERVER", required = true)]
+        servers: Vec<String>,
+        /// The snapshot.
+        #[arg(long)]
+        snapshot: SnapshotId,
+        /// Memory to create: anon, shmem, hugetlb (2 MiB pages; the snapshot must be
+        /// imported with --page-size 2M) or guest-memfd.
+        #[arg(long, default_value = "anon")]
+        backing: BackingKind,
+        /// Resolve method: auto (from what the kernel advertises), copy or continue.
+        #[arg(long, default_value = "auto")]
+        mode: Mode,
+        /// Background prefetch: none, working-set or all.
+        #[arg(long, default_value = "all")]
+        prefetch: PrefetchPolicy,
+        /// Pages to touch: none, all, random:N or working-set.
+        #[arg(long, default_value = "all")]
+        touch: Touch,
+        /// Touching threads.
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+        /// Record the first-touch order and store it on the server as the working set.
+        #[arg(long)]
+        record: bool,
+        /// Check every touched page against the manifest's digest.
+        #[arg(long)]
+        verify: bool,
+        /// When pages cannot be fetched: wait, poison (SIGBUS on touch) or abort.
+        #[arg(long, default_value = "wait")]
+        on_failure: OnFailure,
+        /// Seconds without the server before --on-failure applies.
+        #[arg(long, default_value_t = 30)]
+        deadline: u64,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what this host's kernel offers faultline, per backing type: run it first.
+    Probe {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Download a whole snapshot into a raw memory file, every page verified.
     Fetch {
         /// The server, http://HOST:PORT.
@@ -62,6 +113,59 @@ fn main() -> std::process::ExitCode {
 
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Restore {
+            servers,
+            snapshot,
+            backing,
+            mode,
+            prefetch,
+            touch,
+            threads,
+            record,
+            verify,
+            on_failure,
+            deadline,
+            json,
+        } => {
+            let opts = RestoreOptions {
+                servers,
+                snapshot,
+                backing,
+                mode,
+                prefetch,
+                touch,
+                threads,
+                record,
+                verify,
+                on_failure,
+                deadline: std::time::Duration::from_secs(deadline),
+            };
+            let summary = faultline_client::restore::run(&opts)
+                .with_context(|| format!("restoring {}", opts.snapshot))?;
+            if json {
+                let mut v = serde_json::to_value(&summary)?;
+                v.as_object_mut().expect("an object").remove("stats");
+                println!("{v}");
+            } else {
+                println!("{summary}");
+            }
+            if summary.mismatches > 0 {
+                anyhow::bail!(
+                    "{} touched page(s) did not match their digest",
+                    summary.mismatches
+                );
+            }
+            Ok(())
+        }
+        Command::Probe { json } => {
+            let report = faultline_client::probe::run();
+            if json {
+                println!("{}", report.to_json());
+            } else {
+                println!("{report}");
+            }
+            Ok(())
+        }
         Command::Fetch {
             server,
             snapshot,
