@@ -60,6 +60,13 @@ fn transports() -> Vec<(&'static str, Transport)> {
             },
         ),
         (
+            "16k-frames",
+            Transport {
+                max_frame: None,
+                ..Transport::default()
+            },
+        ),
+        (
             "h2-spec-64k",
             Transport {
                 stream_window: Some(65_535),

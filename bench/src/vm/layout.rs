@@ -50,9 +50,6 @@ pub const MIN_MEM_SIZE: u64 = 4 << 20;
 /// pages and is far beyond what this 24 GiB machine can back.
 pub const MAX_MEM_SIZE: u64 = 64 << 30;
 
-/// Largest page index a page list can name (entries are u32).
-pub const MAX_LIST_PAGE: u64 = u32::MAX as u64;
-
 /// GDT selectors.
 pub const CODE_SELECTOR: u16 = 0x08;
 /// Data segment selector (ds, es, fs, gs, ss).
@@ -163,7 +160,7 @@ impl Layout {
             put(PDPT_ADDR + pd * 8, pd_addr | PTE_PRESENT | PTE_WRITABLE);
         }
         for large in 0..self.mem_size / LARGE_PAGE_SIZE {
-            let entry = large * LARGE_PAGE_SIZE | PTE_PRESENT | PTE_WRITABLE | PDE_LARGE;
+            let entry = (large * LARGE_PAGE_SIZE) | PTE_PRESENT | PTE_WRITABLE | PDE_LARGE;
             put(PD_ADDR + large * 8, entry);
         }
         tables
@@ -249,7 +246,7 @@ mod tests {
     /// The page tables map every 2 MiB page of the slot to itself, and nothing beyond.
     #[test]
     fn page_tables_identity_map_the_slot() {
-        let layout = Layout::new(1 << 30 | 4 << 20, 0).unwrap();
+        let layout = Layout::new((1 << 30) | (4 << 20), 0).unwrap();
         let t = layout.page_tables();
         assert_eq!(t.len() as u64, 4 * PAGE_SIZE);
         assert_eq!(entry(&t, PML4_ADDR), PDPT_ADDR | 3);
@@ -259,7 +256,7 @@ mod tests {
         assert_eq!(entry(&t, PD_ADDR + 8), (2 << 20) | 0x83);
         // Second GiB: PD 1 entry 1 maps 1 GiB + 2 MiB; entry 2 is past the slot.
         let pd1 = PD_ADDR + PAGE_SIZE;
-        assert_eq!(entry(&t, pd1 + 8), (1 << 30 | 2 << 20) | 0x83);
+        assert_eq!(entry(&t, pd1 + 8), ((1 << 30) | (2 << 20)) | 0x83);
         assert_eq!(entry(&t, pd1 + 16), 0);
     }
 

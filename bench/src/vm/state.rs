@@ -9,11 +9,11 @@
 use kvm_bindings::{kvm_dtable, kvm_regs, kvm_segment, kvm_sregs};
 use serde::{Deserialize, Serialize};
 
+use super::layout::CODE_SELECTOR;
 use super::layout::{
     CODE_ACCESS, DATA_ACCESS, DATA_SELECTOR, GDT_ADDR, PML4_ADDR, STACK_TOP, TSS_ACCESS, TSS_LIMIT,
     TSS_SELECTOR,
 };
-use super::layout::CODE_SELECTOR;
 
 /// CR0: protection enable, monitor coprocessor, extension type, numeric error, write protect,
 /// paging.
@@ -372,10 +372,7 @@ mod tests {
         let state = VcpuState::long_mode(0x3000, 7);
         let json = serde_json::to_string_pretty(&state).unwrap();
         assert!(json.contains("\"rip\": 12288"), "{json}");
-        assert_eq!(
-            serde_json::from_str::<VcpuState>(&json).unwrap(),
-            state
-        );
+        assert_eq!(serde_json::from_str::<VcpuState>(&json).unwrap(), state);
         let regs: kvm_regs = state.regs.into();
         assert_eq!(Regs::from(regs), state.regs);
         let sregs = state.sregs.apply_to(kvm_sregs::default());
