@@ -66,12 +66,25 @@ impl Shared {
         minor: bool,
     ) -> Result<(), InstallError> {
         self.counters.fault();
+        self.serve_fault(region, page, minor)
+    }
+
+    /// [`Self::on_fault`] without counting the fault (a retry).
+    fn serve_fault(
+        &self,
+        region: &RegionState,
+        page: PageIndex,
+        minor: bool,
+    ) -> Result<(), InstallError> {
         loop {
             match self.table.get(page) {
                 PRESENT => {
                     if minor && region.strategy() == Strategy::Continue {
-                        region.map_present(page)?;
-                        self.counters.pages(Source::Local, 1);
+                        // Counted only if mapped here: a MINOR message can
+                        // be stale too (the install's CONTINUE mapped it).
+                        if region.map_present(page)? {
+                            self.counters.pages(Source::Local, 1);
+                        }
                     } else {
                         // A stale message: the page was installed after the
                         // fault was queued, and the installer woke it.
@@ -81,9 +94,12 @@ impl Shared {
                 }
                 ZERO_ON_FAULT => {
                     region.install_zero(page, minor)?;
-                    self.table.zero_installed(page);
-                    self.counters
-                        .pages(if minor { Source::Local } else { Source::Zero }, 1);
+                    // Counted once: `Pager::fault` and a fault thread may
+                    // both resolve the page (the second gets EEXIST).
+                    if self.table.zero_installed(page) {
+                        self.counters
+                            .pages(if minor { Source::Local } else { Source::Zero }, 1);
+                    }
                     self.progress.notify_waiters();
                     return Ok(());
                 }
@@ -201,13 +217,24 @@ impl Shared {
 
 /// The body of a region's fault thread: read messages until stopped,
 /// memory-map events first (so faults see their effect), then faults.
+///
+/// A fault this thread resolves itself (zero page, page-cache page, poison)
+/// can meet EAGAIN: a memory-map event (REMOVE from a balloon's
+/// `MADV_DONTNEED`, UNMAP, REMAP) is pending, and the kernel refuses resolve
+/// operations until it is read, by this thread. Such faults are set aside,
+/// the events read, and the faults retried.
 pub(crate) fn fault_loop(shared: Arc<Shared>, region: usize, stop: Arc<StopSignal>) {
+    super::region::set_fault_thread();
     let r = &shared.regions[region];
     let mut buf = EventBuffer::new(EVENT_BATCH);
     let mut events = Vec::with_capacity(EVENT_BATCH);
+    let mut deferred: Vec<(PageIndex, bool)> = Vec::new();
     loop {
         let Some(uffd) = r.uffd() else { return };
-        match uffd.wait(None, Some(&stop)) {
+        // With faults set aside, wait briefly: the refusal ends when the
+        // thread that caused the event resumes, which brings no message.
+        let timeout = (!deferred.is_empty()).then_some(DEFERRED_RETRY);
+        match uffd.wait(timeout, Some(&stop)) {
             Ok(Readiness::Stopped) => return,
             Ok(Readiness::TimedOut | Readiness::Events) => {}
             Err(e) => {
@@ -227,22 +254,35 @@ pub(crate) fn fault_loop(shared: Arc<Shared>, region: usize, stop: Arc<StopSigna
         {
             shared.on_event(r, *e);
         }
-        for e in &events {
-            if let Event::Pagefault { address, kind, .. } = *e {
-                let Some(page) = r.page_of(address) else {
+        let retries = std::mem::take(&mut deferred).into_iter().map(|f| (f, true));
+        let faults = events.iter().filter_map(|e| match *e {
+            Event::Pagefault { address, kind, .. } => match r.page_of(address) {
+                Some(page) => Some(((page, kind == FaultKind::Minor), false)),
+                None => {
                     tracing::error!(region, "fault at {address:#x} outside the region");
-                    continue;
-                };
-                if let Err(e) = shared.on_fault(r, page, kind == FaultKind::Minor) {
-                    if shared.is_stopping() {
-                        return;
-                    }
-                    fatal(&format!("resolving a fault on page {} failed: {e}", page.0));
+                    None
                 }
+            },
+            _ => None,
+        });
+        for ((page, minor), retry) in retries.chain(faults).collect::<Vec<_>>() {
+            let result = if retry {
+                shared.serve_fault(r, page, minor)
+            } else {
+                shared.on_fault(r, page, minor)
+            };
+            match result {
+                Ok(()) => {}
+                Err(InstallError::Again { .. }) => deferred.push((page, minor)),
+                Err(_) if shared.is_stopping() => return,
+                Err(e) => fatal(&format!("resolving a fault on page {} failed: {e}", page.0)),
             }
         }
     }
 }
+
+/// Pause before retrying faults that met EAGAIN when no message arrives.
+const DEFERRED_RETRY: std::time::Duration = std::time::Duration::from_micros(50);
 
 /// The pager cannot go on, and the guest must not run on with memory it
 /// cannot fill: abort the process.

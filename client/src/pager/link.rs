@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::faults::fatal;
-use super::pages::IN_FLIGHT;
+use super::pages::{IN_FLIGHT, ZERO_ON_FAULT};
 use super::stats::Source;
 use super::{OnFailure, Shared};
 use crate::remote::{Remote, Transport, decode_batch};
@@ -211,8 +211,10 @@ fn fail(shared: &Shared, demand: &Demand, which: &[bool], why: &str) {
                     if let Err(e) = region.poison(p, 1) {
                         tracing::error!("poisoning page {} failed: {e}", p.0);
                     }
-                    shared.table.poison(p);
+                    // Counted first: a waiter sees the page poisoned
+                    // only once the statistics say so.
                     shared.counters.poisoned(1);
+                    shared.table.poison(p);
                 }
             }
             shared.progress.notify_waiters();
@@ -322,6 +324,17 @@ fn install_batch(shared: &Shared, demand: &Demand, batch: &PageBatch) -> Vec<boo
         }
         flush(&mut from, run.range.end());
     }
+    // Pages the guest discarded while they were being fetched (a REMOVE made
+    // them ZERO_ON_FAULT) are no longer this request's to install: drop
+    // them (retrying would never end) and wake any thread still waiting on
+    // them, whose retry then reads zeros.
+    let region = &shared.regions[demand.region];
+    for (i, p) in demand.range.iter().enumerate() {
+        if left[i] && shared.table.get(p) != IN_FLIGHT {
+            left[i] = false;
+            region.wake(p);
+        }
+    }
     // Pages the batch flagged zero were claimed because the manifest says
     // they are not: a server out of step with its manifest. They stay in
     // `left` and are treated as corrupt.
@@ -343,15 +356,21 @@ fn install_run(shared: &Shared, demand: &Demand, start: PageIndex, data: &[u8]) 
     let count = (data.len() / shared.manifest.page_size.bytes_usize()) as u64;
     shared.counters.bytes(data.len() as u64);
     for p in (start.0..start.0 + count).map(PageIndex) {
-        if !shared.table.finish(p) {
-            // The guest discarded the page while it was being installed.
-            region.discard(p);
-        }
+        // Counted before the page settles, so that the statistics are
+        // complete when the last page settling completes the pager.
         let source = if Some(p) == demand.fault {
             Source::Demand
         } else {
             Source::Readahead
         };
         shared.counters.pages(source, 1);
+        // The guest discarded the page while it was being installed: throw
+        // the install away, unless a fault has resolved the page since
+        // (discarding a present page would leave it unmapped for good).
+        if !shared.table.finish(p) && shared.table.get(p) == ZERO_ON_FAULT {
+            region.discard(p);
+        }
     }
+    // Only now, with the pages settled, may their waiters run on.
+    region.wake_range(start, count);
 }

@@ -115,14 +115,12 @@ impl PageTable {
         ok
     }
 
-    /// A ZERO_ON_FAULT page was installed locally: -> PRESENT.
-    pub fn zero_installed(&self, page: PageIndex) {
-        let _ = self.states[page.0 as usize].compare_exchange(
-            ZERO_ON_FAULT,
-            PRESENT,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        );
+    /// A ZERO_ON_FAULT page was installed locally: -> PRESENT. False if
+    /// another path got there first.
+    pub fn zero_installed(&self, page: PageIndex) -> bool {
+        self.states[page.0 as usize]
+            .compare_exchange(ZERO_ON_FAULT, PRESENT, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
     }
 
     /// A REMOVE event: the page's content is now zeros, whatever it was.
@@ -213,7 +211,8 @@ mod tests {
         assert_eq!(t.unsettled(), 4);
         assert!(!t.finish(PageIndex(2)));
         assert_eq!(t.unsettled(), 4);
-        t.zero_installed(PageIndex(2));
+        assert!(t.zero_installed(PageIndex(2)));
+        assert!(!t.zero_installed(PageIndex(2)), "installed twice");
         assert_eq!(t.get(PageIndex(2)), PRESENT);
         assert_eq!(t.remove(PageIndex(2)), PRESENT);
         assert_eq!(t.unsettled(), 4);

@@ -11,6 +11,7 @@ use faultline_proto::{PageIndex, PageRange, pb};
 use futures::StreamExt;
 
 use super::link::{INITIAL_BACKOFF, MAX_BACKOFF};
+use super::pages::ZERO_ON_FAULT;
 use super::region::InstallError;
 use super::stats::Source;
 use super::{PrefetchPolicy, Shared};
@@ -69,10 +70,14 @@ fn install_unclaimed(shared: &Shared, run: &PageRun, source: Source) -> Result<(
         shared.counters.bytes(data.len() as u64);
         shared.counters.pages(source, to - f);
         for p in (f..to).map(PageIndex) {
-            if !shared.table.finish(p) {
+            // Discarded by the guest meanwhile (see `link::install_run`).
+            if !shared.table.finish(p) && shared.table.get(p) == ZERO_ON_FAULT {
                 region.discard(p);
             }
         }
+        // Installed without waking (see `RegionState::install`): settled
+        // now, the waiters may run on.
+        region.wake_range(PageIndex(f), to - f);
         Ok(())
     };
     for (p, data) in run.pages(shared.manifest.page_size) {
@@ -95,6 +100,12 @@ fn install_unclaimed(shared: &Shared, run: &PageRun, source: Source) -> Result<(
                 p.0
             );
             shared.table.release(p);
+            // A thread that faulted on the page while it was claimed here
+            // joined this install and sleeps: wake it, so that its retry
+            // faults again and goes through the demand link.
+            if let Some(region) = shared.region_of(p) {
+                region.wake(p);
+            }
             flush(&mut from, p.0)?;
             continue;
         }

@@ -32,6 +32,16 @@ pub enum InstallError {
         /// What the kernel said.
         source: ResolveError,
     },
+    /// EAGAIN on a region's fault thread: a memory-map event is pending that
+    /// only that thread reads. The fault loop reads it, then retries.
+    #[error(
+        "installing pages of region {region} must wait for a memory-map event (EAGAIN) that \
+         the region's fault thread has not read yet"
+    )]
+    Again {
+        /// Region index.
+        region: usize,
+    },
     /// EAGAIN did not clear.
     #[error(
         "installing pages of region {region} kept failing with EAGAIN for {EAGAIN_TIMEOUT:?}: \
@@ -76,6 +86,19 @@ pub struct RegionState {
     pub pages: u64,
     /// Bytes per snapshot page (a multiple of the memory's page size).
     pub page_bytes: usize,
+}
+
+thread_local! {
+    /// Whether this thread is a region's fault thread (see
+    /// [`set_fault_thread`]).
+    static FAULT_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks the calling thread as a fault thread: resolve operations that get
+/// EAGAIN return [`InstallError::Again`] instead of waiting, because the
+/// memory-map event the kernel waits for can only be read by this thread.
+pub(crate) fn set_fault_thread() {
+    FAULT_THREAD.with(|f| f.set(true));
 }
 
 /// Zeros to COPY from where ZEROPAGE is not advertised (hugetlbfs).
@@ -153,9 +176,14 @@ impl RegionState {
     }
 
     /// Installs verified snapshot bytes for the consecutive pages from
-    /// `start` (`data.len()` a multiple of the page size), waking whoever
-    /// waits on them. Pages already present are skipped (EEXIST: another
-    /// path won the race with the same content).
+    /// `start` (`data.len()` a multiple of the page size) *without* waking the
+    /// threads waiting on them: the caller settles the pages first (marks
+    /// them present), then calls [`Self::wake_range`]. Woken earlier, a guest
+    /// thread could go on to discard a page the pager still counts as in
+    /// flight, and the pager would take its own install for stale and throw
+    /// the page away (for shmem: punch it out, losing content the guest
+    /// keeps through MADV_DONTNEED). Pages already present are skipped
+    /// (EEXIST: another path won the race with the same content).
     pub fn install(&self, start: PageIndex, data: &[u8]) -> Result<(), InstallError> {
         let region = self.index;
         match self.strategy() {
@@ -171,7 +199,7 @@ impl RegionState {
                 let uffd = self.uffd().ok_or(InstallError::Closed { region })?;
                 let addr = self.addr_of(start);
                 self.resolve(addr, data.len(), |at, done| {
-                    uffd.copy(at, &data[done..], false)
+                    uffd.copy(at, &data[done..], true)
                 })
             }
             Strategy::Continue => {
@@ -181,7 +209,7 @@ impl RegionState {
                     reason: "the region has no fill view".into(),
                 })?;
                 // Fill the page cache through the unregistered view, then map
-                // the pages into the guest mapping, which wakes the waiters.
+                // the pages into the guest mapping.
                 view.write(self.offset_of(start), data)
                     .map_err(|e| InstallError::Write {
                         region,
@@ -189,7 +217,7 @@ impl RegionState {
                     })?;
                 let addr = self.addr_of(start);
                 self.resolve(addr, data.len(), |at, done| {
-                    uffd.continue_(at, data.len() - done, false)
+                    uffd.continue_(at, data.len() - done, true)
                 })
             }
         }
@@ -220,6 +248,14 @@ impl RegionState {
         }
     }
 
+    /// Wakes threads waiting on the `count` pages from `start` (after
+    /// [`Self::install`] and settling them).
+    pub fn wake_range(&self, start: PageIndex, count: u64) {
+        if let Some(uffd) = self.uffd() {
+            let _ = uffd.wake(self.addr_of(start), count as usize * self.page_bytes);
+        }
+    }
+
     /// Wakes threads waiting on `page` (its fault message was stale: someone
     /// else installed it).
     pub fn wake(&self, page: PageIndex) {
@@ -229,14 +265,16 @@ impl RegionState {
     }
 
     /// Maps the page cache's content of `page` (a MINOR fault on a page that
-    /// is present in the file but not in the guest mapping).
-    pub fn map_present(&self, page: PageIndex) -> Result<(), InstallError> {
+    /// is present in the file but not in the guest mapping). Returns false if
+    /// the guest mapping had it already (the fault message was stale).
+    pub fn map_present(&self, page: PageIndex) -> Result<bool, InstallError> {
         let region = self.index;
         let uffd = self.uffd().ok_or(InstallError::Closed { region })?;
         let len = self.page_bytes;
-        self.resolve(self.addr_of(page), len, |at, done| {
+        let skipped = self.resolve_skipping(self.addr_of(page), len, |at, done| {
             uffd.continue_(at, len - done, false)
-        })
+        })?;
+        Ok(skipped == 0)
     }
 
     /// Makes `count` pages from `start` raise SIGBUS when touched, and wakes
@@ -278,8 +316,19 @@ impl RegionState {
         len: usize,
         op: impl Fn(usize, usize) -> Result<usize, ResolveError>,
     ) -> Result<(), InstallError> {
+        self.resolve_skipping(addr, len, op).map(|_| ())
+    }
+
+    /// [`Self::resolve`], returning the bytes skipped as already present.
+    fn resolve_skipping(
+        &self,
+        addr: usize,
+        len: usize,
+        op: impl Fn(usize, usize) -> Result<usize, ResolveError>,
+    ) -> Result<usize, InstallError> {
         let region = self.index;
         let mut done = 0;
+        let mut skipped = 0;
         let started = Instant::now();
         while done < len {
             match op(addr + done, done) {
@@ -293,9 +342,14 @@ impl RegionState {
                         let _ = uffd.wake(addr + done, skip);
                     }
                     done += skip;
+                    skipped += skip;
                 }
                 Err(ResolveError::Again { done: d, .. }) => {
                     done += d;
+                    if FAULT_THREAD.with(std::cell::Cell::get) {
+                        // Waiting here would wait for this very thread.
+                        return Err(InstallError::Again { region });
+                    }
                     if started.elapsed() > EAGAIN_TIMEOUT {
                         return Err(InstallError::Stuck { region });
                     }
@@ -304,6 +358,6 @@ impl RegionState {
                 Err(source) => return Err(InstallError::Resolve { region, source }),
             }
         }
-        Ok(())
+        Ok(skipped)
     }
 }

@@ -1,0 +1,711 @@
+//! The pager when things go wrong: the server dies mid-restore (and comes
+//! back, or not), the guest discards pages being fetched or resolved, the
+//! server holds a corrupt page, the pager is shut down early. Outcomes that
+//! end a process (SIGBUS on a poisoned page, abort) are checked in a child
+//! process: this test binary run again on one test, told what to do through
+//! the environment.
+
+mod common;
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{
+    DEADLINE, Mem, PAGE, Server, Snapshot, block_on, check_all, complete, config, hung, image_4k,
+    memory, runtime, settle, start, touch_and_check, within,
+};
+use faultline_client::backing::{BackingKind, ExternalMemory, GuestMemory};
+use faultline_client::pager::{
+    CORRUPT_RETRIES, FaultError, OnFailure, PagerConfig, PrefetchPolicy,
+};
+use faultline_client::testutil;
+use faultline_proto::{PageSize, SnapshotId};
+
+/// Pages of the images here: 4 MiB.
+const PAGES: u64 = 1024;
+
+/// Demand faults blocked while the server is down complete with the right bytes once it is back.
+#[test]
+fn server_killed_mid_restore_and_restarted() {
+    let mut server = Server::start();
+    let snap = server.import("img", PageSize::Size4K, image_4k(31, PAGES));
+    let Some((mem, _)) = memory(BackingKind::Anonymous, snap.image.len()) else {
+        return;
+    };
+    let mut cfg = config(&server, &snap, PrefetchPolicy::None);
+    cfg.on_failure = OnFailure::Wait;
+    cfg.deadline = Duration::from_secs(60);
+    let pager = start(cfg, mem);
+    let mem = Mem::of(&pager, 0);
+    let data = snap.data_pages();
+    let (early, late) = data.split_at(data.len() / 2);
+    let early: Vec<usize> = early.iter().copied().step_by(9).collect();
+    let late: Vec<usize> = late.iter().copied().step_by(9).collect();
+    let bad = touch_and_check(mem, &snap, vec![early]);
+    assert!(bad.is_empty(), "pages differ from the image: {bad:?}");
+
+    server.kill();
+    // Faults now wait for a server that is not there.
+    let (tx, rx) = mpsc::channel();
+    for t in 0..2 {
+        let part: Vec<usize> = late.iter().copied().skip(t).step_by(2).collect();
+        let (tx, snap) = (tx.clone(), snap.clone());
+        std::thread::Builder::new()
+            .name(format!("blocked-{t}"))
+            .spawn(move || {
+                let mut buf = vec![0u8; PAGE];
+                let bad: Vec<usize> = part
+                    .into_iter()
+                    .filter(|&p| {
+                        mem.read(p * PAGE, &mut buf);
+                        buf != snap.page(p)
+                    })
+                    .collect();
+                let _ = tx.send(bad);
+            })
+            .expect("spawn");
+    }
+    drop(tx);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        matches!(rx.try_recv(), Err(mpsc::TryRecvError::Empty)),
+        "pages were filled while the server was down"
+    );
+    let s = pager.stats();
+    assert_eq!(s.reconnects, 0, "{s:#?}");
+
+    server.restart();
+    let started = Instant::now();
+    for _ in 0..2 {
+        let bad = rx
+            .recv_timeout(DEADLINE.saturating_sub(started.elapsed()))
+            .unwrap_or_else(|_| hung("faults after the server came back", DEADLINE));
+        assert!(bad.is_empty(), "pages differ from the image: {bad:?}");
+    }
+    let s = pager.stats();
+    assert!(s.reconnects >= 1, "{s:#?}");
+    assert_eq!(s.poisoned_pages + s.corrupt_pages, 0, "{s:#?}");
+
+    // The rest of the restore goes on as usual.
+    check_all(mem, &snap, 2);
+    let s = complete(&pager);
+    assert_eq!(
+        s.pages_by_source.demand + s.pages_by_source.readahead,
+        data.len() as u64,
+        "{s:#?}"
+    );
+}
+
+/// A prefetch cut off by the server dying resumes when it is back, and completes right.
+#[test]
+fn server_killed_during_prefetch_and_restarted() {
+    let mut server = Server::start();
+    let snap = server.import("img", PageSize::Size4K, image_4k(33, 4 * PAGES));
+    let Some((mem, _)) = memory(BackingKind::Anonymous, snap.image.len()) else {
+        return;
+    };
+    let pager = start(config(&server, &snap, PrefetchPolicy::All), mem);
+    // Killed once the stream has started bringing pages.
+    settle(&pager, "the first prefetched pages", |s| {
+        s.pages_by_source.prefetch > 0
+    });
+    server.kill();
+    let at_kill = pager.stats();
+    let data = snap.data_pages().len() as u64;
+    assert!(at_kill.pages_by_source.prefetch < data, "{at_kill:#?}");
+    std::thread::sleep(Duration::from_millis(700));
+    server.restart();
+    let s = complete(&pager);
+    // Resumed, not restarted: no page came twice.
+    let p = s.pages_by_source;
+    assert_eq!(p.prefetch + p.demand + p.readahead, data, "{s:#?}");
+    assert_eq!(s.bytes_received, data * PAGE as u64, "{s:#?}");
+    check_all(Mem::of(&pager, 0), &snap, 2);
+}
+
+/// A page the guest discards while its fetch waits on a dead server reads zeros once it is back.
+#[test]
+fn page_discarded_while_in_flight_reads_zeros() {
+    let mut server = Server::start();
+    let snap = server.import("img", PageSize::Size4K, image_4k(35, PAGES));
+    let Some((mem, _)) = memory(BackingKind::Anonymous, snap.image.len()) else {
+        return;
+    };
+    let pager = start(config(&server, &snap, PrefetchPolicy::None), mem);
+    let mem = Mem::of(&pager, 0);
+    let data = snap.data_pages();
+    // A page with content followed by one with content: both in the
+    // read-ahead window of a fault on the first.
+    let page = *data
+        .iter()
+        .find(|&&p| data.contains(&(p + 1)))
+        .expect("two adjacent pages with content");
+    server.kill();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; PAGE];
+        mem.read(page * PAGE, &mut buf);
+        let _ = tx.send(buf);
+    });
+    // Its fetch is in flight (and cannot be answered) ...
+    settle(&pager, "the fault read", |s| s.faults >= 1);
+    // ... when the guest discards the page.
+    within("madvise", DEADLINE, move || {
+        // SAFETY: one page of the live guest mapping, which holds no Rust
+        // object; the faulting thread only copies out of it.
+        let rc = unsafe {
+            libc::madvise(
+                (mem.base() + page * PAGE) as *mut libc::c_void,
+                PAGE,
+                libc::MADV_DONTNEED,
+            )
+        };
+        assert_eq!(rc, 0, "madvise: {}", std::io::Error::last_os_error());
+    });
+    settle(&pager, "the REMOVE event", |s| s.removed_pages >= 1);
+    server.restart();
+    let got = rx
+        .recv_timeout(DEADLINE)
+        .unwrap_or_else(|_| hung("the fault on the discarded page", DEADLINE));
+    assert!(
+        got.iter().all(|&b| b == 0),
+        "the discarded page is not zeros"
+    );
+    // The rest of its window arrived as usual, and nothing was taken for
+    // corrupt.
+    let bad = touch_and_check(mem, &snap, vec![vec![page + 1]]);
+    assert!(bad.is_empty(), "pages differ from the image: {bad:?}");
+    let rest: Vec<usize> = (0..snap.pages()).filter(|&p| p != page).collect();
+    let bad = touch_and_check(mem, &snap, vec![rest]);
+    assert!(bad.is_empty(), "pages differ from the image: {bad:?}");
+    let s = complete(&pager);
+    assert_eq!(s.corrupt_pages + s.poisoned_pages, 0, "{s:#?}");
+}
+
+/// With policy poison, faults waiting on a server down past the deadline are poisoned.
+#[test]
+fn server_down_past_deadline_poisons() {
+    let mut server = Server::start();
+    let snap = server.import("img", PageSize::Size4K, image_4k(37, PAGES));
+    let Some((mem, _)) = memory(BackingKind::Anonymous, snap.image.len()) else {
+        return;
+    };
+    let mut cfg = config(&server, &snap, PrefetchPolicy::None);
+    cfg.on_failure = OnFailure::Poison;
+    cfg.deadline = Duration::from_millis(500);
+    let pager = start(cfg, mem);
+    let mem = Mem::of(&pager, 0);
+    let data = snap.data_pages();
+    let bad = touch_and_check(mem, &snap, vec![data[..8].to_vec()]);
+    assert!(bad.is_empty(), "pages differ from the image: {bad:?}");
+    server.kill();
+    let page = *data.last().expect("a page with content");
+    let started = Instant::now();
+    // Fed through `Pager::fault`: touching a poisoned page would be SIGBUS.
+    let r = block_on(
+        &runtime(),
+        "Pager::fault with the server down",
+        pager.fault(mem.base() + page * PAGE, PAGE),
+    );
+    assert!(
+        matches!(r, Err(FaultError::Poisoned(p)) if p.0 == page as u64),
+        "{r:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    let s = pager.stats();
+    assert!(s.poisoned_pages >= 1, "{s:#?}");
+    assert_eq!(s.corrupt_pages, 0, "{s:#?}");
+    // Pages filled before stay right.
+    let bad = touch_and_check(mem, &snap, vec![data[..8].to_vec()]);
+    assert!(bad.is_empty(), "pages differ from the image: {bad:?}");
+}
+
+/// A corrupt page in memory that must be filled eagerly (guest_memfd here) fails `Pager::start`.
+#[test]
+fn corrupt_page_fails_an_eager_start() {
+    let (server, snap, bad) = corrupt_server();
+    let Some((mem, _)) = memory(BackingKind::GuestMemfd, snap.image.len()) else {
+        return;
+    };
+    let mut cfg = config(&server, &snap, PrefetchPolicy::None);
+    cfg.deadline = Duration::from_secs(2);
+    match faultline_client::pager::Pager::start(
+        cfg,
+        vec![faultline_client::pager::Region {
+            memory: mem,
+            snapshot_offset: 0,
+        }],
+    ) {
+        Err(err) => {
+            let msg = err.to_string();
+            assert!(
+                matches!(err, faultline_client::pager::StartError::Eager(_)),
+                "{err:?}"
+            );
+            assert!(msg.contains(&format!("page {bad}")), "{msg}");
+        }
+        // A kernel that serves guest_memfd lazily: then it is not eager.
+        Ok(pager) => assert_ne!(
+            pager.decision(0).strategy(),
+            faultline_client::strategy::Strategy::Eager
+        ),
+    }
+}
+
+/// Starting without a reachable server fails with the manifest error, naming the snapshot.
+#[test]
+fn start_without_a_server_fails() {
+    let mut server = Server::start();
+    let snap = server.import("img", PageSize::Size4K, image_4k(39, 64));
+    let Some((mem, _)) = memory(BackingKind::Anonymous, snap.image.len()) else {
+        return;
+    };
+    let cfg = config(&server, &snap, PrefetchPolicy::None);
+    server.kill();
+    let err = faultline_client::pager::Pager::start(
+        cfg,
+        vec![faultline_client::pager::Region {
+            memory: mem,
+            snapshot_offset: 0,
+        }],
+    )
+    .expect_err("no server");
+    assert!(
+        matches!(err, faultline_client::pager::StartError::Manifest { .. }),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("img") && msg.contains("cannot connect"),
+        "{msg}"
+    );
+}
+
+/// The corrupt-page fixture: the image, and the page corrupted on disk.
+const CORRUPT_SEED: u64 = 41;
+
+/// A page with content whose neighbours have content too.
+fn corrupt_page_of(snap: &Snapshot) -> usize {
+    (PAGES as usize / 2..snap.pages() - 1)
+        .find(|&p| !snap.is_zero(p - 1) && !snap.is_zero(p) && !snap.is_zero(p + 1))
+        .expect("three adjacent pages with content")
+}
+
+/// A server whose snapshot `img` has one page flipped in its `memory` file
+/// (before the server has opened the snapshot). Returns the page.
+fn corrupt_server() -> (Server, Snapshot, usize) {
+    let server = Server::start();
+    let snap = server.import("img", PageSize::Size4K, image_4k(CORRUPT_SEED, PAGES));
+    let bad = corrupt_page_of(&snap);
+    let path = server.snapshot_dir(&snap.id).join("memory");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("open the snapshot's memory file");
+    let at = (bad * PAGE + 100) as u64;
+    let mut bytes = [0u8; 16];
+    file.seek(SeekFrom::Start(at)).expect("seek");
+    file.read_exact(&mut bytes).expect("read");
+    assert_eq!(&bytes, &snap.page(bad)[100..116]);
+    for b in &mut bytes {
+        *b ^= 0x5a;
+    }
+    file.seek(SeekFrom::Start(at)).expect("seek");
+    file.write_all(&bytes).expect("corrupt");
+    file.sync_all().expect("sync");
+    (server, snap, bad)
+}
+
+/// A corrupt page fails its digest on every fetch and is poisoned; its neighbours are installed.
+#[test]
+fn corrupt_page_is_poisoned_never_installed() {
+    let (server, snap, bad) = corrupt_server();
+    let Some((mem, _)) = memory(BackingKind::Anonymous, snap.image.len()) else {
+        return;
+    };
+    let mut cfg = config(&server, &snap, PrefetchPolicy::None);
+    cfg.on_failure = OnFailure::Poison;
+    cfg.deadline = Duration::from_secs(2);
+    let pager = start(cfg, mem);
+    let mem = Mem::of(&pager, 0);
+    // Fed through `Pager::fault`, so that nothing in this process touches
+    // the page (it would raise SIGBUS).
+    let rt = runtime();
+    let r = block_on(
+        &rt,
+        "Pager::fault on the corrupt page",
+        pager.fault(mem.base() + bad * PAGE, PAGE),
+    );
+    assert!(
+        matches!(r, Err(FaultError::Poisoned(p)) if p.0 == bad as u64),
+        "{r:?}"
+    );
+    let s = pager.stats();
+    assert_eq!(s.corrupt_pages, u64::from(CORRUPT_RETRIES) + 1, "{s:#?}");
+    assert_eq!(s.poisoned_pages, 1, "{s:#?}");
+    // The pages fetched with it (its read-ahead window) are fine.
+    let good: Vec<usize> = (bad - 1..snap.pages()).filter(|&p| p != bad).collect();
+    let wrong = touch_and_check(mem, &snap, vec![good]);
+    assert!(wrong.is_empty(), "pages differ from the image: {wrong:?}");
+    // The page stays poisoned: asking again gives the same answer, at once.
+    let again = block_on(
+        &rt,
+        "Pager::fault again",
+        pager.fault(mem.base() + bad * PAGE, 1),
+    );
+    assert!(matches!(again, Err(FaultError::Poisoned(_))), "{again:?}");
+    assert_eq!(pager.stats().corrupt_pages, s.corrupt_pages);
+}
+
+/// Prefetch skips a corrupt page (never installs it) and installs every other one.
+#[test]
+fn corrupt_page_is_skipped_by_prefetch() {
+    let (server, snap, bad) = corrupt_server();
+    let Some((mem, _)) = memory(BackingKind::Anonymous, snap.image.len()) else {
+        return;
+    };
+    let mut cfg = config(&server, &snap, PrefetchPolicy::All);
+    cfg.on_failure = OnFailure::Poison;
+    let pager = start(cfg, mem);
+    let data = snap.data_pages().len() as u64;
+    let s = settle(&pager, "prefetching", |s| {
+        s.pages_by_source.prefetch >= data - 1
+    });
+    assert_eq!(s.pages_by_source.prefetch, data - 1, "{s:#?}");
+    assert!(s.corrupt_pages >= 1, "{s:#?}");
+    // One page is still missing: no completion, and every other page right.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!pager.is_complete());
+    let others: Vec<usize> = (0..snap.pages()).filter(|&p| p != bad).collect();
+    let wrong = touch_and_check(Mem::of(&pager, 0), &snap, vec![others]);
+    assert!(wrong.is_empty(), "pages differ from the image: {wrong:?}");
+    // Only the zero pages faulted (resolved locally); nothing was fetched on demand.
+    let zeros = snap.zero_pages().len() as u64;
+    let s = settle(&pager, "zero pages counted", |s| {
+        s.pages_by_source.zero >= zeros
+    });
+    assert_eq!(s.faults, zeros, "{s:#?}");
+    assert_eq!(s.pages_by_source.zero, zeros, "{s:#?}");
+    assert_eq!(
+        s.pages_by_source.demand + s.pages_by_source.readahead,
+        0,
+        "{s:#?}"
+    );
+}
+
+/// Environment of the child processes: the server's URL and a page.
+const CHILD_URL_ENV: &str = "FAULTLINE_TEST_CHILD_URL";
+const CHILD_PAGE_ENV: &str = "FAULTLINE_TEST_CHILD_PAGE";
+
+/// A line for the parent to read (stderr is not captured by the harness).
+fn say(line: &str) {
+    let mut err = std::io::stderr();
+    let _ = writeln!(err, "{line}");
+    let _ = err.flush();
+}
+
+/// In a child process: the server's URL and the page the parent named.
+fn child_args() -> Option<(String, usize)> {
+    let url = std::env::var(CHILD_URL_ENV).ok()?;
+    let page = std::env::var(CHILD_PAGE_ENV)
+        .expect("page")
+        .parse()
+        .expect("page number");
+    // No core file for the crash the parent expects.
+    let no_core = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: setrlimit reads the struct we pass; it touches no other memory.
+    unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) };
+    Some((url, page))
+}
+
+/// Runs test `test` of this binary in a child process told about `server`
+/// and `page` (which it finds with [`child_args`]); returns how it ended and
+/// its stderr. Fails the test if the child runs past [`DEADLINE`].
+fn run_child(test: &str, server: &Server, page: usize) -> (std::process::ExitStatus, String) {
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(CHILD_URL_ENV, server.url())
+        .env(CHILD_PAGE_ENV, page.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the child");
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = pipe.read_to_string(&mut s);
+            s
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().expect("stdout")));
+    let err = drain(Box::new(child.stderr.take().expect("stderr")));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the child") {
+            break status;
+        }
+        if started.elapsed() > DEADLINE {
+            let _ = child.kill();
+            let _ = child.wait();
+            hung(&format!("child process {test}"), DEADLINE);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let out = out.join().expect("stdout");
+    let err = err.join().expect("stderr");
+    (
+        status,
+        format!("child {status}\n--- stdout\n{out}\n--- stderr\n{err}"),
+    )
+}
+
+/// The corrupt snapshot as the child sees it.
+fn corrupt_snapshot() -> Snapshot {
+    Snapshot {
+        id: SnapshotId::new("img").expect("name"),
+        image: std::sync::Arc::new(image_4k(CORRUPT_SEED, PAGES)),
+        page_size: PAGE,
+    }
+}
+
+/// The child: restore from the corrupt server with `on_failure`, check good
+/// pages, then touch the corrupt one, which must end the process.
+fn corrupt_child(url: String, bad: usize, on_failure: OnFailure) {
+    let snap = corrupt_snapshot();
+    let mem = GuestMemory::anonymous(snap.image.len()).expect("memory");
+    let mut cfg = PagerConfig::new(url, snap.id.clone());
+    cfg.prefetch = PrefetchPolicy::None;
+    cfg.on_failure = on_failure;
+    cfg.deadline = Duration::from_secs(2);
+    let pager = start(cfg, mem);
+    let mem = Mem::of(&pager, 0);
+    let good: Vec<usize> = (0..64).chain(bad + 8..bad + 64).collect();
+    let wrong = touch_and_check(mem, &snap, vec![good]);
+    assert!(wrong.is_empty(), "pages differ from the image: {wrong:?}");
+    say("CHILD: good pages ok");
+    say(&format!("CHILD: touching page {bad}"));
+    let mut buf = vec![0u8; PAGE];
+    mem.read(bad * PAGE, &mut buf);
+    say(&format!("CHILD: read page {bad}: {:02x?}", &buf[96..120]));
+}
+
+/// Touching a page that fails its digest (policy poison) kills with SIGBUS; its bytes never show.
+#[test]
+fn touching_a_corrupt_page_raises_sigbus() {
+    if let Some((url, bad)) = child_args() {
+        corrupt_child(url, bad, OnFailure::Poison);
+        return;
+    }
+    if testutil::require_uffd().is_none() {
+        return;
+    }
+    let (server, _snap, bad) = corrupt_server();
+    let (status, report) = run_child("touching_a_corrupt_page_raises_sigbus", &server, bad);
+    assert!(report.contains("CHILD: good pages ok"), "{report}");
+    assert!(
+        report.contains(&format!("CHILD: touching page {bad}")),
+        "{report}"
+    );
+    assert!(!report.contains("CHILD: read page"), "{report}");
+    assert_eq!(status.signal(), Some(libc::SIGBUS), "{report}");
+}
+
+/// With policy abort, a page that keeps failing its digest aborts the process, saying why.
+#[test]
+fn corrupt_page_with_policy_abort_aborts() {
+    if let Some((url, bad)) = child_args() {
+        corrupt_child(url, bad, OnFailure::Abort);
+        return;
+    }
+    if testutil::require_uffd().is_none() {
+        return;
+    }
+    let (server, _snap, bad) = corrupt_server();
+    let (status, report) = run_child("corrupt_page_with_policy_abort_aborts", &server, bad);
+    assert!(report.contains("CHILD: good pages ok"), "{report}");
+    assert!(!report.contains("CHILD: read page"), "{report}");
+    assert!(
+        report.contains("faultline: fatal: cannot fill") && report.contains("corrupt"),
+        "{report}"
+    );
+    assert_eq!(status.signal(), Some(libc::SIGABRT), "{report}");
+}
+
+/// The child: restore into memory it mapped itself, fill some pages, shut
+/// the pager down early, then touch a page never filled.
+fn shutdown_child(url: String, unfilled: usize) {
+    let snap = Snapshot {
+        id: SnapshotId::new("img").expect("name"),
+        image: std::sync::Arc::new(image_4k(SHUTDOWN_SEED, PAGES)),
+        page_size: PAGE,
+    };
+    let len = snap.image.len();
+    // SAFETY: a new private anonymous mapping at an address the kernel
+    // chooses; it is never unmapped, so it outlives the pager.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(addr, libc::MAP_FAILED, "mmap");
+    // SAFETY: the mapping above, read-write, never unmapped, holding no
+    // Rust object.
+    let memory = unsafe {
+        GuestMemory::from_external(ExternalMemory {
+            addr: addr as usize,
+            len,
+            kind: BackingKind::Anonymous,
+            page_size: PAGE,
+            fd: None,
+            fd_offset: 0,
+        })
+    }
+    .expect("wrap the mapping");
+    let pager = start(
+        {
+            let mut cfg = PagerConfig::new(url, snap.id.clone());
+            cfg.prefetch = PrefetchPolicy::None;
+            cfg
+        },
+        memory,
+    );
+    let mem = Mem::of(&pager, 0);
+    let filled: Vec<usize> = (0..32).collect();
+    let wrong = touch_and_check(mem, &snap, vec![filled.clone()]);
+    assert!(wrong.is_empty(), "pages differ from the image: {wrong:?}");
+    assert!(!pager.is_complete());
+    pager.into_inner().shutdown();
+    // Pages filled stay; zero pages of the snapshot read as zeros.
+    let zeros: Vec<usize> = snap
+        .zero_pages()
+        .into_iter()
+        .filter(|&p| p > 32)
+        .take(8)
+        .collect();
+    let wrong = touch_and_check(mem, &snap, vec![filled, zeros]);
+    assert!(wrong.is_empty(), "pages differ after shutdown: {wrong:?}");
+    say("CHILD: filled pages ok after shutdown");
+    say(&format!("CHILD: touching page {unfilled}"));
+    let mut buf = vec![0u8; PAGE];
+    mem.read(unfilled * PAGE, &mut buf);
+    say(&format!("CHILD: read page {unfilled}: {:02x?}", &buf[..16]));
+}
+
+/// The image of `shutdown_poisons_unfilled_pages`.
+const SHUTDOWN_SEED: u64 = 43;
+
+/// A pager shut down before completion poisons pages it never filled: SIGBUS on touch, not zeros.
+#[test]
+fn shutdown_poisons_unfilled_pages() {
+    if let Some((url, page)) = child_args() {
+        shutdown_child(url, page);
+        return;
+    }
+    if testutil::require_uffd().is_none() {
+        return;
+    }
+    let server = Server::start();
+    let snap = server.import("img", PageSize::Size4K, image_4k(SHUTDOWN_SEED, PAGES));
+    let unfilled = *snap.data_pages().last().expect("a page with content");
+    let (status, report) = run_child("shutdown_poisons_unfilled_pages", &server, unfilled);
+    assert!(
+        report.contains("CHILD: filled pages ok after shutdown"),
+        "{report}"
+    );
+    assert!(
+        report.contains(&format!("CHILD: touching page {unfilled}")),
+        "{report}"
+    );
+    assert!(!report.contains("CHILD: read page"), "{report}");
+    assert_eq!(status.signal(), Some(libc::SIGBUS), "{report}");
+}
+
+/// The image of `remove_events_while_resolving_zero_pages`.
+const REMOVE_SEED: u64 = 47;
+
+/// The child: one thread faults every zero page (each resolved by the fault
+/// thread itself) while another keeps discarding a page (REMOVE events,
+/// which make resolve operations fail with EAGAIN until the fault thread
+/// reads them).
+fn remove_storm_child(url: String, victim: usize) {
+    let snap = Snapshot {
+        id: SnapshotId::new("img").expect("name"),
+        image: std::sync::Arc::new(image_4k(REMOVE_SEED, 4 * PAGES)),
+        page_size: PAGE,
+    };
+    let mem = GuestMemory::anonymous(snap.image.len()).expect("memory");
+    let mut cfg = PagerConfig::new(url, snap.id.clone());
+    cfg.prefetch = PrefetchPolicy::None;
+    let pager = start(cfg, mem);
+    let mem = Mem::of(&pager, 0);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let storm = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                // SAFETY: one page of the live guest mapping, which holds no
+                // Rust object and which nothing else reads.
+                let rc = unsafe {
+                    libc::madvise(
+                        (mem.base() + victim * PAGE) as *mut libc::c_void,
+                        PAGE,
+                        libc::MADV_DONTNEED,
+                    )
+                };
+                assert_eq!(rc, 0, "madvise: {}", std::io::Error::last_os_error());
+                n += 1;
+                // A balloon's pace, not a tight loop: back-to-back REMOVE
+                // events would leave the kernel refusing every resolve
+                // (EAGAIN) almost all the time.
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            n
+        })
+    };
+    let zeros: Vec<usize> = snap.zero_pages();
+    let wrong = touch_and_check(mem, &snap, vec![zeros.clone()]);
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let discards = storm.join().expect("storm");
+    assert!(wrong.is_empty(), "zero pages read non-zero: {wrong:?}");
+    let s = settle(&pager, "zero pages counted", |s| {
+        s.pages_by_source.zero >= zeros.len() as u64
+    });
+    say(&format!(
+        "CHILD: {} zero pages faulted during {discards} discards; {} REMOVE pages",
+        zeros.len(),
+        s.removed_pages
+    ));
+}
+
+/// REMOVE events arriving while the fault thread resolves zero pages do not stall or abort it.
+#[test]
+fn remove_events_while_resolving_zero_pages() {
+    if let Some((url, victim)) = child_args() {
+        remove_storm_child(url, victim);
+        return;
+    }
+    if testutil::require_uffd().is_none() {
+        return;
+    }
+    let server = Server::start();
+    let snap = server.import("img", PageSize::Size4K, image_4k(REMOVE_SEED, 4 * PAGES));
+    let victim = *snap.data_pages().last().expect("a page with content");
+    let (status, report) = run_child("remove_events_while_resolving_zero_pages", &server, victim);
+    assert!(status.success(), "{report}");
+    assert!(report.contains("zero pages faulted during"), "{report}");
+    eprintln!("{report}");
+}
