@@ -215,57 +215,64 @@ impl Shared {
     }
 }
 
-/// The body of a region's fault thread: read messages until stopped,
+/// The body of a fault thread: serves `regions` (all registered on one
+/// uffd: its own for a region the pager registered, or a peer's shared by
+/// every region it registered), reading messages until stopped,
 /// memory-map events first (so faults see their effect), then faults.
-///
-/// A fault this thread resolves itself (zero page, page-cache page, poison)
-/// can meet EAGAIN: a memory-map event (REMOVE from a balloon's
-/// `MADV_DONTNEED`, UNMAP, REMAP) is pending, and the kernel refuses resolve
-/// operations until it is read, by this thread. Such faults are set aside,
-/// the events read, and the faults retried.
-pub(crate) fn fault_loop(shared: Arc<Shared>, region: usize, stop: Arc<StopSignal>) {
+pub(crate) fn fault_loop(shared: Arc<Shared>, regions: Vec<usize>, stop: Arc<StopSignal>) {
     super::region::set_fault_thread();
-    let r = &shared.regions[region];
+    let first = &shared.regions[regions[0]];
     let mut buf = EventBuffer::new(EVENT_BATCH);
     let mut events = Vec::with_capacity(EVENT_BATCH);
-    let mut deferred: Vec<(PageIndex, bool)> = Vec::new();
+    let mut deferred: Vec<(usize, PageIndex, bool)> = Vec::new();
+    let region_of = |address: usize| {
+        regions.iter().find_map(|&i| {
+            let r = &shared.regions[i];
+            r.page_of(address).map(|p| (r, p))
+        })
+    };
     loop {
-        let Some(uffd) = r.uffd() else { return };
+        let Some(uffd) = first.uffd() else { return };
         // With faults set aside, wait briefly: the refusal ends when the
         // thread that caused the event resumes, which brings no message.
         let timeout = (!deferred.is_empty()).then_some(DEFERRED_RETRY);
         match uffd.wait(timeout, Some(&stop)) {
             Ok(Readiness::Stopped) => return,
             Ok(Readiness::TimedOut | Readiness::Events) => {}
-            Err(e) => {
-                fatal(&format!(
-                    "waiting on the uffd of region {region} failed: {e}"
-                ));
-            }
+            Err(e) => fatal(&format!(
+                "waiting on the uffd of regions {regions:?} failed: {e}"
+            )),
         }
         events.clear();
         if let Err(e) = uffd.read_events(&mut buf, &mut events) {
-            fatal(&format!("reading the uffd of region {region} failed: {e}"));
+            fatal(&format!(
+                "reading the uffd of regions {regions:?} failed: {e}"
+            ));
         }
         drop(uffd);
         for e in events
             .iter()
             .filter(|e| !matches!(e, Event::Pagefault { .. }))
         {
-            shared.on_event(r, *e);
+            // An event's range may span regions; each takes its part.
+            for &i in &regions {
+                shared.on_event(&shared.regions[i], *e);
+            }
         }
-        let retries = std::mem::take(&mut deferred).into_iter().map(|f| (f, true));
+        let retries = std::mem::take(&mut deferred)
+            .into_iter()
+            .map(|(i, p, minor)| ((&shared.regions[i], p, minor), true));
         let faults = events.iter().filter_map(|e| match *e {
-            Event::Pagefault { address, kind, .. } => match r.page_of(address) {
-                Some(page) => Some(((page, kind == FaultKind::Minor), false)),
+            Event::Pagefault { address, kind, .. } => match region_of(address) {
+                Some((r, page)) => Some(((r, page, kind == FaultKind::Minor), false)),
                 None => {
-                    tracing::error!(region, "fault at {address:#x} outside the region");
+                    tracing::error!("fault at {address:#x} outside regions {regions:?}");
                     None
                 }
             },
             _ => None,
         });
-        for ((page, minor), retry) in retries.chain(faults).collect::<Vec<_>>() {
+        for ((r, page, minor), retry) in retries.chain(faults).collect::<Vec<_>>() {
             let result = if retry {
                 shared.serve_fault(r, page, minor)
             } else {
@@ -273,7 +280,7 @@ pub(crate) fn fault_loop(shared: Arc<Shared>, region: usize, stop: Arc<StopSigna
             };
             match result {
                 Ok(()) => {}
-                Err(InstallError::Again { .. }) => deferred.push((page, minor)),
+                Err(InstallError::Again { .. }) => deferred.push((r.index, page, minor)),
                 Err(_) if shared.is_stopping() => return,
                 Err(e) => fatal(&format!("resolving a fault on page {} failed: {e}", page.0)),
             }

@@ -47,10 +47,11 @@ pub use link::{CORRUPT_RETRIES, Demand};
 pub use region::{InstallError, RegionState};
 pub use stats::{Latency, PagesBySource, Stats};
 
+use crate::backing::BackingKind;
 use crate::backing::GuestMemory;
 use crate::remote::{Remote, RemoteError};
-use crate::strategy::{Decision, Mode, Strategy, StrategyError, register_for_strategy};
-use crate::uffd::{OpenError, StopSignal, Uffd, WaitError};
+use crate::strategy::{Choice, Decision, Mode, Strategy, StrategyError, register_for_strategy};
+use crate::uffd::{OpenError, RegisterModes, ResolveOps, StopSignal, Uffd, WaitError};
 
 /// Smallest read-ahead window: 16 KiB. A random fault fetches its page and
 /// three neighbours; a page costs ~1 us to send on loopback against a
@@ -325,6 +326,55 @@ impl Pager {
     /// uffd, fills the regions that have no lazy method, and starts serving
     /// faults. Blocking; call it from a plain thread (not an async task).
     pub fn start(config: PagerConfig, regions: Vec<Region>) -> Result<Self, StartError> {
+        Self::launch(config, regions, None)
+    }
+
+    /// Like [`Pager::start`], for memory another process registered on its
+    /// own uffd (MISSING mode), which it handed over: Firecracker's UFFD
+    /// snapshot-restore handshake. Every region is served through `uffd` by
+    /// one fault thread, with `UFFDIO_COPY` (and `UFFDIO_ZEROPAGE` except on
+    /// hugetlbfs), which is what a MISSING registration of anonymous or
+    /// hugetlbfs memory advertises (docs/pager.md).
+    pub fn start_on_peer_uffd(
+        config: PagerConfig,
+        regions: Vec<Region>,
+        uffd: Uffd,
+    ) -> Result<Self, StartError> {
+        Self::launch(config, regions, Some(Arc::new(uffd)))
+    }
+
+    /// What a region registered by a peer is resolved with.
+    fn peer_decision(kind: BackingKind) -> Decision {
+        let zeropage = kind != BackingKind::Hugetlb;
+        let mut ops = ResolveOps::WAKE | ResolveOps::COPY | ResolveOps::POISON;
+        if zeropage {
+            ops = ops | ResolveOps::ZEROPAGE;
+        }
+        Decision {
+            kind,
+            mode: Mode::Copy,
+            choice: Choice {
+                strategy: Strategy::Copy { zeropage },
+                reason: format!(
+                    "the peer registered the {kind} memory in MISSING mode on its own uffd: pages \
+                     are installed with UFFDIO_COPY{}",
+                    if zeropage {
+                        ", zero pages with UFFDIO_ZEROPAGE"
+                    } else {
+                        ", zero pages by copying zeros (hugetlbfs has no ZEROPAGE)"
+                    }
+                ),
+            },
+            attempts: Vec::new(),
+            registered: Some((RegisterModes::MISSING, ops)),
+        }
+    }
+
+    fn launch(
+        config: PagerConfig,
+        regions: Vec<Region>,
+        peer: Option<Arc<Uffd>>,
+    ) -> Result<Self, StartError> {
         if config.servers.is_empty() {
             return Err(StartError::NoServer);
         }
@@ -391,14 +441,18 @@ impl Pager {
                 }
                 in_region.set(p);
             }
-            let uffd = Uffd::open()?;
-            let decision =
-                register_for_strategy(&uffd, &region.memory, config.mode).map_err(|source| {
-                    StartError::Strategy {
-                        region: index,
-                        source,
-                    }
-                })?;
+            let (uffd, decision) = match &peer {
+                Some(uffd) => (uffd.clone(), Self::peer_decision(region.memory.kind())),
+                None => {
+                    let uffd = Uffd::open()?;
+                    let decision = register_for_strategy(&uffd, &region.memory, config.mode)
+                        .map_err(|source| StartError::Strategy {
+                            region: index,
+                            source,
+                        })?;
+                    (Arc::new(uffd), decision)
+                }
+            };
             tracing::info!(region = index, "{decision}");
             if decision.strategy() == Strategy::Eager {
                 tracing::warn!(
@@ -408,7 +462,7 @@ impl Pager {
                     region.memory.kind()
                 );
             }
-            let uffd = (decision.strategy() != Strategy::Eager).then(|| Arc::new(uffd));
+            let uffd = (decision.strategy() != Strategy::Eager).then_some(uffd);
             states.push(RegionState::new(
                 index,
                 region.memory,
@@ -476,12 +530,23 @@ impl Pager {
             }
         }
 
-        for r in shared.regions.iter().filter(|r| r.uffd().is_some()) {
-            let (shared, stop, index) = (shared.clone(), stop.clone(), r.index);
+        // One fault thread per uffd: a region's own, or the peer's for all.
+        let lazy: Vec<usize> = shared
+            .regions
+            .iter()
+            .filter(|r| r.uffd().is_some())
+            .map(|r| r.index)
+            .collect();
+        let groups: Vec<Vec<usize>> = match peer {
+            Some(_) if !lazy.is_empty() => vec![lazy],
+            _ => lazy.into_iter().map(|i| vec![i]).collect(),
+        };
+        for group in groups {
+            let (shared, stop) = (shared.clone(), stop.clone());
             let handle = std::thread::Builder::new()
-                .name(format!("faultline-fault-{index}"))
+                .name(format!("faultline-fault-{}", group[0]))
                 .spawn(move || {
-                    let body = AssertUnwindSafe(|| faults::fault_loop(shared, index, stop));
+                    let body = AssertUnwindSafe(|| faults::fault_loop(shared, group, stop));
                     if std::panic::catch_unwind(body).is_err() {
                         faults::fatal("a fault thread panicked");
                     }

@@ -43,6 +43,8 @@ pub enum OpenedVia {
     Syscall,
     /// `/dev/userfaultfd` and `USERFAULTFD_IOC_NEW`.
     Device,
+    /// Received from another process (Firecracker's UFFD handshake).
+    Peer,
 }
 
 impl fmt::Display for OpenedVia {
@@ -50,6 +52,7 @@ impl fmt::Display for OpenedVia {
         f.write_str(match self {
             Self::Syscall => "the userfaultfd(2) syscall",
             Self::Device => "/dev/userfaultfd",
+            Self::Peer => "another process (received over a Unix socket)",
         })
     }
 }
@@ -152,6 +155,34 @@ impl Uffd {
             features: requested,
             offered,
             via,
+        })
+    }
+
+    /// Takes over a uffd created, handshaken and registered by another process (Firecracker
+    /// sends its guest memory's uffd over a Unix socket). `features` are the ones that process
+    /// requested, as far as the caller knows (Firecracker requests `EVENT_REMOVE`); they only
+    /// decide how messages are decoded. The fd is made non-blocking, which the fault loop needs.
+    pub fn from_peer(fd: OwnedFd, features: Features) -> Result<Self, OpenError> {
+        // SAFETY: F_GETFL/F_SETFL on an fd we own change only its status flags.
+        let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+        // SAFETY: as above.
+        if flags < 0
+            || unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0
+        {
+            return Err(OpenError::Handshake {
+                stage: "making the peer's uffd non-blocking",
+                requested: features,
+                source: io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: `fd` is an open uffd we own; ownership moves into the crate's type, which closes
+        // it on drop.
+        let inner = unsafe { userfaultfd::Uffd::from_raw_fd(fd.into_raw_fd()) };
+        Ok(Self {
+            inner,
+            features,
+            offered: features,
+            via: OpenedVia::Peer,
         })
     }
 
