@@ -346,10 +346,12 @@ impl Pager {
     /// What a region registered by a peer is resolved with.
     fn peer_decision(kind: BackingKind) -> Decision {
         let zeropage = kind != BackingKind::Hugetlb;
-        let mut ops = ResolveOps::WAKE | ResolveOps::COPY | ResolveOps::POISON;
-        if zeropage {
-            ops = ops | ResolveOps::ZEROPAGE;
-        }
+        let base = ResolveOps::WAKE | ResolveOps::COPY | ResolveOps::POISON;
+        let ops = if zeropage {
+            base | ResolveOps::ZEROPAGE
+        } else {
+            base
+        };
         Decision {
             kind,
             mode: Mode::Copy,

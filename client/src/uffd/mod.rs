@@ -163,12 +163,13 @@ impl Uffd {
     /// requested, as far as the caller knows (Firecracker requests `EVENT_REMOVE`); they only
     /// decide how messages are decoded. The fd is made non-blocking, which the fault loop needs.
     pub fn from_peer(fd: OwnedFd, features: Features) -> Result<Self, OpenError> {
-        // SAFETY: F_GETFL/F_SETFL on an fd we own change only its status flags.
-        let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
-        // SAFETY: as above.
-        if flags < 0
-            || unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0
-        {
+        let raw = fd.as_raw_fd();
+        // SAFETY: F_GETFL on an fd we own only reads its status flags.
+        let flags = unsafe { libc::fcntl(raw, libc::F_GETFL) };
+        // SAFETY: F_SETFL on an fd we own only changes its status flags.
+        let set =
+            flags >= 0 && unsafe { libc::fcntl(raw, libc::F_SETFL, flags | libc::O_NONBLOCK) } >= 0;
+        if !set {
             return Err(OpenError::Handshake {
                 stage: "making the peer's uffd non-blocking",
                 requested: features,
