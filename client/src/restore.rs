@@ -251,7 +251,8 @@ pub fn run(opts: &RestoreOptions) -> Result<RestoreSummary, RestoreError> {
         }
     });
     let touch_s = touch_started.elapsed().as_secs_f64();
-    if opts.prefetch != PrefetchPolicy::None && pager.wait_complete(COMPLETION_TIMEOUT).is_none() {
+    // Only a full prefetch completes a restore whose touches miss pages.
+    if opts.prefetch == PrefetchPolicy::All && pager.wait_complete(COMPLETION_TIMEOUT).is_none() {
         tracing::warn!("the restore did not complete within {COMPLETION_TIMEOUT:?}");
     }
     // On completion the pager uploads its recording itself; uploading again
