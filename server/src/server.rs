@@ -24,10 +24,10 @@ pub const STREAM_WINDOW_BYTES: u32 = 16 << 20;
 /// and a prefetch stream sharing one connection.
 pub const CONNECTION_WINDOW_BYTES: u32 = 32 << 20;
 
-/// HTTP/2 frame size (the protocol's maximum is 16 MiB - 1). Larger frames
-/// mean fewer frame headers and fewer wake-ups per batch; 1 MiB frames and
-/// the 16 KiB default differ by about 10% on loopback for bulk data and not
-/// at all for single-page faults.
+/// HTTP/2 frame size the server accepts (the protocol's maximum is 16 MiB -
+/// 1); it paces uploads. The client's setting, which paces prefetch, was
+/// measured with `faultline-bench wire`: 1 MiB frames moved 1.5x the bytes of
+/// the 16 KiB default (docs/protocol.md); single-page faults do not notice.
 pub const MAX_FRAME_BYTES: u32 = 1 << 20;
 
 /// Largest message the server decodes: an upload chunk or a working set.
