@@ -4,7 +4,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use faultline_bench::vm::restore::{self as vm_restore, VmRestoreConfig, WalkOrder};
 use faultline_bench::{image, wire};
+use faultline_client::backing::BackingKind;
+use faultline_client::pager::PrefetchPolicy;
 use faultline_server::import::parse_size;
 
 #[derive(Parser, Debug)]
@@ -41,6 +44,35 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         repeats: usize,
         /// Print one JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a KVM micro-VM through faultline: snapshot, import, serve in-process, start the
+    /// pager on fresh memory, let the vCPU fault its pages in, check its checksum.
+    Vm {
+        /// Backing of the restored memory: anon, shmem, hugetlb or guest-memfd.
+        #[arg(long, default_value = "shmem")]
+        backing: BackingKind,
+        /// Guest memory size, a multiple of 2 MiB, e.g. 64M or 1G.
+        #[arg(long, default_value = "256M", value_parser = parse_size)]
+        size: u64,
+        /// Page order of the guest's walk: seq or random.
+        #[arg(long, default_value = "random")]
+        walk: WalkOrder,
+        /// Pages the guest visits (one 8-byte read each).
+        #[arg(long, default_value_t = 4096)]
+        pages: u64,
+        /// Background prefetch: none (the vCPU's faults fetch every page), working-set (the
+        /// pages the guest touched before the snapshot) or all.
+        #[arg(long, default_value = "none")]
+        prefetch: PrefetchPolicy,
+        /// Seed of the memory content and of the random walk.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Snapshot the VM at boot instead of after a first run of its walk.
+        #[arg(long)]
+        no_first_run: bool,
+        /// Print one JSON object instead of a summary.
         #[arg(long)]
         json: bool,
     },
@@ -95,6 +127,39 @@ fn run(command: Command) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&results)?);
             }
+            Ok(())
+        }
+        Command::Vm {
+            backing,
+            size,
+            walk,
+            pages,
+            prefetch,
+            seed,
+            no_first_run,
+            json,
+        } => {
+            let config = VmRestoreConfig {
+                walk,
+                pages,
+                prefetch,
+                seed,
+                first_run: !no_first_run,
+                ..VmRestoreConfig::new(backing, size)
+            };
+            let report = vm_restore::run(&config)
+                .with_context(|| format!("restoring a micro-VM into {backing} memory"))?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("{report}");
+            }
+            anyhow::ensure!(
+                report.matches,
+                "the restored guest's checksum {:#018x} differs from the original's {:#018x}",
+                report.checksum,
+                report.expected
+            );
             Ok(())
         }
     }

@@ -45,10 +45,14 @@
 //! - Restore: [`load_state`] reads the vCPU file; fill fresh memory (eagerly with
 //!   [`load_memory`], or start a pager on it), then [`run_guest`]. The harness never touches
 //!   the memory on this path: the vCPU's accesses do the faulting.
+//! - Restore through faultline: [`restore::run`] does all of it in one process (snapshot,
+//!   import, an in-process server, the pager on fresh memory of a chosen backing, the run, the
+//!   checksum check); `faultline-bench vm` is its command line.
 
 pub mod image;
 pub mod layout;
 pub mod program;
+pub mod restore;
 pub mod snapshot;
 pub mod state;
 pub mod vmm;
