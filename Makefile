@@ -41,9 +41,11 @@ fmt:
 
 clippy: deps
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p faultline-client --all-targets --features vm-memory -- -D warnings
 
 unit: deps
 	$(CARGO) test --workspace
+	$(CARGO) test -p faultline-client --features vm-memory --lib --doc
 
 test: deps fmt clippy unit
 

@@ -19,13 +19,18 @@
 //! - [`remote`]: connections to a faultline server, the manifest, verified page batches.
 //! - [`restore`]: a whole restore in one process (`faultline restore`): memory, pager, touching
 //!   threads, verification, summary.
+//! - [`firecracker`]: `faultline fc-handler`: Firecracker's UFFD snapshot-restore handshake on a
+//!   Unix socket, one pager per connected VM on the uffd Firecracker registered.
 //! - [`fetch`]: downloading a whole snapshot into a raw memory file.
 //! - [`probe`]: what this kernel offers, per backing type, as a report (`faultline probe`).
+//! - `vmm` (feature `vm-memory`): pager regions from a rust-vmm `vm_memory::GuestMemoryMmap`
+//!   (anonymous or memfd-backed regions), with an example.
 //! - `testutil` (tests, or feature `testutil`): skip-or-fail for missing kernel facilities, and
 //!   huge page reservations.
 
 pub mod backing;
 pub mod fetch;
+pub mod firecracker;
 pub mod pager;
 pub mod probe;
 pub mod remote;
@@ -35,3 +40,5 @@ pub mod strategy;
 #[doc(hidden)]
 pub mod testutil;
 pub mod uffd;
+#[cfg(feature = "vm-memory")]
+pub mod vmm;

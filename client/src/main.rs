@@ -6,7 +6,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use faultline_client::backing::BackingKind;
 use faultline_client::fetch::fetch_to_file;
-use faultline_client::pager::{OnFailure, PrefetchPolicy};
+use faultline_client::firecracker;
+use faultline_client::pager::{OnFailure, PagerConfig, PrefetchPolicy};
 use faultline_client::remote::Remote;
 use faultline_client::restore::{RestoreOptions, Touch};
 use faultline_client::strategy::Mode;
@@ -65,6 +66,29 @@ enum Command {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Serve Firecracker VMs restoring a snapshot: listen on a Unix socket for Firecracker's UFFD
+    /// handshake (snapshot load with mem_backend {backend_type: "Uffd", backend_path: SOCKET}) and
+    /// fill each VM's memory from the server until the VM exits. Stops on SIGINT or SIGTERM.
+    FcHandler {
+        /// The Unix socket to listen on (a stale socket file there is replaced).
+        #[arg(long)]
+        socket: PathBuf,
+        /// The server, http://HOST:PORT; repeat to list fallbacks.
+        #[arg(long = "server", env = "FAULTLINE_SERVER", required = true)]
+        servers: Vec<String>,
+        /// The snapshot of Firecracker's memory file (imported with faultline-server import).
+        #[arg(long)]
+        snapshot: SnapshotId,
+        /// Background prefetch: none, working-set or all.
+        #[arg(long, default_value = "all")]
+        prefetch: PrefetchPolicy,
+        /// When pages cannot be fetched: wait, poison (SIGBUS on touch) or abort.
+        #[arg(long, default_value = "wait")]
+        on_failure: OnFailure,
+        /// Seconds without the server before --on-failure applies.
+        #[arg(long, default_value_t = 30)]
+        deadline: u64,
     },
     /// Show what this host's kernel offers faultline, per backing type: run it first.
     Probe {
@@ -157,6 +181,35 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::FcHandler {
+            socket,
+            servers,
+            snapshot,
+            prefetch,
+            on_failure,
+            deadline,
+        } => {
+            let mut config = PagerConfig::new(servers[0].clone(), snapshot);
+            config.servers = servers;
+            config.prefetch = prefetch;
+            config.on_failure = on_failure;
+            config.deadline = std::time::Duration::from_secs(deadline);
+            let listener = firecracker::bind(&socket)?;
+            let handler = firecracker::Handler::new(config);
+            stop_on_signal(handler.clone())?;
+            tracing::info!("waiting for Firecracker on {}", socket.display());
+            let served = handler.serve(listener);
+            let _ = std::fs::remove_file(&socket);
+            served?;
+            let stats = handler.stats();
+            tracing::info!(
+                "stopped: {} connection(s), {} refused, {} ended by their VM",
+                stats.accepted,
+                stats.rejected,
+                stats.peer_closed
+            );
+            Ok(())
+        }
         Command::Probe { json } => {
             let report = faultline_client::probe::run();
             if json {
@@ -217,4 +270,32 @@ fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Stops `handler` on SIGINT or SIGTERM (a thread with a small runtime waits for them).
+fn stop_on_signal(handler: firecracker::Handler) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            rt.block_on(async {
+                use tokio::signal::unix::{SignalKind, signal};
+                let (Ok(mut int), Ok(mut term)) = (
+                    signal(SignalKind::interrupt()),
+                    signal(SignalKind::terminate()),
+                ) else {
+                    tracing::warn!("cannot install signal handlers; stop with SIGKILL");
+                    return;
+                };
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+                tracing::info!("signal received: stopping every pager");
+                handler.stop();
+            });
+        })?;
+    Ok(())
 }

@@ -291,6 +291,23 @@ impl RegionState {
     /// Throws away an install that raced with the guest discarding the page
     /// (REMOVE): the guest must read zeros there.
     pub fn discard(&self, page: PageIndex) {
+        // Memory of another process (Firecracker's, through its uffd) is not
+        // in this address space: madvise here would hit whatever this process
+        // has at that address. There is no cross-process discard, so the
+        // page keeps the snapshot's content; the race (an install landing
+        // between the guest's balloon discard and its REMOVE being handled)
+        // is documented in docs/pager.md.
+        if self
+            .uffd()
+            .is_some_and(|u| u.opened_via() == crate::uffd::OpenedVia::Peer)
+        {
+            tracing::warn!(
+                region = self.index,
+                page = page.0,
+                "a page the guest discarded was installed meanwhile; it keeps the snapshot's content"
+            );
+            return;
+        }
         let offset = self.offset_of(page);
         let shared = self.memory.fill_view().is_some();
         let result = match self.memory.fill_view() {

@@ -293,6 +293,12 @@ impl Mem {
         }
     }
 
+    /// `len` bytes at `base`: memory the test mapped itself (playing a VMM)
+    /// and keeps mapped while its threads touch it.
+    pub fn new(base: usize, len: usize) -> Self {
+        Self { base, len }
+    }
+
     /// Start address.
     pub fn base(&self) -> usize {
         self.base
