@@ -45,7 +45,8 @@ clippy: deps
 
 unit: deps
 	$(CARGO) test --workspace
-	$(CARGO) test -p faultline-client --features vm-memory --lib --doc
+	$(CARGO) test -p faultline-client --features vm-memory --lib
+	$(CARGO) test -p faultline-client --features vm-memory --doc
 
 test: deps fmt clippy unit
 
