@@ -367,9 +367,10 @@ fn serves_hugetlb_memory() {
 /// uffd, are served side by side.
 #[test]
 fn two_vms_at_once() {
-    // Demand faults only: with `PrefetchPolicy::All` this test hangs now and
-    // then (a reader never woken after the pager completed); see the report.
-    let mut fx = Fixture::new(PageSize::Size4K, image_4k(13, PAGES), PrefetchPolicy::None);
+    // Prefetch and demand faults together, completing while readers run:
+    // this once left a reader asleep (the last install's wake came after
+    // the uffd was taken away; completion now wakes every region).
+    let mut fx = Fixture::new(PageSize::Size4K, image_4k(13, PAGES), PrefetchPolicy::All);
     let len = fx.snap.image.len();
     let half = len / 2;
     let Some(mut a) = Vm::new(&[(len, 0)], false) else {

@@ -709,6 +709,8 @@ impl Pager {
                     }
                 }
                 let _ = uffd.unregister(r.memory.host_addr(), r.memory.len());
+                // As in `watch_completion`: no waiter may be left asleep.
+                let _ = uffd.wake(r.memory.host_addr(), r.memory.len());
             }
         }
         if let Some(rt) = self.runtime.take() {
@@ -748,11 +750,14 @@ async fn watch_completion(
     shared.stopping.store(true, Ordering::Release);
     stop.stop();
     for r in &shared.regions {
-        if let Some(uffd) = r.take_uffd()
-            && let Err(e) = uffd.unregister(r.memory.host_addr(), r.memory.len())
-        {
+        let Some(uffd) = r.take_uffd() else { continue };
+        if let Err(e) = uffd.unregister(r.memory.host_addr(), r.memory.len()) {
             tracing::warn!(region = r.index, "unregistering failed: {e}");
         }
+        // An installer that settled the last pages may still owe their
+        // waiters the wake it does after settling, and finds the uffd gone:
+        // wake the whole region once more (harmless where nobody waits).
+        let _ = uffd.wake(r.memory.host_addr(), r.memory.len());
     }
     for t in &tasks {
         t.abort();
