@@ -337,6 +337,67 @@ fn serves_anonymous_memory() {
     );
 }
 
+/// A balloon discarding served pages (MADV_DONTNEED, a REMOVE event on
+/// Firecracker's uffd) makes them read as zeros on the next fault.
+#[test]
+fn balloon_discard_reads_zeros() {
+    let mut fx = Fixture::new(PageSize::Size4K, image_4k(16, PAGES), PrefetchPolicy::None);
+    let len = fx.snap.image.len();
+    let Some(mut vm) = Vm::new(&[(len, 0)], false) else {
+        return;
+    };
+    vm.connect(&fx.socket, PAGE, false);
+    fx.serving(1);
+    vm.check(&fx.snap);
+    let base = vm.regions[0].0.addr;
+    // A page with content, faulted in by `check`.
+    let page = (0..len / PAGE)
+        .find(|&p| {
+            fx.snap.image[p * PAGE..(p + 1) * PAGE]
+                .iter()
+                .any(|&b| b != 0)
+        })
+        .expect("a non-zero page");
+    // SAFETY: the page is inside the test's own anonymous mapping, which
+    // holds no Rust object; discarding it is what a balloon does.
+    let rc = unsafe {
+        libc::madvise(
+            (base + page * PAGE) as *mut libc::c_void,
+            PAGE,
+            libc::MADV_DONTNEED,
+        )
+    };
+    assert_eq!(rc, 0, "madvise: {}", std::io::Error::last_os_error());
+    let mut buf = vec![0xAAu8; PAGE];
+    let reader = std::thread::spawn(move || {
+        // SAFETY: reading the test's own mapping; the fault is served by the
+        // handler through the uffd.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                (base + page * PAGE) as *const u8,
+                buf.as_mut_ptr(),
+                PAGE,
+            );
+        }
+        buf
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !reader.is_finished() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the re-fault after REMOVE hung"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let buf = reader.join().expect("reader");
+    assert!(
+        buf.iter().all(|&b| b == 0),
+        "a discarded page must read zeros"
+    );
+    vm.hang_up();
+    fx.ended(1, EndReason::PeerClosed);
+}
+
 /// Hugetlb memory with 2 MiB pages (deprecated `page_size_kib` only) is
 /// served from a 2 MiB-page snapshot, zero huge pages included.
 #[test]

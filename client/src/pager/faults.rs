@@ -237,7 +237,10 @@ pub(crate) fn fault_loop(shared: Arc<Shared>, regions: Vec<usize>, stop: Arc<Sto
         // thread that caused the event resumes, which brings no message.
         let timeout = (!deferred.is_empty()).then_some(DEFERRED_RETRY);
         match uffd.wait(timeout, Some(&stop)) {
-            Ok(Readiness::Stopped) => return,
+            Ok(Readiness::Stopped) => {
+                drain(&shared, &regions, &uffd);
+                return;
+            }
             Ok(Readiness::TimedOut | Readiness::Events) => {}
             Err(e) => fatal(&format!(
                 "waiting on the uffd of regions {regions:?} failed: {e}"
@@ -281,11 +284,49 @@ pub(crate) fn fault_loop(shared: Arc<Shared>, regions: Vec<usize>, stop: Arc<Sto
             match result {
                 Ok(()) => {}
                 Err(InstallError::Again { .. }) => deferred.push((r.index, page, minor)),
-                Err(_) if shared.is_stopping() => return,
+                // Stopping: the range may be unregistered already. Wake the
+                // thread; its retry is served by the kernel or the teardown.
+                Err(_) if shared.is_stopping() => r.wake(page),
                 Err(e) => fatal(&format!("resolving a fault on page {} failed: {e}", page.0)),
             }
         }
     }
+}
+
+/// Last act of a stopping fault thread: reads what is still queued, so that
+/// no thread of the guest stays blocked on it. A REMOVE event blocks the
+/// thread that caused it (in `madvise`) until the event is read, and the
+/// uffd stays open as long as the peer (Firecracker) holds it too; faults
+/// still queued are woken (their ranges are unregistered by now, or about
+/// to be poisoned by the teardown). After a completed restore the thread
+/// then closes its share of the uffd.
+fn drain(shared: &Shared, regions: &[usize], uffd: &crate::uffd::Uffd) {
+    let mut buf = EventBuffer::new(EVENT_BATCH);
+    let mut events = Vec::with_capacity(EVENT_BATCH);
+    while matches!(uffd.read_events(&mut buf, &mut events), Ok(n) if n > 0) {
+        for e in events.drain(..) {
+            match e {
+                Event::Pagefault { address, .. } => {
+                    let page = base_page_size();
+                    let _ = uffd.wake(address & !(page - 1), page);
+                }
+                other => {
+                    for &i in regions {
+                        shared.on_event(&shared.regions[i], other);
+                    }
+                }
+            }
+        }
+    }
+    if shared.completed.get().is_some() {
+        for &i in regions {
+            drop(shared.regions[i].take_uffd());
+        }
+    }
+}
+
+fn base_page_size() -> usize {
+    crate::backing::base_page_size()
 }
 
 /// Pause before retrying faults that met EAGAIN when no message arrives.

@@ -744,21 +744,22 @@ async fn watch_completion(
     }
     let elapsed = shared.started.elapsed();
     let _ = shared.completed.set(elapsed);
-    // Stop the fault threads first, then unregister: a thread faulting
-    // meanwhile is woken by the unregistration and retries on memory that
-    // is complete.
+    // Unregister first (no new message can then arrive; sleepers are woken
+    // and retry on memory that is complete), then stop the fault threads,
+    // which read whatever is still queued (a REMOVE blocks the guest thread
+    // that caused it until read) and close their share of the uffd.
     shared.stopping.store(true, Ordering::Release);
-    stop.stop();
     for r in &shared.regions {
-        let Some(uffd) = r.take_uffd() else { continue };
+        let Some(uffd) = r.uffd() else { continue };
         if let Err(e) = uffd.unregister(r.memory.host_addr(), r.memory.len()) {
             tracing::warn!(region = r.index, "unregistering failed: {e}");
         }
         // An installer that settled the last pages may still owe their
-        // waiters the wake it does after settling, and finds the uffd gone:
-        // wake the whole region once more (harmless where nobody waits).
+        // waiters the wake it does after settling: wake the whole region
+        // once more (harmless where nobody waits).
         let _ = uffd.wake(r.memory.host_addr(), r.memory.len());
     }
+    stop.stop();
     for t in &tasks {
         t.abort();
     }
