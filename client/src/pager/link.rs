@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::faults::fatal;
-use super::pages::{IN_FLIGHT, ZERO_ON_FAULT};
+use super::pages::IN_FLIGHT;
 use super::stats::Source;
 use super::{OnFailure, Shared};
 use crate::remote::{Remote, Transport, decode_batch};
@@ -344,33 +344,13 @@ fn install_batch(shared: &Shared, demand: &Demand, batch: &PageBatch) -> Vec<boo
 /// Installs verified bytes for consecutive claimed pages and settles them.
 fn install_run(shared: &Shared, demand: &Demand, start: PageIndex, data: &[u8]) {
     let region = &shared.regions[demand.region];
-    if let Err(e) = region.install(start, data) {
-        if shared.is_stopping() {
-            return;
-        }
+    let installed = shared.install_claimed(region, start, data, Source::Readahead, demand.fault);
+    if let Err(e) = installed
+        && !shared.is_stopping()
+    {
         fatal(&format!(
             "installing pages of region {} failed: {e}",
             region.index
         ));
     }
-    let count = (data.len() / shared.manifest.page_size.bytes_usize()) as u64;
-    shared.counters.bytes(data.len() as u64);
-    for p in (start.0..start.0 + count).map(PageIndex) {
-        // Counted before the page settles, so that the statistics are
-        // complete when the last page settling completes the pager.
-        let source = if Some(p) == demand.fault {
-            Source::Demand
-        } else {
-            Source::Readahead
-        };
-        shared.counters.pages(source, 1);
-        // The guest discarded the page while it was being installed: throw
-        // the install away, unless a fault has resolved the page since
-        // (discarding a present page would leave it unmapped for good).
-        if !shared.table.finish(p) && shared.table.get(p) == ZERO_ON_FAULT {
-            region.discard(p);
-        }
-    }
-    // Only now, with the pages settled, may their waiters run on.
-    region.wake_range(start, count);
 }

@@ -32,7 +32,7 @@ mod region;
 mod stats;
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -261,7 +261,6 @@ pub(crate) struct Shared {
     stopping: AtomicBool,
     /// First-touch order, when recording.
     recorded: Mutex<Vec<PageRange>>,
-    recorded_pages: AtomicU64,
 }
 
 impl Shared {
@@ -283,10 +282,43 @@ impl Shared {
 
     fn record(&self, range: PageRange) {
         if self.config.record {
-            self.recorded_pages
-                .fetch_add(range.count(), Ordering::Relaxed);
             self.recorded.lock().expect("record lock").push(range);
         }
+    }
+
+    /// Installs verified bytes for consecutive pages of `region` that this
+    /// path claimed, counts them (`fault`, if among them, as demand; the
+    /// rest as `source`), settles them, and only then wakes their waiters.
+    /// Counting comes before settling, so the statistics are complete when
+    /// the last page settling completes the pager.
+    fn install_claimed(
+        &self,
+        region: &RegionState,
+        start: PageIndex,
+        data: &[u8],
+        source: stats::Source,
+        fault: Option<PageIndex>,
+    ) -> Result<(), InstallError> {
+        region.install(start, data)?;
+        let count = (data.len() / self.manifest.page_size.bytes_usize()) as u64;
+        self.counters.bytes(data.len() as u64);
+        let demand = u64::from(fault.is_some_and(|f| f.0 >= start.0 && f.0 < start.0 + count));
+        if demand > 0 {
+            self.counters.pages(stats::Source::Demand, demand);
+        }
+        if count > demand {
+            self.counters.pages(source, count - demand);
+        }
+        for p in (start.0..start.0 + count).map(PageIndex) {
+            // The guest discarded the page while it was being installed:
+            // throw the install away, unless a fault has resolved the page
+            // since (discarding a present page would leave it unmapped).
+            if !self.table.finish(p) && self.table.get(p) == pages::ZERO_ON_FAULT {
+                region.discard(p);
+            }
+        }
+        region.wake_range(start, count);
+        Ok(())
     }
 
     fn stats(&self) -> Stats {
@@ -493,7 +525,6 @@ impl Pager {
             completed: OnceLock::new(),
             stopping: AtomicBool::new(false),
             recorded: Mutex::new(Vec::new()),
-            recorded_pages: AtomicU64::new(0),
             config,
         });
         let stop = Arc::new(StopSignal::new()?);

@@ -11,8 +11,7 @@ use faultline_proto::{PageIndex, PageRange, pb};
 use futures::StreamExt;
 
 use super::link::{INITIAL_BACKOFF, MAX_BACKOFF};
-use super::pages::ZERO_ON_FAULT;
-use super::region::InstallError;
+use super::region::{InstallError, RegionState};
 use super::stats::Source;
 use super::{PrefetchPolicy, Shared};
 use crate::remote::{Remote, RemoteError, Transport, decode_batch};
@@ -58,41 +57,28 @@ pub(crate) async fn stream_into(
 /// whose retries and failure policy apply.
 fn install_unclaimed(shared: &Shared, run: &PageRun, source: Source) -> Result<(), InstallError> {
     let ps = shared.manifest.page_size.bytes_usize();
-    let mut from: Option<u64> = None;
-    let flush = |from: &mut Option<u64>, to: u64| -> Result<(), InstallError> {
-        let Some(f) = from.take() else { return Ok(()) };
-        let Some(region) = shared.region_of(PageIndex(f)) else {
+    // Claimed, verified pages not installed yet: their region and first page.
+    let mut pending: Option<(&RegionState, u64)> = None;
+    let flush = |pending: &mut Option<(&RegionState, u64)>, to: u64| {
+        let Some((region, from)) = pending.take() else {
             return Ok(());
         };
-        let off = (f - run.range.start().0) as usize * ps;
-        let data = &run.data[off..off + (to - f) as usize * ps];
-        region.install(PageIndex(f), data)?;
-        shared.counters.bytes(data.len() as u64);
-        shared.counters.pages(source, to - f);
-        for p in (f..to).map(PageIndex) {
-            // Discarded by the guest meanwhile (see `link::install_run`).
-            if !shared.table.finish(p) && shared.table.get(p) == ZERO_ON_FAULT {
-                region.discard(p);
-            }
-        }
-        // Installed without waking (see `RegionState::install`): settled
-        // now, the waiters may run on.
-        region.wake_range(PageIndex(f), to - f);
-        Ok(())
+        let off = (from - run.range.start().0) as usize * ps;
+        let data = &run.data[off..off + (to - from) as usize * ps];
+        shared.install_claimed(region, PageIndex(from), data, source, None)
     };
     for (p, data) in run.pages(shared.manifest.page_size) {
-        // A run must not cross a region boundary: close it where one ends.
-        if let Some(f) = from {
-            let same = shared.region_of(PageIndex(f)).map(|r| r.index)
-                == shared.region_of(p).map(|r| r.index);
-            if !same {
-                flush(&mut from, p.0)?;
-            }
+        // One install never crosses the end of a region.
+        if pending.is_some_and(|(r, _)| p.0 >= r.first_page + r.pages) {
+            flush(&mut pending, p.0)?;
         }
         if !shared.table.claim(p) {
-            flush(&mut from, p.0)?;
+            flush(&mut pending, p.0)?;
             continue;
         }
+        let region = shared
+            .region_of(p)
+            .expect("only pages inside a region can be claimed");
         if !shared.manifest.verify(p, &data) {
             shared.counters.corrupt();
             tracing::warn!(
@@ -103,15 +89,13 @@ fn install_unclaimed(shared: &Shared, run: &PageRun, source: Source) -> Result<(
             // A thread that faulted on the page while it was claimed here
             // joined this install and sleeps: wake it, so that its retry
             // faults again and goes through the demand link.
-            if let Some(region) = shared.region_of(p) {
-                region.wake(p);
-            }
-            flush(&mut from, p.0)?;
+            region.wake(p);
+            flush(&mut pending, p.0)?;
             continue;
         }
-        from.get_or_insert(p.0);
+        pending.get_or_insert((region, p.0));
     }
-    flush(&mut from, run.range.end())
+    flush(&mut pending, run.range.end())
 }
 
 /// Runs the background prefetcher until every page is settled, the stream
