@@ -32,3 +32,30 @@ pub fn write_image(out: &Path, size: u64, seed: u64) -> std::io::Result<()> {
     }
     file.into_inner().map_err(|e| e.into_error())?.sync_all()
 }
+
+/// Writes an image of `size` bytes (a multiple of 4096) of random bytes
+/// (xorshift from `seed`): incompressible, no zero pages.
+pub fn write_random_image(out: &Path, size: u64, seed: u64) -> std::io::Result<()> {
+    if size == 0 || !size.is_multiple_of(4096) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("size {size} is not a positive multiple of 4096"),
+        ));
+    }
+    let mut file = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(out)?);
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut buf = vec![0u8; CHUNK_PAGES * 4096];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        for word in buf[..n].chunks_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            word.copy_from_slice(&state.to_le_bytes()[..word.len()]);
+        }
+        file.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    file.into_inner().map_err(|e| e.into_error())?.sync_all()
+}

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use faultline_bench::suite::{self, ScenarioId, SuiteConfig};
 use faultline_bench::vm::restore::{self as vm_restore, VmRestoreConfig, WalkOrder};
 use faultline_bench::{image, wire};
 use faultline_client::backing::BackingKind;
@@ -21,8 +22,46 @@ struct Cli {
     command: Command,
 }
 
+/// Options shared by `all` and the one-scenario subcommands.
+#[derive(clap::Args, Debug)]
+struct SuiteArgs {
+    /// Smaller snapshots and fewer repeats: the whole suite in under 5 minutes on 2 cores.
+    #[arg(long)]
+    quick: bool,
+    /// Size of the large snapshots (restore and working-set scenarios) [default: 2G, 256M with
+    /// --quick].
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+    /// Output directory for report.json, BENCHMARKS.md and the PNG plots.
+    #[arg(long, default_value = "bench-out")]
+    out: PathBuf,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Every scenario against its baselines; writes report.json, BENCHMARKS.md and plots.
+    All(SuiteArgs),
+    /// Scenario 1: demand-fault latency vs a local UFFDIO_COPY handler, a plain page fault and
+    /// a TCP ping-pong.
+    Latency(SuiteArgs),
+    /// Scenario 2: full restore throughput vs an eager local copy and memcpy, per backing.
+    Restore(SuiteArgs),
+    /// Scenario 3: a scattered 10% working set: demand only vs recorded replay vs local memory.
+    WorkingSet(SuiteArgs),
+    /// Scenario 4: 1, 4, 16, 64 client processes restoring from one server.
+    Fanout(SuiteArgs),
+    /// Scenario 5: UFFDIO_COPY vs UFFDIO_CONTINUE on shmem and hugetlbfs.
+    CopyContinue(SuiteArgs),
+    /// Scenario 6: the micro-VM's page walk on restored vs local memory.
+    VmWalk(SuiteArgs),
+    /// Scenario 7: none vs lz4 vs zstd on the prefetch path.
+    Compression(SuiteArgs),
+    /// Internal (fan-out): serve a store directory; prints the URL on stdout.
+    #[command(hide = true)]
+    FanoutServer(suite::fanout::ServerArgs),
+    /// Internal (fan-out): one client process's restore; prints one JSON line.
+    #[command(hide = true)]
+    FanoutClient(suite::fanout::ClientArgs),
     /// Write a synthetic guest memory image (zero pages, text, random data).
     Gen {
         /// Size, e.g. 256M or 2G; a multiple of 4 KiB.
@@ -88,8 +127,49 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Runs `scenarios` with `args` and prints where the report went.
+fn run_suite(args: SuiteArgs, scenarios: Vec<ScenarioId>) -> anyhow::Result<()> {
+    let config = SuiteConfig {
+        quick: args.quick,
+        size: args.size.unwrap_or(if args.quick {
+            suite::QUICK_SIZE
+        } else {
+            suite::DEFAULT_SIZE
+        }),
+        out: args.out,
+        scenarios,
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+    };
+    let report = suite::run(&config)?;
+    let failed: Vec<_> = report
+        .scenarios
+        .iter()
+        .filter(|s| s.skipped.is_some())
+        .map(|s| s.id.as_str())
+        .collect();
+    println!(
+        "report: {} ({:.0} s)",
+        config.out.join("BENCHMARKS.md").display(),
+        report.duration_s
+    );
+    if !failed.is_empty() {
+        println!("did not run: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::All(args) => run_suite(args, ScenarioId::ALL.to_vec()),
+        Command::Latency(args) => run_suite(args, vec![ScenarioId::Latency]),
+        Command::Restore(args) => run_suite(args, vec![ScenarioId::Restore]),
+        Command::WorkingSet(args) => run_suite(args, vec![ScenarioId::WorkingSet]),
+        Command::Fanout(args) => run_suite(args, vec![ScenarioId::Fanout]),
+        Command::CopyContinue(args) => run_suite(args, vec![ScenarioId::CopyContinue]),
+        Command::VmWalk(args) => run_suite(args, vec![ScenarioId::Vm]),
+        Command::Compression(args) => run_suite(args, vec![ScenarioId::Compression]),
+        Command::FanoutServer(args) => suite::fanout::server_main(&args),
+        Command::FanoutClient(args) => suite::fanout::client_main(&args),
         Command::Gen { size, out, seed } => {
             image::write_image(&out, size, seed)
                 .with_context(|| format!("cannot write {}", out.display()))?;

@@ -13,7 +13,6 @@ use anyhow::Context;
 use faultline_client::remote::{Remote, Transport, decode_batch};
 use faultline_proto::{Compression, PageSize, SnapshotId, pb};
 use faultline_server::store::SnapshotStore;
-use faultline_server::testing::fill_page;
 use faultline_server::{LocalStore, import::import_file};
 use futures::StreamExt;
 
@@ -77,26 +76,6 @@ fn transports() -> Vec<(&'static str, Transport)> {
     ]
 }
 
-fn write_random_image(path: &std::path::Path, size: u64) -> std::io::Result<()> {
-    let mut state = 0x1234_5678_9abc_def0u64;
-    let mut data = vec![0u8; size as usize];
-    for chunk in data.chunks_mut(8) {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
-    }
-    std::fs::write(path, data)
-}
-
-fn write_realistic_image(path: &std::path::Path, size: u64) -> std::io::Result<()> {
-    let mut data = vec![0u8; size as usize];
-    for (i, page) in data.chunks_mut(4096).enumerate() {
-        fill_page(1, i as u64, page);
-    }
-    std::fs::write(path, data)
-}
-
 /// Streams the whole snapshot once; returns (page bytes, wire bytes, time).
 async fn prefetch_once(
     remote: &Remote,
@@ -145,12 +124,12 @@ pub async fn run(
     for (name, write) in [
         (
             "realistic",
-            write_realistic_image as fn(&std::path::Path, u64) -> std::io::Result<()>,
+            crate::image::write_image as fn(&std::path::Path, u64, u64) -> std::io::Result<()>,
         ),
-        ("random", write_random_image),
+        ("random", crate::image::write_random_image),
     ] {
         let file = dir.path().join(name);
-        write(&file, cfg.size)?;
+        write(&file, cfg.size, 1)?;
         import_file(
             &*store,
             SnapshotId::new(name)?,
