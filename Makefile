@@ -3,12 +3,13 @@
 #   make demo   generate a snapshot, serve it, read it back through faultline
 #   make test   formatting, clippy (warnings are errors), every test
 #
-# The build needs libclang (bindgen, for the userfaultfd crate). Run as root,
+# The build needs libclang (bindgen, for the userfaultfd crate); the benchmark
+# plots need a TrueType font (DejaVu). Run as root,
 # this Makefile installs what is missing with apt-get; otherwise it prints
 # the command to run.
 
 CARGO ?= cargo
-APT_PACKAGES := libclang-dev
+APT_PACKAGES := libclang-dev fonts-dejavu-core
 
 .PHONY: all deps build demo test fmt clippy unit clean
 
