@@ -111,6 +111,10 @@ enum Command {
         /// Snapshot the VM at boot instead of after a first run of its walk.
         #[arg(long)]
         no_first_run: bool,
+        /// The baseline: copy the memory file into local memory and run the guest there,
+        /// without faultline.
+        #[arg(long)]
+        local: bool,
         /// Print one JSON object instead of a summary.
         #[arg(long)]
         json: bool,
@@ -217,6 +221,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             prefetch,
             seed,
             no_first_run,
+            local,
             json,
         } => {
             let config = VmRestoreConfig {
@@ -225,6 +230,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 prefetch,
                 seed,
                 first_run: !no_first_run,
+                local,
                 ..VmRestoreConfig::new(backing, size)
             };
             let report = vm_restore::run(&config)

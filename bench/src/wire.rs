@@ -76,8 +76,9 @@ fn transports() -> Vec<(&'static str, Transport)> {
     ]
 }
 
-/// Streams the whole snapshot once; returns (page bytes, wire bytes, time).
-async fn prefetch_once(
+/// Streams the whole snapshot once, decoding and verifying every page;
+/// returns (page bytes, wire bytes, time).
+pub async fn prefetch_once(
     remote: &Remote,
     name: &str,
     compression: Compression,

@@ -32,6 +32,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use faultline_client::backing::{BackingKind, GuestMemory};
+use faultline_client::pager::{Pager, PagerConfig, PrefetchPolicy, Region, Stats};
 use faultline_client::remote::Remote;
 use faultline_proto::{Manifest, PageSize, SnapshotId};
 use faultline_server::store::SnapshotStore;
@@ -373,6 +375,46 @@ impl Ctx {
     }
 }
 
+/// One full restore of `snapshot` into fresh `backing` memory: the pager
+/// prefetches everything and nothing touches the memory. Returns the time
+/// from `Pager::start` to completion, the pager's statistics and the
+/// strategy it chose. `configure` adjusts the pager's settings (mode,
+/// compression).
+pub fn full_restore(
+    ctx: &Ctx,
+    snapshot: &Snapshot,
+    backing: BackingKind,
+    configure: impl FnOnce(&mut PagerConfig),
+) -> anyhow::Result<(Duration, Stats, String)> {
+    let memory = GuestMemory::new(backing, snapshot.spec.size as usize).with_context(|| {
+        format!(
+            "creating {} MiB of {backing} memory",
+            snapshot.spec.size >> 20
+        )
+    })?;
+    let mut config = PagerConfig::new(ctx.url(), snapshot.id.clone());
+    config.prefetch = PrefetchPolicy::All;
+    configure(&mut config);
+    let started = Instant::now();
+    let pager = Pager::start(
+        config,
+        vec![Region {
+            memory,
+            snapshot_offset: 0,
+        }],
+    )?;
+    let stats = pager
+        .wait_complete(RESTORE_TIMEOUT)
+        .with_context(|| format!("the restore did not complete in {RESTORE_TIMEOUT:?}"))?;
+    let elapsed = started.elapsed();
+    let strategy = pager.decision(0).strategy().to_string();
+    drop(pager);
+    Ok((elapsed, stats, strategy))
+}
+
+/// Longest a full restore may take before the suite gives up on it.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Huge pages reserved for a scenario, given back on drop.
 #[derive(Debug)]
 pub struct HugePages {
@@ -440,11 +482,10 @@ pub fn machine() -> report::Machine {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
-    let kvm = std::fs::read_to_string("/proc/modules").ok().and_then(|m| {
-        m.lines()
-            .filter_map(|l| l.split_whitespace().next())
+    // /sys/module lists built-in modules too (/proc/modules only loadable ones).
+    let kvm = std::fs::read_dir("/sys/module").ok().and_then(|dir| {
+        dir.filter_map(|e| e.ok()?.file_name().into_string().ok())
             .find(|name| name.starts_with("kvm_"))
-            .map(str::to_string)
     });
     report::Machine {
         kernel,

@@ -179,10 +179,7 @@ fn draw_cdf(
             for (i, (label, samples)) in series.iter().enumerate() {
                 let colour = COLOURS[i % COLOURS.len()];
                 chart
-                    .draw_series(LineSeries::new(
-                        cdf_points(samples),
-                        colour.stroke_width(2),
-                    ))?
+                    .draw_series(LineSeries::new(cdf_points(samples), colour.stroke_width(2)))?
                     .label(label.as_str())
                     .legend(move |(x, y)| {
                         PathElement::new(vec![(x, y), (x + 24, y)], colour.stroke_width(3))
@@ -245,17 +242,20 @@ fn draw_bars(root: &Area<'_>, title: &str, y_label: &str, bars: &[Bar]) -> anyho
         rect
     }))?;
     // Whiskers: min..max of the repeats.
-    chart.draw_series(bars.iter().enumerate().filter(|(_, b)| b.value.n > 1).map(
-        |(i, b)| {
-            PathElement::new(
-                vec![
-                    (SegmentValue::CenterOf(i), b.value.min),
-                    (SegmentValue::CenterOf(i), b.value.max),
-                ],
-                BLACK.stroke_width(2),
-            )
-        },
-    ))?;
+    chart.draw_series(
+        bars.iter()
+            .enumerate()
+            .filter(|(_, b)| b.value.n > 1)
+            .map(|(i, b)| {
+                PathElement::new(
+                    vec![
+                        (SegmentValue::CenterOf(i), b.value.min),
+                        (SegmentValue::CenterOf(i), b.value.max),
+                    ],
+                    BLACK.stroke_width(2),
+                )
+            }),
+    )?;
     chart.draw_series(bars.iter().enumerate().map(|(i, b)| {
         Text::new(
             format!(" {}", short(b.value.median)),
@@ -292,7 +292,11 @@ fn table_md(md: &mut String, title: &str, columns: &[String], rows: &[Vec<String
     let _ = writeln!(
         md,
         "| {} |",
-        columns.iter().map(|c| cell(c)).collect::<Vec<_>>().join(" | ")
+        columns
+            .iter()
+            .map(|c| cell(c))
+            .collect::<Vec<_>>()
+            .join(" | ")
     );
     let _ = writeln!(md, "|{}", "---|".repeat(columns.len()));
     for row in rows {
@@ -344,7 +348,11 @@ pub fn markdown(report: &Report, plot_errors: &[String]) -> String {
          figures are medians of repeats with (min–max) after them.\n",
         report.command,
         report.started,
-        if report.quick { "quick run" } else { "full run" },
+        if report.quick {
+            "quick run"
+        } else {
+            "full run"
+        },
         report.duration_s
     );
     let _ = writeln!(
@@ -400,7 +408,11 @@ mod tests {
         let points = cdf_points(&samples);
         assert!(points.len() <= 1002);
         assert_eq!(*points.last().unwrap(), (9999.0, 1.0));
-        assert!(points.windows(2).all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1));
+        assert!(
+            points
+                .windows(2)
+                .all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1)
+        );
     }
 
     /// A report renders its targets, tables and plots, and draws PNGs when a font exists.
@@ -460,7 +472,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write(&report, dir.path()).unwrap();
         let md = std::fs::read_to_string(dir.path().join("BENCHMARKS.md")).unwrap();
-        assert!(md.contains("| demo | x vs y | <= 3x | 2.00x | yes |"), "{md}");
+        assert!(
+            md.contains("| demo | x vs y | <= 3x | 2.00x | yes |"),
+            "{md}"
+        );
         assert!(md.contains("b\\|c"));
         if font().is_ok() {
             for f in ["demo-cdf.png", "demo-bars.png"] {

@@ -143,7 +143,8 @@ pub struct Bar {
     pub value: Summary,
 }
 
-/// Median and spread of repeated measurements.
+/// Median and spread of repeated measurements (the median of an even count
+/// is the mean of the middle two).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct Summary {
     /// Median.
@@ -164,8 +165,13 @@ impl Summary {
         }
         let mut v = values.to_vec();
         v.sort_by(f64::total_cmp);
+        let mid = v.len() / 2;
         Self {
-            median: percentile_sorted(&v, 50.0),
+            median: if v.len() % 2 == 0 {
+                (v[mid - 1] + v[mid]) / 2.0
+            } else {
+                v[mid]
+            },
             min: v[0],
             max: v[v.len() - 1],
             n: v.len(),
@@ -244,6 +250,7 @@ mod tests {
     fn summaries() {
         let s = Summary::of(&[3.0, 1.0, 2.0]);
         assert_eq!((s.median, s.min, s.max, s.n), (2.0, 1.0, 3.0, 3));
+        assert_eq!(Summary::of(&[4.0, 1.0]).median, 2.5);
         let p = Percentiles::of(&(1..=100).map(f64::from).collect::<Vec<_>>());
         assert_eq!((p.p50, p.p90, p.p99, p.max), (50.0, 90.0, 99.0, 100.0));
         assert_eq!(Summary::of(&[]), Summary::default());

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use faultline_client::backing::{BackingError, BackingKind, GuestMemory};
 use faultline_client::pager::{
-    Latency, Pager, PagerConfig, PagesBySource, PrefetchPolicy, Region, StartError,
+    Latency, Pager, PagerConfig, PagesBySource, PrefetchPolicy, Region, StartError, Stats,
 };
 use faultline_client::strategy::Strategy;
 use faultline_proto::{PageIndex, PageRange, PageSize, SnapshotId, WorkingSetName};
@@ -39,8 +39,8 @@ use thiserror::Error;
 
 use super::image::{GuestBytes, ImageSpec, InspectError, Walk, expected_checksum};
 use super::layout::{Layout, LayoutError, PAGE_SIZE};
-use super::snapshot::{SnapshotError, SnapshotFiles, create_snapshot, load_state};
-use super::vmm::{DEFAULT_RUN_TIMEOUT, GuestRam, RunError, RunOptions, run_guest};
+use super::snapshot::{SnapshotError, SnapshotFiles, create_snapshot, load_memory, load_state};
+use super::vmm::{DEFAULT_RUN_TIMEOUT, GuestRam, RunError, RunOptions, RunResult, run_guest};
 
 /// Name of the snapshot in the temporary store.
 const SNAPSHOT_NAME: &str = "vm";
@@ -101,6 +101,9 @@ pub struct VmRestoreConfig {
     pub first_run: bool,
     /// Deadline of the restored guest's run.
     pub timeout: Duration,
+    /// The baseline: copy the snapshot's memory file into the fresh memory and run the guest
+    /// on it, without faultline.
+    pub local: bool,
 }
 
 impl VmRestoreConfig {
@@ -116,6 +119,7 @@ impl VmRestoreConfig {
             seed: 1,
             first_run: true,
             timeout: DEFAULT_RUN_TIMEOUT,
+            local: false,
         }
     }
 }
@@ -475,6 +479,50 @@ fn touched_pages(layout: &Layout, walk: &Walk, page_size: PageSize) -> Vec<PageR
     ranges
 }
 
+/// How the guest's memory was filled, for [`report`].
+struct Outcome {
+    strategy: &'static str,
+    decision: String,
+    pager_start: Duration,
+    stats: Stats,
+}
+
+/// The report of a guest run on memory filled as `outcome` says.
+fn report(
+    config: &VmRestoreConfig,
+    walk: &Walk,
+    page_size: PageSize,
+    expected: u64,
+    result: &RunResult,
+    outcome: Outcome,
+) -> VmRestoreReport {
+    let stats = outcome.stats;
+    VmRestoreReport {
+        backing: config.backing,
+        strategy: outcome.strategy,
+        decision: outcome.decision,
+        size: config.size,
+        snapshot_page_size: page_size.bytes(),
+        walk: config.walk,
+        pages_walked: walk.len(),
+        first_run: config.first_run,
+        prefetch: config.prefetch,
+        checksum: result.checksum,
+        expected,
+        matches: result.checksum == expected,
+        elapsed_s: result.elapsed.as_secs_f64(),
+        pager_start_s: outcome.pager_start.as_secs_f64(),
+        vcpu_exits: result.exits,
+        pages_total: stats.pages_total,
+        pages_by_source: stats.pages_by_source,
+        faults: stats.faults,
+        joined_faults: stats.joined_faults,
+        fault_latency_us: stats.fault_latency_us,
+        bytes_received: stats.bytes_received,
+        completed_s: stats.completed_s,
+    }
+}
+
 /// Runs the whole restore described by `config`; see the module documentation.
 pub fn run(config: &VmRestoreConfig) -> Result<VmRestoreReport, VmRestoreError> {
     let spec = image_spec(config)?;
@@ -495,8 +543,31 @@ pub fn run(config: &VmRestoreConfig) -> Result<VmRestoreReport, VmRestoreError> 
     let snapshot = load_state(&files.vcpu)?;
     let expected = expected_checksum(&FileBytes::open(&files.memory)?, &walk)?;
 
-    // 2. Import it, with the walk's pages as its working set.
     let page_size = snapshot_page_size(config.backing);
+    let options = RunOptions {
+        walk: None,
+        timeout: config.timeout,
+    };
+    if config.local {
+        // The baseline: the memory file copied in before the vCPU runs.
+        let started = Instant::now();
+        load_memory(&files.memory, memory.guest())?;
+        let load = started.elapsed();
+        let result = run_guest(
+            GuestRam::of(&memory).map_err(RunError::from)?,
+            &snapshot.vcpu,
+            &options,
+        )?;
+        let outcome = Outcome {
+            strategy: "local",
+            decision: "local memory: the memory file copied in before the guest ran".into(),
+            pager_start: load,
+            stats: Stats::default(),
+        };
+        return Ok(report(config, &walk, page_size, expected, &result, outcome));
+    }
+
+    // 2. Import it, with the walk's pages as its working set.
     let store = Arc::new(
         LocalStore::new(PathBuf::from(dir.path()).join("store"))
             .map_err(io("creating the snapshot store"))?,
@@ -529,10 +600,6 @@ pub fn run(config: &VmRestoreConfig) -> Result<VmRestoreReport, VmRestoreError> 
 
     // 5. The vCPU runs on the pager's memory (borrowed from the pager, so the pager outlives
     //    the VM) and does its own faulting.
-    let options = RunOptions {
-        walk: None,
-        timeout: config.timeout,
-    };
     let ram = GuestRam::of(pager.memory(0)).map_err(RunError::from)?;
     let result = run_guest(ram, &snapshot.vcpu, &options)?;
 
@@ -546,34 +613,17 @@ pub fn run(config: &VmRestoreConfig) -> Result<VmRestoreReport, VmRestoreError> 
         pager.stats()
     };
     let decision = pager.decision(0);
-    let report = VmRestoreReport {
-        backing: config.backing,
+    let outcome = Outcome {
         strategy: match decision.strategy() {
             Strategy::Continue => "continue",
             Strategy::Copy { .. } => "copy",
             Strategy::Eager => "eager",
         },
         decision: decision.to_string(),
-        size: config.size,
-        snapshot_page_size: page_size.bytes(),
-        walk: config.walk,
-        pages_walked: walk.len(),
-        first_run: config.first_run,
-        prefetch: config.prefetch,
-        checksum: result.checksum,
-        expected,
-        matches: result.checksum == expected,
-        elapsed_s: result.elapsed.as_secs_f64(),
-        pager_start_s: pager_start.as_secs_f64(),
-        vcpu_exits: result.exits,
-        pages_total: stats.pages_total,
-        pages_by_source: stats.pages_by_source,
-        faults: stats.faults,
-        joined_faults: stats.joined_faults,
-        fault_latency_us: stats.fault_latency_us,
-        bytes_received: stats.bytes_received,
-        completed_s: stats.completed_s,
+        pager_start,
+        stats,
     };
+    let report = report(config, &walk, page_size, expected, &result, outcome);
     // The pager (which unregisters, then unmaps the memory) before the server, so that its
     // network tasks stop before their connections are cut.
     drop(pager);
