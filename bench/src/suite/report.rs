@@ -167,7 +167,7 @@ impl Summary {
         v.sort_by(f64::total_cmp);
         let mid = v.len() / 2;
         Self {
-            median: if v.len() % 2 == 0 {
+            median: if v.len().is_multiple_of(2) {
                 (v[mid - 1] + v[mid]) / 2.0
             } else {
                 v[mid]
