@@ -2,6 +2,8 @@
 #
 #   make demo   generate a snapshot, serve it, read it back through faultline
 #   make test   formatting, clippy (warnings are errors), every test
+#   make bench  every benchmark against its baselines (~15-30 min; bench-quick: < 5 min),
+#               report in bench-out/ (BENCHMARKS.md, report.json, plots)
 #
 # The build needs libclang (bindgen, for the userfaultfd crate); the benchmark
 # plots need a TrueType font (DejaVu). Run as root,
@@ -11,7 +13,7 @@
 CARGO ?= cargo
 APT_PACKAGES := libclang-dev fonts-dejavu-core
 
-.PHONY: all deps build demo test fmt clippy unit clean
+.PHONY: all deps build demo test fmt clippy unit bench bench-quick clean
 
 all: build
 
@@ -51,6 +53,12 @@ unit: deps
 
 test: deps fmt clippy unit
 
+bench: build
+	./target/release/faultline-bench all --out bench-out
+
+bench-quick: build
+	./target/release/faultline-bench all --quick --out bench-out
+
 clean:
 	$(CARGO) clean
-	rm -rf demo-data
+	rm -rf demo-data bench-out
