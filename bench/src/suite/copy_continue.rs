@@ -1,8 +1,410 @@
-//! Scenario 5: COPY vs CONTINUE.
+//! Scenario 5: COPY vs CONTINUE on shmem and hugetlbfs.
+//!
+//! For each file-backed memory kind the pager can fill two ways: copy each
+//! page in with `UFFDIO_COPY` (MISSING registration), or write it through a
+//! second mapping of the file and map it with `UFFDIO_CONTINUE`. Both are
+//! forced in turn (`PagerConfig::mode`) and measured on fresh memory, the
+//! modes interleaved over repeats: the latency of random single-page faults
+//! (no prefetch, timed by the touching thread as in scenario 1), and the
+//! throughput of a full restore (prefetch everything, no touching).
 
-use super::{Ctx, ScenarioReport};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use faultline_client::backing::{BackingKind, GuestMemory, HUGE_PAGE_SIZE, available_huge_pages};
+use faultline_client::pager::{Pager, PagerConfig, PrefetchPolicy, Region, Stats};
+use faultline_client::strategy::{Mode, Strategy};
+use faultline_client::uffd::Uffd;
+use faultline_proto::{Manifest, PageIndex};
+use serde_json::json;
+
+use super::latency::{sample_pages, timed_touches, us};
+use super::report::{Bar, Plot, ratio};
+use super::{
+    Content, Ctx, HugePages, ImageSpec, Percentiles, ScenarioReport, Snapshot, Summary, Table,
+};
+use crate::vm::restore::snapshot_page_size;
+
+/// Seed of the page sample: fixed, so every mode and run touches the same
+/// pages in the same order.
+const SEED: u64 = 0x5eed_0005;
+
+/// Longest wait for a full restore: many times what the largest image
+/// takes here (a few seconds), so only a stuck pager reaches it.
+const COMPLETION_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Huge pages reserved beyond the image's own: slack for pages a previous
+/// run's memory may not have given back yet.
+const HUGE_PAGE_MARGIN: usize = 4;
+
+/// Longest wait for a dropped pager's huge pages to return to the pool:
+/// its runtime, which holds the memory, shuts down in the background,
+/// normally within milliseconds.
+const HUGE_PAGE_RETURN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The two forced modes, in the order each repeat runs them.
+const MODES: [Mode; 2] = [Mode::Copy, Mode::Continue];
+
+/// The backings compared, in order.
+const BACKINGS: [BackingKind; 2] = [BackingKind::Shmem, BackingKind::Hugetlb];
+
+/// What one mode measured on one backing, over the repeats.
+#[derive(Default)]
+struct ModeResult {
+    /// Thread-timed touches, µs, per repeat.
+    latency: Vec<Vec<f64>>,
+    /// Full-restore throughput, GB/s, per repeat.
+    gbps: Vec<f64>,
+    /// Full-restore time, s, per repeat.
+    seconds: Vec<f64>,
+    /// The pager's statistics of each full restore.
+    restore_stats: Vec<Stats>,
+    /// The pager's statistics of each latency run.
+    latency_stats: Vec<Stats>,
+}
+
+impl ModeResult {
+    /// Each repeat's latency percentiles.
+    fn percentiles(&self) -> Vec<Percentiles> {
+        self.latency.iter().map(|s| Percentiles::of(s)).collect()
+    }
+
+    /// Median over repeats of each repeat's p50 and p99.
+    fn p50_p99(&self) -> (f64, f64) {
+        let p = self.percentiles();
+        let med =
+            |f: fn(&Percentiles) -> f64| Summary::of(&p.iter().map(f).collect::<Vec<_>>()).median;
+        (med(|p| p.p50), med(|p| p.p99))
+    }
+}
+
+/// Everything measured on one backing.
+struct BackingResult {
+    backing: BackingKind,
+    snapshot: Snapshot,
+    pages_sampled: usize,
+    /// What `Mode::Auto` chose there, and why.
+    auto: String,
+    /// Per mode of [`MODES`].
+    modes: Vec<ModeResult>,
+}
 
 /// Runs the scenario.
-pub fn run(_ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
-    anyhow::bail!("not written yet")
+pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
+    let mut report = ScenarioReport {
+        id: "copy-continue".into(),
+        title: "COPY vs CONTINUE on shmem and hugetlbfs".into(),
+        method: "Each resolve method forced in turn (PagerConfig::mode) on fresh shmem and \
+                 hugetlbfs memory: random single-page faults with no prefetch, timed by the \
+                 touching thread as in scenario 1, and a full restore with prefetch of every \
+                 page and no touching (image bytes / time from Pager::start to completion). \
+                 Modes interleaved over repeats; medians, with min–max."
+            .into(),
+        ..Default::default()
+    };
+    if let Err(e) = Uffd::open() {
+        report.skipped = Some(format!("no userfaultfd here: {e}"));
+        return Ok(report);
+    }
+    let size = ctx.pick(128 << 20, 512 << 20);
+    let mut bars = Vec::new();
+    let mut series = Vec::new();
+    let mut data = serde_json::Map::new();
+    for backing in BACKINGS {
+        let result = match measure(ctx, backing, size) {
+            Ok(result) => result,
+            Err(e) => {
+                report.notes.push(format!("{backing}: not measured: {e:#}"));
+                continue;
+            }
+        };
+        add_results(&result, &mut report, &mut bars, &mut series, &mut data);
+    }
+    if data.is_empty() {
+        report.skipped = Some(report.notes.join(" "));
+        return Ok(report);
+    }
+    report.notes.push(
+        "Fault latency runs use the default read-ahead: a 4 KiB fault also fetches up to 3 \
+         neighbours, installed the same way (COPY, or fill view + CONTINUE); on hugetlbfs the \
+         window is the one 2 MiB page."
+            .into(),
+    );
+    report.plots.push(Plot::Bars {
+        file: "copy-continue-throughput.png".into(),
+        title: "Full restore throughput by resolve method".into(),
+        y_label: "GB/s".into(),
+        bars,
+    });
+    report.plots.push(Plot::Cdf {
+        file: "copy-continue-cdf.png".into(),
+        title: "Single-page fault latency by resolve method".into(),
+        x_label: "µs".into(),
+        log_x: true,
+        series,
+    });
+    report.data = json!({
+        "image_bytes": size,
+        "repeats": ctx.repeats(),
+        "seed": SEED,
+        "backings": data,
+    });
+    Ok(report)
+}
+
+/// Appends one backing's table, plot data, notes and data.
+fn add_results(
+    r: &BackingResult,
+    report: &mut ScenarioReport,
+    bars: &mut Vec<Bar>,
+    series: &mut Vec<(String, Vec<f64>)>,
+    data: &mut serde_json::Map<String, serde_json::Value>,
+) {
+    let page_bytes = r.snapshot.manifest.page_size.bytes();
+    let cont = &r.modes[MODES.len() - 1];
+    let (cont_p50, _) = cont.p50_p99();
+    let cont_gbps = Summary::of(&cont.gbps).median;
+    let mut table = Table::new(
+        format!(
+            "{}: {} random single-page faults ({} KiB pages) and full restores of {} MiB, {} \
+             repeats",
+            r.backing,
+            r.pages_sampled,
+            page_bytes >> 10,
+            r.snapshot.spec.size >> 20,
+            cont.gbps.len(),
+        ),
+        &[
+            "method",
+            "fault p50 µs",
+            "fault p99 µs",
+            "p50 vs CONTINUE",
+            "full restore GB/s",
+            "GB/s vs CONTINUE",
+        ],
+    );
+    let mut modes = serde_json::Map::new();
+    for (mode, m) in MODES.iter().zip(&r.modes) {
+        let (p50, p99) = m.p50_p99();
+        let gbps = Summary::of(&m.gbps);
+        let label = format!("{} {}", r.backing, mode.to_string().to_uppercase());
+        table.row(vec![
+            mode.to_string().to_uppercase(),
+            us(p50),
+            us(p99),
+            ratio(p50, cont_p50),
+            gbps.fmt(2),
+            ratio(gbps.median, cont_gbps),
+        ]);
+        bars.push(Bar {
+            label: label.clone(),
+            value: gbps,
+        });
+        series.push((label, m.latency.concat()));
+        modes.insert(
+            mode.to_string(),
+            json!({
+                "latency_p50_us": p50,
+                "latency_p99_us": p99,
+                "latency_repeats": m.percentiles(),
+                "latency_samples_us": m.latency,
+                "gbps": gbps,
+                "gbps_repeats": m.gbps,
+                "restore_seconds": m.seconds,
+                "restore_stats": m.restore_stats,
+                "latency_stats": m.latency_stats,
+            }),
+        );
+    }
+    report.tables.push(table);
+    report.notes.push(format!(
+        "{}: the pager's default (Mode::Auto) is {}.",
+        r.backing, r.auto
+    ));
+    data.insert(
+        r.backing.as_str().to_string(),
+        json!({
+            "page_bytes": page_bytes,
+            "pages_sampled": r.pages_sampled,
+            "auto": r.auto,
+            "modes": modes,
+        }),
+    );
+}
+
+/// Measures both modes on `backing` (an error when it is not available
+/// here, e.g. no huge pages).
+fn measure(ctx: &Ctx, backing: BackingKind, size: u64) -> anyhow::Result<BackingResult> {
+    let spec = ImageSpec {
+        size,
+        content: Content::Realistic,
+        page_size: snapshot_page_size(backing),
+    };
+    let snapshot = ctx.snapshot(spec)?;
+    // Held until the end of this function: the pool shrinks back on drop.
+    let _huge = if backing == BackingKind::Hugetlb {
+        let count = size as usize / HUGE_PAGE_SIZE + HUGE_PAGE_MARGIN;
+        match HugePages::reserve(count) {
+            Ok(guard) => Some(guard),
+            Err(why) => bail!("cannot reserve {count} huge pages: {why}"),
+        }
+    } else {
+        None
+    };
+    let manifest = &snapshot.manifest;
+    let count = if backing == BackingKind::Hugetlb {
+        ctx.pick(16, 48)
+    } else {
+        ctx.pick(300, 1000)
+    };
+    // One more than measured: the first touch of each run warms the path up.
+    let sample = sample_pages(manifest.page_count, count + 1, SEED, |p| {
+        !manifest.is_zero(PageIndex(p))
+    });
+    let auto = {
+        let pager = start(ctx, &snapshot, backing, Mode::Auto, PrefetchPolicy::None)?;
+        let d = pager.decision(0);
+        format!("{} ({d})", strategy_name(d.strategy()))
+    };
+    let repeats = ctx.repeats();
+    let mut modes: Vec<ModeResult> = MODES.iter().map(|_| ModeResult::default()).collect();
+    let bar = ctx.bar(
+        &format!("copy-continue {backing}"),
+        (repeats * MODES.len()) as u64,
+    );
+    for _ in 0..repeats {
+        for (mode, result) in MODES.into_iter().zip(&mut modes) {
+            // Fault latency.
+            let pager = start(ctx, &snapshot, backing, mode, PrefetchPolicy::None)?;
+            check_strategy(&pager, mode)?;
+            let base = pager.memory(0).host_addr();
+            let page = manifest.page_size.bytes_usize();
+            // SAFETY: the pages are inside the pager's region, mapped
+            // read-write while `pager` lives; guest memory holds no Rust
+            // object.
+            let mut samples = unsafe { timed_touches(base, page, &sample, false) };
+            samples.remove(0);
+            result.latency_stats.push(pager.stats());
+            // SAFETY: every sampled page was touched, so it is present;
+            // nothing writes to the region.
+            unsafe { verify(base, manifest, &sample)? };
+            drop(pager);
+            result.latency.push(samples);
+
+            // Full-restore throughput.
+            let memory = fresh_memory(backing, size as usize)?;
+            let mut config = PagerConfig::new(ctx.url(), snapshot.id.clone());
+            config.mode = mode;
+            config.prefetch = PrefetchPolicy::All;
+            let t = Instant::now();
+            let pager = Pager::start(
+                config,
+                vec![Region {
+                    memory,
+                    snapshot_offset: 0,
+                }],
+            )?;
+            let stats = pager.wait_complete(COMPLETION_TIMEOUT).with_context(|| {
+                format!("{backing} {mode}: the restore did not complete in {COMPLETION_TIMEOUT:?}")
+            })?;
+            let seconds = t.elapsed().as_secs_f64();
+            check_strategy(&pager, mode)?;
+            // SAFETY: the restore is complete, so every page is present;
+            // nothing writes to the region.
+            unsafe { verify(pager.memory(0).host_addr(), manifest, &sample)? };
+            drop(pager);
+            result.seconds.push(seconds);
+            result.gbps.push(size as f64 / seconds / 1e9);
+            result.restore_stats.push(stats);
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    Ok(BackingResult {
+        backing,
+        snapshot,
+        pages_sampled: count,
+        auto,
+        modes,
+    })
+}
+
+/// Starts a pager with `mode` and `prefetch` on fresh memory of `backing`.
+fn start(
+    ctx: &Ctx,
+    snapshot: &Snapshot,
+    backing: BackingKind,
+    mode: Mode,
+    prefetch: PrefetchPolicy,
+) -> anyhow::Result<Pager> {
+    let memory = fresh_memory(backing, snapshot.spec.size as usize)?;
+    let mut config = PagerConfig::new(ctx.url(), snapshot.id.clone());
+    config.mode = mode;
+    config.prefetch = prefetch;
+    Pager::start(
+        config,
+        vec![Region {
+            memory,
+            snapshot_offset: 0,
+        }],
+    )
+    .with_context(|| format!("starting the pager on {backing} with mode {mode}"))
+}
+
+/// New memory of `backing`; for hugetlbfs, once the previous run's huge
+/// pages are back in the pool (a dropped pager frees its memory a moment
+/// later, when its runtime's tasks end).
+fn fresh_memory(backing: BackingKind, len: usize) -> anyhow::Result<GuestMemory> {
+    if backing == BackingKind::Hugetlb {
+        let needed = len / HUGE_PAGE_SIZE;
+        let t = Instant::now();
+        while available_huge_pages().unwrap_or(0) < needed && t.elapsed() < HUGE_PAGE_RETURN_TIMEOUT
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    Ok(GuestMemory::new(backing, len)?)
+}
+
+/// A strategy's name in notes.
+fn strategy_name(s: Strategy) -> &'static str {
+    match s {
+        Strategy::Continue => "CONTINUE",
+        Strategy::Copy { .. } => "COPY",
+        Strategy::Eager => "EAGER",
+    }
+}
+
+/// Fails unless the pager resolves with what `mode` forced.
+fn check_strategy(pager: &Pager, mode: Mode) -> anyhow::Result<()> {
+    let got = pager.decision(0).strategy();
+    let ok = match mode {
+        Mode::Copy => matches!(got, Strategy::Copy { .. }),
+        Mode::Continue => got == Strategy::Continue,
+        Mode::Auto => true,
+    };
+    if !ok {
+        bail!("mode {mode} was forced but the pager uses {got:?}");
+    }
+    Ok(())
+}
+
+/// Checks each of `pages` at `base` against the manifest's digests.
+///
+/// # Safety
+///
+/// Every page must be mapped readable and present for the whole call, with
+/// nobody writing to it.
+unsafe fn verify(base: usize, manifest: &Manifest, pages: &[u64]) -> anyhow::Result<()> {
+    let size = manifest.page_size.bytes_usize();
+    for &p in pages {
+        // SAFETY: the caller guarantees the page is mapped, present and not
+        // written while this slice lives; plain bytes.
+        let bytes =
+            unsafe { std::slice::from_raw_parts((base + p as usize * size) as *const u8, size) };
+        if !manifest.verify(PageIndex(p), bytes) {
+            bail!("page {p} does not match its digest after the restore");
+        }
+    }
+    Ok(())
 }
