@@ -147,6 +147,9 @@ impl Shared {
             }
             end += 1;
         }
+        // The zero pages walked over: mapped below, once the request is out.
+        let walked = PageRange::new(page, end - page.0).expect("non-empty");
+        let zeros = claimed.iter().filter(|c| !**c).count();
         while claimed.last() == Some(&false) {
             claimed.pop();
             end -= 1;
@@ -160,6 +163,46 @@ impl Shared {
             fault: Some(page),
             started: Instant::now(),
         });
+        if zeros > 0 && super::region::is_fault_thread() {
+            self.install_window_zeros(region, walked);
+        }
+    }
+
+    /// Maps the zero pages of a read-ahead window (pages still ZERO_ON_FAULT
+    /// in `window`), one `UFFDIO_ZEROPAGE` per run, while the window's
+    /// request is on the wire: without it each of them costs the guest a
+    /// fault of its own later (a fault thread wake-up and a ZEROPAGE anyway).
+    /// Only on the fault thread (see [`RegionState::install_zero_run`]);
+    /// best effort: a page left out is resolved by its fault as before.
+    fn install_window_zeros(&self, region: &RegionState, window: PageRange) {
+        let mut p = window.start().0;
+        while p < window.end() {
+            if self.table.get(PageIndex(p)) != ZERO_ON_FAULT {
+                p += 1;
+                continue;
+            }
+            let from = p;
+            while p < window.end() && self.table.get(PageIndex(p)) == ZERO_ON_FAULT {
+                p += 1;
+            }
+            match region.install_zero_run(PageIndex(from), p - from) {
+                Ok(true) => {
+                    // Counted once: a fault (or `Pager::fault`) that got
+                    // there first counted its page itself.
+                    let n = (from..p)
+                        .filter(|&q| self.table.zero_installed(PageIndex(q)))
+                        .count();
+                    self.counters.pages(Source::Zero, n as u64);
+                }
+                // No ZEROPAGE for this memory: nothing to gain here.
+                Ok(false) => return,
+                // EAGAIN (a memory-map event pending) or stopping: leave the
+                // rest to their faults. Pages mapped before the refusal stay
+                // ZERO_ON_FAULT, which is right for a mapped zero page (a
+                // discard keeps it so; it never faults while mapped).
+                Err(_) => return,
+            }
+        }
     }
 
     /// Handles a memory-map event on `region`.

@@ -101,6 +101,11 @@ pub(crate) fn set_fault_thread() {
     FAULT_THREAD.with(|f| f.set(true));
 }
 
+/// Whether the calling thread is a region's fault thread.
+pub(crate) fn is_fault_thread() -> bool {
+    FAULT_THREAD.with(std::cell::Cell::get)
+}
+
 /// Zeros to COPY from where ZEROPAGE is not advertised (hugetlbfs).
 fn zero_buffer(len: usize) -> &'static [u8] {
     static ZEROS: OnceLock<Vec<u8>> = OnceLock::new();
@@ -246,6 +251,34 @@ impl RegionState {
             let zeros = zero_buffer(len);
             self.resolve(addr, len, |at, done| uffd.copy(at, &zeros[done..], false))
         }
+    }
+
+    /// Maps zeros at the `count` pages from `start` with one `UFFDIO_ZEROPAGE`,
+    /// for zero pages inside a read-ahead window that nobody has faulted on
+    /// yet. Returns false (and does nothing) where the kernel does not offer
+    /// ZEROPAGE for the region (hugetlbfs: copying 2 MiB of zeros per page
+    /// ahead of need is not worth it; a fault resolves them as before).
+    ///
+    /// Only for a region's fault thread: it is the thread that reads REMOVE
+    /// events, so a guest discard racing this install is handled after it
+    /// (the page ends ZERO_ON_FAULT, as it must). Pages already mapped
+    /// (EEXIST: a shmem page whose page cache kept content after
+    /// MADV_DONTNEED, or another path's zero install) are skipped and woken.
+    pub fn install_zero_run(&self, start: PageIndex, count: u64) -> Result<bool, InstallError> {
+        let region = self.index;
+        let ops = self
+            .decision
+            .registered
+            .map_or(ResolveOps::empty(), |(_, ops)| ops);
+        if !ops.contains(ResolveOps::ZEROPAGE) || self.strategy() == Strategy::Eager {
+            return Ok(false);
+        }
+        let uffd = self.uffd().ok_or(InstallError::Closed { region })?;
+        let len = count as usize * self.page_bytes;
+        self.resolve(self.addr_of(start), len, |at, done| {
+            uffd.zeropage(at, len - done, false)
+        })?;
+        Ok(true)
     }
 
     /// Wakes threads waiting on the `count` pages from `start` (after
