@@ -78,6 +78,17 @@ pub enum Strategy {
     Eager,
 }
 
+impl Strategy {
+    /// The strategy's short name: `continue`, `copy` or `eager`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Continue => "continue",
+            Self::Copy { .. } => "copy",
+            Self::Eager => "eager",
+        }
+    }
+}
+
 impl fmt::Display for Strategy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

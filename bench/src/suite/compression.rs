@@ -11,7 +11,7 @@ use faultline_client::remote::Remote;
 use faultline_proto::Compression;
 
 use super::report::{Bar, Plot, ratio};
-use super::{Content, Ctx, ImageSpec, ScenarioReport, Summary, Table, full_restore};
+use super::{Content, Ctx, ImageSpec, ScenarioReport, Summary, Table, fresh_memory, full_restore};
 
 /// The codecs compared.
 const CODECS: [Compression; 3] = [Compression::None, Compression::Lz4, Compression::Zstd];
@@ -73,9 +73,9 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
         let mut gbps = vec![Vec::new(); CODECS.len()];
         for _ in 0..repeats {
             for (i, codec) in CODECS.iter().enumerate() {
-                let (t, stats, _) = full_restore(ctx, &snapshot, BackingKind::Anonymous, |c| {
-                    c.compression = *codec
-                })?;
+                let memory = fresh_memory(BackingKind::Anonymous, size as usize)?;
+                let restored = full_restore(ctx, &snapshot, memory, |c| c.compression = *codec)?;
+                let (t, stats) = (restored.elapsed, restored.stats);
                 anyhow::ensure!(
                     stats.pages_total > 0 && stats.completed_s.is_some(),
                     "the {image} restore with {} did not complete",

@@ -8,11 +8,9 @@
 //! (no prefetch, timed by the touching thread as in scenario 1), and the
 //! throughput of a full restore (prefetch everything, no touching).
 
-use std::time::{Duration, Instant};
-
 use anyhow::{Context, bail};
-use faultline_client::backing::{BackingKind, GuestMemory, HUGE_PAGE_SIZE, available_huge_pages};
-use faultline_client::pager::{Pager, PagerConfig, PrefetchPolicy, Region, Stats};
+use faultline_client::backing::{BackingKind, HUGE_PAGE_SIZE};
+use faultline_client::pager::{Pager, PagerConfig, PrefetchPolicy, Stats};
 use faultline_client::strategy::{Mode, Strategy};
 use faultline_client::uffd::Uffd;
 use faultline_proto::{Manifest, PageIndex};
@@ -21,7 +19,8 @@ use serde_json::json;
 use super::latency::{sample_pages, timed_touches, us};
 use super::report::{Bar, Plot, ratio};
 use super::{
-    Content, Ctx, HugePages, ImageSpec, Percentiles, ScenarioReport, Snapshot, Summary, Table,
+    Content, Ctx, HugePages, ImageSpec, Percentiles, Restored, ScenarioReport, Snapshot, Summary,
+    Table, fresh_memory, full_restore, start_pager,
 };
 use crate::vm::restore::snapshot_page_size;
 
@@ -29,18 +28,9 @@ use crate::vm::restore::snapshot_page_size;
 /// pages in the same order.
 const SEED: u64 = 0x5eed_0005;
 
-/// Longest wait for a full restore: many times what the largest image
-/// takes here (a few seconds), so only a stuck pager reaches it.
-const COMPLETION_TIMEOUT: Duration = Duration::from_secs(120);
-
 /// Huge pages reserved beyond the image's own: slack for pages a previous
 /// run's memory may not have given back yet.
 const HUGE_PAGE_MARGIN: usize = 4;
-
-/// Longest wait for a dropped pager's huge pages to return to the pool:
-/// its runtime, which holds the memory, shuts down in the background,
-/// normally within milliseconds.
-const HUGE_PAGE_RETURN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The two forced modes, in the order each repeat runs them.
 const MODES: [Mode; 2] = [Mode::Copy, Mode::Continue];
@@ -264,7 +254,7 @@ fn measure(ctx: &Ctx, backing: BackingKind, size: u64) -> anyhow::Result<Backing
     let auto = {
         let pager = start(ctx, &snapshot, backing, Mode::Auto, PrefetchPolicy::None)?;
         let d = pager.decision(0);
-        format!("{} ({d})", strategy_name(d.strategy()))
+        format!("{} ({d})", d.strategy().as_str().to_uppercase())
     };
     let repeats = ctx.repeats();
     let mut modes: Vec<ModeResult> = MODES.iter().map(|_| ModeResult::default()).collect();
@@ -293,21 +283,13 @@ fn measure(ctx: &Ctx, backing: BackingKind, size: u64) -> anyhow::Result<Backing
 
             // Full-restore throughput.
             let memory = fresh_memory(backing, size as usize)?;
-            let mut config = PagerConfig::new(ctx.url(), snapshot.id.clone());
-            config.mode = mode;
-            config.prefetch = PrefetchPolicy::All;
-            let t = Instant::now();
-            let pager = Pager::start(
-                config,
-                vec![Region {
-                    memory,
-                    snapshot_offset: 0,
-                }],
-            )?;
-            let stats = pager.wait_complete(COMPLETION_TIMEOUT).with_context(|| {
-                format!("{backing} {mode}: the restore did not complete in {COMPLETION_TIMEOUT:?}")
-            })?;
-            let seconds = t.elapsed().as_secs_f64();
+            let Restored {
+                elapsed,
+                stats,
+                pager,
+            } = full_restore(ctx, &snapshot, memory, |c| c.mode = mode)
+                .with_context(|| format!("{backing} {mode}"))?;
+            let seconds = elapsed.as_secs_f64();
             check_strategy(&pager, mode)?;
             // SAFETY: the restore is complete, so every page is present;
             // nothing writes to the region.
@@ -341,38 +323,8 @@ fn start(
     let mut config = PagerConfig::new(ctx.url(), snapshot.id.clone());
     config.mode = mode;
     config.prefetch = prefetch;
-    Pager::start(
-        config,
-        vec![Region {
-            memory,
-            snapshot_offset: 0,
-        }],
-    )
-    .with_context(|| format!("starting the pager on {backing} with mode {mode}"))
-}
-
-/// New memory of `backing`; for hugetlbfs, once the previous run's huge
-/// pages are back in the pool (a dropped pager frees its memory a moment
-/// later, when its runtime's tasks end).
-fn fresh_memory(backing: BackingKind, len: usize) -> anyhow::Result<GuestMemory> {
-    if backing == BackingKind::Hugetlb {
-        let needed = len / HUGE_PAGE_SIZE;
-        let t = Instant::now();
-        while available_huge_pages().unwrap_or(0) < needed && t.elapsed() < HUGE_PAGE_RETURN_TIMEOUT
-        {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-    Ok(GuestMemory::new(backing, len)?)
-}
-
-/// A strategy's name in notes.
-fn strategy_name(s: Strategy) -> &'static str {
-    match s {
-        Strategy::Continue => "CONTINUE",
-        Strategy::Copy { .. } => "COPY",
-        Strategy::Eager => "EAGER",
-    }
+    start_pager(config, memory)
+        .with_context(|| format!("starting the pager on {backing} with mode {mode}"))
 }
 
 /// Fails unless the pager resolves with what `mode` forced.

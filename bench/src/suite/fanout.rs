@@ -51,11 +51,6 @@ const QUICK_IMAGE_BYTES: u64 = 64 << 20;
 /// machines the suite is written for, next to the page cache and the rest.
 const FULL_IMAGE_BYTES: u64 = 128 << 20;
 
-/// Worker threads of the server process's runtime: one per core of the
-/// machines the suite is written for (prefetch streams also use blocking
-/// threads, which tokio adds as needed).
-const SERVER_THREADS: usize = 2;
-
 /// How often the server's `/proc/PID/status` is sampled for `RssAnon`: often
 /// enough to catch the buffers of a burst of streams (a 64-client run lasts
 /// seconds), rarely enough to cost the 2 cores nothing measurable.
@@ -94,37 +89,7 @@ pub struct ClientLine {
     /// Pages in the region.
     pub pages_total: u64,
     /// Pages by how they arrived.
-    pub pages: PagesLine,
-}
-
-/// [`PagesBySource`], as [`ClientLine`] carries it.
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
-pub struct PagesLine {
-    /// Faulting pages fetched on demand.
-    pub demand: u64,
-    /// Neighbours fetched with a faulting page.
-    pub readahead: u64,
-    /// Streamed by the prefetcher.
-    pub prefetch: u64,
-    /// Zero pages resolved locally.
-    pub zero: u64,
-    /// Pages the page cache held.
-    pub local: u64,
-    /// Written before the guest ran.
-    pub eager: u64,
-}
-
-impl From<PagesBySource> for PagesLine {
-    fn from(p: PagesBySource) -> Self {
-        Self {
-            demand: p.demand,
-            readahead: p.readahead,
-            prefetch: p.prefetch,
-            zero: p.zero,
-            local: p.local,
-            eager: p.eager,
-        }
-    }
+    pub pages: PagesBySource,
 }
 
 /// Arguments of the hidden `fanout-server` subcommand.
@@ -152,18 +117,8 @@ pub struct ClientArgs {
 pub fn server_main(args: &ServerArgs) -> anyhow::Result<()> {
     let store = LocalStore::new(&args.store)
         .with_context(|| format!("opening the store {}", args.store.display()))?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(SERVER_THREADS)
-        .thread_name("fanout-server")
-        .enable_all()
-        .build()
-        .context("starting the server's runtime")?;
-    let handle = runtime
-        .block_on(faultline_server::spawn(
-            std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-            Arc::new(store) as Arc<dyn SnapshotStore>,
-        ))
-        .context("starting the server on 127.0.0.1")?;
+    let (runtime, handle) =
+        super::spawn_server(Arc::new(store) as Arc<dyn SnapshotStore>, "fanout-server")?;
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "{}", handle.url())?;
@@ -210,7 +165,7 @@ pub fn client_main(args: &ClientArgs) -> anyhow::Result<()> {
         completed_s,
         bytes_received: s.bytes_received,
         pages_total: s.pages_total,
-        pages: s.pages_by_source.into(),
+        pages: s.pages_by_source,
     };
     println!("{}", serde_json::to_string(&line)?);
     Ok(())
@@ -733,7 +688,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
         id: "fanout".into(),
         title: "Fan-out: many restores from one server".into(),
         method: format!(
-            "For each N, a fresh server process (faultline-bench fanout-server, {SERVER_THREADS} \
+            "For each N, a fresh server process (faultline-bench fanout-server, {} \
              runtime workers) serves the store on 127.0.0.1 and N client processes are started \
              at once, each restoring the {} MiB realistic snapshot into fresh anonymous memory \
              (prefetch all, nothing touched, no verification). Aggregate GB/s = N × image bytes \
@@ -743,6 +698,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
              pages) and the peak of RssAnon sampled every {} ms; server CPU = utime + stime \
              while the clients ran, per GB of image restored (N × image bytes). {} run(s) per N, \
              interleaved; the aggregate is their median, the RSS their maximum.",
+            super::SERVER_THREADS,
             image_bytes >> 20,
             SAMPLE_INTERVAL.as_millis(),
             repeats
@@ -773,7 +729,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
             "image_bytes": image_bytes,
             "clients": counts,
             "repeats": repeats,
-            "server_threads": SERVER_THREADS,
+            "server_threads": super::SERVER_THREADS,
             "sample_interval_ms": SAMPLE_INTERVAL.as_millis() as u64,
             "rss_limit_mib": limit_mib,
             "per_n": per_n,

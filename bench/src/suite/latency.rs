@@ -25,13 +25,15 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use faultline_client::backing::GuestMemory;
-use faultline_client::pager::{Pager, PagerConfig, PrefetchPolicy, Region, Stats};
+use faultline_client::pager::{PagerConfig, PrefetchPolicy, Stats};
 use faultline_client::uffd::{Event, Readiness, RegisterModes, ResolveError, StopSignal, Uffd};
 use faultline_proto::PageIndex;
 use serde_json::json;
 
 use super::report::{Plot, ratio};
-use super::{Ctx, ImageSpec, Percentiles, ScenarioReport, Snapshot, Summary, Table, Target};
+use super::{
+    Ctx, ImageSpec, Percentiles, ScenarioReport, Snapshot, Summary, Table, Target, start_pager,
+};
 
 /// Seed of the page sample: fixed, so that every method, repeat and run
 /// touches the same pages in the same order.
@@ -493,13 +495,7 @@ fn faultline(
     if readahead_off {
         config.readahead = NO_READAHEAD;
     }
-    let pager = Pager::start(
-        config,
-        vec![Region {
-            memory,
-            snapshot_offset: 0,
-        }],
-    )?;
+    let pager = start_pager(config, memory)?;
     let base = pager.memory(0).host_addr();
     // SAFETY: the pages are inside the pager's region, mapped read-write
     // while `pager` lives; guest memory holds no Rust object.

@@ -32,8 +32,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use faultline_client::backing::{BackingKind, GuestMemory};
-use faultline_client::pager::{Pager, PagerConfig, PrefetchPolicy, Region, Stats};
+use faultline_client::backing::{BackingKind, GuestMemory, HUGE_PAGE_SIZE};
+use faultline_client::pager::{Pager, PagerConfig, PrefetchPolicy, Region, StartError, Stats};
 use faultline_client::remote::Remote;
 use faultline_proto::{Manifest, PageSize, SnapshotId};
 use faultline_server::store::SnapshotStore;
@@ -42,9 +42,9 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 pub use report::{Percentiles, Report, ScenarioReport, Summary, Table, Target};
 
-/// Worker threads of the in-process server's runtime: two, one per core of
-/// the machines the suite is written for.
-const SERVER_THREADS: usize = 2;
+/// Worker threads of a server's runtime (in-process, or the fan-out server
+/// process): two, one per core of the machines the suite is written for.
+pub const SERVER_THREADS: usize = 2;
 
 /// The scenarios, in the order `all` runs them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -236,18 +236,8 @@ impl Ctx {
             .tempdir()
             .context("creating a work directory")?;
         let store = Arc::new(LocalStore::new(work.path().join("store"))?);
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(SERVER_THREADS)
-            .thread_name("faultline-server")
-            .enable_all()
-            .build()
-            .context("starting the server's runtime")?;
-        let handle = runtime
-            .block_on(faultline_server::spawn(
-                std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-                store.clone() as Arc<dyn SnapshotStore>,
-            ))
-            .context("starting the server on 127.0.0.1")?;
+        let (runtime, handle) =
+            spawn_server(store.clone() as Arc<dyn SnapshotStore>, "faultline-server")?;
         let url = handle.url();
         let interactive = std::io::stderr().is_terminal();
         let progress = MultiProgress::with_draw_target(if interactive {
@@ -375,45 +365,99 @@ impl Ctx {
     }
 }
 
-/// One full restore of `snapshot` into fresh `backing` memory: the pager
-/// prefetches everything and nothing touches the memory. Returns the time
-/// from `Pager::start` to completion, the pager's statistics and the
-/// strategy it chose. `configure` adjusts the pager's settings (mode,
-/// compression).
-pub fn full_restore(
-    ctx: &Ctx,
-    snapshot: &Snapshot,
-    backing: BackingKind,
-    configure: impl FnOnce(&mut PagerConfig),
-) -> anyhow::Result<(Duration, Stats, String)> {
-    let memory = GuestMemory::new(backing, snapshot.spec.size as usize).with_context(|| {
-        format!(
-            "creating {} MiB of {backing} memory",
-            snapshot.spec.size >> 20
-        )
-    })?;
-    let mut config = PagerConfig::new(ctx.url(), snapshot.id.clone());
-    config.prefetch = PrefetchPolicy::All;
-    configure(&mut config);
-    let started = Instant::now();
-    let pager = Pager::start(
+/// Starts a pager on `memory`, which holds the snapshot from its first
+/// byte.
+pub fn start_pager(config: PagerConfig, memory: GuestMemory) -> Result<Pager, StartError> {
+    Pager::start(
         config,
         vec![Region {
             memory,
             snapshot_offset: 0,
         }],
-    )?;
+    )
+}
+
+/// A full restore that completed; its pager is still running so that its
+/// memory can be checked.
+#[derive(Debug)]
+pub struct Restored {
+    /// From `Pager::start` to completion.
+    pub elapsed: Duration,
+    /// The pager's statistics at completion.
+    pub stats: Stats,
+    /// The pager, holding the restored memory.
+    pub pager: Pager,
+}
+
+/// One full restore of `snapshot` into `memory` (fresh): the pager
+/// prefetches everything and nothing touches the memory. `configure`
+/// adjusts the pager's settings (mode, compression).
+pub fn full_restore(
+    ctx: &Ctx,
+    snapshot: &Snapshot,
+    memory: GuestMemory,
+    configure: impl FnOnce(&mut PagerConfig),
+) -> anyhow::Result<Restored> {
+    let mut config = PagerConfig::new(ctx.url(), snapshot.id.clone());
+    config.prefetch = PrefetchPolicy::All;
+    configure(&mut config);
+    let started = Instant::now();
+    let pager = start_pager(config, memory).context("starting the pager")?;
     let stats = pager
         .wait_complete(RESTORE_TIMEOUT)
         .with_context(|| format!("the restore did not complete in {RESTORE_TIMEOUT:?}"))?;
-    let elapsed = started.elapsed();
-    let strategy = pager.decision(0).strategy().to_string();
-    drop(pager);
-    Ok((elapsed, stats, strategy))
+    Ok(Restored {
+        elapsed: started.elapsed(),
+        stats,
+        pager,
+    })
 }
 
 /// Longest a full restore may take before the suite gives up on it.
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Longest wait for a dropped pager's huge pages to return to the pool: its
+/// runtime, which holds the memory, shuts down in the background, normally
+/// within milliseconds.
+const HUGE_PAGE_RETURN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// New memory of `backing`; for hugetlbfs, once the previous run's huge
+/// pages are back in the pool (a dropped pager frees its memory a moment
+/// later, when its runtime's tasks end).
+pub fn fresh_memory(backing: BackingKind, len: usize) -> anyhow::Result<GuestMemory> {
+    if backing == BackingKind::Hugetlb {
+        let needed = len.div_ceil(HUGE_PAGE_SIZE);
+        let t = Instant::now();
+        while faultline_client::backing::available_huge_pages().unwrap_or(0) < needed
+            && t.elapsed() < HUGE_PAGE_RETURN_TIMEOUT
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    GuestMemory::new(backing, len)
+        .with_context(|| format!("creating {} MiB of {backing} memory", len >> 20))
+}
+
+/// Starts a server for `store` on 127.0.0.1 (a free port) on a runtime of
+/// its own, with `SERVER_THREADS` workers named `thread_name`.
+pub fn spawn_server(
+    store: Arc<dyn SnapshotStore>,
+    thread_name: &str,
+) -> anyhow::Result<(tokio::runtime::Runtime, ServerHandle)> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(SERVER_THREADS)
+        .thread_name(thread_name)
+        .enable_all()
+        .build()
+        .context("starting the server's runtime")?;
+    let handle = runtime
+        .block_on(faultline_server::spawn(
+            std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            store,
+        ))
+        .context("starting the server on 127.0.0.1")?;
+    Ok((runtime, handle))
+}
 
 /// Huge pages reserved for a scenario, given back on drop.
 #[derive(Debug)]

@@ -13,17 +13,19 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use faultline_client::backing::{BackingKind, GuestMemory, HUGE_PAGE_SIZE};
-use faultline_client::pager::{Pager, PagerConfig, PrefetchPolicy, Region, Stats};
-use faultline_client::strategy::Strategy;
+use faultline_client::pager::Stats;
 use faultline_proto::{Manifest, PageIndex, PageSize};
 use serde_json::json;
 
 use super::report::{Bar, Plot};
-use super::{Content, Ctx, HugePages, ImageSpec, ScenarioReport, Snapshot, Summary, Table, Target};
+use super::{
+    Content, Ctx, HugePages, ImageSpec, Restored, ScenarioReport, Snapshot, Summary, Table, Target,
+    fresh_memory, full_restore,
+};
 
 /// Pages compared with the image after each faultline restore: enough to
 /// catch a wrong offset or a missed region without slowing the scenario.
@@ -48,10 +50,6 @@ const MEMCPY_ROUNDS: usize = 4;
 /// Huge pages reserved beyond the image's: the restored memory needs exactly
 /// the image's, a few spare ones absorb rounding and other users.
 const HUGE_PAGE_MARGIN: usize = 8;
-
-/// Longest wait for one restore to complete: a 2 GiB restore takes seconds;
-/// this bounds a stalled one.
-const COMPLETION_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Seed of the spot-check page choice.
 const SPOT_SEED: u64 = 0x5eed_0002;
@@ -115,15 +113,6 @@ pub(crate) fn fill_from_image(memory: &GuestMemory, image: &File) -> anyhow::Res
         off += n as usize;
     }
     Ok(())
-}
-
-/// A short name of a pager strategy for tables.
-pub(crate) fn strategy_name(strategy: Strategy) -> &'static str {
-    match strategy {
-        Strategy::Continue => "continue",
-        Strategy::Copy { .. } => "copy",
-        Strategy::Eager => "eager",
-    }
 }
 
 /// GB/s of `bytes` moved in `secs`.
@@ -214,29 +203,16 @@ fn faultline_once(
     image: &File,
     spots: &[u64],
 ) -> Result<(f64, Stats), RestoreFailure> {
-    let size = ctx.size as usize;
-    let memory = GuestMemory::new(row.kind, size)
-        .map_err(|e| RestoreFailure::Setup(format!("creating {} memory: {e}", row.kind)))?;
-    let mut config = PagerConfig::new(ctx.url(), row.snapshot.id.clone());
-    config.prefetch = PrefetchPolicy::All;
-    let started = Instant::now();
-    let pager = Pager::start(
-        config,
-        vec![Region {
-            memory,
-            snapshot_offset: 0,
-        }],
-    )
-    .map_err(|e| RestoreFailure::Setup(format!("starting the pager: {e}")))?;
-    let stats = pager.wait_complete(COMPLETION_TIMEOUT);
-    let secs = started.elapsed().as_secs_f64();
-    let Some(stats) = stats else {
-        return Err(RestoreFailure::Setup(format!(
-            "the restore did not complete within {COMPLETION_TIMEOUT:?}"
-        )));
-    };
+    let setup = |e: anyhow::Error| RestoreFailure::Setup(format!("{e:#}"));
+    let memory = fresh_memory(row.kind, ctx.size as usize).map_err(setup)?;
+    let Restored {
+        elapsed,
+        stats,
+        pager,
+    } = full_restore(ctx, &row.snapshot, memory, |_| {}).map_err(setup)?;
+    let secs = elapsed.as_secs_f64();
     let decision = pager.decision(0);
-    row.strategy = Some(strategy_name(decision.strategy()));
+    row.strategy = Some(decision.strategy().as_str());
     row.decision = Some(decision.to_string());
     spot_check(pager.memory(0), image, &row.snapshot.manifest, spots)
         .map_err(RestoreFailure::Mismatch)?;

@@ -13,12 +13,12 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use faultline_client::backing::{BackingKind, GuestMemory};
-use faultline_client::pager::{Pager, PagerConfig, PrefetchPolicy, Region, Stats};
+use faultline_client::pager::{PagerConfig, PrefetchPolicy, Stats};
 use serde_json::json;
 
 use super::report::{Bar, Plot, ratio};
-use super::restore::{SplitMix64, fill_from_image, strategy_name};
-use super::{Ctx, ImageSpec, ScenarioReport, Summary, Table, Target};
+use super::restore::{SplitMix64, fill_from_image};
+use super::{Ctx, ImageSpec, ScenarioReport, Summary, Table, Target, start_pager};
 
 /// Share of the snapshot's pages the workload reads, in percent: the issue's
 /// scattered 10% working set.
@@ -176,14 +176,7 @@ fn restored_run(
     config.prefetch = prefetch;
     config.record = record;
     let started = Instant::now();
-    let pager = Pager::start(
-        config,
-        vec![Region {
-            memory,
-            snapshot_offset: 0,
-        }],
-    )
-    .context("starting the pager")?;
+    let pager = start_pager(config, memory).context("starting the pager")?;
     let start_s = started.elapsed().as_secs_f64();
     let checksum = workload(pager.memory(0), page_bytes, order)?;
     let secs = started.elapsed().as_secs_f64();
@@ -198,7 +191,7 @@ fn restored_run(
     } else {
         None
     };
-    let strategy = strategy_name(pager.decision(0).strategy());
+    let strategy = pager.decision(0).strategy().as_str();
     // Untimed: an incomplete pager poisons what it did not fill, then unmaps.
     drop(pager);
     Ok(Run {

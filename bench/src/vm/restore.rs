@@ -29,7 +29,6 @@ use faultline_client::backing::{BackingError, BackingKind, GuestMemory};
 use faultline_client::pager::{
     Latency, Pager, PagerConfig, PagesBySource, PrefetchPolicy, Region, StartError, Stats,
 };
-use faultline_client::strategy::Strategy;
 use faultline_proto::{PageIndex, PageRange, PageSize, SnapshotId, WorkingSetName};
 use faultline_server::import::{ImportError, import_file};
 use faultline_server::store::{RecordError, SnapshotStore};
@@ -614,11 +613,7 @@ pub fn run(config: &VmRestoreConfig) -> Result<VmRestoreReport, VmRestoreError> 
     };
     let decision = pager.decision(0);
     let outcome = Outcome {
-        strategy: match decision.strategy() {
-            Strategy::Continue => "continue",
-            Strategy::Copy { .. } => "copy",
-            Strategy::Eager => "eager",
-        },
+        strategy: decision.strategy().as_str(),
         decision: decision.to_string(),
         pager_start,
         stats,

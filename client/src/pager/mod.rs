@@ -53,7 +53,9 @@ use crate::backing::BackingKind;
 use crate::backing::GuestMemory;
 use crate::remote::{Remote, RemoteError};
 use crate::strategy::{Choice, Decision, Mode, Strategy, StrategyError, register_for_strategy};
-use crate::uffd::{OpenError, RegisterModes, ResolveOps, StopSignal, Uffd, WaitError};
+use crate::uffd::{
+    OpenError, RegisterModes, ResolveError, ResolveOps, StopSignal, Uffd, WaitError,
+};
 
 /// Smallest read-ahead window: 16 KiB. A random fault fetches its page and
 /// three neighbours; a page costs ~1 us to send on loopback against a
@@ -67,6 +69,9 @@ pub const MAX_READAHEAD_BYTES: u64 = 1 << 20;
 /// Default time the server may be unreachable (or a page keep failing its
 /// digest) before the failure policy applies.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
+
+/// EAGAIN answers in a row at one page before teardown gives the page up.
+const POISON_RETRIES: u32 = 3;
 
 /// Worker threads of the pager's shared network runtime (prefetcher,
 /// completion watcher). The demand link has a thread of its own
@@ -771,11 +776,31 @@ impl Pager {
             // Not complete: nothing may be left for the kernel to zero-fill.
             for r in &self.shared.regions {
                 let Some(uffd) = r.take_uffd() else { continue };
-                for p in r.range().iter() {
-                    if matches!(self.shared.table.get(p), pages::MISSING | pages::IN_FLIGHT) {
-                        let len = r.page_bytes;
-                        let _ = uffd.poison(r.addr_of(p), len, false);
+                // One ioctl per run of unfilled pages, not per page: a
+                // restore stopped early can leave hundreds of thousands.
+                let mut p = r.range().start().0;
+                let end = r.range().end();
+                while p < end {
+                    let unfilled = |q: u64| {
+                        matches!(
+                            self.shared.table.get(PageIndex(q)),
+                            pages::MISSING | pages::IN_FLIGHT
+                        )
+                    };
+                    if !unfilled(p) {
+                        p += 1;
+                        continue;
                     }
+                    let from = p;
+                    while p < end && unfilled(p) {
+                        p += 1;
+                    }
+                    poison_run(
+                        &uffd,
+                        r.addr_of(PageIndex(from)),
+                        (p - from) as usize * r.page_bytes,
+                        r.page_bytes,
+                    );
                 }
                 let _ = uffd.unregister(r.memory.host_addr(), r.memory.len());
                 // As in `watch_completion`: no waiter may be left asleep.
@@ -784,6 +809,36 @@ impl Pager {
         }
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
+        }
+    }
+}
+
+/// Poisons `len` bytes from `start`, skipping pages that turn out to be
+/// present (an install still finishing on the demand thread).
+///
+/// Kernel gotcha: a partial POISON reports EAGAIN with the bytes done,
+/// whatever stopped it; retrying the rest then says EEXIST if a present page
+/// stopped it (skipped), or EAGAIN again if a memory-map event is pending,
+/// which nobody reads any more at teardown: after `POISON_RETRIES` such
+/// answers in a row the page is given up, as the per-page loop this replaced
+/// did.
+fn poison_run(uffd: &Uffd, start: usize, len: usize, page_bytes: usize) {
+    let (mut at, end) = (start, start + len);
+    let mut again = 0;
+    while at < end {
+        match uffd.poison(at, end - at, false) {
+            Ok(_) => return,
+            Err(e @ ResolveError::Exists { .. }) => at += e.done() + page_bytes,
+            Err(e @ ResolveError::Again { .. }) => {
+                at += e.done();
+                again = if e.done() > 0 { 0 } else { again + 1 };
+                if again > POISON_RETRIES {
+                    at += page_bytes;
+                    again = 0;
+                }
+            }
+            // Unregistered or closed: nothing left to protect.
+            Err(ResolveError::Failed { .. }) => return,
         }
     }
 }

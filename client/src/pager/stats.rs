@@ -188,7 +188,7 @@ impl Counters {
 }
 
 /// Pages installed, by how they arrived.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PagesBySource {
     /// Faulting pages fetched on demand.
     pub demand: u64,
