@@ -402,9 +402,9 @@ fn report(
     )];
     notes.push(format!(
         "The recorded working set holds {recorded} pages for the {} pages touched ({} of them \
-         zero pages, resolved locally and not recorded): the pager records each fault's whole \
-         read-ahead window (at least 16 KiB), so replay prefetches the touched pages' \
-         neighbours too.",
+         zero pages, which travel as ranges and are mapped ahead by the prefetcher): the pager \
+         records each fault's whole read-ahead window (at least 16 KiB), so replay prefetches \
+         the touched pages' neighbours too.",
         order.len(),
         zero_in_order
     ));
@@ -414,8 +414,8 @@ fn report(
         };
         let l = &last.fault_latency_us;
         notes.push(format!(
-            "{}: {} faults ({} on zero pages, resolved locally; {} joined a fetch in flight), \
-             {} over the network (p50 {} us, p99 {} us, max {} us), {:.1} MiB received by the \
+            "{}: {} faults ({} zero pages mapped, on a fault or ahead of it; {} faults joined a \
+             fetch in flight), {} over the network (p50 {} us, p99 {} us, max {} us), {:.1} MiB received by the \
              last read (last repeat).",
             mode.label(),
             last.faults,
@@ -433,13 +433,12 @@ fn report(
         .and_then(|r| r.stats.as_ref())
     {
         notes.push(format!(
-            "What is left of a replay's time is mostly faults, not transfer: the recording \
-             leaves zero pages out and the prefetcher never installs them, so each of the \
-             {} zero pages the workload touches still stops it for a round trip through the \
-             fault thread (UFFDIO_ZEROPAGE); and the few pages it reaches before the \
-             prefetcher (here {}) wait for the demand link, whose connection is still being \
-             opened right after Pager::start (max {} us).",
-            last.pages_by_source.zero, last.fault_latency_us.count, last.fault_latency_us.max
+            "What is left of a replay's time: moving the recorded set over loopback while the \
+             workload runs, the {} faults on pages the workload reaches before the prefetcher \
+             has mapped them (a wait for the stream, or a zero page not mapped yet), and the \
+             pages it reaches first, which wait for the demand link: {} went over the network \
+             (max {} us; its connection is still being opened right after Pager::start).",
+            last.faults, last.fault_latency_us.count, last.fault_latency_us.max
         ));
     }
 

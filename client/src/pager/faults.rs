@@ -93,6 +93,9 @@ impl Shared {
                     return Ok(());
                 }
                 ZERO_ON_FAULT => {
+                    // Part of the working set like any page the guest
+                    // touches: a replay then maps it ahead of the guest.
+                    self.record(PageRange::new(page, 1).expect("one page"));
                     region.install_zero(page, minor)?;
                     // Counted once: `Pager::fault` and a fault thread may
                     // both resolve the page (the second gets EEXIST).
@@ -164,38 +167,60 @@ impl Shared {
             started: Instant::now(),
         });
         if zeros > 0 && super::region::is_fault_thread() {
-            self.install_window_zeros(region, walked);
+            self.install_zero_pages(region, walked);
         }
     }
 
-    /// Maps the zero pages of a read-ahead window (pages still ZERO_ON_FAULT
-    /// in `window`), one `UFFDIO_ZEROPAGE` per run, while the window's
-    /// request is on the wire: without it each of them costs the guest a
-    /// fault of its own later (a fault thread wake-up and a ZEROPAGE anyway).
-    /// Only on the fault thread (see [`RegionState::install_zero_run`]);
-    /// best effort: a page left out is resolved by its fault as before.
-    fn install_window_zeros(&self, region: &RegionState, window: PageRange) {
-        let mut p = window.start().0;
-        while p < window.end() {
+    /// Maps the zero pages of `range` (pages still ZERO_ON_FAULT) ahead of
+    /// the guest, one `UFFDIO_ZEROPAGE` per run: without it each of them
+    /// costs the guest a fault of its own later (a fault thread wake-up and
+    /// a ZEROPAGE anyway). Best effort: a page left out is resolved by its
+    /// fault as before. Callers: the fault thread, for the zero pages of a
+    /// read-ahead window while its request is on the wire; the prefetcher,
+    /// for the zero ranges of its stream (the recorded working set's zero
+    /// pages first).
+    ///
+    /// Only a region's fault thread marks the pages PRESENT: it is the
+    /// thread that reads REMOVE events, so a guest discard racing the
+    /// install is handled after it. Another thread leaves them ZERO_ON_FAULT,
+    /// which is right for a mapped zero page: it never faults while mapped,
+    /// and if the guest discards it, zeros are again its content (marking it
+    /// PRESENT there could land after a racing REMOVE and leave a discarded
+    /// page PRESENT, whose next fault would then never be resolved). Off the
+    /// fault thread only anonymous memory (COPY) is mapped ahead: there a
+    /// ZEROPAGE maps the shared zero page, while on shmem it would allocate
+    /// a page-cache page for every zero page of the snapshot.
+    pub(crate) fn install_zero_pages(&self, region: &RegionState, range: PageRange) {
+        let fault_thread = super::region::is_fault_thread();
+        if !fault_thread && !matches!(region.strategy(), Strategy::Copy { .. }) {
+            return;
+        }
+        let end = range.end().min(region.first_page + region.pages);
+        let mut p = range.start().0.max(region.first_page);
+        while p < end {
             if self.table.get(PageIndex(p)) != ZERO_ON_FAULT {
                 p += 1;
                 continue;
             }
             let from = p;
-            while p < window.end() && self.table.get(PageIndex(p)) == ZERO_ON_FAULT {
+            while p < end && self.table.get(PageIndex(p)) == ZERO_ON_FAULT {
                 p += 1;
             }
             match region.install_zero_run(PageIndex(from), p - from) {
-                Ok(true) => {
+                Ok(Some(mapped)) => {
                     // Counted once: a fault (or `Pager::fault`) that got
                     // there first counted its page itself.
-                    let n = (from..p)
-                        .filter(|&q| self.table.zero_installed(PageIndex(q)))
-                        .count();
-                    self.counters.pages(Source::Zero, n as u64);
+                    let n = if fault_thread {
+                        (from..p)
+                            .filter(|&q| self.table.zero_installed(PageIndex(q)))
+                            .count() as u64
+                    } else {
+                        mapped
+                    };
+                    self.counters.pages(Source::Zero, n);
                 }
                 // No ZEROPAGE for this memory: nothing to gain here.
-                Ok(false) => return,
+                Ok(None) => return,
                 // EAGAIN (a memory-map event pending) or stopping: leave the
                 // rest to their faults. Pages mapped before the refusal stay
                 // ZERO_ON_FAULT, which is right for a mapped zero page (a

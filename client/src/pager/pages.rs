@@ -162,11 +162,15 @@ impl PageTable {
         }
     }
 
-    /// Pages the server need not send: settled or outside every region.
-    pub fn settled_bitmap(&self) -> PageBitmap {
+    /// Pages the server need not send: settled or outside every region,
+    /// except zero pages not mapped yet (ZERO_ON_FAULT), which the server
+    /// then names in its stream as zero ranges (a few bytes each), so that
+    /// the prefetcher can map them ahead of the guest.
+    pub fn fetched_bitmap(&self) -> PageBitmap {
         let mut map = PageBitmap::new(self.states.len() as u64);
         for (i, s) in self.states.iter().enumerate() {
-            if is_settled(s.load(Ordering::Acquire)) {
+            let state = s.load(Ordering::Acquire);
+            if is_settled(state) && state != ZERO_ON_FAULT {
                 map.set(i as u64);
             }
         }
@@ -218,14 +222,17 @@ mod tests {
         assert_eq!(t.unsettled(), 4);
     }
 
-    /// The settled bitmap covers zero, present and outside pages.
+    /// The bitmap of pages not to send covers present and outside pages, and zero pages once mapped.
     #[test]
-    fn settled_bitmap() {
+    fn fetched_bitmap() {
         let t = table();
         assert!(t.claim(PageIndex(3)));
         assert!(t.finish(PageIndex(3)));
-        let m = t.settled_bitmap();
+        let m = t.fetched_bitmap();
         let set: Vec<u64> = (0..8).filter(|&i| m.get(i)).collect();
-        assert_eq!(set, vec![1, 3, 6, 7]);
+        // Not the zero page 1 until it is mapped.
+        assert_eq!(set, vec![3, 6, 7]);
+        assert!(t.zero_installed(PageIndex(1)));
+        assert!(t.fetched_bitmap().get(1));
     }
 }

@@ -43,6 +43,11 @@ pub(crate) async fn stream_into(
         for run in &batch.runs {
             install_unclaimed(shared, run, source)?;
         }
+        for zero in &batch.zero {
+            for region in shared.regions.iter() {
+                shared.install_zero_pages(region, *zero);
+            }
+        }
         shared.progress.notify_waiters();
         if shared.is_stopping() {
             break;
@@ -131,7 +136,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             snapshot: shared.config.snapshot.to_string(),
             order: order as i32,
             working_set: shared.config.working_set.to_string(),
-            have: shared.table.settled_bitmap().to_bytes().into(),
+            have: shared.table.fetched_bitmap().to_bytes().into(),
             compression: shared.config.compression.into(),
             ..Default::default()
         };
@@ -165,7 +170,7 @@ pub(crate) async fn fill_eager(
             snapshot: shared.config.snapshot.to_string(),
             order: pb::PrefetchOrder::Ranges as i32,
             ranges: ranges.iter().map(|&r| r.into()).collect(),
-            have: shared.table.settled_bitmap().to_bytes().into(),
+            have: shared.table.fetched_bitmap().to_bytes().into(),
             compression: shared.config.compression.into(),
             ..Default::default()
         };

@@ -254,31 +254,34 @@ impl RegionState {
     }
 
     /// Maps zeros at the `count` pages from `start` with one `UFFDIO_ZEROPAGE`,
-    /// for zero pages inside a read-ahead window that nobody has faulted on
-    /// yet. Returns false (and does nothing) where the kernel does not offer
-    /// ZEROPAGE for the region (hugetlbfs: copying 2 MiB of zeros per page
-    /// ahead of need is not worth it; a fault resolves them as before).
-    ///
-    /// Only for a region's fault thread: it is the thread that reads REMOVE
-    /// events, so a guest discard racing this install is handled after it
-    /// (the page ends ZERO_ON_FAULT, as it must). Pages already mapped
+    /// for zero pages nobody has faulted on yet (see
+    /// `Shared::install_zero_pages` for who may call it and what state the
+    /// pages keep). Returns the pages mapped (those found present are
+    /// skipped), or `None` (having done nothing) where the kernel does not
+    /// offer ZEROPAGE for the region (hugetlbfs: copying 2 MiB of zeros
+    /// per page ahead of need is not worth it; a fault resolves them as
+    /// before). Pages already mapped
     /// (EEXIST: a shmem page whose page cache kept content after
     /// MADV_DONTNEED, or another path's zero install) are skipped and woken.
-    pub fn install_zero_run(&self, start: PageIndex, count: u64) -> Result<bool, InstallError> {
+    pub fn install_zero_run(
+        &self,
+        start: PageIndex,
+        count: u64,
+    ) -> Result<Option<u64>, InstallError> {
         let region = self.index;
         let ops = self
             .decision
             .registered
             .map_or(ResolveOps::empty(), |(_, ops)| ops);
         if !ops.contains(ResolveOps::ZEROPAGE) || self.strategy() == Strategy::Eager {
-            return Ok(false);
+            return Ok(None);
         }
         let uffd = self.uffd().ok_or(InstallError::Closed { region })?;
         let len = count as usize * self.page_bytes;
-        self.resolve(self.addr_of(start), len, |at, done| {
+        let skipped = self.resolve_skipping(self.addr_of(start), len, |at, done| {
             uffd.zeropage(at, len - done, false)
         })?;
-        Ok(true)
+        Ok(Some(((len - skipped) / self.page_bytes) as u64))
     }
 
     /// Wakes threads waiting on the `count` pages from `start` (after
