@@ -51,7 +51,8 @@ enum Command {
         /// Touching threads.
         #[arg(long, default_value_t = 4)]
         threads: usize,
-        /// Record the first-touch order and store it on the server as the working set.
+        /// Record the first-touch order and store it on the server as the working set (read-ahead
+        /// is off while recording, so that the set is exactly the pages touched).
         #[arg(long)]
         record: bool,
         /// Check every touched page against the manifest's digest.

@@ -208,6 +208,10 @@ pub fn run(opts: &RestoreOptions) -> Result<RestoreSummary, RestoreError> {
     config.mode = opts.mode;
     config.prefetch = opts.prefetch;
     config.record = opts.record;
+    if opts.record {
+        // Exactly the pages touched, not their read-ahead neighbours.
+        config.readahead = crate::pager::NO_READAHEAD;
+    }
     config.on_failure = opts.on_failure;
     config.deadline = opts.deadline;
     let pager = crate::pager::Pager::start(

@@ -50,9 +50,6 @@ const TCP_REQUEST: usize = 16;
 /// Reply bytes of the TCP floor: one 4 KiB page.
 const TCP_REPLY: usize = 4096;
 
-/// Read-ahead bounds that turn read-ahead off: one 4 KiB page per request.
-const NO_READAHEAD: (u64, u64) = (4096, 4096);
-
 /// Page size of the scenario's snapshot (4 KiB pages).
 const PAGE: usize = 4096;
 
@@ -493,7 +490,7 @@ fn faultline(
     let mut config = PagerConfig::new(ctx.url(), snap.id.clone());
     config.prefetch = PrefetchPolicy::None;
     if readahead_off {
-        config.readahead = NO_READAHEAD;
+        config.readahead = faultline_client::pager::NO_READAHEAD;
     }
     let pager = start_pager(config, memory)?;
     let base = pager.memory(0).host_addr();

@@ -450,12 +450,13 @@ fn report(
         let last = row.stats.last().expect("complete rows have stats");
         let s = &last.pages_by_source;
         notes.push(format!(
-            "{}: the pager chose {}; last restore: {} pages prefetched, {} zero pages never \
-             transferred (the kernel zero-fills them after completion), {:.0} MiB received, \
-             {} faults",
+            "{}: the pager chose {}; last restore: {} pages prefetched, {} zero pages mapped by \
+             the pager, {} left to the kernel (it zero-fills them on first touch after \
+             completion), {:.0} MiB received, {} faults",
             row.kind,
             row.decision.as_deref().unwrap_or("?"),
             s.prefetch,
+            s.zero,
             last.pages_total - (s.prefetch + s.demand + s.readahead + s.local + s.eager + s.zero),
             last.bytes_received as f64 / f64::from(1 << 20),
             last.faults

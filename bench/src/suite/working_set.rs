@@ -175,6 +175,10 @@ fn restored_run(
     let mut config = PagerConfig::new(ctx.url(), snapshot.id.clone());
     config.prefetch = prefetch;
     config.record = record;
+    if record {
+        // The exact pages touched, not each fault's read-ahead window.
+        config.readahead = faultline_client::pager::NO_READAHEAD;
+    }
     let started = Instant::now();
     let pager = start_pager(config, memory).context("starting the pager")?;
     let start_s = started.elapsed().as_secs_f64();
@@ -361,7 +365,7 @@ fn report(
         });
     }
     table.row(vec![
-        "record once (prefetch none, recording; not repeated)".into(),
+        "record once (prefetch none, read-ahead off, recording; not repeated)".into(),
         format!("{:.4}", record.secs),
         ratio(record.secs, local),
         sources(std::slice::from_ref(record)),
@@ -385,8 +389,8 @@ fn report(
     let recorded = record.recorded.unwrap_or(0);
     let mut notes = vec![format!(
         "The local run reads {} pages ({:.0} MiB) already in RAM, a few microseconds each. A \
-         replay must also move the recorded set ({:.0} MiB, read-ahead neighbours included) \
-         over loopback from the in-process server while the workload runs, with the server, \
+         replay must also move the recorded set's data pages (the recording holds {recorded} \
+         pages, {:.0} MiB with its zero pages, which travel as ranges only) over loopback from the in-process server while the workload runs, with the server, \
          the pager and the workload sharing the machine's cores, and pays Pager::start \
          (connect, manifest with one digest per page, uffd registration: median {:.3} s).",
         order.len(),
@@ -402,9 +406,10 @@ fn report(
     )];
     notes.push(format!(
         "The recorded working set holds {recorded} pages for the {} pages touched ({} of them \
-         zero pages, which travel as ranges and are mapped ahead by the prefetcher): the pager \
-         records each fault's whole read-ahead window (at least 16 KiB), so replay prefetches \
-         the touched pages' neighbours too.",
+         zero pages, which travel as ranges and are mapped ahead by the prefetcher): the \
+         recording run has read-ahead off (faultline_client::pager::NO_READAHEAD, as \
+         `faultline restore --record` does), so that it holds the pages touched and not their \
+         neighbours.",
         order.len(),
         zero_in_order
     ));

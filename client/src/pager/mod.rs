@@ -66,6 +66,13 @@ pub const MIN_READAHEAD_BYTES: u64 = 16 << 10;
 /// scans reach it after six faults.
 pub const MAX_READAHEAD_BYTES: u64 = 1 << 20;
 
+/// Read-ahead bounds that fetch only the faulting page. For recording an
+/// exact working set: a neighbour fetched ahead is never faulted on, so a
+/// recording with read-ahead holds each fault's whole window (on a scattered
+/// 10% of 2 GiB, 2.2x the pages touched: docs/BENCHMARKS.md), all of which a
+/// replay then moves.
+pub const NO_READAHEAD: (u64, u64) = (0, 0);
+
 /// Default time the server may be unreachable (or a page keep failing its
 /// digest) before the failure policy applies.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
@@ -147,7 +154,9 @@ pub struct PagerConfig {
     /// Working set prefetched first, and recorded under, if `record`.
     pub working_set: WorkingSetName,
     /// Record the first-touch order of faults, for
-    /// [`Pager::record_working_set`] (and upload it on completion).
+    /// [`Pager::record_working_set`] (and upload it on completion). Each
+    /// fault records the read-ahead window it fetched; with
+    /// [`NO_READAHEAD`] the recording is exactly the pages touched.
     pub record: bool,
     /// Read-ahead window bounds, in bytes.
     pub readahead: (u64, u64),
