@@ -40,7 +40,8 @@ const COLOURS: [RGBColor; 8] = [
 
 /// Writes every file of `report` into `out`.
 pub fn write(report: &Report, out: &Path) -> anyhow::Result<()> {
-    let json = serde_json::to_string_pretty(report)?;
+    // Compact: raw latency samples make a pretty-printed file megabytes long.
+    let json = serde_json::to_string(report)?;
     let path = out.join("report.json");
     std::fs::write(&path, json).with_context(|| format!("writing {}", path.display()))?;
 

@@ -118,7 +118,9 @@ pub enum Plot {
         x_label: String,
         /// Logarithmic x axis.
         log_x: bool,
-        /// (label, samples).
+        /// (label, samples). Not in `report.json`: the scenario's `data`
+        /// holds the samples once.
+        #[serde(skip_serializing)]
         series: Vec<(String, Vec<f64>)>,
     },
     /// Bars with error whiskers (median, min, max).
