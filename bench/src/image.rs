@@ -8,16 +8,22 @@ use faultline_server::testing::fill_page;
 /// Pages generated per write.
 const CHUNK_PAGES: usize = 2048;
 
-/// Writes an image of `size` bytes (a multiple of 4096) with `seed` to `out`.
-/// Page content follows [`faultline_server::testing::page_kind`]: about 40%
-/// zero pages in runs, 30% text, 30% random.
-pub fn write_image(out: &Path, size: u64, seed: u64) -> std::io::Result<()> {
+/// An image size must be a positive multiple of 4096.
+fn check_size(size: u64) -> std::io::Result<()> {
     if size == 0 || !size.is_multiple_of(4096) {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             format!("size {size} is not a positive multiple of 4096"),
         ));
     }
+    Ok(())
+}
+
+/// Writes an image of `size` bytes (a multiple of 4096) with `seed` to `out`.
+/// Page content follows [`faultline_server::testing::page_kind`]: about 40%
+/// zero pages in runs, 30% text, 30% random.
+pub fn write_image(out: &Path, size: u64, seed: u64) -> std::io::Result<()> {
+    check_size(size)?;
     let mut file = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(out)?);
     let pages = size / 4096;
     let mut buf = vec![0u8; CHUNK_PAGES * 4096];
@@ -36,12 +42,7 @@ pub fn write_image(out: &Path, size: u64, seed: u64) -> std::io::Result<()> {
 /// Writes an image of `size` bytes (a multiple of 4096) of random bytes
 /// (xorshift from `seed`): incompressible, no zero pages.
 pub fn write_random_image(out: &Path, size: u64, seed: u64) -> std::io::Result<()> {
-    if size == 0 || !size.is_multiple_of(4096) {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("size {size} is not a positive multiple of 4096"),
-        ));
-    }
+    check_size(size)?;
     let mut file = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(out)?);
     let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     let mut buf = vec![0u8; CHUNK_PAGES * 4096];
