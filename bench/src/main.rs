@@ -56,6 +56,17 @@ enum Command {
     VmWalk(SuiteArgs),
     /// Scenario 7: none vs lz4 vs zstd on the prefetch path.
     Compression(SuiteArgs),
+    /// Write a report's BENCHMARKS.md and bar plots again from its report.json (after a change
+    /// to the renderer); latency CDFs are kept as drawn, report.json holds no copy of their
+    /// samples.
+    Render {
+        /// The report.json of a run.
+        #[arg(long)]
+        report: PathBuf,
+        /// Output directory [default: the report's own].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Internal (fan-out): serve a store directory; prints the URL on stdout.
     #[command(hide = true)]
     FanoutServer(suite::fanout::ServerArgs),
@@ -172,6 +183,17 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::CopyContinue(args) => run_suite(args, vec![ScenarioId::CopyContinue]),
         Command::VmWalk(args) => run_suite(args, vec![ScenarioId::Vm]),
         Command::Compression(args) => run_suite(args, vec![ScenarioId::Compression]),
+        Command::Render { report, out } => {
+            let out = out.unwrap_or_else(|| {
+                report
+                    .parent()
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| PathBuf::from("."))
+            });
+            suite::render::rerender(&report, &out)?;
+            println!("report: {}", out.join("BENCHMARKS.md").display());
+            Ok(())
+        }
         Command::FanoutServer(args) => suite::fanout::server_main(&args),
         Command::FanoutClient(args) => suite::fanout::client_main(&args),
         Command::Gen { size, out, seed } => {

@@ -26,6 +26,13 @@ const FONT_CANDIDATES: &[&str] = &[
 /// Plot size in pixels: readable on GitHub at full width.
 const PLOT_SIZE: (u32, u32) = (960, 540);
 
+/// Width of a label character at 14 px, roughly: how many fit under a bar.
+const LABEL_CHAR_PX: usize = 8;
+
+/// Lines of a bar's label at most, and their height in pixels.
+const LABEL_LINES: usize = 3;
+const LABEL_LINE_PX: u32 = 17;
+
 /// Series colours, in order.
 const COLOURS: [RGBColor; 8] = [
     RGBColor(0x1f, 0x77, 0xb4),
@@ -38,17 +45,39 @@ const COLOURS: [RGBColor; 8] = [
     RGBColor(0x7f, 0x7f, 0x7f),
 ];
 
+/// Reads a report written by [`write`] and writes its views again into
+/// `out`: `BENCHMARKS.md` and the bar plots, redrawn with this renderer.
+/// report.json itself is left as the run wrote it (parsing and printing
+/// floats again could change their last digits).
+pub fn rerender(report_json: &Path, out: &Path) -> anyhow::Result<()> {
+    let text =
+        std::fs::read(report_json).with_context(|| format!("reading {}", report_json.display()))?;
+    let report: Report = serde_json::from_slice(&text)
+        .with_context(|| format!("{} is not a faultline-bench report", report_json.display()))?;
+    std::fs::create_dir_all(out)?;
+    write_views(&report, out)
+}
+
 /// Writes every file of `report` into `out`.
 pub fn write(report: &Report, out: &Path) -> anyhow::Result<()> {
     // Compact: raw latency samples make a pretty-printed file megabytes long.
     let json = serde_json::to_string(report)?;
     let path = out.join("report.json");
     std::fs::write(&path, json).with_context(|| format!("writing {}", path.display()))?;
+    write_views(report, out)
+}
 
+/// Writes the plots and `BENCHMARKS.md` of `report` into `out`.
+fn write_views(report: &Report, out: &Path) -> anyhow::Result<()> {
     let font = font();
     let mut plot_errors = Vec::new();
     for scenario in &report.scenarios {
         for plot in &scenario.plots {
+            // A report read back from report.json has no samples for its
+            // CDFs (they are in the scenario's data): keep the PNG drawn then.
+            if matches!(plot, Plot::Cdf { series, .. } if series.is_empty()) {
+                continue;
+            }
             if let Err(why) = &font {
                 plot_errors.push(format!("{}: {why}", plot_file(plot)));
                 continue;
@@ -216,7 +245,7 @@ fn draw_bars(root: &Area<'_>, title: &str, y_label: &str, bars: &[Bar]) -> anyho
     let mut chart = ChartBuilder::on(root)
         .caption(title, ("sans-serif", 24))
         .margin(16)
-        .x_label_area_size(if n > 4 { 90 } else { 48 })
+        .x_label_area_size(LABEL_LINES as u32 * LABEL_LINE_PX + 12)
         .y_label_area_size(64)
         .build_cartesian_2d((0..n - 1).into_segmented(), 0.0..top)?;
     chart
@@ -224,12 +253,26 @@ fn draw_bars(root: &Area<'_>, title: &str, y_label: &str, bars: &[Bar]) -> anyho
         .disable_x_mesh()
         .y_desc(y_label)
         .x_labels(n)
-        .x_label_formatter(&|seg| match seg {
-            SegmentValue::CenterOf(i) => bars.get(*i).map(|b| b.label.clone()).unwrap_or_default(),
-            _ => String::new(),
-        })
+        // Drawn below, wrapped to the bar's width.
+        .x_label_formatter(&|_| String::new())
         .label_style(("sans-serif", 14))
         .draw()?;
+    let (xs, ys) = chart.plotting_area().get_pixel_range();
+    let bar_px = (xs.end - xs.start) / n as i32;
+    for (i, b) in bars.iter().enumerate() {
+        let x = xs.start + bar_px * i as i32 + bar_px / 2;
+        let lines = wrap(&b.label, (bar_px as usize / LABEL_CHAR_PX).max(4));
+        for (k, line) in lines.iter().take(LABEL_LINES).enumerate() {
+            root.draw(&Text::new(
+                line.clone(),
+                (x, ys.end + 8 + k as i32 * LABEL_LINE_PX as i32),
+                ("sans-serif", 14)
+                    .into_font()
+                    .color(&BLACK)
+                    .pos(Pos::new(HPos::Center, VPos::Top)),
+            ))?;
+        }
+    }
     chart.draw_series(bars.iter().enumerate().map(|(i, b)| {
         let colour = COLOURS[i % COLOURS.len()];
         let mut rect = Rectangle::new(
@@ -268,6 +311,22 @@ fn draw_bars(root: &Area<'_>, title: &str, y_label: &str, bars: &[Bar]) -> anyho
         )
     }))?;
     Ok(())
+}
+
+/// `text` in lines of at most `width` characters, broken between words
+/// (a longer word gets a line of its own).
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    for word in text.split_whitespace() {
+        match lines.last_mut() {
+            Some(line) if line.chars().count() + 1 + word.chars().count() <= width => {
+                line.push(' ');
+                line.push_str(word);
+            }
+            _ => lines.push(word.to_string()),
+        }
+    }
+    lines
 }
 
 /// An axis label: no trailing ".0", few digits.
@@ -402,6 +461,17 @@ mod tests {
     use super::super::report::{Summary, Table, Target};
     use super::*;
 
+    /// Labels wrap between words to the width given.
+    #[test]
+    fn labels_wrap_between_words() {
+        assert_eq!(
+            wrap("random, faultline, working set", 12),
+            ["random,", "faultline,", "working set"]
+        );
+        assert_eq!(wrap("a b", 10), ["a b"]);
+        assert!(wrap("", 10).is_empty());
+    }
+
     /// The CDF ends at 1.0 on the largest sample and is thinned for large inputs.
     #[test]
     fn cdf_is_monotonic_and_thinned() {
@@ -416,7 +486,8 @@ mod tests {
         );
     }
 
-    /// A report renders its targets, tables and plots, and draws PNGs when a font exists.
+    /// A report renders its targets, tables and plots, draws PNGs when a font exists, and
+    /// renders the same from its report.json.
     #[test]
     fn renders_markdown_and_png() {
         let scenario = ScenarioReport {
@@ -449,7 +520,7 @@ mod tests {
                     file: "demo-bars.png".into(),
                     title: "Bars".into(),
                     y_label: "GB/s".into(),
-                    bars: ["a", "b", "c"]
+                    bars: ["a", "b", "a rather long label under a narrow bar"]
                         .iter()
                         .enumerate()
                         .map(|(i, l)| Bar {
@@ -472,7 +543,11 @@ mod tests {
         };
         let dir = tempfile::tempdir().unwrap();
         write(&report, dir.path()).unwrap();
+        // Read back and written again: the same Markdown.
+        let first = std::fs::read_to_string(dir.path().join("BENCHMARKS.md")).unwrap();
+        rerender(&dir.path().join("report.json"), dir.path()).unwrap();
         let md = std::fs::read_to_string(dir.path().join("BENCHMARKS.md")).unwrap();
+        assert_eq!(md, first);
         assert!(
             md.contains("| demo | x vs y | <= 3x | 2.00x | yes |"),
             "{md}"

@@ -3,10 +3,10 @@
 //!
 //! Scenarios fill these in; [`super::render`] turns them into files.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A whole run.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Report {
     /// The command line that produced it.
     pub command: String,
@@ -25,7 +25,7 @@ pub struct Report {
 }
 
 /// What the run ran on.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Machine {
     /// `uname -srm`.
     pub kernel: String,
@@ -40,7 +40,7 @@ pub struct Machine {
 }
 
 /// One scenario's results.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ScenarioReport {
     /// Short id, also the subcommand: `latency`, `restore`, ...
     pub id: String,
@@ -65,7 +65,7 @@ pub struct ScenarioReport {
 }
 
 /// A table: a header row and rows of cells, already formatted.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Table {
     /// Caption.
     pub title: String,
@@ -92,7 +92,7 @@ impl Table {
 }
 
 /// A goal of the issue and where faultline stands.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Target {
     /// What is compared, e.g. "demand-fault p50 vs local handler".
     pub name: String,
@@ -105,7 +105,7 @@ pub struct Target {
 }
 
 /// A plot to render.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Plot {
     /// Cumulative distributions of samples (latencies), one line per series.
@@ -120,7 +120,7 @@ pub enum Plot {
         log_x: bool,
         /// (label, samples). Not in `report.json`: the scenario's `data`
         /// holds the samples once.
-        #[serde(skip_serializing)]
+        #[serde(skip_serializing, default)]
         series: Vec<(String, Vec<f64>)>,
     },
     /// Bars with error whiskers (median, min, max).
@@ -137,7 +137,7 @@ pub enum Plot {
 }
 
 /// One bar of [`Plot::Bars`].
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Bar {
     /// Label under the bar.
     pub label: String,
@@ -147,7 +147,7 @@ pub struct Bar {
 
 /// Median and spread of repeated measurements (the median of an even count
 /// is the mean of the middle two).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
     /// Median.
     pub median: f64,
@@ -193,7 +193,7 @@ impl Summary {
 }
 
 /// Percentiles of a latency distribution.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Percentiles {
     /// Samples.
     pub n: usize,
