@@ -16,8 +16,9 @@ use faultline_client::uffd::Uffd;
 use faultline_proto::{Manifest, PageIndex};
 use serde_json::json;
 
-use super::latency::{sample_pages, timed_touches, us};
+use super::latency::{timed_touches, us};
 use super::report::{Bar, Plot, ratio};
+use super::sample::sample_pages;
 use super::{
     Content, Ctx, HugePages, ImageSpec, Percentiles, Restored, ScenarioReport, Snapshot, Summary,
     Table, fresh_memory, full_restore, start_pager,

@@ -31,6 +31,7 @@ use faultline_proto::PageIndex;
 use serde_json::json;
 
 use super::report::{Plot, ratio};
+use super::sample::sample_pages;
 use super::{
     Ctx, ImageSpec, Percentiles, ScenarioReport, Snapshot, Summary, Table, Target, start_pager,
 };
@@ -380,35 +381,6 @@ pub(crate) fn us(v: f64) -> String {
     }
 }
 
-/// splitmix64: a small deterministic generator.
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// Up to `count` distinct pages of `0..page_count` that `keep` accepts, in
-/// a random order fixed by `seed`.
-pub(crate) fn sample_pages(
-    page_count: u64,
-    count: usize,
-    seed: u64,
-    keep: impl Fn(u64) -> bool,
-) -> Vec<u64> {
-    let mut pool: Vec<u64> = (0..page_count).filter(|&p| keep(p)).collect();
-    let n = count.min(pool.len());
-    let mut state = seed;
-    // A partial Fisher-Yates shuffle: the first `n` places.
-    for i in 0..n {
-        let j = i + (splitmix(&mut state) % (pool.len() - i) as u64) as usize;
-        pool.swap(i, j);
-    }
-    pool.truncate(n);
-    pool
-}
-
 /// Touches one byte of each of `pages` (of `page_size` bytes, from `base`),
 /// one after the other, and returns each touch's time in µs. A write
 /// touch stores a zero byte.
@@ -730,21 +702,6 @@ fn tcp(count: usize) -> anyhow::Result<Vec<f64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The sample is deterministic, distinct, filtered and bounded by what exists.
-    #[test]
-    fn sample_is_fixed_distinct_and_filtered() {
-        let a = sample_pages(1000, 100, 7, |p| p % 3 != 0);
-        assert_eq!(a, sample_pages(1000, 100, 7, |p| p % 3 != 0));
-        assert_eq!(a.len(), 100);
-        assert!(a.iter().all(|p| p % 3 != 0 && *p < 1000));
-        let mut sorted = a.clone();
-        sorted.sort_unstable();
-        sorted.dedup();
-        assert_eq!(sorted.len(), 100);
-        assert_ne!(a, sample_pages(1000, 100, 8, |p| p % 3 != 0));
-        assert_eq!(sample_pages(10, 100, 7, |p| p < 4).len(), 4);
-    }
 
     /// Percentiles over repeats are each the median of that percentile.
     #[test]

@@ -7,6 +7,7 @@
 //! - One module per scenario: [`latency`] (1), [`restore`] (2),
 //!   [`working_set`] (3), [`fanout`] (4), [`copy_continue`] (5),
 //!   [`microvm`] (6), [`compression`] (7).
+//! - `sample`: deterministic page choices shared by the scenarios.
 //!
 //! A [`Ctx`] is shared by the scenarios: it owns the work directory, the
 //! snapshot store, an in-process server on 127.0.0.1 serving it, the
@@ -23,6 +24,7 @@ pub mod microvm;
 pub mod render;
 pub mod report;
 pub mod restore;
+mod sample;
 pub mod working_set;
 
 use std::collections::HashMap;

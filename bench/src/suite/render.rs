@@ -161,8 +161,10 @@ type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
 /// The (x, fraction) steps of a CDF of `samples`, thinned to at most ~1000
 /// points so that large sample sets draw fast.
 fn cdf_points(samples: &[f64]) -> Vec<(f64, f64)> {
-    let mut v: Vec<f64> = samples.iter().copied().filter(|x| x.is_finite()).collect();
-    v.sort_by(f64::total_cmp);
+    let v: Vec<f64> = super::report::sorted(samples)
+        .into_iter()
+        .filter(|x| x.is_finite())
+        .collect();
     let n = v.len();
     let step = n.div_ceil(1000).max(1);
     let mut points: Vec<(f64, f64)> = (0..n)

@@ -162,11 +162,10 @@ pub struct Summary {
 impl Summary {
     /// The summary of `values` (all zero if empty).
     pub fn of(values: &[f64]) -> Self {
-        if values.is_empty() {
+        let v = sorted(values);
+        if v.is_empty() {
             return Self::default();
         }
-        let mut v = values.to_vec();
-        v.sort_by(f64::total_cmp);
         let mid = v.len() / 2;
         Self {
             median: if v.len().is_multiple_of(2) {
@@ -210,11 +209,10 @@ pub struct Percentiles {
 impl Percentiles {
     /// The percentiles of `samples` (all zero if empty).
     pub fn of(samples: &[f64]) -> Self {
-        if samples.is_empty() {
+        let v = sorted(samples);
+        if v.is_empty() {
             return Self::default();
         }
-        let mut v = samples.to_vec();
-        v.sort_by(f64::total_cmp);
         Self {
             n: v.len(),
             p50: percentile_sorted(&v, 50.0),
@@ -223,6 +221,13 @@ impl Percentiles {
             max: v[v.len() - 1],
         }
     }
+}
+
+/// `values` in ascending order (NaN last, by `total_cmp`).
+pub fn sorted(values: &[f64]) -> Vec<f64> {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v
 }
 
 /// The `p`th percentile of sorted `v` (nearest rank).

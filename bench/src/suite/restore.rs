@@ -7,9 +7,8 @@
 //! bandwidth of the machine. Measurements are interleaved per repeat, so a
 //! noisy neighbour hits all of them.
 //!
-//! Also home of the helpers the working-set scenario shares: filling memory
-//! from the image ([`fill_from_image`]) and a small seeded generator
-//! ([`SplitMix64`]).
+//! Also home of the eager local fill the working-set scenario shares
+//! ([`fill_from_image`]).
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -22,6 +21,7 @@ use faultline_proto::{Manifest, PageIndex, PageSize};
 use serde_json::json;
 
 use super::report::{Bar, Plot};
+use super::sample::SplitMix64;
 use super::{
     Content, Ctx, HugePages, ImageSpec, Restored, ScenarioReport, Snapshot, Summary, Table, Target,
     fresh_memory, full_restore,
@@ -56,33 +56,6 @@ const SPOT_SEED: u64 = 0x5eed_0002;
 
 /// Bytes per GB in the reported bandwidths (decimal, as in GB/s).
 const GB: f64 = 1e9;
-
-/// SplitMix64: a small, seeded, well-mixed generator for page choices that
-/// must be the same on every run.
-#[derive(Clone, Debug)]
-pub(crate) struct SplitMix64(u64);
-
-impl SplitMix64 {
-    /// A generator seeded with `seed`.
-    pub(crate) fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    /// The next value.
-    pub(crate) fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// A value in `0..n` (`n > 0`; the modulo bias is negligible for page
-    /// counts).
-    pub(crate) fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-}
 
 /// Fills `memory` with the first `memory.len()` bytes of `image` by
 /// `pread`ing straight into it, 2 MiB at a time: the eager local restore

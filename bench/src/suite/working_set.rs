@@ -17,7 +17,8 @@ use faultline_client::pager::{PagerConfig, PrefetchPolicy, Stats};
 use serde_json::json;
 
 use super::report::{Bar, Plot, ratio};
-use super::restore::{SplitMix64, fill_from_image};
+use super::restore::fill_from_image;
+use super::sample::sample_pages;
 use super::{Ctx, ImageSpec, ScenarioReport, Summary, Table, Target, start_pager};
 
 /// Share of the snapshot's pages the workload reads, in percent: the issue's
@@ -38,20 +39,6 @@ const REAP_GAIN: f64 = 3.7;
 
 /// Largest replay / local ratio the issue asks for.
 const REPLAY_GOAL: f64 = 1.5;
-
-/// `count` distinct pages of `0..page_count` in a scattered order fixed by
-/// `seed` (a partial Fisher–Yates shuffle).
-pub(crate) fn scattered_pages(page_count: u64, count: u64, seed: u64) -> Vec<u64> {
-    let count = count.min(page_count) as usize;
-    let mut all: Vec<u64> = (0..page_count).collect();
-    let mut rng = SplitMix64::new(seed);
-    for i in 0..count {
-        let j = i + rng.below((all.len() - i) as u64) as usize;
-        all.swap(i, j);
-    }
-    all.truncate(count);
-    all
-}
 
 /// Folds one page into the checksum: the wrapping sum of its little-endian
 /// u64 words, added to the running value times [`FOLD_MULTIPLIER`].
@@ -245,7 +232,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
     let manifest = &snapshot.manifest;
     let page_bytes = manifest.page_size.bytes_usize();
     let count = manifest.page_count * WORKING_SET_PERCENT / 100;
-    let order = scattered_pages(manifest.page_count, count, ORDER_SEED);
+    let order = sample_pages(manifest.page_count, count as usize, ORDER_SEED, |_| true);
     let zero_in_order = order
         .iter()
         .filter(|&&p| manifest.is_zero(faultline_proto::PageIndex(p)))
@@ -501,22 +488,6 @@ fn report(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The order holds `count` distinct in-range pages, is scattered, and
-    /// depends only on the seed.
-    #[test]
-    fn scattered_pages_are_distinct_and_fixed() {
-        let pages = scattered_pages(10_000, 1_000, 3);
-        assert_eq!(pages.len(), 1_000);
-        let mut sorted = pages.clone();
-        sorted.sort_unstable();
-        sorted.dedup();
-        assert_eq!(sorted.len(), 1_000);
-        assert!(sorted.iter().all(|&p| p < 10_000));
-        assert_ne!(pages, sorted, "not in address order");
-        assert_eq!(pages, scattered_pages(10_000, 1_000, 3));
-        assert_eq!(scattered_pages(5, 10, 1).len(), 5);
-    }
 
     /// The checksum depends on where each page's content sits in the order.
     #[test]
