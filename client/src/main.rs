@@ -28,46 +28,7 @@ struct Cli {
 enum Command {
     /// Restore a snapshot lazily into memory of a backing type, touch pages from
     /// threads like a guest, verify them, and print a summary.
-    Restore {
-        /// The server, http://HOST:PORT; repeat to list fallbacks.
-        #[arg(long = "server", env = "FAULTLINE_SERVER", required = true)]
-        servers: Vec<String>,
-        /// The snapshot.
-        #[arg(long)]
-        snapshot: SnapshotId,
-        /// Memory to create: anon, shmem, hugetlb (2 MiB pages; the snapshot must be
-        /// imported with --page-size 2M) or guest-memfd.
-        #[arg(long, default_value = "anon")]
-        backing: BackingKind,
-        /// Resolve method: auto (from what the kernel advertises), copy or continue.
-        #[arg(long, default_value = "auto")]
-        mode: Mode,
-        /// Background prefetch: none, working-set or all.
-        #[arg(long, default_value = "all")]
-        prefetch: PrefetchPolicy,
-        /// Pages to touch: none, all, random:N or working-set.
-        #[arg(long, default_value = "all")]
-        touch: Touch,
-        /// Touching threads.
-        #[arg(long, default_value_t = 4)]
-        threads: usize,
-        /// Record the first-touch order and store it on the server as the working set (read-ahead
-        /// is off while recording, so that the set is exactly the pages touched).
-        #[arg(long)]
-        record: bool,
-        /// Check every touched page against the manifest's digest.
-        #[arg(long)]
-        verify: bool,
-        /// When pages cannot be fetched: wait, poison (SIGBUS on touch) or abort.
-        #[arg(long, default_value = "wait")]
-        on_failure: OnFailure,
-        /// Seconds without the server before --on-failure applies.
-        #[arg(long, default_value_t = 30)]
-        deadline: u64,
-        /// Print one JSON object instead of text.
-        #[arg(long)]
-        json: bool,
-    },
+    Restore(RestoreArgs),
     /// Serve Firecracker VMs restoring a snapshot: listen on a Unix socket for Firecracker's UFFD
     /// handshake (snapshot load with mem_backend {backend_type: "Uffd", backend_path: SOCKET}) and
     /// fill each VM's memory from the server until the VM exits. Stops on SIGINT or SIGTERM.
@@ -117,6 +78,68 @@ enum Command {
     },
 }
 
+/// `faultline restore`'s arguments.
+#[derive(clap::Args, Debug)]
+struct RestoreArgs {
+    /// The server, http://HOST:PORT; repeat to list fallbacks.
+    #[arg(long = "server", env = "FAULTLINE_SERVER", required = true)]
+    servers: Vec<String>,
+    /// The snapshot.
+    #[arg(long)]
+    snapshot: SnapshotId,
+    /// Memory to create: anon, shmem, hugetlb (2 MiB pages; the snapshot must be
+    /// imported with --page-size 2M) or guest-memfd.
+    #[arg(long, default_value = "anon")]
+    backing: BackingKind,
+    /// Resolve method: auto (from what the kernel advertises), copy or continue.
+    #[arg(long, default_value = "auto")]
+    mode: Mode,
+    /// Background prefetch: none, working-set or all.
+    #[arg(long, default_value = "all")]
+    prefetch: PrefetchPolicy,
+    /// Pages to touch: none, all, random:N or working-set.
+    #[arg(long, default_value = "all")]
+    touch: Touch,
+    /// Touching threads.
+    #[arg(long, default_value_t = 4)]
+    threads: usize,
+    /// Record the first-touch order and store it on the server as the working set (read-ahead
+    /// is off while recording, so that the set is exactly the pages touched).
+    #[arg(long)]
+    record: bool,
+    /// Check every touched page against the manifest's digest.
+    #[arg(long)]
+    verify: bool,
+    /// When pages cannot be fetched: wait, poison (SIGBUS on touch) or abort.
+    #[arg(long, default_value = "wait")]
+    on_failure: OnFailure,
+    /// Seconds without the server before --on-failure applies.
+    #[arg(long, default_value_t = 30)]
+    deadline: u64,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+impl RestoreArgs {
+    /// The library's options for these arguments.
+    fn options(self) -> RestoreOptions {
+        RestoreOptions {
+            servers: self.servers,
+            snapshot: self.snapshot,
+            backing: self.backing,
+            mode: self.mode,
+            prefetch: self.prefetch,
+            touch: self.touch,
+            threads: self.threads,
+            record: self.record,
+            verify: self.verify,
+            on_failure: self.on_failure,
+            deadline: std::time::Duration::from_secs(self.deadline),
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -138,33 +161,9 @@ fn main() -> std::process::ExitCode {
 
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Restore {
-            servers,
-            snapshot,
-            backing,
-            mode,
-            prefetch,
-            touch,
-            threads,
-            record,
-            verify,
-            on_failure,
-            deadline,
-            json,
-        } => {
-            let opts = RestoreOptions {
-                servers,
-                snapshot,
-                backing,
-                mode,
-                prefetch,
-                touch,
-                threads,
-                record,
-                verify,
-                on_failure,
-                deadline: std::time::Duration::from_secs(deadline),
-            };
+        Command::Restore(args) => {
+            let json = args.json;
+            let opts = args.options();
             let summary = faultline_client::restore::run(&opts)
                 .with_context(|| format!("restoring {}", opts.snapshot))?;
             if json {
