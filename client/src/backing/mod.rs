@@ -394,6 +394,17 @@ impl GuestMemory {
     ) -> Result<Self, BackingError> {
         check_size(kind, len)?;
         let fd = memfd(kind, name, flags, len)?;
+        Self::fd_backed(kind, fd, len, None)
+    }
+
+    /// `len` bytes of `fd` from its start, mapped shared twice: the guest
+    /// mapping and the fill view (an unregistered mapping to write through).
+    fn fd_backed(
+        kind: BackingKind,
+        fd: OwnedFd,
+        len: usize,
+        vm: Option<KvmVm>,
+    ) -> Result<Self, BackingError> {
         let guest = map_shared(kind, "guest mapping", fd.as_fd(), len, 0)?;
         let fill = map_shared(kind, "fill view", fd.as_fd(), len, 0)?;
         Ok(Self {
@@ -403,7 +414,7 @@ impl GuestMemory {
             fill: Some(fill),
             fd: Some(fd),
             fd_offset: 0,
-            vm: None,
+            vm,
         })
     }
 
@@ -429,20 +440,10 @@ impl GuestMemory {
         }
         let flags = kvm::GUEST_MEMFD_FLAG_MMAP | kvm::GUEST_MEMFD_FLAG_INIT_SHARED;
         let fd = vm.create_guest_memfd(len as u64, flags)?;
-        let guest = map_shared(kind, "guest mapping", fd.as_fd(), len, 0)?;
-        // A second mapping even though nothing registers guest_memfd on this kernel: where a
-        // kernel does advertise MINOR there, the guest mapping gets registered and writing
-        // through it would fault.
-        let fill = map_shared(kind, "fill view", fd.as_fd(), len, 0)?;
-        Ok(Self {
-            kind,
-            page_size: kind.page_size(),
-            guest,
-            fill: Some(fill),
-            fd: Some(fd),
-            fd_offset: 0,
-            vm: Some(vm),
-        })
+        // A fill view even though nothing registers guest_memfd on this kernel: where a kernel
+        // does advertise MINOR there, the guest mapping gets registered and writing through it
+        // would fault.
+        Self::fd_backed(kind, fd, len, Some(vm))
     }
 
     /// Wraps a VMM's existing mapping without taking it over: drop leaves the mapping and the
