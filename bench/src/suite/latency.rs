@@ -206,33 +206,31 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
             "p50 vs local handler",
         ],
     );
-    for (m, method) in Method::ALL.into_iter().enumerate() {
-        let p = &medians[m];
-        let p50s: Vec<f64> = per_repeat[m].iter().map(|p| p.p50).collect();
-        table.row(vec![
-            method.label().into(),
+    // One row: percentiles (medians over repeats) and the spread of p50.
+    let row = |label: &str, p: &Percentiles, repeats: &[Percentiles]| {
+        let p50s: Vec<f64> = repeats.iter().map(|p| p.p50).collect();
+        vec![
+            label.to_string(),
             us(p.p50),
             us(p.p90),
             us(p.p99),
             us(p.max),
             Summary::of(&p50s).fmt(1),
             ratio(p.p50, local_p50),
-        ]);
+        ]
+    };
+    for (m, method) in Method::ALL.into_iter().enumerate() {
+        table.row(row(method.label(), &medians[m], &per_repeat[m]));
     }
     let zero_per_repeat: Vec<Percentiles> =
         zero_samples.iter().map(|s| Percentiles::of(s)).collect();
     let zero = median_of(&zero_per_repeat);
     if zero.n > 0 {
-        let p50s: Vec<f64> = zero_per_repeat.iter().map(|p| p.p50).collect();
-        table.row(vec![
-            "faultline, zero page (no network)".into(),
-            us(zero.p50),
-            us(zero.p90),
-            us(zero.p99),
-            us(zero.max),
-            Summary::of(&p50s).fmt(1),
-            ratio(zero.p50, local_p50),
-        ]);
+        table.row(row(
+            "faultline, zero page (no network)",
+            &zero,
+            &zero_per_repeat,
+        ));
     }
     report.tables.push(table);
 
