@@ -20,6 +20,7 @@
 //! The binary `faultline-server` (`src/main.rs`) only parses arguments and
 //! calls into these.
 
+pub mod chunk_cache;
 pub mod error;
 pub mod import;
 pub mod metrics;

@@ -12,6 +12,7 @@
 //! is complete.
 
 pub mod local;
+pub mod object;
 pub mod writer;
 
 use std::path::PathBuf;
