@@ -22,6 +22,7 @@
 
 pub mod chunk_cache;
 pub mod error;
+pub mod garage;
 pub mod import;
 pub mod metrics;
 pub mod server;

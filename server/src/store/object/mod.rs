@@ -188,7 +188,27 @@ impl ObjectSnapshotStore {
         prefix: &str,
         options: ObjectStoreOptions,
     ) -> Result<Self, ConnectError> {
-        let s3 = AmazonS3Builder::from_env()
+        Self::with_settings(bucket, prefix, std::env::vars(), options)
+    }
+
+    /// Like [`Self::from_env`], with the `AWS_*` settings given instead of
+    /// read from the environment (what `AmazonS3Builder::from_env` does with
+    /// them: names other than `AWS_*` and unknown ones are ignored).
+    pub fn with_settings(
+        bucket: &str,
+        prefix: &str,
+        settings: impl IntoIterator<Item = (String, String)>,
+        options: ObjectStoreOptions,
+    ) -> Result<Self, ConnectError> {
+        let mut builder = AmazonS3Builder::new();
+        for (key, value) in settings {
+            if key.starts_with("AWS_")
+                && let Ok(k) = key.to_ascii_lowercase().parse::<AmazonS3ConfigKey>()
+            {
+                builder = builder.with_config(k, value);
+            }
+        }
+        let s3 = builder
             .with_bucket_name(bucket)
             // One retry policy, ours (io.rs), instead of two stacked.
             .with_retry(RetryConfig {
