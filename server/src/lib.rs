@@ -2,9 +2,12 @@
 //! (`faultline.v1.Faultline`), with health, reflection and Prometheus metrics.
 //!
 //! # Layout
-//! - [`store`]: where snapshots live. The [`store::SnapshotStore`] trait, the
-//!   local directory store, and the one-pass [`store::SnapshotWriter`] that
-//!   both import and upload use.
+//! - [`store`]: where snapshots live. The async [`store::SnapshotStore`],
+//!   [`store::Snapshot`] and [`store::SnapshotWrite`] traits, the local
+//!   directory store, and its one-pass [`store::SnapshotWriter`] that both
+//!   import and upload use.
+//! - [`limits`]: [`limits::Limits`], every limit on what a request, a client
+//!   or a snapshot may make the server hold, with its default and flag.
 //! - [`import`]: importing a raw memory file (Firecracker, Cloud Hypervisor)
 //!   into a store, with progress.
 //! - [`service`]: the gRPC service: validation at the edge, batches of pages,
@@ -22,6 +25,7 @@
 
 pub mod error;
 pub mod import;
+pub mod limits;
 pub mod metrics;
 pub mod server;
 pub mod service;
@@ -29,6 +33,7 @@ pub mod store;
 pub mod testing;
 
 pub use error::Error;
-pub use server::{ServerHandle, run, spawn};
+pub use limits::Limits;
+pub use server::{ServerHandle, run, run_with_limits, spawn, spawn_with_limits};
 pub use service::FaultlineService;
 pub use store::{LocalStore, SnapshotStore};

@@ -8,9 +8,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use faultline_proto::{PageIndex, PageRange, PageSize, SnapshotId};
-use faultline_server::import::{RegionArg, import_file};
+use faultline_server::import::{RegionArg, import};
 use faultline_server::store::SnapshotStore;
-use faultline_server::{LocalStore, metrics};
+use faultline_server::{Limits, LocalStore, metrics};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// How long in-flight streams may take to finish after SIGINT/SIGTERM before
@@ -41,6 +41,8 @@ enum Command {
         /// Address for Prometheus metrics (GET /metrics); none if not given.
         #[arg(long)]
         metrics_listen: Option<SocketAddr>,
+        #[command(flatten)]
+        limits: Limits,
     },
     /// Import a raw memory file (e.g. a Firecracker memory snapshot) as a snapshot.
     Import {
@@ -60,6 +62,8 @@ enum Command {
         /// one region "mem" covering the file at guest address 0.
         #[arg(long = "region")]
         regions: Vec<RegionArg>,
+        #[command(flatten)]
+        limits: Limits,
     },
     /// Show a snapshot's manifest.
     Inspect {
@@ -112,14 +116,16 @@ fn run(command: Command) -> anyhow::Result<()> {
             store,
             listen,
             metrics_listen,
-        } => serve(store, listen, metrics_listen),
+            limits,
+        } => serve(store, listen, metrics_listen, limits),
         Command::Import {
             store,
             name,
             mem_file,
             page_size,
             regions,
-        } => import(store, name, mem_file, page_size, regions),
+            limits,
+        } => import_cmd(store, name, mem_file, page_size, regions, limits),
         Command::Inspect {
             store,
             name,
@@ -130,8 +136,8 @@ fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-fn open_store(dir: PathBuf) -> anyhow::Result<LocalStore> {
-    LocalStore::new(&dir)
+fn open_store(dir: PathBuf, limits: &Limits) -> anyhow::Result<LocalStore> {
+    LocalStore::with_limits(&dir, limits)
         .with_context(|| format!("cannot open the snapshot store {}", dir.display()))
 }
 
@@ -140,9 +146,14 @@ async fn serve(
     store: PathBuf,
     listen: SocketAddr,
     metrics_listen: Option<SocketAddr>,
+    limits: Limits,
 ) -> anyhow::Result<()> {
-    let store: Arc<dyn SnapshotStore> = Arc::new(open_store(store)?);
-    let snapshots = store.list()?;
+    let dir = store.clone();
+    let store: Arc<dyn SnapshotStore> = Arc::new(open_store(store, &limits)?);
+    let snapshots = store
+        .list()
+        .await
+        .with_context(|| format!("in {}", dir.display()))?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}; is another server running there?"))?;
@@ -186,7 +197,7 @@ async fn serve(
         std::process::exit(1);
     });
     let mut stop = stop_rx;
-    faultline_server::run(listener, store, async move {
+    faultline_server::run_with_limits(listener, store, limits, async move {
         let _ = stop.wait_for(|s| *s).await;
     })
     .await?;
@@ -204,14 +215,16 @@ async fn wait_for_signal() {
     }
 }
 
-fn import(
+#[tokio::main]
+async fn import_cmd(
     store: PathBuf,
     name: SnapshotId,
     mem_file: PathBuf,
     page_size: PageSize,
     regions: Vec<RegionArg>,
+    limits: Limits,
 ) -> anyhow::Result<()> {
-    let store = open_store(store)?;
+    let store = open_store(store, &limits)?;
     let size = std::fs::metadata(&mem_file)
         .with_context(|| format!("cannot read the memory file {}", mem_file.display()))?
         .len();
@@ -224,9 +237,16 @@ fn import(
     );
     bar.set_message(format!("importing {name}"));
     let started = std::time::Instant::now();
-    let summary = import_file(&store, name, page_size, &regions, &mem_file, |done| {
-        bar.set_position(done)
-    });
+    let summary = import(
+        &store,
+        &limits,
+        name,
+        page_size,
+        &regions,
+        &mem_file,
+        |done| bar.set_position(done),
+    )
+    .await;
     bar.finish_and_clear();
     let summary = summary?;
     println!(
@@ -240,9 +260,10 @@ fn import(
     Ok(())
 }
 
-fn inspect(store: PathBuf, name: SnapshotId, verify: bool, json: bool) -> anyhow::Result<()> {
-    let store = open_store(store)?;
-    let snapshot = store.open(&name)?;
+#[tokio::main]
+async fn inspect(store: PathBuf, name: SnapshotId, verify: bool, json: bool) -> anyhow::Result<()> {
+    let store = open_store(store, &Limits::default())?;
+    let snapshot = store.open(&name).await?;
     let m = snapshot.manifest();
     let mismatches = if verify {
         let mut bad = Vec::new();
@@ -251,7 +272,7 @@ fn inspect(store: PathBuf, name: SnapshotId, verify: bool, json: bool) -> anyhow
         while start < m.page_count {
             let range = PageRange::new(PageIndex(start), chunk.min(m.page_count - start))
                 .expect("non-empty");
-            let data = snapshot.read(range);
+            let data = snapshot.read(range).await?;
             for (i, page) in data.chunks(m.page_size.bytes_usize()).enumerate() {
                 let p = PageIndex(start + i as u64);
                 if !m.verify(p, page) {
@@ -325,9 +346,14 @@ fn inspect(store: PathBuf, name: SnapshotId, verify: bool, json: bool) -> anyhow
     Ok(())
 }
 
-fn list(store: PathBuf, json: bool) -> anyhow::Result<()> {
-    let store = open_store(store)?;
-    let snapshots = store.list()?;
+#[tokio::main]
+async fn list(store: PathBuf, json: bool) -> anyhow::Result<()> {
+    let dir = store.clone();
+    let store = open_store(store, &Limits::default())?;
+    let snapshots = store
+        .list()
+        .await
+        .with_context(|| format!("in {}", dir.display()))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&snapshots)?);
         return Ok(());
