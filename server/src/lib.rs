@@ -2,9 +2,15 @@
 //! (`faultline.v1.Faultline`), with health, reflection and Prometheus metrics.
 //!
 //! # Layout
-//! - [`store`]: where snapshots live. The [`store::SnapshotStore`] trait, the
-//!   local directory store, and the one-pass [`store::SnapshotWriter`] that
-//!   both import and upload use.
+//! - [`store`]: where snapshots live. The async [`store::SnapshotStore`],
+//!   [`store::Snapshot`] and [`store::SnapshotWrite`] traits, the local
+//!   directory store, and its one-pass [`store::SnapshotWriter`] that both
+//!   import and upload use; [`store::object`], the S3 object store
+//!   (content-addressed chunks, a manifest written last).
+//! - [`chunk_cache`]: the bounded in-memory chunk cache with single-flight
+//!   misses that object-store reads go through.
+//! - [`limits`]: [`limits::Limits`], every limit on what a request, a client
+//!   or a snapshot may make the server hold, with its default and flag.
 //! - [`import`]: importing a raw memory file (Firecracker, Cloud Hypervisor)
 //!   into a store, with progress.
 //! - [`service`]: the gRPC service: validation at the edge, batches of pages,
@@ -14,6 +20,10 @@
 //! - [`server`]: [`server::run`], the transport with its tuning, health,
 //!   reflection and graceful shutdown; [`server::spawn`] runs one on a
 //!   background task.
+//! - [`readiness`]: liveness and readiness (`/livez`, `/readyz`, gRPC
+//!   health NOT_SERVING until the store answers).
+//! - [`garage`]: a single-node Garage (a real S3 server) for tests and
+//!   benchmarks, through `scripts/garage.sh`.
 //! - [`testing`]: deterministic synthetic memory images for tests, benchmarks
 //!   and the demo.
 //!
@@ -24,13 +34,18 @@ pub mod chunk_cache;
 pub mod error;
 pub mod garage;
 pub mod import;
+pub mod limits;
 pub mod metrics;
+pub mod readiness;
 pub mod server;
 pub mod service;
 pub mod store;
 pub mod testing;
 
 pub use error::Error;
-pub use server::{ServerHandle, run, spawn};
+pub use limits::Limits;
+pub use server::{
+    ServerHandle, run, run_with_limits, run_with_readiness, spawn, spawn_with_limits,
+};
 pub use service::FaultlineService;
 pub use store::{LocalStore, SnapshotStore};

@@ -2,15 +2,16 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use faultline_proto::{PageIndex, PageRange, PageSize, SnapshotId};
-use faultline_server::import::{RegionArg, import_file};
-use faultline_server::store::SnapshotStore;
-use faultline_server::{LocalStore, metrics};
+use faultline_server::import::{RegionArg, import};
+use faultline_server::import::parse_size;
+use faultline_server::readiness::Readiness;
+use faultline_server::store::object::{ObjectStoreOptions, OpenedStore, StoreLocation};
+use faultline_server::{Limits, metrics};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// How long in-flight streams may take to finish after SIGINT/SIGTERM before
@@ -32,21 +33,30 @@ struct Cli {
 enum Command {
     /// Serve the snapshots of a store over gRPC.
     Serve {
-        /// Snapshot store directory.
+        /// Snapshot store: a directory, or s3://BUCKET/PREFIX (credentials,
+        /// region and endpoint from the AWS_* variables).
         #[arg(long, env = "FAULTLINE_STORE")]
-        store: PathBuf,
+        store: StoreLocation,
         /// Address for gRPC.
         #[arg(long, default_value = "127.0.0.1:7070")]
         listen: SocketAddr,
-        /// Address for Prometheus metrics (GET /metrics); none if not given.
+        /// Address for Prometheus metrics (GET /metrics) and the liveness and
+        /// readiness probes (GET /livez, /readyz); none if not given.
         #[arg(long)]
         metrics_listen: Option<SocketAddr>,
+        /// Memory for chunks read from an object store (K/M/G suffixes).
+        #[arg(long = "chunk-cache", value_name = "BYTES", default_value = "1G", value_parser = parse_size)]
+        chunk_cache: u64,
+        #[command(flatten)]
+        limits: Limits,
     },
     /// Import a raw memory file (e.g. a Firecracker memory snapshot) as a snapshot.
     Import {
-        /// Snapshot store directory (created if missing).
+        /// Snapshot store: a directory (created if missing), or
+        /// s3://BUCKET/PREFIX (credentials, region and endpoint from the
+        /// AWS_* variables).
         #[arg(long, env = "FAULTLINE_STORE")]
-        store: PathBuf,
+        store: StoreLocation,
         /// Name of the new snapshot: letters, digits, '.', '_', '-'.
         #[arg(long)]
         name: SnapshotId,
@@ -60,12 +70,15 @@ enum Command {
         /// one region "mem" covering the file at guest address 0.
         #[arg(long = "region")]
         regions: Vec<RegionArg>,
+        #[command(flatten)]
+        limits: Limits,
     },
     /// Show a snapshot's manifest.
     Inspect {
-        /// Snapshot store directory.
+        /// Snapshot store: a directory, or s3://BUCKET/PREFIX (credentials,
+        /// region and endpoint from the AWS_* variables).
         #[arg(long, env = "FAULTLINE_STORE")]
-        store: PathBuf,
+        store: StoreLocation,
         /// The snapshot.
         #[arg(long)]
         name: SnapshotId,
@@ -78,9 +91,10 @@ enum Command {
     },
     /// List the snapshots of a store.
     List {
-        /// Snapshot store directory.
+        /// Snapshot store: a directory, or s3://BUCKET/PREFIX (credentials,
+        /// region and endpoint from the AWS_* variables).
         #[arg(long, env = "FAULTLINE_STORE")]
-        store: PathBuf,
+        store: StoreLocation,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -112,14 +126,17 @@ fn run(command: Command) -> anyhow::Result<()> {
             store,
             listen,
             metrics_listen,
-        } => serve(store, listen, metrics_listen),
+            chunk_cache,
+            limits,
+        } => serve(store, listen, metrics_listen, chunk_cache, limits),
         Command::Import {
             store,
             name,
             mem_file,
             page_size,
             regions,
-        } => import(store, name, mem_file, page_size, regions),
+            limits,
+        } => import_cmd(store, name, mem_file, page_size, regions, limits),
         Command::Inspect {
             store,
             name,
@@ -130,19 +147,37 @@ fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-fn open_store(dir: PathBuf) -> anyhow::Result<LocalStore> {
-    LocalStore::new(&dir)
-        .with_context(|| format!("cannot open the snapshot store {}", dir.display()))
+fn open_store(store: &StoreLocation, limits: &Limits) -> anyhow::Result<OpenedStore> {
+    Ok(store.open(limits, ObjectStoreOptions::with_limits(limits))?)
 }
 
 #[tokio::main]
 async fn serve(
-    store: PathBuf,
+    location: StoreLocation,
     listen: SocketAddr,
     metrics_listen: Option<SocketAddr>,
+    chunk_cache: u64,
+    limits: Limits,
 ) -> anyhow::Result<()> {
-    let store: Arc<dyn SnapshotStore> = Arc::new(open_store(store)?);
-    let snapshots = store.list()?;
+    // Before the store, whose cache reports its capacity as it starts.
+    metrics::install();
+    let options = ObjectStoreOptions {
+        cache_bytes: chunk_cache,
+        ..ObjectStoreOptions::with_limits(&limits)
+    };
+    let opened = location.open(&limits, options)?;
+    let store = opened.store.clone();
+    // A directory must be readable now; an object store may come up later:
+    // until it answers, the server is live but not ready.
+    let snapshots = match (store.list().await, &opened.object) {
+        (Ok(s), _) => s.len().to_string(),
+        (Err(e), Some(_)) => {
+            tracing::warn!("{location} does not answer yet: {e}");
+            "no".to_owned()
+        }
+        (Err(e), None) => return Err(e).with_context(|| format!("in {location}")),
+    };
+    let readiness = Readiness::spawn(opened.probe());
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}; is another server running there?"))?;
@@ -152,6 +187,7 @@ async fn serve(
             .await
             .with_context(|| format!("cannot listen for metrics on {addr}"))?;
         let mut stop = stop_rx.clone();
+        let routes = readiness.routes();
         tracing::info!(
             "metrics at {}",
             metrics::describe(metrics_listener.local_addr()?)
@@ -160,16 +196,13 @@ async fn serve(
             let shutdown = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
-            if let Err(e) = metrics::serve(metrics_listener, shutdown).await {
+            if let Err(e) = metrics::serve_with(metrics_listener, routes, shutdown).await {
                 tracing::error!("metrics endpoint failed: {e}");
             }
         });
-    } else {
-        metrics::install();
     }
     tracing::info!(
-        "serving {} snapshot(s) on {}",
-        snapshots.len(),
+        "serving {snapshots} snapshot(s) of {location} on {}",
         listener.local_addr()?
     );
     tokio::spawn(async move {
@@ -186,7 +219,7 @@ async fn serve(
         std::process::exit(1);
     });
     let mut stop = stop_rx;
-    faultline_server::run(listener, store, async move {
+    faultline_server::run_with_readiness(listener, store, limits, readiness, async move {
         let _ = stop.wait_for(|s| *s).await;
     })
     .await?;
@@ -204,14 +237,16 @@ async fn wait_for_signal() {
     }
 }
 
-fn import(
-    store: PathBuf,
+#[tokio::main]
+async fn import_cmd(
+    location: StoreLocation,
     name: SnapshotId,
     mem_file: PathBuf,
     page_size: PageSize,
     regions: Vec<RegionArg>,
+    limits: Limits,
 ) -> anyhow::Result<()> {
-    let store = open_store(store)?;
+    let opened = open_store(&location, &limits)?;
     let size = std::fs::metadata(&mem_file)
         .with_context(|| format!("cannot read the memory file {}", mem_file.display()))?
         .len();
@@ -224,9 +259,16 @@ fn import(
     );
     bar.set_message(format!("importing {name}"));
     let started = std::time::Instant::now();
-    let summary = import_file(&store, name, page_size, &regions, &mem_file, |done| {
-        bar.set_position(done)
-    });
+    let summary = import(
+        &*opened.store,
+        &limits,
+        name,
+        page_size,
+        &regions,
+        &mem_file,
+        |done| bar.set_position(done),
+    )
+    .await;
     bar.finish_and_clear();
     let summary = summary?;
     println!(
@@ -237,12 +279,24 @@ fn import(
         summary.zero_pages,
         started.elapsed().as_secs_f64()
     );
+    if let Some((_, c)) = opened.object.as_ref().and_then(|o| o.last_write()) {
+        println!(
+            "chunks   {} : {} uploaded ({} bytes), {} already in {location} (not uploaded), {} zero (not stored)",
+            c.chunks, c.uploaded, c.uploaded_bytes, c.reused, c.zero
+        );
+    }
     Ok(())
 }
 
-fn inspect(store: PathBuf, name: SnapshotId, verify: bool, json: bool) -> anyhow::Result<()> {
-    let store = open_store(store)?;
-    let snapshot = store.open(&name)?;
+#[tokio::main]
+async fn inspect(
+    location: StoreLocation,
+    name: SnapshotId,
+    verify: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let store = open_store(&location, &Limits::default())?.store;
+    let snapshot = store.open(&name).await?;
     let m = snapshot.manifest();
     let mismatches = if verify {
         let mut bad = Vec::new();
@@ -251,7 +305,7 @@ fn inspect(store: PathBuf, name: SnapshotId, verify: bool, json: bool) -> anyhow
         while start < m.page_count {
             let range = PageRange::new(PageIndex(start), chunk.min(m.page_count - start))
                 .expect("non-empty");
-            let data = snapshot.read(range);
+            let data = snapshot.read(range).await?;
             for (i, page) in data.chunks(m.page_size.bytes_usize()).enumerate() {
                 let p = PageIndex(start + i as u64);
                 if !m.verify(p, page) {
@@ -325,9 +379,13 @@ fn inspect(store: PathBuf, name: SnapshotId, verify: bool, json: bool) -> anyhow
     Ok(())
 }
 
-fn list(store: PathBuf, json: bool) -> anyhow::Result<()> {
-    let store = open_store(store)?;
-    let snapshots = store.list()?;
+#[tokio::main]
+async fn list(location: StoreLocation, json: bool) -> anyhow::Result<()> {
+    let store = open_store(&location, &Limits::default())?.store;
+    let snapshots = store
+        .list()
+        .await
+        .with_context(|| format!("in {location}"))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&snapshots)?);
         return Ok(());

@@ -11,6 +11,8 @@ use faultline_proto::pb::faultline_server::FaultlineServer;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
+use crate::limits::Limits;
+use crate::readiness::Readiness;
 use crate::service::FaultlineService;
 use crate::store::SnapshotStore;
 
@@ -63,15 +65,37 @@ pub async fn run(
     store: Arc<dyn SnapshotStore>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    run_with_limits(listener, store, Limits::default(), shutdown).await
+}
+
+/// [`run`] within `limits`.
+pub async fn run_with_limits(
+    listener: tokio::net::TcpListener,
+    store: Arc<dyn SnapshotStore>,
+    limits: Limits,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    run_with_readiness(listener, store, limits, Readiness::always(), shutdown).await
+}
+
+/// [`run_with_limits`], with gRPC health NOT_SERVING while `readiness` is
+/// not ready (see [`crate::readiness`]).
+pub async fn run_with_readiness(
+    listener: tokio::net::TcpListener,
+    store: Arc<dyn SnapshotStore>,
+    limits: Limits,
+    readiness: Readiness,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<FaultlineServer<FaultlineService>>()
-        .await;
+    readiness.drive_health::<FaultlineServer<FaultlineService>>(health);
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(faultline_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let faultline = FaultlineServer::new(FaultlineService::new(store))
+    let service = FaultlineService::with_limits(store, limits);
+    service.count_snapshots().await;
+    let faultline = FaultlineServer::new(service)
         .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_ENCODING_MESSAGE_BYTES);
 
@@ -80,7 +104,7 @@ pub async fn run(
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     Server::builder()
         .layer(tower::util::MapResponseLayer::new(
-            too_large_is_resource_exhausted as fn(_) -> _,
+            crate::error::fix_transport_codes as fn(_) -> _,
         ))
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
@@ -93,28 +117,6 @@ pub async fn run(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
-}
-
-/// tonic rejects a request message above the decoding limit with
-/// OutOfRange before any handler runs; the protocol promises
-/// ResourceExhausted for a request too large to accept (OutOfRange means
-/// pages past the end of a snapshot). Such rejections are trailers-only
-/// responses, so the status is in the headers (the message percent-encoded).
-fn too_large_is_resource_exhausted(
-    mut resp: http::Response<tonic::body::Body>,
-) -> http::Response<tonic::body::Body> {
-    let headers = resp.headers_mut();
-    let out_of_range = headers
-        .get("grpc-status")
-        .is_some_and(|v| v.as_bytes() == b"11");
-    let too_large = headers
-        .get("grpc-message")
-        .and_then(|m| m.to_str().ok())
-        .is_some_and(|m| m.contains("message%20length%20too%20large"));
-    if out_of_range && too_large {
-        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
-    }
-    resp
 }
 
 /// A server running on a background task, for tests, benchmarks and
@@ -165,10 +167,19 @@ pub async fn spawn(
     addr: std::net::SocketAddr,
     store: Arc<dyn SnapshotStore>,
 ) -> std::io::Result<ServerHandle> {
+    spawn_with_limits(addr, store, Limits::default()).await
+}
+
+/// [`spawn`] within `limits`.
+pub async fn spawn_with_limits(
+    addr: std::net::SocketAddr,
+    store: Arc<dyn SnapshotStore>,
+    limits: Limits,
+) -> std::io::Result<ServerHandle> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel();
-    let task = tokio::spawn(run(listener, store, async move {
+    let task = tokio::spawn(run_with_limits(listener, store, limits, async move {
         let _ = stopped.await;
     }));
     Ok(ServerHandle {

@@ -14,6 +14,7 @@
 //! `AWS_VIRTUAL_HOSTED_STYLE_REQUEST=true`), read by object_store's
 //! `AmazonS3Builder::from_env`.
 
+mod backend;
 pub mod io;
 pub mod layout;
 pub mod metrics;
@@ -39,6 +40,9 @@ pub use snapshot::ObjectSnapshot;
 pub use writer::{ChunkStats, ObjectWriteError, ObjectWriter};
 
 use crate::chunk_cache::{CacheCounts, ChunkCache};
+use crate::limits::Limits;
+use crate::readiness::Probe;
+use crate::store::{LocalStore, SnapshotStore};
 use crate::store::{RecordError, SnapshotSpec, SnapshotSummary, first_touch_order};
 use layout::{Keys, OBJECT_FORMAT_VERSION, ObjectManifest, chunk_count};
 use snapshot::{Cache, WorkingSets};
@@ -109,6 +113,92 @@ impl std::fmt::Display for StoreLocation {
     }
 }
 
+/// A store opened from a [`StoreLocation`].
+#[derive(Clone, Debug)]
+pub struct OpenedStore {
+    /// The store.
+    pub store: Arc<dyn SnapshotStore>,
+    /// The same store, if it is an object store.
+    pub object: Option<Arc<ObjectSnapshotStore>>,
+    local: Option<LocalStore>,
+}
+
+/// Opening a store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenStoreError {
+    /// The directory could not be created or read.
+    #[error("cannot open the snapshot store {path}: {source}")]
+    Local {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The object store is not configured right.
+    #[error(transparent)]
+    Object(#[from] ConnectError),
+}
+
+impl StoreLocation {
+    /// Opens the store: a directory within `limits`, or an object store
+    /// configured from the `AWS_*` environment with `options`. An object
+    /// store is not contacted yet (see [`OpenedStore::probe`]).
+    pub fn open(
+        &self,
+        limits: &Limits,
+        options: ObjectStoreOptions,
+    ) -> Result<OpenedStore, OpenStoreError> {
+        match self {
+            Self::Local(path) => {
+                let local = LocalStore::with_limits(path, limits).map_err(|source| {
+                    OpenStoreError::Local {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
+                Ok(OpenedStore {
+                    store: Arc::new(local.clone()),
+                    object: None,
+                    local: Some(local),
+                })
+            }
+            Self::S3 { bucket, prefix } => {
+                let object = Arc::new(ObjectSnapshotStore::from_env(bucket, prefix, options)?);
+                Ok(OpenedStore {
+                    store: object.clone(),
+                    object: Some(object),
+                    local: None,
+                })
+            }
+        }
+    }
+}
+
+impl OpenedStore {
+    /// The readiness probe of this store: a LIST of an object store's prefix
+    /// (one try's worth of retries), or reading a directory.
+    pub fn probe(&self) -> Probe {
+        if let Some(object) = &self.object {
+            let object = object.clone();
+            return Arc::new(move || {
+                let object = object.clone();
+                Box::pin(async move { object.ping().await.map_err(|e| e.to_string()) })
+            });
+        }
+        let root = self.local.as_ref().map(|l| l.root().to_owned());
+        Arc::new(move || {
+            let root = root.clone();
+            Box::pin(async move {
+                let Some(root) = root else { return Ok(()) };
+                tokio::fs::read_dir(&root)
+                    .await
+                    .map(drop)
+                    .map_err(|e| format!("cannot read the snapshot store: {e}"))
+            })
+        })
+    }
+}
+
 /// Tuning of an object store.
 #[derive(Clone, Copy, Debug)]
 pub struct ObjectStoreOptions {
@@ -118,14 +208,30 @@ pub struct ObjectStoreOptions {
     pub retry: RetryPolicy,
     /// One try's time limit.
     pub request_timeout: Duration,
+    /// Snapshots kept open (manifest, digests and chunk table in memory).
+    pub max_open_snapshots: usize,
+    /// Working sets kept per snapshot.
+    pub max_working_sets: usize,
+    /// Pages in one working set.
+    pub max_working_set_pages: u64,
 }
 
 impl Default for ObjectStoreOptions {
     fn default() -> Self {
+        Self::with_limits(&Limits::default())
+    }
+}
+
+impl ObjectStoreOptions {
+    /// The defaults, with the server's limits on what it keeps in memory.
+    pub fn with_limits(limits: &Limits) -> Self {
         Self {
             cache_bytes: DEFAULT_CACHE_BYTES,
             retry: RetryPolicy::default(),
             request_timeout: REQUEST_TIMEOUT,
+            max_open_snapshots: limits.max_open_snapshots,
+            max_working_sets: limits.max_working_sets,
+            max_working_set_pages: limits.max_working_set_pages,
         }
     }
 }
@@ -174,10 +280,19 @@ pub struct ObjectSnapshotStore {
     keys: Keys,
     location: String,
     cache: Cache,
-    open: Mutex<HashMap<SnapshotId, Arc<ObjectSnapshot>>>,
+    options: ObjectStoreOptions,
+    /// Snapshots open, with their last use; at most
+    /// `options.max_open_snapshots`, the least recently used dropped first.
+    open: Mutex<HashMap<SnapshotId, (Arc<ObjectSnapshot>, u64)>>,
+    clock: std::sync::atomic::AtomicU64,
     /// Serializes first opens, so N restores starting at once read a
     /// manifest once.
     opening: tokio::sync::Mutex<()>,
+    /// Serializes working-set recordings, so the set kept after concurrent
+    /// recordings of this server is the one written last.
+    recording: tokio::sync::Mutex<()>,
+    /// What the last snapshot written through the store traits cost.
+    pub(crate) last_write: Arc<Mutex<Option<(SnapshotId, ChunkStats)>>>,
 }
 
 impl ObjectSnapshotStore {
@@ -248,8 +363,12 @@ impl ObjectSnapshotStore {
             keys: Keys::new(prefix),
             location,
             cache: ChunkCache::new(options.cache_bytes),
+            options,
             open: Mutex::new(HashMap::new()),
+            clock: std::sync::atomic::AtomicU64::new(0),
             opening: tokio::sync::Mutex::new(()),
+            recording: tokio::sync::Mutex::new(()),
+            last_write: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -266,6 +385,13 @@ impl ObjectSnapshotStore {
     /// The chunk cache's counts.
     pub fn cache_counts(&self) -> CacheCounts {
         self.cache.counts()
+    }
+
+    /// The chunks of the last snapshot completed through
+    /// [`SnapshotStore::create`](crate::store::SnapshotStore::create) (an
+    /// import or an upload): what it uploaded and what it found there.
+    pub fn last_write(&self) -> Option<(SnapshotId, ChunkStats)> {
+        self.last_write.lock().expect("store lock poisoned").clone()
     }
 
     /// The object store and names, for tools and tests that look at the
@@ -328,15 +454,32 @@ impl ObjectSnapshotStore {
             return Ok(s);
         }
         let snapshot = Arc::new(self.load(id).await?);
-        self.open
-            .lock()
-            .expect("store lock poisoned")
-            .insert(id.clone(), snapshot.clone());
+        let mut open = self.open.lock().expect("store lock poisoned");
+        while open.len() >= self.options.max_open_snapshots.max(1) {
+            let Some(oldest) = open
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            open.remove(&oldest);
+        }
+        open.insert(id.clone(), (snapshot.clone(), self.tick()));
         Ok(snapshot)
     }
 
+    fn tick(&self) -> u64 {
+        self.clock
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn cached(&self, id: &SnapshotId) -> Option<Arc<ObjectSnapshot>> {
-        self.open.lock().expect("store lock poisoned").get(id).cloned()
+        let tick = self.tick();
+        let mut open = self.open.lock().expect("store lock poisoned");
+        let (s, used) = open.get_mut(id)?;
+        *used = tick;
+        Some(s.clone())
     }
 
     async fn refresh_working_sets(&self, s: &ObjectSnapshot) {
@@ -484,6 +627,10 @@ impl ObjectSnapshotStore {
             let Some(name) = key.filename().and_then(|n| WorkingSetName::new(n).ok()) else {
                 continue;
             };
+            if sets.len() >= self.options.max_working_sets {
+                tracing::warn!(snapshot = %id, "more working sets than --max-working-sets; the rest are ignored");
+                break;
+            }
             let bytes = match self.io.get(&key).await {
                 Ok(b) => b,
                 Err(ObjectError::NotFound { .. }) => continue,
@@ -493,8 +640,11 @@ impl ObjectSnapshotStore {
                 .chunks_exact(8)
                 .map(|c| PageIndex(u64::from_le_bytes(c.try_into().expect("8 bytes"))))
                 .collect();
-            if bytes.len() % 8 != 0 || pages.iter().any(|p| p.0 >= page_count) {
-                tracing::warn!(snapshot = %id, working_set = %name, "working set lists pages past the end; ignored");
+            if bytes.len() % 8 != 0
+                || pages.len() as u64 > self.options.max_working_set_pages
+                || pages.iter().any(|p| p.0 >= page_count)
+            {
+                tracing::warn!(snapshot = %id, working_set = %name, "working set is malformed or above --max-working-set-pages; ignored");
                 continue;
             }
             sets.insert(name, Arc::new(pages));
@@ -514,8 +664,29 @@ impl ObjectSnapshotStore {
         name: &WorkingSetName,
         ranges: &[PageRange],
     ) -> Result<u64, ObjectRecordError> {
+        let listed: u64 = ranges
+            .iter()
+            .map(PageRange::count)
+            .fold(0, u64::saturating_add);
+        if listed > self.options.max_working_set_pages {
+            return Err(RecordError::TooLarge {
+                listed,
+                limit: self.options.max_working_set_pages,
+            }
+            .into());
+        }
         let snapshot = self.open(id).await?;
         let order = first_touch_order(ranges, snapshot.manifest().page_count)?;
+        let _serial = self.recording.lock().await;
+        let manifest = snapshot.manifest();
+        let known = &manifest.working_sets;
+        if !known.contains(name) && known.len() >= self.options.max_working_sets {
+            return Err(RecordError::TooManySets {
+                snapshot: id.clone(),
+                limit: self.options.max_working_sets,
+            }
+            .into());
+        }
         let bytes: Vec<u8> = order.iter().flat_map(|p| p.0.to_le_bytes()).collect();
         self.io
             .put(&self.keys.working_set(id, name), bytes.into(), false)
