@@ -63,6 +63,12 @@ impl Readiness {
     /// Probes with `probe` on a background task until the returned
     /// readiness and all its clones are dropped.
     pub fn spawn(probe: Probe) -> Self {
+        Self::spawn_every(probe, PROBE_INTERVAL, RETRY_INTERVAL)
+    }
+
+    /// [`Self::spawn`], probing every `interval` while ready and every
+    /// `retry` while not.
+    pub fn spawn_every(probe: Probe, interval: Duration, retry: Duration) -> Self {
         let (tx, rx) = watch::channel(Status::Starting);
         tokio::spawn(async move {
             loop {
@@ -86,7 +92,7 @@ impl Readiness {
                 if tx.send(status).is_err() {
                     return;
                 }
-                let wait = if ready { PROBE_INTERVAL } else { RETRY_INTERVAL };
+                let wait = if ready { interval } else { retry };
                 tokio::select! {
                     () = tokio::time::sleep(wait) => {}
                     () = tx.closed() => return,
@@ -160,7 +166,7 @@ mod tests {
     use super::*;
 
     /// Readiness follows the probe: not ready while it fails, ready once it succeeds.
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn follows_the_probe() {
         let up = Arc::new(AtomicBool::new(false));
         let probe: Probe = {
@@ -170,15 +176,26 @@ mod tests {
                 Box::pin(async move { if ok { Ok(()) } else { Err("store down".into()) } })
             })
         };
-        let r = Readiness::spawn(probe);
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        let ms = Duration::from_millis;
+        let r = Readiness::spawn_every(probe, ms(20), ms(10));
+        let wait_for = |want: bool| {
+            let r = r.clone();
+            async move {
+                for _ in 0..500 {
+                    if r.is_ready() == want {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                panic!("readiness never became {want}");
+            }
+        };
+        tokio::time::sleep(ms(50)).await;
         assert_eq!(r.status(), Status::NotReady("store down".into()));
         up.store(true, Ordering::SeqCst);
-        tokio::time::sleep(RETRY_INTERVAL * 2).await;
-        assert!(r.is_ready());
+        wait_for(true).await;
         up.store(false, Ordering::SeqCst);
-        tokio::time::sleep(PROBE_INTERVAL * 2).await;
-        assert!(!r.is_ready());
+        wait_for(false).await;
         assert!(Readiness::always().is_ready());
     }
 }
