@@ -1,7 +1,8 @@
 # faultline: the two commands of the README, and what they need.
 #
 #   make demo   generate a snapshot, serve it, read it back through faultline
-#   make test   formatting, clippy (warnings are errors), every test
+#   make test   formatting, clippy (warnings are errors), every test (building
+#               Garage, the S3 server the object-store tests run against, once)
 #   make bench  every benchmark against its baselines (~15-30 min; bench-quick: < 5 min),
 #               report in bench-out/ (BENCHMARKS.md, report.json, plots)
 #
@@ -13,7 +14,7 @@
 CARGO ?= cargo
 APT_PACKAGES := libclang-dev fonts-dejavu-core
 
-.PHONY: all deps build demo test fmt clippy unit bench bench-quick clean
+.PHONY: all deps build demo test fmt clippy unit garage bench bench-quick clean
 
 all: build
 
@@ -46,7 +47,13 @@ clippy: deps
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy -p faultline-client --all-targets --features vm-memory -- -D warnings
 
-unit: deps
+# Garage, the real S3 server of the object-store tests (server/tests/s3_*.rs):
+# built once from crates.io into ~/.cache/faultline (about 8-25 minutes on 2
+# cores), reused afterwards; each test starts its own single node on 127.0.0.1.
+garage:
+	./scripts/garage.sh install >/dev/null
+
+unit: deps garage
 	$(CARGO) test --workspace
 	$(CARGO) test -p faultline-client --features vm-memory --lib
 	$(CARGO) test -p faultline-client --features vm-memory --doc

@@ -158,7 +158,10 @@ where
                     return Ok(data.clone());
                 }
                 Some(Slot::Loading(f)) => {
-                    self.inner.counters.coalesced.fetch_add(1, Ordering::Relaxed);
+                    self.inner
+                        .counters
+                        .coalesced
+                        .fetch_add(1, Ordering::Relaxed);
                     counter!(CACHE_COALESCED).increment(1);
                     f.clone()
                 }
@@ -297,7 +300,9 @@ mod tests {
     #[tokio::test]
     async fn failures_are_not_cached() {
         let cache: ChunkCache<u32, String> = ChunkCache::new(1 << 20);
-        let err = cache.get(1, || async { Err("store down".to_owned()) }).await;
+        let err = cache
+            .get(1, || async { Err("store down".to_owned()) })
+            .await;
         assert_eq!(err, Err("store down".to_owned()));
         let ok = cache.get(1, || async { Ok(chunk(1, 10)) }).await;
         assert_eq!(ok.unwrap(), chunk(1, 10));
@@ -309,10 +314,16 @@ mod tests {
     async fn evicts_least_recently_used() {
         let cache: ChunkCache<u32, String> = ChunkCache::new(3000);
         for k in 0..3 {
-            cache.get(k, move || async move { Ok(chunk(k as u8, 1000)) }).await.unwrap();
+            cache
+                .get(k, move || async move { Ok(chunk(k as u8, 1000)) })
+                .await
+                .unwrap();
         }
         // Touch 0, so 1 is the oldest.
-        cache.get(0, || async { Err("cached".into()) }).await.unwrap();
+        cache
+            .get(0, || async { Err("cached".into()) })
+            .await
+            .unwrap();
         cache.get(3, || async { Ok(chunk(3, 1000)) }).await.unwrap();
         let c = cache.counts();
         assert_eq!((c.bytes, c.chunks, c.evictions), (3000, 3, 1));

@@ -133,7 +133,10 @@ impl Garage {
             .filter_map(|l| l.split_once('='))
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect();
-        garage.bucket = garage.var("FAULTLINE_S3_BUCKET").unwrap_or_default().to_owned();
+        garage.bucket = garage
+            .var("FAULTLINE_S3_BUCKET")
+            .unwrap_or_default()
+            .to_owned();
         Ok(garage)
     }
 

@@ -7,8 +7,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use faultline_proto::{PageIndex, PageRange, PageSize, SnapshotId};
-use faultline_server::import::{RegionArg, import};
 use faultline_server::import::parse_size;
+use faultline_server::import::{RegionArg, import};
 use faultline_server::readiness::Readiness;
 use faultline_server::store::object::{ObjectStoreOptions, OpenedStore, StoreLocation};
 use faultline_server::{Limits, metrics};
@@ -167,15 +167,16 @@ async fn serve(
     };
     let opened = location.open(&limits, options)?;
     let store = opened.store.clone();
-    // A directory must be readable now; an object store may come up later:
-    // until it answers, the server is live but not ready.
-    let snapshots = match (store.list().await, &opened.object) {
-        (Ok(s), _) => s.len().to_string(),
-        (Err(e), Some(_)) => {
-            tracing::warn!("{location} does not answer yet: {e}");
-            "no".to_owned()
-        }
-        (Err(e), None) => return Err(e).with_context(|| format!("in {location}")),
+    // A directory must be readable now; an object store may come up later
+    // (until it answers, the server is live but not ready), and listing a
+    // large one is work for no one.
+    let snapshots = if opened.object.is_some() {
+        "the".to_owned()
+    } else {
+        let list = store.list().await;
+        list.with_context(|| format!("in {location}"))?
+            .len()
+            .to_string()
     };
     let readiness = Readiness::spawn(opened.probe());
     let listener = tokio::net::TcpListener::bind(listen)

@@ -81,8 +81,9 @@ impl Readiness {
                     )),
                 };
                 let ready = status == Status::Ready;
-                let changed = *tx.borrow() != status;
-                if changed {
+                // Logged when readiness flips, not at every failed probe.
+                let changed = (*tx.borrow() == Status::Ready) != ready;
+                if changed || *tx.borrow() == Status::Starting {
                     match &status {
                         Status::Ready => tracing::info!("ready: the store answers"),
                         Status::NotReady(r) => tracing::warn!("not ready: {r}"),

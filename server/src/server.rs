@@ -94,7 +94,12 @@ pub async fn run_with_readiness(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let service = FaultlineService::with_limits(store, limits);
-    service.count_snapshots().await;
+    // In the background: a store that does not answer yet (an object store
+    // starting) must not hold up serving health and readiness.
+    tokio::spawn({
+        let service = service.clone();
+        async move { service.count_snapshots().await }
+    });
     let faultline = FaultlineServer::new(service)
         .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_ENCODING_MESSAGE_BYTES);

@@ -24,13 +24,8 @@ fn id(s: &str) -> SnapshotId {
 }
 
 async fn write(store: &ObjectSnapshotStore, name: &str, image: &[u8]) -> ChunkStats {
-    let spec = SnapshotSpec::new(
-        id(name),
-        PageSize::Size4K,
-        image.len() as u64,
-        Vec::new(),
-    )
-    .unwrap();
+    let spec =
+        SnapshotSpec::new(id(name), PageSize::Size4K, image.len() as u64, Vec::new()).unwrap();
     let mut w = store.create(spec).await.unwrap();
     // Odd-sized pieces, as an upload delivers them.
     for piece in image.chunks(700_001) {
@@ -206,7 +201,10 @@ async fn corrupt_chunk_is_data_loss() {
     assert!(matches!(err, ObjectError::Corrupt { .. }), "{err}");
     assert!(err.to_string().contains("corrupt"), "{err}");
     // Other chunks still read.
-    let ok = s.read(PageRange::new(PageIndex(600), 1).unwrap()).await.unwrap();
+    let ok = s
+        .read(PageRange::new(PageIndex(600), 1).unwrap())
+        .await
+        .unwrap();
     assert!(ok == img[600 * PAGE..601 * PAGE]);
 }
 
@@ -229,7 +227,9 @@ async fn outage_is_unavailable_then_recovers() {
     let store = garage.store("t", options).unwrap();
     let s = store.open(&id("o")).await.unwrap();
     // The first chunk is cached before the outage.
-    s.read(PageRange::new(PageIndex(0), 1).unwrap()).await.unwrap();
+    s.read(PageRange::new(PageIndex(0), 1).unwrap())
+        .await
+        .unwrap();
     garage.stop().unwrap();
     let err = s
         .read(PageRange::new(PageIndex(600), 1).unwrap())
@@ -238,7 +238,9 @@ async fn outage_is_unavailable_then_recovers() {
     assert!(matches!(err, ObjectError::Unavailable { .. }), "{err}");
     assert!(store.io_counts().retries > 0);
     // Cached chunks are still served during the outage.
-    s.read(PageRange::new(PageIndex(1), 1).unwrap()).await.unwrap();
+    s.read(PageRange::new(PageIndex(1), 1).unwrap())
+        .await
+        .unwrap();
     // Opening an uncached snapshot fails the same way.
     let other = garage.store("t", options).unwrap();
     assert!(matches!(
@@ -249,7 +251,10 @@ async fn outage_is_unavailable_then_recovers() {
         }
     ));
     garage.restart().unwrap();
-    let data = s.read(PageRange::new(PageIndex(600), 1).unwrap()).await.unwrap();
+    let data = s
+        .read(PageRange::new(PageIndex(600), 1).unwrap())
+        .await
+        .unwrap();
     assert!(data == img[600 * PAGE..601 * PAGE]);
     verify(&store, "o", &img).await;
 }

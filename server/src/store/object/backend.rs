@@ -67,7 +67,9 @@ impl From<ObjectRecordError> for RecordError {
 impl SnapshotStore for ObjectSnapshotStore {
     async fn list(&self) -> Result<Vec<SnapshotSummary>, ListError> {
         ObjectSnapshotStore::list(self).await.map_err(|e| match e {
-            ObjectOpenError::Store { source, .. } if !matches!(source, ObjectError::Corrupt { .. }) => {
+            ObjectOpenError::Store { source, .. }
+                if !matches!(source, ObjectError::Corrupt { .. }) =>
+            {
                 ListError::Unavailable {
                     reason: source.to_string(),
                 }

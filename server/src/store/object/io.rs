@@ -237,7 +237,12 @@ impl ObjectIo {
     }
 
     /// Runs `f` until it succeeds, fails for good, or the deadline passes.
-    async fn retry<T, F, Fut>(&self, op: &'static str, key: &Path, mut f: F) -> Result<T, ObjectError>
+    async fn retry<T, F, Fut>(
+        &self,
+        op: &'static str,
+        key: &Path,
+        mut f: F,
+    ) -> Result<T, ObjectError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, object_store::Error>>,
@@ -315,7 +320,12 @@ impl ObjectIo {
 
     /// Writes `bytes` at `key`; with `create_only`, fails with
     /// [`ObjectError::AlreadyExists`] if the object exists.
-    pub async fn put(&self, key: &Path, bytes: Bytes, create_only: bool) -> Result<(), ObjectError> {
+    pub async fn put(
+        &self,
+        key: &Path,
+        bytes: Bytes,
+        create_only: bool,
+    ) -> Result<(), ObjectError> {
         let len = bytes.len() as u64;
         let opts = || PutOptions {
             mode: if create_only {
@@ -341,12 +351,30 @@ impl ObjectIo {
     pub async fn list_dir(&self, prefix: &Path) -> Result<(Vec<Path>, Vec<Path>), ObjectError> {
         self.stats.lists.fetch_add(1, Ordering::Relaxed);
         let r = self
-            .retry("list", prefix, || self.store.list_with_delimiter(Some(prefix)))
+            .retry("list", prefix, || {
+                self.store.list_with_delimiter(Some(prefix))
+            })
             .await?;
         Ok((
             r.common_prefixes,
             r.objects.into_iter().map(|o| o.location).collect(),
         ))
+    }
+
+    /// One LIST of `prefix`, not retried: a readiness probe wants the
+    /// store's answer now, and says why not.
+    pub async fn probe(&self, prefix: &Path) -> Result<(), ObjectError> {
+        self.stats.lists.fetch_add(1, Ordering::Relaxed);
+        let t = Instant::now();
+        let r = self.store.list_with_delimiter(Some(prefix)).await;
+        metrics::request("list", t.elapsed(), r.is_ok());
+        r.map(drop).map_err(|e| ObjectError::Unavailable {
+            op: "list",
+            key: prefix.to_string(),
+            attempts: 1,
+            secs: t.elapsed().as_secs_f64(),
+            source: Arc::new(e),
+        })
     }
 
     /// Every object under `prefix`, recursively.
@@ -364,7 +392,10 @@ impl ObjectIo {
     /// Overwrites the object at `key` with `bytes`, bypassing counts: for
     /// tests that corrupt a store on purpose.
     pub async fn put_raw(&self, key: &Path, bytes: Bytes) -> Result<(), object_store::Error> {
-        self.store.put(key, PutPayload::from_bytes(bytes)).await.map(|_| ())
+        self.store
+            .put(key, PutPayload::from_bytes(bytes))
+            .await
+            .map(|_| ())
     }
 }
 
@@ -380,7 +411,14 @@ mod tests {
             max_backoff: Duration::from_secs(1),
             deadline: Duration::from_secs(10),
         };
-        for (attempt, full) in [(1, 100), (2, 200), (3, 400), (4, 800), (5, 1000), (30, 1000)] {
+        for (attempt, full) in [
+            (1, 100),
+            (2, 200),
+            (3, 400),
+            (4, 800),
+            (5, 1000),
+            (30, 1000),
+        ] {
             for _ in 0..20 {
                 let d = p.backoff(attempt).as_millis() as u64;
                 assert!((full / 2..=full).contains(&d), "attempt {attempt}: {d} ms");
@@ -408,7 +446,11 @@ mod tests {
         assert!(transient(&status(
             "Server returned non-2xx status code: 503 Service Unavailable: slow down"
         )));
-        assert!(transient(&status("non-2xx status code: 429 Too Many Requests")));
-        assert!(!transient(&status("non-2xx status code: 400 Bad Request: region")));
+        assert!(transient(&status(
+            "non-2xx status code: 429 Too Many Requests"
+        )));
+        assert!(!transient(&status(
+            "non-2xx status code: 400 Bad Request: region"
+        )));
     }
 }

@@ -208,7 +208,10 @@ mod tests {
         assert!("xyz".parse::<ChunkId>().is_err());
         assert!("g".repeat(64).parse::<ChunkId>().is_err());
         let json = serde_json::to_string(&Some(id)).unwrap();
-        assert_eq!(serde_json::from_str::<Option<ChunkId>>(&json).unwrap(), Some(id));
+        assert_eq!(
+            serde_json::from_str::<Option<ChunkId>>(&json).unwrap(),
+            Some(id)
+        );
     }
 
     /// Keys sit under the prefix, snapshots apart from the shared chunks.

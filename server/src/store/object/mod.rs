@@ -175,8 +175,8 @@ impl StoreLocation {
 }
 
 impl OpenedStore {
-    /// The readiness probe of this store: a LIST of an object store's prefix
-    /// (one try's worth of retries), or reading a directory.
+    /// The readiness probe of this store: one LIST of an object store's
+    /// prefix, or reading a directory.
     pub fn probe(&self) -> Probe {
         if let Some(object) = &self.object {
             let object = object.clone();
@@ -400,10 +400,10 @@ impl ObjectSnapshotStore {
         (&self.io, &self.keys)
     }
 
-    /// Whether the store answers: one LIST of the prefix (which fails on a
-    /// missing bucket or bad credentials too).
+    /// Whether the store answers: one LIST of the prefix, not retried
+    /// (which fails on a missing bucket or bad credentials too).
     pub async fn ping(&self) -> Result<(), ObjectError> {
-        self.io.list_dir(self.keys.prefix()).await.map(|_| ())
+        self.io.probe(self.keys.prefix()).await
     }
 
     /// Every complete snapshot (those whose manifest is written), by name.
@@ -421,20 +421,51 @@ impl ObjectSnapshotStore {
             let Some(id) = dir.filename().and_then(|n| SnapshotId::new(n).ok()) else {
                 continue;
             };
-            let snapshot = match self.open(&id).await {
-                Ok(s) => s,
+            if let Some(s) = self.cached(&id) {
+                let m = s.manifest();
+                out.push(SnapshotSummary {
+                    name: id,
+                    page_size: m.page_size.bytes(),
+                    page_count: m.page_count,
+                    zero_pages: m.zero_map.count_ones(),
+                    working_sets: m.working_sets.clone(),
+                });
+                continue;
+            }
+            // Not open: the manifest and the working-set names suffice (the
+            // digests and chunk table wait until someone reads it).
+            let store_err = |source| ObjectOpenError::Store {
+                snapshot: id.clone(),
+                source,
+            };
+            let json = match self.io.get(&self.keys.manifest(&id)).await {
+                Ok(j) => j,
                 // A folder without a manifest: a snapshot still being
                 // written, or abandoned.
-                Err(ObjectOpenError::NotFound(_)) => continue,
-                Err(e) => return Err(e),
+                Err(ObjectError::NotFound { .. }) => continue,
+                Err(e) => return Err(store_err(e)),
             };
-            let m = snapshot.manifest();
+            let file: ObjectManifest =
+                serde_json::from_slice(&json).map_err(|e| ObjectOpenError::Corrupt {
+                    snapshot: id.clone(),
+                    reason: format!("manifest.json does not parse: {e}"),
+                })?;
+            let (_, sets) = self
+                .io
+                .list_dir(&self.keys.working_sets(&id))
+                .await
+                .map_err(store_err)?;
+            let mut working_sets: Vec<_> = sets
+                .iter()
+                .filter_map(|k| k.filename().and_then(|n| WorkingSetName::new(n).ok()))
+                .collect();
+            working_sets.sort();
             out.push(SnapshotSummary {
                 name: id,
-                page_size: m.page_size.bytes(),
-                page_count: m.page_count,
-                zero_pages: m.zero_map.count_ones(),
-                working_sets: m.working_sets.clone(),
+                page_size: file.base.page_size,
+                page_count: file.base.page_count,
+                zero_pages: file.base.zero_pages,
+                working_sets,
             });
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -554,7 +585,9 @@ impl ObjectSnapshotStore {
                 .checked_add(count)
                 .is_none_or(|end| end > base.page_count)
             {
-                return Err(corrupt(format!("zero range {start}+{count} is past the end")));
+                return Err(corrupt(format!(
+                    "zero range {start}+{count} is past the end"
+                )));
             }
             zero_map.set_range(start, count);
         }

@@ -61,7 +61,10 @@ impl ObjectSnapshot {
     pub(super) fn set_working_sets(&self, sets: HashMap<WorkingSetName, Arc<Vec<PageIndex>>>) {
         let mut names: Vec<_> = sets.keys().cloned().collect();
         names.sort();
-        *self.working_sets.write().expect("working set lock poisoned") = WorkingSets {
+        *self
+            .working_sets
+            .write()
+            .expect("working set lock poisoned") = WorkingSets {
             sets,
             listed: Instant::now(),
         };
@@ -115,8 +118,7 @@ impl ObjectSnapshot {
             let chunk = self.chunk(first).await?;
             return Ok(chunk.slice(offset as usize..(offset + len) as usize));
         }
-        let chunks =
-            futures::future::try_join_all((first..=last).map(|i| self.chunk(i))).await?;
+        let chunks = futures::future::try_join_all((first..=last).map(|i| self.chunk(i))).await?;
         let mut out = BytesMut::with_capacity(len as usize);
         let mut skip = offset as usize;
         for chunk in chunks {
