@@ -302,6 +302,16 @@ impl ObjectWriter {
             chunks: std::mem::take(&mut self.chunks),
         };
         let json = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
+        // The create-only PUT below is enforced by stores that honour
+        // If-None-Match (Garage 2.5 does not): check the name once more.
+        let taken = self
+            .io
+            .exists(&self.keys.manifest(&self.spec.name))
+            .await
+            .map_err(self.store_err("check the name"))?;
+        if taken {
+            return Err(ObjectWriteError::AlreadyExists(self.spec.name.clone()));
+        }
         match self
             .io
             .put(&self.keys.manifest(&self.spec.name), json.into(), true)
