@@ -181,6 +181,7 @@ pub fn register_limits(limits: &crate::limits::Limits) {
         gauge!(LIMIT, "limit" => name).set(value as f64);
     }
     gauge!(LIMIT_USE, "limit" => "max_prefetch_streams").increment(0.0);
+    gauge!(LIMIT_USE, "limit" => "max_open_snapshots").increment(0.0);
 }
 
 /// Sets how much of limit `name` is in use.

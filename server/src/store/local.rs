@@ -168,11 +168,16 @@ impl OpenCache {
                 Some(c.snapshot.clone())
             }
             Some(_) => {
-                self.entries.remove(id);
+                self.remove(id);
                 None
             }
             None => None,
         }
+    }
+
+    fn remove(&mut self, id: &SnapshotId) {
+        self.entries.remove(id);
+        crate::metrics::limit_use("max_open_snapshots", self.entries.len() as u64);
     }
 
     fn insert(&mut self, id: SnapshotId, snapshot: Arc<LocalSnapshot>, identity: FileIdentity) {
@@ -196,6 +201,7 @@ impl OpenCache {
                 last_used: self.clock,
             },
         );
+        crate::metrics::limit_use("max_open_snapshots", self.entries.len() as u64);
     }
 }
 
@@ -275,7 +281,7 @@ impl LocalStore {
         let identity = match std::fs::metadata(dir.join(MANIFEST_FILE)) {
             Ok(meta) => FileIdentity::of(&meta),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.cache().entries.remove(id);
+                self.cache().remove(id);
                 return Err(OpenError::NotFound(id.clone()));
             }
             Err(source) => {
@@ -627,6 +633,22 @@ impl LocalSnapshot {
             file.regions,
         )
         .map_err(|e| corrupt(e.to_string()))?;
+        let digest_bytes = read(&dir.join(DIGESTS_FILE))?;
+        // Checked before the zero map is allocated: a manifest claiming
+        // more pages than its digests hold must not size an allocation.
+        let need = file.page_count.saturating_mul(4);
+        if digest_bytes.len() as u64 != need {
+            return Err(corrupt(format!(
+                "{DIGESTS_FILE} has {} bytes, {} pages need {need}",
+                digest_bytes.len(),
+                file.page_count,
+            )));
+        }
+        let digests = digest_bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+
         let mut zero_map = PageBitmap::new(file.page_count);
         for [start, count] in file.zero_ranges {
             if start
@@ -639,20 +661,6 @@ impl LocalSnapshot {
             }
             zero_map.set_range(start, count);
         }
-
-        let digest_bytes = read(&dir.join(DIGESTS_FILE))?;
-        if digest_bytes.len() as u64 != file.page_count * 4 {
-            return Err(corrupt(format!(
-                "{DIGESTS_FILE} has {} bytes, {} pages need {}",
-                digest_bytes.len(),
-                file.page_count,
-                file.page_count * 4
-            )));
-        }
-        let digests = digest_bytes
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
 
         let memory_path = dir.join(MEMORY_FILE);
         let read_err = |source| OpenError::Read {
