@@ -59,8 +59,9 @@ impl RetryPolicy {
     /// The wait before try `attempt + 1` (`attempt` >= 1 tries done):
     /// exponential, capped, with "full jitter" (uniform in [d/2, d]) so that
     /// many servers retrying one store do not march in step.
-    // TODO(lead): switch to `faultline_proto::backoff` once the `pager`
-    // branch lands it; this is the same schedule.
+    // TODO(lead): once the `pager` branch is merged, replace this with
+    // `faultline_proto::backoff::Backoff::new(first_backoff, max_backoff)`
+    // and its `next_delay()` in `ObjectIo::retry` (the same schedule).
     pub fn backoff(&self, attempt: u32) -> Duration {
         let exp = self
             .first_backoff
