@@ -197,6 +197,28 @@ where
         pending.await
     }
 
+    /// Starts fetching `key` in the background unless it is held or on its
+    /// way (read-ahead; counted as a miss if it fetches, never as a hit).
+    pub fn warm<F, Fut>(&self, key: K, fetch: F)
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Bytes, E>> + Send + 'static,
+    {
+        let held = self
+            .inner
+            .state
+            .lock()
+            .expect("chunk cache lock poisoned")
+            .slots
+            .contains_key(&key);
+        if !held {
+            let cache = self.clone();
+            tokio::spawn(async move {
+                let _ = cache.get(key, fetch).await;
+            });
+        }
+    }
+
     /// Lookups so far, and what is held.
     pub fn counts(&self) -> CacheCounts {
         let (bytes, chunks) = {

@@ -177,6 +177,41 @@ async fn concurrent_restores_read_each_chunk_once() {
     assert!(c.hits + c.coalesced > 0);
 }
 
+/// A sequential reader gets the next chunks fetched ahead; a random one does not.
+#[tokio::test]
+async fn sequential_reads_fetch_ahead() {
+    let Some(garage) = Garage::start_or_skip() else {
+        return;
+    };
+    let img = image(6);
+    write(
+        &garage.store("t", ObjectStoreOptions::default()).unwrap(),
+        "seq",
+        &img,
+    )
+    .await;
+    let store = garage.store("t", ObjectStoreOptions::default()).unwrap();
+    let s = store.open(&id("seq")).await.unwrap();
+    let read = |p: u64| s.read(PageRange::new(PageIndex(p), 1).unwrap());
+    // Chunk 4, then chunk 1: not in order, nothing ahead.
+    read(2100).await.unwrap();
+    read(600).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(store.cache_counts().misses, 2);
+    // Chunk 1 again: a reader in order. The chunks after it are fetched
+    // ahead: 2 (3 is zeros, never stored; 4 is held already).
+    read(601).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(store.cache_counts().misses, 3);
+    let before = store.io_counts().gets;
+    read(1100).await.unwrap();
+    assert_eq!(
+        store.io_counts().gets,
+        before,
+        "chunk 2 came from the read-ahead"
+    );
+}
+
 /// A chunk whose bytes were changed in S3 is refused as corrupt, never served.
 #[tokio::test]
 async fn corrupt_chunk_is_data_loss() {

@@ -644,6 +644,8 @@ impl ObjectSnapshotStore {
                 sets: working_sets,
                 listed: Instant::now(),
             }),
+            // No read yet: the first read is not taken for a sequential one.
+            last_chunk: std::sync::atomic::AtomicUsize::new(usize::MAX - 1),
         })
     }
 
