@@ -11,7 +11,8 @@
 #                                 write DIR/env (the AWS_* variables and
 #                                 FAULTLINE_S3_STORE for `--store`). Starting again
 #                                 on the same DIR reuses its data, key and ports.
-#   scripts/garage.sh stop DIR    stop the Garage started in DIR
+#   scripts/garage.sh stop DIR [--now]
+#                                 stop the Garage started in DIR (--now: SIGKILL)
 #
 # Ports: GARAGE_S3_PORT, GARAGE_RPC_PORT, GARAGE_ADMIN_PORT if set, otherwise
 # free ones are picked. GARAGE_CACHE overrides the cache directory.
@@ -135,17 +136,26 @@ EOF
   die "Garage did not become ready in 30s (log: $dir/garage.log)"
 }
 
+# Stops the Garage of DIR: SIGTERM, then SIGKILL after 3 s (Garage waits for
+# its clients' open connections to close before it exits); with --now,
+# SIGKILL at once (its data is crash-safe; tests use it to discard a node).
 stop() {
-  local dir=$1 pid
+  local dir=$1 now=${2:-} pid
   [ -f "$dir/garage.pid" ] || return 0
   pid=$(cat "$dir/garage.pid")
-  if kill "$pid" 2>/dev/null; then
-    for _ in $(seq 100); do
+  if [ "$now" = --now ]; then
+    kill -9 "$pid" 2>/dev/null || true
+  elif kill "$pid" 2>/dev/null; then
+    for _ in $(seq 30); do
       kill -0 "$pid" 2>/dev/null || break
       sleep 0.1
     done
     kill -9 "$pid" 2>/dev/null || true
   fi
+  for _ in $(seq 50); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
   rm -f "$dir/garage.pid"
 }
 
@@ -153,6 +163,6 @@ case "${1:-}" in
   install) install ;;
   bin) bin ;;
   start) [ $# = 2 ] || die "usage: $0 start DIR"; start "$2" ;;
-  stop) [ $# = 2 ] || die "usage: $0 stop DIR"; stop "$2" ;;
-  *) die "usage: $0 install | bin | start DIR | stop DIR" ;;
+  stop) [ $# -ge 2 ] || die "usage: $0 stop DIR [--now]"; stop "$2" "${3:-}" ;;
+  *) die "usage: $0 install | bin | start DIR | stop DIR [--now]" ;;
 esac

@@ -206,9 +206,21 @@ impl Garage {
     }
 }
 
+impl Garage {
+    /// Kills the server at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) -> Result<(), GarageError> {
+        if self.running {
+            script(&["stop", &self.dir.to_string_lossy(), "--now"], &[])?;
+            self.running = false;
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Garage {
     fn drop(&mut self) {
-        let _ = self.stop();
+        // Its data is about to be removed: no need for a graceful stop.
+        let _ = self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -27,7 +27,12 @@ const PAGES: u64 = 2560;
 const BIN: &str = env!("CARGO_BIN_EXE_faultline-server");
 
 fn image(seed: u64) -> Vec<u8> {
-    let mut img = synthetic_image(seed, PAGES, PAGE);
+    image_of(seed, PAGES)
+}
+
+/// A synthetic image of `pages` pages whose chunk 3 is all zeros.
+fn image_of(seed: u64, pages: u64) -> Vec<u8> {
+    let mut img = synthetic_image(seed, pages, PAGE);
     img[6 << 20..8 << 20].fill(0);
     img
 }
@@ -446,7 +451,7 @@ async fn corrupt_chunk_is_data_loss() {
     assert!(ok.is_ok());
 }
 
-/// S3 stopped in the middle of a restore: the restore fails UNAVAILABLE (after retries), the
+/// S3 killed in the middle of a restore: the restore fails UNAVAILABLE (after retries), the
 /// server keeps running, and once S3 is back the restore completes with the right bytes.
 #[tokio::test]
 async fn outage_mid_restore_is_unavailable_then_resumes() {
@@ -461,7 +466,9 @@ async fn outage_mid_restore_is_unavailable_then_resumes() {
         },
         ..ObjectStoreOptions::default()
     };
-    let img = image(15);
+    // 32 MiB, 16 chunks: far more than the read-ahead fetches before the kill.
+    let pages = 8192;
+    let img = image_of(15, pages);
     let store = Arc::new(garage.store("out", options).unwrap());
     let mut w = store
         .create(
@@ -489,14 +496,14 @@ async fn outage_mid_restore_is_unavailable_then_resumes() {
         .unwrap()
         .into_inner();
     let mut out = vec![0xAAu8; img.len()];
-    let mut pages = 0;
+    let mut pages = 0u64;
     apply(
         stream.next().await.unwrap().unwrap(),
         &m,
         &mut out,
         &mut pages,
     );
-    garage.stop().unwrap();
+    garage.kill().unwrap();
     let mut failure = None;
     while let Some(item) = stream.next().await {
         match item {
@@ -509,11 +516,11 @@ async fn outage_mid_restore_is_unavailable_then_resumes() {
     }
     let status = failure.expect("the restore cannot complete with S3 down");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-    assert!(pages < PAGES);
+    assert!(pages < 8192);
     garage.restart().unwrap();
     // Resume: ask for what is missing.
-    let mut have = vec![0u8; PAGES.div_ceil(8) as usize];
-    for p in 0..PAGES {
+    let mut have = vec![0u8; 1024];
+    for p in 0..8192u64 {
         if out[p as usize * PAGE..][..PAGE] == img[p as usize * PAGE..][..PAGE] {
             have[(p / 8) as usize] |= 1 << (p % 8);
         }
@@ -631,4 +638,80 @@ async fn readiness_follows_the_store() {
     garage.stop().unwrap();
     // Within a probe interval and a probe timeout.
     until(503).await;
+}
+
+/// A working set recorded through one server is stored in S3: another server streams it first.
+#[tokio::test]
+async fn working_set_recorded_on_one_server_serves_on_another() {
+    let Some(garage) = Garage::start_or_skip() else {
+        return;
+    };
+    let img = image(16);
+    let a = Arc::new(garage.store("ws", ObjectStoreOptions::default()).unwrap());
+    let mut w = a
+        .create(
+            faultline_server::store::SnapshotSpec::new(
+                faultline_proto::SnapshotId::new("vm").unwrap(),
+                PageSize::Size4K,
+                img.len() as u64,
+                vec![],
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    w.write(&img).await.unwrap();
+    w.finish().await.unwrap();
+    let server_a = serve(a).await;
+    let mut ca = client(&server_a).await;
+    let order = [2000u64, 5, 1500, 6];
+    let recorded = ca
+        .record_working_set(pb::RecordWorkingSetRequest {
+            snapshot: "vm".into(),
+            name: "boot".into(),
+            ranges: order
+                .iter()
+                .map(|&start| pb::PageRange { start, count: 1 })
+                .collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(recorded.pages, 4);
+
+    let b = Arc::new(garage.store("ws", ObjectStoreOptions::default()).unwrap());
+    let server_b = serve(b).await;
+    let mut cb = client(&server_b).await;
+    let m = manifest(&mut cb, "vm").await;
+    assert_eq!(m.working_sets.len(), 1);
+    let mut stream = cb
+        .prefetch(pb::PrefetchRequest {
+            snapshot: "vm".into(),
+            order: pb::PrefetchOrder::WorkingSetOnly as i32,
+            working_set: "boot".into(),
+            max_batch_bytes: PAGE as u64,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    let mut out = vec![0u8; img.len()];
+    while let Some(batch) = stream.next().await {
+        let batch = batch.unwrap();
+        let first = batch
+            .runs
+            .first()
+            .map(|r| r.start)
+            .or(batch.zero.first().map(|z| z.start))
+            .unwrap();
+        seen.push(first);
+        let mut pages = 0;
+        apply(batch, &m, &mut out, &mut pages);
+    }
+    assert_eq!(seen, order);
+    for p in order {
+        let at = p as usize * PAGE;
+        assert!(out[at..at + PAGE] == img[at..at + PAGE]);
+    }
 }
