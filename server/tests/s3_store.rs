@@ -293,3 +293,53 @@ async fn outage_is_unavailable_then_recovers() {
     assert!(data == img[600 * PAGE..601 * PAGE]);
     verify(&store, "o", &img).await;
 }
+
+/// A store that accepts connections but never answers: each try times out, and after the retry
+/// deadline the read is unavailable, in bounded time.
+#[tokio::test]
+async fn stalled_store_times_out_as_unavailable() {
+    // Not an object store: a listener on 127.0.0.1 that reads and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hold = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((c, _)) = listener.accept().await {
+            conns.push(c);
+        }
+    });
+    let options = ObjectStoreOptions {
+        request_timeout: Duration::from_millis(200),
+        retry: RetryPolicy {
+            first_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(100),
+            deadline: Duration::from_secs(1),
+        },
+        ..ObjectStoreOptions::default()
+    };
+    let settings = [
+        ("AWS_ENDPOINT", format!("http://{addr}")),
+        ("AWS_ALLOW_HTTP", "true".into()),
+        ("AWS_REGION", "garage".into()),
+        ("AWS_ACCESS_KEY_ID", "GK000000000000000000000000".into()),
+        ("AWS_SECRET_ACCESS_KEY", "0".repeat(64)),
+    ]
+    .map(|(k, v)| (k.to_owned(), v));
+    let store = ObjectSnapshotStore::with_settings("b", "p", settings, options).unwrap();
+    let started = std::time::Instant::now();
+    let err = store.open(&id("x")).await.unwrap_err();
+    let took = started.elapsed();
+    assert!(
+        matches!(
+            err,
+            ObjectOpenError::Store {
+                source: ObjectError::Unavailable { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(store.io_counts().retries >= 2, "{:?}", store.io_counts());
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert!(store.ping().await.is_err());
+    hold.abort();
+}
