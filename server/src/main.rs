@@ -10,7 +10,7 @@ use faultline_proto::{PageIndex, PageRange, PageSize, SnapshotId};
 use faultline_server::import::parse_size;
 use faultline_server::import::{RegionArg, import};
 use faultline_server::readiness::Readiness;
-use faultline_server::store::object::{ObjectStoreOptions, OpenedStore, StoreLocation};
+use faultline_server::store::object::{DiskCache, ObjectStoreOptions, OpenedStore, StoreLocation};
 use faultline_server::{Limits, metrics};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -47,6 +47,13 @@ enum Command {
         /// Memory for chunks read from an object store (K/M/G suffixes).
         #[arg(long = "chunk-cache", value_name = "BYTES", default_value = "1G", value_parser = parse_size)]
         chunk_cache: u64,
+        /// Also keep chunks read from an object store as files in this
+        /// directory (created mode 0700: they hold guest memory).
+        #[arg(long = "chunk-cache-dir", value_name = "DIR")]
+        chunk_cache_dir: Option<PathBuf>,
+        /// Most bytes of chunks kept in --chunk-cache-dir (K/M/G/T suffixes).
+        #[arg(long = "chunk-cache-disk", value_name = "BYTES", default_value = "10G", value_parser = parse_size)]
+        chunk_cache_disk: u64,
         #[command(flatten)]
         limits: Limits,
     },
@@ -127,8 +134,20 @@ fn run(command: Command) -> anyhow::Result<()> {
             listen,
             metrics_listen,
             chunk_cache,
+            chunk_cache_dir,
+            chunk_cache_disk,
             limits,
-        } => serve(store, listen, metrics_listen, chunk_cache, limits),
+        } => serve(
+            store,
+            listen,
+            metrics_listen,
+            ChunkCaches {
+                memory: chunk_cache,
+                dir: chunk_cache_dir,
+                disk: chunk_cache_disk,
+            },
+            limits,
+        ),
         Command::Import {
             store,
             name,
@@ -151,21 +170,36 @@ fn open_store(store: &StoreLocation, limits: &Limits) -> anyhow::Result<OpenedSt
     Ok(store.open(limits, ObjectStoreOptions::with_limits(limits))?)
 }
 
+/// `serve`'s chunk cache flags.
+#[derive(Debug)]
+struct ChunkCaches {
+    memory: u64,
+    dir: Option<PathBuf>,
+    disk: u64,
+}
+
 #[tokio::main]
 async fn serve(
     location: StoreLocation,
     listen: SocketAddr,
     metrics_listen: Option<SocketAddr>,
-    chunk_cache: u64,
+    caches: ChunkCaches,
     limits: Limits,
 ) -> anyhow::Result<()> {
     // Before the store, whose cache reports its capacity as it starts.
     metrics::install();
     let options = ObjectStoreOptions {
-        cache_bytes: chunk_cache,
+        cache_bytes: caches.memory,
         ..ObjectStoreOptions::with_limits(&limits)
     };
-    let opened = location.open(&limits, options)?;
+    let disk = match caches.dir {
+        Some(dir) => Some(
+            DiskCache::open(&dir, caches.disk)
+                .with_context(|| format!("cannot use {} as the chunk cache", dir.display()))?,
+        ),
+        None => None,
+    };
+    let opened = location.open_with(&limits, options, disk)?;
     let store = opened.store.clone();
     // A directory must be readable now; an object store may come up later
     // (until it answers, the server is live but not ready), and listing a

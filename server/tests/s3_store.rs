@@ -10,7 +10,7 @@ use faultline_proto::{PageIndex, PageRange, PageSize, SnapshotId};
 use faultline_server::garage::Garage;
 use faultline_server::store::SnapshotSpec;
 use faultline_server::store::object::{
-    ChunkStats, ObjectError, ObjectOpenError, ObjectSnapshotStore, ObjectStoreOptions,
+    ChunkStats, DiskCache, ObjectError, ObjectOpenError, ObjectSnapshotStore, ObjectStoreOptions,
     ObjectWriteError, RetryPolicy,
 };
 use faultline_server::testing::synthetic_image;
@@ -342,4 +342,67 @@ async fn stalled_store_times_out_as_unavailable() {
     assert!(took < Duration::from_secs(5), "took {took:?}");
     assert!(store.ping().await.is_err());
     hold.abort();
+}
+
+/// With a disk cache, a restarted server (fresh memory cache, same directory) restores without
+/// reading any chunk from S3; a chunk file damaged on the disk is fetched again, not served.
+#[tokio::test]
+async fn disk_cache_serves_a_restarted_server() {
+    let Some(garage) = Garage::start_or_skip() else {
+        return;
+    };
+    let img = image(7);
+    write(
+        &garage.store("t", ObjectStoreOptions::default()).unwrap(),
+        "d",
+        &img,
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let with_disk = || {
+        garage
+            .store("t", ObjectStoreOptions::default())
+            .unwrap()
+            .with_disk_cache(DiskCache::open(dir.path(), 1 << 30).unwrap())
+    };
+    let first = with_disk();
+    verify(&first, "d", &img).await;
+    // Chunk files are written in the background.
+    let files = || {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                !e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with('.')
+            })
+            .count()
+    };
+    for _ in 0..200 {
+        if files() == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(files(), 4, "the four stored chunks are on the disk");
+    drop(first);
+    let second = with_disk();
+    second.open(&id("d")).await.unwrap();
+    let before = second.io_counts();
+    verify(&second, "d", &img).await;
+    assert_eq!(
+        second.io_counts().gets,
+        before.gets,
+        "no chunk came from S3"
+    );
+    // Damage chunk 0's file: a third server fetches that one chunk again.
+    let chunk0 = faultline_server::store::object::ChunkId::of(&img[..2 << 20]);
+    std::fs::write(dir.path().join(chunk0.to_string()), vec![1u8; 2 << 20]).unwrap();
+    let third = with_disk();
+    third.open(&id("d")).await.unwrap();
+    let before = third.io_counts();
+    verify(&third, "d", &img).await;
+    assert_eq!(third.io_counts().gets - before.gets, 1);
 }

@@ -15,6 +15,7 @@
 //! `AmazonS3Builder::from_env`.
 
 mod backend;
+pub mod disk_cache;
 pub mod io;
 pub mod layout;
 pub mod metrics;
@@ -34,6 +35,7 @@ use faultline_proto::{
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::{ClientConfigKey, ObjectStore, RetryConfig};
 
+pub use disk_cache::DiskCache;
 pub use io::{IoCounts, ObjectError, ObjectIo, RetryPolicy};
 pub use layout::{CHUNK_BYTES, ChunkId};
 pub use snapshot::ObjectSnapshot;
@@ -148,6 +150,16 @@ impl StoreLocation {
         limits: &Limits,
         options: ObjectStoreOptions,
     ) -> Result<OpenedStore, OpenStoreError> {
+        self.open_with(limits, options, None)
+    }
+
+    /// [`Self::open`], an object store keeping chunks in `disk` too.
+    pub fn open_with(
+        &self,
+        limits: &Limits,
+        options: ObjectStoreOptions,
+        disk: Option<DiskCache>,
+    ) -> Result<OpenedStore, OpenStoreError> {
         match self {
             Self::Local(path) => {
                 let local = LocalStore::with_limits(path, limits).map_err(|source| {
@@ -163,7 +175,11 @@ impl StoreLocation {
                 })
             }
             Self::S3 { bucket, prefix } => {
-                let object = Arc::new(ObjectSnapshotStore::from_env(bucket, prefix, options)?);
+                let mut object = ObjectSnapshotStore::from_env(bucket, prefix, options)?;
+                if let Some(disk) = disk {
+                    object = object.with_disk_cache(disk);
+                }
+                let object = Arc::new(object);
                 Ok(OpenedStore {
                     store: object.clone(),
                     object: Some(object),
@@ -280,6 +296,7 @@ pub struct ObjectSnapshotStore {
     keys: Keys,
     location: String,
     cache: Cache,
+    disk: Option<DiskCache>,
     options: ObjectStoreOptions,
     /// Snapshots open, with their last use; at most
     /// `options.max_open_snapshots`, the least recently used dropped first.
@@ -363,6 +380,7 @@ impl ObjectSnapshotStore {
             keys: Keys::new(prefix),
             location,
             cache: ChunkCache::new(options.cache_bytes),
+            disk: None,
             options,
             open: Mutex::new(HashMap::new()),
             clock: std::sync::atomic::AtomicU64::new(0),
@@ -370,6 +388,12 @@ impl ObjectSnapshotStore {
             recording: tokio::sync::Mutex::new(()),
             last_write: Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// Keeps chunks in `disk` too, below the memory cache.
+    pub fn with_disk_cache(mut self, disk: DiskCache) -> Self {
+        self.disk = Some(disk);
+        self
     }
 
     /// `s3://BUCKET/PREFIX`, for messages.
@@ -627,6 +651,7 @@ impl ObjectSnapshotStore {
             io: self.io.clone(),
             keys: self.keys.clone(),
             cache: self.cache.clone(),
+            disk: self.disk.clone(),
             manifest: RwLock::new(Arc::new(Manifest {
                 format_version: MANIFEST_FORMAT_VERSION,
                 id: id.clone(),

@@ -9,6 +9,7 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use faultline_proto::{Manifest, PageIndex, PageRange, SnapshotId, WorkingSetName};
 
+use super::disk_cache::DiskCache;
 use super::io::{ObjectError, ObjectIo};
 use super::layout::{ChunkId, Keys};
 use crate::chunk_cache::ChunkCache;
@@ -31,6 +32,8 @@ pub struct ObjectSnapshot {
     pub(super) io: Arc<ObjectIo>,
     pub(super) keys: Keys,
     pub(super) cache: Cache,
+    /// The disk tier below `cache`, if configured.
+    pub(super) disk: Option<DiskCache>,
     /// Replaced (not mutated) when the working sets change.
     pub(super) manifest: RwLock<Arc<Manifest>>,
     pub(super) chunk_bytes: u64,
@@ -109,8 +112,9 @@ impl ObjectSnapshot {
         };
         let io = self.io.clone();
         let key = self.keys.chunk(&id);
+        let disk = self.disk.clone();
         self.cache
-            .get(id, move || fetch_chunk(io, key, id, len))
+            .get(id, move || fetch_chunk(io, disk, key, id, len))
             .await
     }
 
@@ -129,9 +133,11 @@ impl ObjectSnapshot {
             let io = self.io.clone();
             let key = self.keys.chunk(&id);
             let len = self.chunk_len(i);
+            let disk = self.disk.clone();
             // The cache's single flight makes a later read of the chunk wait
             // for this fetch instead of starting its own.
-            self.cache.warm(id, move || fetch_chunk(io, key, id, len));
+            self.cache
+                .warm(id, move || fetch_chunk(io, disk, key, id, len));
         }
     }
 
@@ -166,14 +172,22 @@ impl ObjectSnapshot {
     }
 }
 
-/// GETs a chunk and checks its length and hash: a chunk whose bytes do not
-/// match its name is corrupt (DATA_LOSS), never served.
+/// Reads a chunk from the disk cache, or GETs it and checks its length and
+/// hash: a chunk whose bytes do not match its name is corrupt (DATA_LOSS),
+/// never served.
 async fn fetch_chunk(
     io: Arc<ObjectIo>,
+    disk: Option<DiskCache>,
     key: object_store::path::Path,
     id: ChunkId,
     len: u64,
 ) -> Result<Bytes, ObjectError> {
+    if let Some(disk) = &disk
+        && let Some(data) = disk.get(id).await
+        && data.len() as u64 == len
+    {
+        return Ok(data);
+    }
     let data = io.get(&key).await?;
     if data.len() as u64 != len {
         return Err(ObjectError::Corrupt {
@@ -190,6 +204,9 @@ async fn fetch_chunk(
             key: key.to_string(),
             reason: format!("its bytes hash to {actual}"),
         });
+    }
+    if let Some(disk) = disk {
+        disk.put(id, data.clone());
     }
     Ok(data)
 }
