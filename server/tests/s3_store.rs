@@ -10,8 +10,8 @@ use faultline_proto::{PageIndex, PageRange, PageSize, SnapshotId};
 use faultline_server::garage::Garage;
 use faultline_server::store::SnapshotSpec;
 use faultline_server::store::object::{
-    ChunkStats, DiskCache, ObjectError, ObjectOpenError, ObjectSnapshotStore, ObjectStoreOptions,
-    ObjectWriteError, RetryPolicy,
+    ChunkStats, DiskCache, ObjectError, ObjectListError, ObjectOpenError, ObjectSnapshotStore,
+    ObjectStoreOptions, ObjectWriteError, RetryPolicy,
 };
 use faultline_server::testing::synthetic_image;
 
@@ -341,6 +341,10 @@ async fn stalled_store_times_out_as_unavailable() {
     assert!(store.io_counts().retries >= 2, "{:?}", store.io_counts());
     assert!(took < Duration::from_secs(5), "took {took:?}");
     assert!(store.ping().await.is_err());
+    assert!(matches!(
+        store.list().await.unwrap_err(),
+        ObjectListError::Store(ObjectError::Unavailable { .. })
+    ));
     hold.abort();
 }
 

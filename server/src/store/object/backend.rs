@@ -12,7 +12,9 @@ use faultline_proto::{Manifest, PageIndex, PageRange, SnapshotId, WorkingSetName
 
 use super::io::ObjectError;
 use super::writer::{ChunkStats, ObjectWriteError, ObjectWriter};
-use super::{ObjectOpenError, ObjectRecordError, ObjectSnapshot, ObjectSnapshotStore};
+use super::{
+    ObjectListError, ObjectOpenError, ObjectRecordError, ObjectSnapshot, ObjectSnapshotStore,
+};
 use crate::store::{
     CreateError, ListError, OpenError, ReadError, RecordError, Snapshot, SnapshotSpec,
     SnapshotStore, SnapshotSummary, SnapshotWrite,
@@ -67,14 +69,10 @@ impl From<ObjectRecordError> for RecordError {
 impl SnapshotStore for ObjectSnapshotStore {
     async fn list(&self) -> Result<Vec<SnapshotSummary>, ListError> {
         ObjectSnapshotStore::list(self).await.map_err(|e| match e {
-            ObjectOpenError::Store { source, .. }
-                if !matches!(source, ObjectError::Corrupt { .. }) =>
-            {
-                ListError::Unavailable {
-                    reason: source.to_string(),
-                }
-            }
-            other => ListError::Open(other.into()),
+            ObjectListError::Store(source) => ListError::Unavailable {
+                reason: source.to_string(),
+            },
+            ObjectListError::Open(e) => ListError::Open(e.into()),
         })
     }
 

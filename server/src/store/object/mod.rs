@@ -431,15 +431,12 @@ impl ObjectSnapshotStore {
     }
 
     /// Every complete snapshot (those whose manifest is written), by name.
-    pub async fn list(&self) -> Result<Vec<SnapshotSummary>, ObjectOpenError> {
+    pub async fn list(&self) -> Result<Vec<SnapshotSummary>, ObjectListError> {
         let (dirs, _) = self
             .io
             .list_dir(&self.keys.snapshots())
             .await
-            .map_err(|source| ObjectOpenError::Store {
-                snapshot: SnapshotId::new("-").expect("valid"),
-                source,
-            })?;
+            .map_err(ObjectListError::Store)?;
         let mut out = Vec::new();
         for dir in dirs {
             let Some(id) = dir.filename().and_then(|n| SnapshotId::new(n).ok()) else {
@@ -467,7 +464,7 @@ impl ObjectSnapshotStore {
                 // A folder without a manifest: a snapshot still being
                 // written, or abandoned.
                 Err(ObjectError::NotFound { .. }) => continue,
-                Err(e) => return Err(store_err(e)),
+                Err(e) => return Err(store_err(e).into()),
             };
             let file: ObjectManifest =
                 serde_json::from_slice(&json).map_err(|e| ObjectOpenError::Corrupt {
@@ -756,6 +753,17 @@ impl ObjectSnapshotStore {
         snapshot.add_working_set(name.clone(), order);
         Ok(pages)
     }
+}
+
+/// Listing an object store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectListError {
+    /// The LIST of the snapshots failed.
+    #[error("cannot list the snapshots: {0}")]
+    Store(ObjectError),
+    /// A snapshot's manifest could not be read.
+    #[error(transparent)]
+    Open(#[from] ObjectOpenError),
 }
 
 /// Recording a working set in an object store failed.
