@@ -498,7 +498,7 @@ impl ObjectSnapshotStore {
     /// [`WORKING_SET_REFRESH`].
     pub async fn open(&self, id: &SnapshotId) -> Result<Arc<ObjectSnapshot>, ObjectOpenError> {
         if let Some(s) = self.cached(id) {
-            self.refresh_working_sets(&s).await;
+            self.refresh_working_sets(&s);
             return Ok(s);
         }
         let _one = self.opening.lock().await;
@@ -534,21 +534,27 @@ impl ObjectSnapshotStore {
         Some(s.clone())
     }
 
-    async fn refresh_working_sets(&self, s: &ObjectSnapshot) {
-        let stale = s
-            .working_sets
-            .read()
-            .expect("working set lock poisoned")
-            .listed
-            .elapsed()
-            > WORKING_SET_REFRESH;
-        if stale {
-            match self.load_working_sets(&s.id, s.manifest().page_count).await {
+    /// Lists the working sets of `s` again, in the background, if the list
+    /// is older than [`WORKING_SET_REFRESH`]: an open never waits for it
+    /// (during a store outage the old list and the cached chunks serve on).
+    fn refresh_working_sets(&self, s: &Arc<ObjectSnapshot>) {
+        {
+            let mut sets = s.working_sets.write().expect("working set lock poisoned");
+            if sets.listed.elapsed() <= WORKING_SET_REFRESH {
+                return;
+            }
+            // Taken: concurrent opens do not start refreshes of their own.
+            sets.listed = Instant::now();
+        }
+        let (io, keys, options, s) = (self.io.clone(), self.keys.clone(), self.options, s.clone());
+        tokio::spawn(async move {
+            let page_count = s.manifest().page_count;
+            match load_working_sets(&io, &keys, &options, &s.id, page_count).await {
                 Ok(sets) => s.set_working_sets(sets),
                 // The old list serves on: working sets are an optimization.
                 Err(e) => tracing::warn!(snapshot = %s.id, "cannot list working sets: {e}"),
             }
-        }
+        });
     }
 
     async fn load(&self, id: &SnapshotId) -> Result<ObjectSnapshot, ObjectOpenError> {
@@ -637,10 +643,10 @@ impl ObjectSnapshotStore {
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
-        let working_sets = self
-            .load_working_sets(id, base.page_count)
-            .await
-            .map_err(store_err)?;
+        let working_sets =
+            load_working_sets(&self.io, &self.keys, &self.options, id, base.page_count)
+                .await
+                .map_err(store_err)?;
         let mut ws_names: Vec<_> = working_sets.keys().cloned().collect();
         ws_names.sort();
         Ok(ObjectSnapshot {
@@ -669,44 +675,6 @@ impl ObjectSnapshotStore {
             // No read yet: the first read is not taken for a sequential one.
             last_chunk: std::sync::atomic::AtomicUsize::new(usize::MAX - 1),
         })
-    }
-
-    /// Reads every working set of `id`. One that lists pages past the end is
-    /// skipped with a warning (it is an order of pages, not data).
-    async fn load_working_sets(
-        &self,
-        id: &SnapshotId,
-        page_count: u64,
-    ) -> Result<HashMap<WorkingSetName, Arc<Vec<PageIndex>>>, ObjectError> {
-        let (_, objects) = self.io.list_dir(&self.keys.working_sets(id)).await?;
-        let mut sets = HashMap::new();
-        for key in objects {
-            let Some(name) = key.filename().and_then(|n| WorkingSetName::new(n).ok()) else {
-                continue;
-            };
-            if sets.len() >= self.options.max_working_sets {
-                tracing::warn!(snapshot = %id, "more working sets than --max-working-sets; the rest are ignored");
-                break;
-            }
-            let bytes = match self.io.get(&key).await {
-                Ok(b) => b,
-                Err(ObjectError::NotFound { .. }) => continue,
-                Err(e) => return Err(e),
-            };
-            let pages: Vec<PageIndex> = bytes
-                .chunks_exact(8)
-                .map(|c| PageIndex(u64::from_le_bytes(c.try_into().expect("8 bytes"))))
-                .collect();
-            if bytes.len() % 8 != 0
-                || pages.len() as u64 > self.options.max_working_set_pages
-                || pages.iter().any(|p| p.0 >= page_count)
-            {
-                tracing::warn!(snapshot = %id, working_set = %name, "working set is malformed or above --max-working-set-pages; ignored");
-                continue;
-            }
-            sets.insert(name, Arc::new(pages));
-        }
-        Ok(sets)
     }
 
     /// Starts writing a new snapshot.
@@ -753,6 +721,46 @@ impl ObjectSnapshotStore {
         snapshot.add_working_set(name.clone(), order);
         Ok(pages)
     }
+}
+
+/// Reads every working set of `id`. One that lists pages past the end is
+/// skipped with a warning (it is an order of pages, not data).
+async fn load_working_sets(
+    io: &ObjectIo,
+    keys: &Keys,
+    options: &ObjectStoreOptions,
+    id: &SnapshotId,
+    page_count: u64,
+) -> Result<HashMap<WorkingSetName, Arc<Vec<PageIndex>>>, ObjectError> {
+    let (_, objects) = io.list_dir(&keys.working_sets(id)).await?;
+    let mut sets = HashMap::new();
+    for key in objects {
+        let Some(name) = key.filename().and_then(|n| WorkingSetName::new(n).ok()) else {
+            continue;
+        };
+        if sets.len() >= options.max_working_sets {
+            tracing::warn!(snapshot = %id, "more working sets than --max-working-sets; the rest are ignored");
+            break;
+        }
+        let bytes = match io.get(&key).await {
+            Ok(b) => b,
+            Err(ObjectError::NotFound { .. }) => continue,
+            Err(e) => return Err(e),
+        };
+        let pages: Vec<PageIndex> = bytes
+            .chunks_exact(8)
+            .map(|c| PageIndex(u64::from_le_bytes(c.try_into().expect("8 bytes"))))
+            .collect();
+        if bytes.len() % 8 != 0
+            || pages.len() as u64 > options.max_working_set_pages
+            || pages.iter().any(|p| p.0 >= page_count)
+        {
+            tracing::warn!(snapshot = %id, working_set = %name, "working set is malformed or above --max-working-set-pages; ignored");
+            continue;
+        }
+        sets.insert(name, Arc::new(pages));
+    }
+    Ok(sets)
 }
 
 /// Listing an object store failed.
