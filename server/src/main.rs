@@ -330,9 +330,13 @@ async fn inspect(
     verify: bool,
     json: bool,
 ) -> anyhow::Result<()> {
-    let store = open_store(&location, &Limits::default())?.store;
-    let snapshot = store.open(&name).await?;
+    let opened = open_store(&location, &Limits::default())?;
+    let snapshot = opened.store.open(&name).await?;
     let m = snapshot.manifest();
+    let chunks = match &opened.object {
+        Some(object) => Some(object.open(&name).await?.chunk_layout()),
+        None => None,
+    };
     let mismatches = if verify {
         let mut bad = Vec::new();
         let chunk = (8 << 20) / m.page_size.bytes();
@@ -375,6 +379,7 @@ async fn inspect(
             "working_sets": working_sets,
             "verified": mismatches.as_ref().map(Vec::is_empty),
             "mismatched_pages": mismatches,
+            "chunks": chunks,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
@@ -387,6 +392,15 @@ async fn inspect(
             100.0 * zero_pages as f64 / m.page_count as f64
         );
         println!("digests      {:?}", m.digest_algorithm);
+        if let Some(c) = chunks {
+            println!(
+                "chunks       {} of {} bytes, {} stored ({} all zeros, not stored)",
+                c.chunks,
+                c.chunk_bytes,
+                c.stored,
+                c.chunks - c.stored
+            );
+        }
         for r in &m.regions {
             println!(
                 "region       {:<12} guest {:#x} offset {:#x} size {:#x}",

@@ -190,6 +190,13 @@ async fn cli_import_list_inspect_then_restore() {
     .unwrap();
     assert_eq!(inspect["verified"], true);
     assert_eq!(inspect["page_count"], PAGES);
+    assert_eq!(inspect["chunks"]["chunks"], 5);
+    assert_eq!(inspect["chunks"]["stored"], 4);
+    let text = stdout(&cli(
+        &garage,
+        &["inspect", "--store", &url, "--name", "base"],
+    ));
+    assert!(text.contains("4 stored (1 all zeros"), "{text}");
 
     let store = Arc::new(garage.store("cli", ObjectStoreOptions::default()).unwrap());
     let server = serve(store).await;

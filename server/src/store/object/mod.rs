@@ -38,7 +38,7 @@ use object_store::{ClientConfigKey, ObjectStore, RetryConfig};
 pub use disk_cache::DiskCache;
 pub use io::{IoCounts, ObjectError, ObjectIo, RetryPolicy};
 pub use layout::{CHUNK_BYTES, ChunkId};
-pub use snapshot::ObjectSnapshot;
+pub use snapshot::{ChunkLayout, ObjectSnapshot};
 pub use writer::{ChunkStats, ObjectWriteError, ObjectWriter};
 
 use crate::chunk_cache::{CacheCounts, ChunkCache};

@@ -166,10 +166,31 @@ impl ObjectSnapshot {
         Ok(out.freeze())
     }
 
+    /// How the image is stored: bytes per chunk, chunks, and chunks stored
+    /// (the others are all zeros).
+    pub fn chunk_layout(&self) -> ChunkLayout {
+        ChunkLayout {
+            chunk_bytes: self.chunk_bytes,
+            chunks: self.chunks.len() as u64,
+            stored: self.chunks.iter().filter(|c| c.is_some()).count() as u64,
+        }
+    }
+
     /// The snapshot's name.
     pub fn id(&self) -> &SnapshotId {
         &self.id
     }
+}
+
+/// How an object-store snapshot's image is cut into chunks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ChunkLayout {
+    /// Bytes per chunk.
+    pub chunk_bytes: u64,
+    /// Chunks in the image.
+    pub chunks: u64,
+    /// Chunks stored (not all zeros).
+    pub stored: u64,
 }
 
 /// Reads a chunk from the disk cache, or GETs it and checks its length and
