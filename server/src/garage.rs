@@ -23,6 +23,9 @@ pub const REQUIRE_ENV: &str = "FAULTLINE_REQUIRE_KERNEL";
 
 static NEXT_DIR: AtomicU64 = AtomicU64::new(0);
 
+/// Starts tried before giving up (see [`Garage::start`]).
+const START_TRIES: u32 = 3;
+
 /// Starting Garage failed.
 #[derive(Debug, thiserror::Error)]
 pub enum GarageError {
@@ -108,25 +111,36 @@ impl Garage {
         if !Self::available() {
             return Err(GarageError::NotBuilt);
         }
-        let dir = std::env::temp_dir().join(format!(
-            "faultline-garage-{}-{}",
-            std::process::id(),
-            NEXT_DIR.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
-        let ports = [
-            ("GARAGE_S3_PORT", free_port()?.to_string()),
-            ("GARAGE_RPC_PORT", free_port()?.to_string()),
-            ("GARAGE_ADMIN_PORT", free_port()?.to_string()),
-        ];
-        let mut garage = Self {
-            dir,
-            env: Vec::new(),
-            bucket: String::new(),
-            running: false,
+        // A port found free may be taken by another process before Garage
+        // binds it: try again with new ones.
+        let mut tries = 0;
+        let mut garage = loop {
+            tries += 1;
+            let dir = std::env::temp_dir().join(format!(
+                "faultline-garage-{}-{}",
+                std::process::id(),
+                NEXT_DIR.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir)?;
+            let ports = [
+                ("GARAGE_S3_PORT", free_port()?.to_string()),
+                ("GARAGE_RPC_PORT", free_port()?.to_string()),
+                ("GARAGE_ADMIN_PORT", free_port()?.to_string()),
+            ];
+            let mut garage = Self {
+                dir,
+                env: Vec::new(),
+                bucket: String::new(),
+                running: false,
+            };
+            match garage.launch(&ports) {
+                Ok(()) => break garage,
+                Err(e) if tries >= START_TRIES => return Err(e),
+                // Dropping it removes its directory.
+                Err(_) => continue,
+            }
         };
-        garage.launch(&ports)?;
         let text = std::fs::read_to_string(garage.dir.join("env"))?;
         garage.env = text
             .lines()
