@@ -22,7 +22,8 @@ GARAGE_VERSION=2.5.0
 # Only what a single node needs: LMDB metadata, bundled C libraries. The default
 # features add SQLite, K2V and Prometheus metrics, which the tests never use.
 GARAGE_FEATURES=bundled-libs,lmdb
-CACHE="${GARAGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/faultline/garage-$GARAGE_VERSION}"
+# (Without HOME, bash's ~ is the user's home from the password database.)
+CACHE="${GARAGE_CACHE:-${XDG_CACHE_HOME:-${HOME:-$(echo ~)}/.cache}/faultline/garage-$GARAGE_VERSION}"
 BIN="$CACHE/bin/garage"
 BUCKET=faultline
 
