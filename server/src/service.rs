@@ -15,6 +15,7 @@
 //! yield every [`SCAN_YIELD_PAGES`] pages so that there is one.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -453,8 +454,12 @@ impl Batcher {
 impl PrefetchPlan {
     /// Streams batches into `tx` until done, failed, or aborted (when the
     /// client goes away, the stream and with it this task are dropped).
-    async fn run(self, tx: mpsc::Sender<Result<pb::PageBatch, Status>>) {
-        let _ = self.stream(tx).await;
+    /// Sets `ended` before `tx` is dropped, so that a stream that ends
+    /// without it (the producer panicked) is reported as broken.
+    async fn run(self, tx: mpsc::Sender<Result<pb::PageBatch, Status>>, ended: Arc<AtomicBool>) {
+        let _ = self.stream(tx.clone()).await;
+        ended.store(true, Ordering::SeqCst);
+        drop(tx);
     }
 
     async fn stream(self, tx: mpsc::Sender<Result<pb::PageBatch, Status>>) -> Result<(), Stopped> {
@@ -750,13 +755,25 @@ impl pb::faultline_server::Faultline for FaultlineService {
         drop(t);
 
         let (tx, rx) = mpsc::channel(PREFETCH_QUEUE_DEPTH);
+        let ended = Arc::new(AtomicBool::new(false));
+        let producer_ended = ended.clone();
         let task = tokio::spawn(async move {
             let _slot = slot;
             let _active = metrics::ActiveStream::new("prefetch");
-            plan.run(tx).await;
+            plan.run(tx, producer_ended).await;
         });
         let abort = AbortOnDrop(task.abort_handle());
-        let batches = ReceiverStream::new(rx).map(move |batch| {
+        // A producer that died leaves the channel closed without `ended`:
+        // the stream then ends with Internal, never with OK.
+        let tail = futures::stream::once(async move {
+            (!ended.load(Ordering::SeqCst)).then(|| {
+                Err(Status::internal(
+                    "the server failed while streaming this prefetch; retry it",
+                ))
+            })
+        })
+        .filter_map(futures::future::ready);
+        let batches = ReceiverStream::new(rx).chain(tail).map(move |batch| {
             let _producer = &abort;
             batch
         });
