@@ -12,16 +12,16 @@ use std::sync::Arc;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use faultline_bench::vm::{
-    GuestRam, ImageSpec, Layout, RunOptions, SnapshotFiles, Walk, create_snapshot,
-    expected_checksum, load_state, run_guest,
-};
 use faultline_client::firecracker::{
     ConnectionEvent, ConnectionReport, EndReason, GuestRegionUffdMapping, Handler, bind,
 };
 use faultline_client::pager::{PagerConfig, PrefetchPolicy};
 use faultline_client::testutil;
 use faultline_client::uffd::{Features, RegisterModes, Uffd, UffdOptions};
+use faultline_microvm::{
+    GuestRam, ImageSpec, Layout, RunOptions, SnapshotFiles, Walk, create_snapshot,
+    expected_checksum, load_state, run_guest,
+};
 use faultline_proto::{PageSize, SnapshotId};
 use faultline_server::LocalStore;
 use faultline_server::import::import_file;
