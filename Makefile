@@ -1,7 +1,7 @@
 # faultline: the two commands of the README, and what they need.
 #
 #   make demo   generate a snapshot, serve it, read it back through faultline
-#   make test   formatting, clippy (warnings are errors), every test
+#   make test   formatting, clippy (warnings are errors), every test, the deploy/ checks
 #   make bench  every benchmark against its baselines (~15-30 min; bench-quick: < 5 min),
 #               report in bench-out/ (BENCHMARKS.md, report.json, plots)
 #
@@ -13,7 +13,7 @@
 CARGO ?= cargo
 APT_PACKAGES := libclang-dev fonts-dejavu-core
 
-.PHONY: all deps build demo test fmt clippy unit bench bench-quick clean
+.PHONY: all deps build demo test fmt clippy unit deploy-check bench bench-quick clean
 
 all: build
 
@@ -51,7 +51,12 @@ unit: deps
 	$(CARGO) test -p faultline-client --features vm-memory --lib
 	$(CARGO) test -p faultline-client --features vm-memory --doc
 
-test: deps fmt clippy unit
+# deploy/: hadolint, kubernetes-validate, compose config, shellcheck, systemd-analyze, and the
+# files' flags, environment and probes against the built binaries (deploy/README.md).
+deploy-check: deps
+	./scripts/check-deploy.sh
+
+test: deps fmt clippy unit deploy-check
 
 bench: build
 	./target/release/faultline-bench all --out bench-out
