@@ -476,71 +476,179 @@ def make_pki(tmp):
              "-extfile", str(ext), "-out", f"{tmp}/{name}.crt")
 
 
-def deployment_starts_a_server(r, bins, bin_dir, deployment):
-    """Runs the Deployment's own args (files replaced by real ones made here, addresses by
-    loopback ports, the store by a directory), then checks TLS with the client CA on the gRPC
-    port and the readiness path on the metrics port."""
-    print("the Deployment's arguments on a real server")
-    c = deployment["spec"]["template"]["spec"]["containers"][0]
-    command, flags = split_invocation(c["args"])
+def flags_ready(r, bins, label, args):
+    """Whether every flag of `args` is in --help; a missing one is reported (pending or not)."""
+    command, flags = split_invocation(args)
     missing = [f for f in flags if not bins.has_flag(command, f)]
     if missing:
         key = (command, missing[0])
         if key in PENDING:
-            r.pending(key, "serve with the Deployment's args", f"{', '.join(missing)} missing")
+            r.pending(key, label, f"{', '.join(missing)} missing")
         else:
-            r.fail("serve with the Deployment's args", f"{', '.join(missing)} missing")
-        return
+            r.fail(label, f"{', '.join(missing)} missing")
+    return not missing
+
+
+def serve_as_configured(r, bin_dir, label, args, files, ca, hostnames, readiness, client=None):
+    """Starts `faultline-server` with `args` as a file of deploy/ gives them, with listen
+    addresses replaced by loopback ports, file paths by `files` (by base name) and the store
+    by a directory; checks that TLS on the gRPC port verifies against `ca` for each of
+    `hostnames` (with `client`'s certificate and key for mutual TLS) and that `readiness`
+    answers on the metrics port."""
     import ssl
-    with tempfile.TemporaryDirectory() as tmp:
-        make_pki(tmp)
-        tokens = Path(tmp) / "tokens"
-        res = run([str(bin_dir / SERVER), "token", "new", "--tokens", str(tokens),
-                   "--snapshots", "*", "--rights", "read"])
-        if not r.check(res.returncode == 0, "token new makes the tokens file", tool_output(res)):
-            return
-        files = {"tls.crt": f"{tmp}/server.crt", "tls.key": f"{tmp}/server.key",
-                 "ca.crt": f"{tmp}/ca.crt", "tokens": str(tokens)}
-        grpc, metrics = free_port(), free_port()
-        argv = []
-        for a in c["args"]:
-            flag, _, value = a.partition("=")
-            if flag == "--listen":
-                value = f"127.0.0.1:{grpc}"
-            elif flag == "--metrics-listen":
-                value = f"127.0.0.1:{metrics}"
-            elif value.startswith("/"):
-                value = files[Path(value).name]
-            argv.append(f"{flag}={value}" if value else a)
-        store = Path(tmp) / "store"
-        store.mkdir()
-        env = dict(os.environ, FAULTLINE_STORE=str(store))
+    grpc, metrics = free_port(), free_port()
+    argv = []
+    for a in joined(args):
+        flag, _, value = a.partition("=")
+        if flag == "--listen":
+            value = f"127.0.0.1:{grpc}"
+        elif flag == "--metrics-listen":
+            value = f"127.0.0.1:{metrics}"
+        elif value.startswith("/"):
+            if Path(value).name not in files:
+                r.fail(label, f"{flag} {value}: no file of that name made for the check")
+                return
+            value = files[Path(value).name]
+        argv.append(f"{flag}={value}" if value else a)
+    with tempfile.TemporaryDirectory() as store:
+        env = dict(os.environ, FAULTLINE_STORE=store)
         server = subprocess.Popen([str(bin_dir / SERVER)] + argv, env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             if not wait_for_port(r, server, metrics):
                 return
-            ctx = ssl.create_default_context(cafile=f"{tmp}/ca.crt")
-            ctx.load_cert_chain(f"{tmp}/client.crt", f"{tmp}/client.key")
-            ctx.set_alpn_protocols(["h2"])
-            try:
-                with socket.create_connection(("127.0.0.1", grpc), timeout=5) as sock:
-                    with ctx.wrap_socket(sock, server_hostname="localhost") as tls:
-                        proto = tls.selected_alpn_protocol()
-                r.check(proto == "h2", f"TLS on the gRPC port, verified by the CA (ALPN {proto})")
-            except (OSError, ssl.SSLError) as e:
-                r.fail("TLS on the gRPC port", str(e))
-            path = c["readinessProbe"]["httpGet"]["path"]
-            status = http_status(metrics, path)
-            key = ("probe", path)
+            r.ok(f"{label}: the server starts")
+            for name in hostnames:
+                ctx = ssl.create_default_context(cafile=ca)
+                if client:
+                    ctx.load_cert_chain(*client)
+                ctx.set_alpn_protocols(["h2"])
+                try:
+                    with socket.create_connection(("127.0.0.1", grpc), timeout=5) as sock:
+                        with ctx.wrap_socket(sock, server_hostname=name) as tls:
+                            proto = tls.selected_alpn_protocol()
+                    r.check(proto == "h2",
+                            f"{label}: TLS as {name}, verified by the CA (ALPN {proto})")
+                except (OSError, ssl.SSLError) as e:
+                    r.fail(f"{label}: TLS as {name}", str(e))
+            if client:
+                r.check(refuses_without_certificate(grpc, ca, hostnames[0]),
+                        f"{label}: a client without a certificate is refused (mutual TLS)")
+            status = http_status(metrics, readiness)
+            key = ("probe", readiness)
+            what = f"{label}: GET {readiness} -> {status}"
             if status == 200:
-                r.present(key, f"GET {path} -> 200 with the Deployment's args")
+                r.present(key, what)
             elif key in PENDING:
-                r.pending(key, f"GET {path} -> {status} with the Deployment's args", "not yet")
+                r.pending(key, what, "not served yet")
             else:
-                r.fail(f"GET {path} -> {status} with the Deployment's args")
+                r.fail(what)
         finally:
             stop(server)
+
+
+def joined(args):
+    """`--flag value` pairs as `--flag=value`."""
+    out = []
+    for a in args:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and not a.startswith("-"):
+            out[-1] += "=" + a
+        else:
+            out.append(a)
+    return out
+
+
+def unit_starts_a_server(r, bins, bin_dir):
+    """The unit's ExecStart as systemd would run it: the env file's settings substituted, %d
+    the directory of the credentials (made here)."""
+    print("the systemd unit's ExecStart on a real server")
+    unit = (DEPLOY / "faultline-server.service").read_text()
+    settings = dict(re.findall(r"^([A-Z][A-Z0-9_]*)=(.*)$",
+                               (DEPLOY / "faultline-server.env").read_text(), re.M))
+    label = "unit ExecStart"
+    with tempfile.TemporaryDirectory() as tmp:
+        exec_start = re.search(r"^ExecStart=(.*)$", unit, re.M).group(1).replace("%d", tmp)
+        args = [re.sub(r"\$\{([A-Z0-9_]+)\}", lambda m: settings[m.group(1)], a)
+                for a in shlex.split(exec_start)[1:]]
+        if not flags_ready(r, bins, label, args):
+            return
+        make_pki(tmp)
+        res = run([str(bin_dir / SERVER), "token", "new", "--tokens", f"{tmp}/tokens",
+                   "--snapshots", "*", "--rights", "read"])
+        if not r.check(res.returncode == 0, "token new makes a tokens file", tool_output(res)):
+            return
+        files = {"tls.crt": f"{tmp}/server.crt", "tls.key": f"{tmp}/server.key",
+                 "tokens": f"{tmp}/tokens", Path(settings["FAULTLINE_STORE"]).name: tmp}
+        serve_as_configured(r, bin_dir, label, args, files, f"{tmp}/ca.crt", ["localhost"],
+                            "/readyz")
+
+
+def refuses_without_certificate(port, ca, hostname):
+    """Whether the server on `port` ends a TLS session whose client sent no certificate (with
+    TLS 1.3 the refusal arrives after the client's side of the handshake, on the first read;
+    a server that accepts waits for HTTP/2's preface, and the read times out)."""
+    import ssl
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
+            with ctx.wrap_socket(sock, server_hostname=hostname) as tls:
+                return tls.recv(1) == b""
+    except ssl.SSLError:
+        return True
+    except (TimeoutError, socket.timeout):
+        return False
+
+
+def deployment_starts_a_server(r, bins, bin_dir, deployment):
+    """The Deployment's args, with a CA, server and client certificates and a tokens file made
+    here."""
+    print("the Deployment's arguments on a real server")
+    c = deployment["spec"]["template"]["spec"]["containers"][0]
+    label = "Deployment args"
+    if not flags_ready(r, bins, label, c["args"]):
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        make_pki(tmp)
+        tokens = Path(tmp) / "tokens"
+        res = run([str(bin_dir / SERVER), "token", "new", "--tokens", str(tokens),
+                   "--snapshots", "*", "--rights", "read"])
+        if not r.check(res.returncode == 0, "token new makes a tokens file", tool_output(res)):
+            return
+        files = {"tls.crt": f"{tmp}/server.crt", "tls.key": f"{tmp}/server.key",
+                 "ca.crt": f"{tmp}/ca.crt", "tokens": str(tokens)}
+        serve_as_configured(r, bin_dir, label, c["args"], files, f"{tmp}/ca.crt",
+                            ["localhost"], c["readinessProbe"]["httpGet"]["path"],
+                            client=(f"{tmp}/client.crt", f"{tmp}/client.key"))
+
+
+def compose_secrets_start_a_server(r, bins, bin_dir, compose):
+    """`up.sh --secrets-only` in a copy of deploy/compose, then a compose service's command on
+    the secrets it made: its certificate must verify for both services' names."""
+    print("up.sh's secrets with the compose command on a real server")
+    svc = compose["services"]["faultline-a"]
+    label = "compose command"
+    if not flags_ready(r, bins, label, svc["command"]):
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "compose"
+        shutil.copytree(DEPLOY / "compose", copy,
+                        ignore=shutil.ignore_patterns(".env", "secrets"))
+        env = dict(os.environ, FAULTLINE_SERVER_BIN=str((bin_dir / SERVER).resolve()))
+        res = run([str(copy / "up.sh"), "--secrets-only"], env=env)
+        if not r.check(res.returncode == 0, "up.sh --secrets-only", tool_output(res)):
+            return
+        secrets = copy / "secrets"
+        token = (secrets / "client.token").read_text().strip()
+        r.check(token and "\n" not in token, "up.sh: secrets/client.token holds one token")
+        dotenv = dict(line.split("=", 1) for line in (copy / ".env").read_text().split())
+        r.check(re.fullmatch(r"GK[0-9a-f]{24}", dotenv.get("FAULTLINE_S3_KEY_ID", ""))
+                is not None and re.fullmatch(r"[0-9a-f]{64}", dotenv.get("GARAGE_RPC_SECRET", ""))
+                is not None, "up.sh: .env has a Garage key id and RPC secret of Garage's shapes")
+        files = {p.name: str(p) for p in secrets.iterdir()}
+        names = [n for n in compose["services"] if n.startswith("faultline")] + ["localhost"]
+        serve_as_configured(r, bin_dir, label, svc["command"], files,
+                            str(secrets / "ca.crt"), names, "/readyz")
 
 
 def wait_for_port(r, server, port):
@@ -599,6 +707,8 @@ def main():
     interfaces(r, Binaries(args.bin_dir), deployment, compose, configmap, secrets)
     probes(r, args.bin_dir, deployment)
     deployment_starts_a_server(r, Binaries(args.bin_dir), args.bin_dir, deployment)
+    compose_secrets_start_a_server(r, Binaries(args.bin_dir), args.bin_dir, compose)
+    unit_starts_a_server(r, Binaries(args.bin_dir), args.bin_dir)
 
     stale = sorted(r.pending_present - r.pending_seen)
     if stale:
