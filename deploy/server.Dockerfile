@@ -9,6 +9,7 @@
 # Checked by scripts/check-deploy.sh: hadolint, non-root USER, binaries and flags.
 
 # ---- build: the release binary, with the toolchain the workspace asks for ----
+# Debian 12 (bookworm), like the distroless runtime below: the binary needs its C library.
 FROM rust:1.95-bookworm AS build
 # libclang: bindgen (the userfaultfd crate's bindings) runs at build time.
 # hadolint ignore=DL3008

@@ -79,6 +79,9 @@ SERVER = "faultline-server"
 CLIENT = "faultline"
 SOURCES = {SERVER: ROOT / "server/src", CLIENT: ROOT / "client/src"}
 
+# Where the built binaries are (--bin-dir).
+BIN_DIR = Path("target/debug")
+
 # How long a probe server may take to start answering (it binds at once; the margin is for a
 # loaded machine).
 PROBE_START_TIMEOUT_S = 20
@@ -209,8 +212,38 @@ def final_stage(lines):
     return lines[start:]
 
 
+def image_binary(r, path, name, lines, stage):
+    """The image builds a real binary of the workspace, copies it, and its ENTRYPOINT and CMD
+    run: `cargo build --bin X`, `COPY ... /out/X`, `ENTRYPOINT ["/usr/local/bin/X"]`, and
+    X with CMD's arguments exits 0 on the binary built here."""
+    import json
+    text = path.read_text()
+    built = re.findall(r"cargo build[^\n]*--bin (\S+)", text)
+    entry = [json.loads(line.split(None, 1)[1]) for line in stage
+             if line.upper().startswith("ENTRYPOINT")]
+    cmd = [json.loads(line.split(None, 1)[1]) for line in stage if line.upper().startswith("CMD")]
+    ok = len(built) == 1 and entry and Path(entry[-1][0]).name == built[0] and any(
+        line.upper().startswith("COPY") and line.endswith(f"/usr/local/bin/{built[0]}")
+        for line in stage)
+    if not r.check(ok, f"{name}: builds, copies and runs the workspace's {built}"):
+        return
+    binary = BIN_DIR / built[0]
+    # The distroless "cc" image holds glibc (libc, libm, libdl, librt, libpthread, the loader)
+    # and libgcc_s, nothing else: the binary must need no other shared library.
+    res = run(["ldd", str(binary)])
+    needed = sorted({m.group(1) for m in re.finditer(r"^\s*(\S+\.so[.0-9]*)", res.stdout, re.M)})
+    allowed = re.compile(r"(linux-vdso|ld-linux-x86-64|lib(c|m|dl|rt|pthread|gcc_s))\.so")
+    extra = [lib for lib in needed if not allowed.match(Path(lib).name)]
+    r.check(res.returncode == 0 and not extra,
+            f"{name}: {built[0]} links only what {stage[0].split()[1]} has", f"also needs {extra}")
+    args = entry[-1][1:] + (cmd[-1] if cmd else [])
+    res = run([str(binary)] + args)
+    r.check(res.returncode == 0, f"{name}: `{built[0]} {' '.join(args)}` (ENTRYPOINT + CMD) runs",
+            tool_output(res)[-500:])
+
+
 def nonroot(r, deployment, compose):
-    print("non-root")
+    print("images and users")
     for f in dockerfiles():
         lines = [line.strip() for line in f.read_text().splitlines()
                  if line.strip() and not line.strip().startswith("#")]
@@ -226,6 +259,7 @@ def nonroot(r, deployment, compose):
                 "needs a numeric non-zero USER (Kubernetes' runAsNonRoot checks numbers)")
         base = stage[0].split()[1]
         r.check(":nonroot" in base or "distroless" in base, f"{name}: minimal base {base}")
+        image_binary(r, f, name, lines, stage)
     pod = deployment["spec"]["template"]["spec"]
     sc = pod.get("securityContext", {})
     r.check(sc.get("runAsNonRoot") is True and int(sc.get("runAsUser", 0)) != 0,
@@ -694,6 +728,8 @@ def main():
     ap.add_argument("--tools", type=Path, required=True, help="the checkers' bin directory")
     args = ap.parse_args()
     r = Report(strict=os.environ.get("FAULTLINE_DEPLOY_STRICT") == "1")
+    global BIN_DIR
+    BIN_DIR = args.bin_dir
 
     k8s = DEPLOY / "kubernetes"
     deployment = load_all(k8s / "deployment.yaml")[0]
