@@ -49,8 +49,6 @@ PENDING = {
     ("restore", "--cert"): "net",
     ("restore", "--key"): "net",
     ("restore", "--token"): "net",
-    ("fc-handler", "--ca"): "net",
-    ("fc-handler", "--token"): "net",
     ("probe", "/livez"): "s3",
     ("probe", "/readyz"): "s3",
 }
