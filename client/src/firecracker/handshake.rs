@@ -132,7 +132,7 @@ pub enum ParseError {
     /// The input ends inside the message (only [`parse`] reports this; [`parse_prefix`] waits
     /// for more).
     #[error(
-        "the memory regions end after {received} bytes, inside the JSON array; send the whole \
+        "the memory regions end after {received} bytes, before the JSON array is complete; send the whole \
          array"
     )]
     Incomplete {
@@ -501,7 +501,7 @@ mod tests {
             ("{}", "not an object"),
             ("[]", "no memory regions"),
             ("[1]", "region 0 is a number"),
-            ("nul", "not valid JSON"),
+            ("nope", "not valid JSON"),
             (r#"[{"size":4096,"offset":0}]"#, "base_host_virt_addr"),
             (
                 r#"[{"base_host_virt_addr":-1,"size":4096,"offset":0}]"#,
