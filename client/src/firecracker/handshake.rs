@@ -209,7 +209,9 @@ pub enum ParseError {
         region: usize,
     },
     /// An address, size or offset is not a multiple of the page size.
-    #[error("region {region}: {what} {value:#x} is not a multiple of the {page_size}-byte page size")]
+    #[error(
+        "region {region}: {what} {value:#x} is not a multiple of the {page_size}-byte page size"
+    )]
     Unaligned {
         /// Region index.
         region: usize,
@@ -281,7 +283,11 @@ fn kind(v: &Value) -> &'static str {
 fn decode(value: Value, consumed: usize) -> Result<Handshake, ParseError> {
     let items = match value {
         Value::Array(items) => items,
-        other => return Err(ParseError::NotAnArray { found: kind(&other) }),
+        other => {
+            return Err(ParseError::NotAnArray {
+                found: kind(&other),
+            });
+        }
     };
     if items.is_empty() {
         return Err(ParseError::NoRegions);
@@ -441,7 +447,9 @@ mod tests {
             PageSize::Size4K
         );
         assert_eq!(
-            r(r#","page_size_kib":2097152"#).expect("1.7-1.11").page_size,
+            r(r#","page_size_kib":2097152"#)
+                .expect("1.7-1.11")
+                .page_size,
             PageSize::Size2M
         );
         assert_eq!(

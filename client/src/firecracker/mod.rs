@@ -41,8 +41,7 @@ pub mod socket;
 pub mod validate;
 
 pub use handshake::{
-    GuestRegionUffdMapping, Handshake, MAX_HANDSHAKE_BYTES, ParseError, PeerAddr, UffdRegion,
-    parse,
+    GuestRegionUffdMapping, Handshake, MAX_HANDSHAKE_BYTES, ParseError, PeerAddr, UffdRegion, parse,
 };
 pub use receive::{HANDSHAKE_TIMEOUT, ReceiveError, receive};
 pub use serve::{

@@ -167,7 +167,9 @@ fn poison_range(uffd: &Uffd, start: usize, len: usize, page: usize) -> Result<us
                 }
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
-            Err(ResolveError::Failed { source, .. }) if source.raw_os_error() == Some(libc::ESRCH) => {
+            Err(ResolveError::Failed { source, .. })
+                if source.raw_os_error() == Some(libc::ESRCH) =>
+            {
                 return Err(PoisonEnd::VmGone);
             }
             Err(e) => {

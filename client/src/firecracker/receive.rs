@@ -278,8 +278,7 @@ mod tests {
 
     use super::*;
 
-    const BODY: &[u8] =
-        include_bytes!("../../tests/fixtures/firecracker-1.16.1-handshake-4k.json");
+    const BODY: &[u8] = include_bytes!("../../tests/fixtures/firecracker-1.16.1-handshake-4k.json");
 
     fn send(stream: &UnixStream, body: &[u8], fds: &[RawFd]) {
         let cmsgs: Vec<ControlMessage<'_>> = if fds.is_empty() {

@@ -110,8 +110,8 @@ impl HandlerSocket {
 
 impl Drop for HandlerSocket {
     fn drop(&mut self) {
-        let ours = std::fs::symlink_metadata(&self.path)
-            .is_ok_and(|m| (m.dev(), m.ino()) == self.file_id);
+        let ours =
+            std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.file_id);
         if ours {
             let _ = std::fs::remove_file(&self.path);
         }
@@ -221,7 +221,10 @@ mod tests {
         let first = bind(&sock).expect("first bind");
         assert!(!first.replaced_stale());
         let e = bind(&sock).expect_err("in use");
-        assert!(e.to_string().contains("another faultline fc-handler"), "{e}");
+        assert!(
+            e.to_string().contains("another faultline fc-handler"),
+            "{e}"
+        );
         drop(first);
         assert!(!sock.exists(), "a stopped handler removes its socket");
 
