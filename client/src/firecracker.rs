@@ -9,7 +9,7 @@
 //!
 //! [`Handler::serve`] accepts such connections on a Unix socket ([`bind`]), each on its own
 //! thread: it receives and validates the handshake against the snapshot's manifest, wraps each
-//! region ([`GuestMemory::from_external`]) and serves them with
+//! region ([`GuestMemory::in_peer`]) and serves them with
 //! [`Pager::start_on_peer_uffd`] until the peer hangs up (Firecracker exited), then shuts that
 //! pager down. A bad handshake closes its connection only, with the reason logged; the handler
 //! keeps accepting, and serves any number of VMs at once. What happened to each connection is
@@ -36,7 +36,7 @@ use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::backing::{BackingError, BackingKind, ExternalMemory, GuestMemory, HUGE_PAGE_SIZE};
+use crate::backing::{BackingError, BackingKind, GuestMemory, HUGE_PAGE_SIZE, PeerMemory};
 use crate::pager::{Pager, PagerConfig, Region, StartError, Stats};
 use crate::remote::{Remote, RemoteError};
 use crate::uffd::{Features, OpenError, Uffd};
@@ -691,32 +691,28 @@ fn start_connection(config: &PagerConfig, stream: &UnixStream) -> Result<Pager, 
     let valid = validate(&mappings, &manifest, &config.snapshot)?;
     let mut regions = Vec::with_capacity(valid.len());
     for (index, r) in valid.iter().enumerate() {
-        let external = ExternalMemory {
+        let peer = PeerMemory {
             addr: r.mapping.base_host_virt_addr as usize,
             len: r.mapping.size,
             kind: r.kind,
             page_size: r.page_size,
-            fd: None,
-            fd_offset: 0,
         };
-        // SAFETY: the range is guest memory the peer mapped read-write and registered (MISSING)
-        // on the uffd it handed us, in *its* address space; no Rust object of this process lives
-        // there through the peer's mapping. The pager resolves it only with uffd ioctls on that
-        // uffd (COPY, ZEROPAGE, POISON, WAKE, UNREGISTER), which act on the registering process's
-        // memory. The peer keeps the memory mapped until it exits, and its exit is what stops
-        // this pager (the socket hang-up).
-        let memory = unsafe { GuestMemory::from_external(external) }.map_err(|source| {
-            ConnectionError::Memory {
-                region: index,
-                source,
-            }
+        // The peer mapped the memory and registered it (MISSING) on the uffd it hands over, in
+        // *its* address space: it is only ever filled through that uffd.
+        let memory = GuestMemory::in_peer(peer).map_err(|source| ConnectionError::Memory {
+            region: index,
+            source,
         })?;
         regions.push(Region {
             memory,
             snapshot_offset: r.mapping.offset,
         });
     }
-    let uffd = Uffd::from_peer(uffd_fd, Features::EVENT_REMOVE).map_err(ConnectionError::Uffd)?;
+    // SAFETY: the fd came from the peer with its handshake, which describes the ranges the
+    // peer registered on it; those are the peer's guest memory, in its address space, where no
+    // Rust object of this process lives.
+    let uffd = unsafe { Uffd::from_peer(uffd_fd, Features::EVENT_REMOVE) }
+        .map_err(ConnectionError::Uffd)?;
     Pager::start_on_peer_uffd(config.clone(), regions, uffd).map_err(ConnectionError::Start)
 }
 
