@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 use std::ops::Range;
 
-use faultline_client::backing::{Mapping, OutOfBounds};
+use faultline_client::backing::{AccessError, Mapping};
 use faultline_server::testing::{PageKind, fill_page, page_kind};
 use thiserror::Error;
 
@@ -383,7 +383,7 @@ pub fn build_image(memory: &Mapping, spec: &ImageSpec) -> Result<GuestImage, Ima
         }
     }
     let (header, program) = header(spec, &layout)?;
-    let too_small = |_: OutOfBounds| ImageError::MemoryTooSmall {
+    let too_small = |_: AccessError| ImageError::MemoryTooSmall {
         len: memory.len(),
         mem_size: layout.mem_size,
     };

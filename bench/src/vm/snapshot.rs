@@ -149,10 +149,10 @@ pub fn dump_memory(memory: &Mapping, len: u64, path: &Path) -> Result<u64, Snaps
         let n = (len - offset).min(COPY_CHUNK as u64) as usize;
         memory
             .read(offset as usize, &mut chunk[..n])
-            .map_err(|e| SnapshotError::SizeMismatch {
+            .map_err(|_| SnapshotError::SizeMismatch {
                 path: path.to_owned(),
                 file_len: len,
-                mem_len: e.size as u64,
+                mem_len: memory.len() as u64,
             })?;
         for (i, page) in chunk[..n].chunks(PAGE_SIZE as usize).enumerate() {
             if page.iter().any(|&b| b != 0) {
@@ -197,10 +197,10 @@ pub fn load_memory(path: &Path, memory: &Mapping) -> Result<u64, SnapshotError> 
                 let at = offset + i * PAGE_SIZE as usize;
                 memory
                     .write(at, page)
-                    .map_err(|e| SnapshotError::SizeMismatch {
+                    .map_err(|_| SnapshotError::SizeMismatch {
                         path: path.to_owned(),
                         file_len,
-                        mem_len: e.size as u64,
+                        mem_len: memory.len() as u64,
                     })?;
                 copied += 1;
             }

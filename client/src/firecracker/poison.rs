@@ -63,7 +63,10 @@ pub(super) fn poison_vm(
     stopping: impl Fn() -> bool,
 ) -> (PoisonEnd, Poisoned) {
     let mut done = Poisoned::default();
-    let uffd = match Uffd::from_peer(uffd, Features::EVENT_REMOVE) {
+    // SAFETY: the fd was checked to be a userfaultfd (`receive`); it acts on the memory of the
+    // process that created it, the peer, whose registered ranges are its guest memory, where no
+    // Rust object of this process lives. Only POISON and WAKE are issued through it.
+    let uffd = match unsafe { Uffd::from_peer(uffd, Features::EVENT_REMOVE) } {
         Ok(u) => u,
         Err(e) => {
             tracing::error!(

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
+use faultline_proto::backoff::Backoff;
 use faultline_proto::{Manifest, SnapshotId};
 use thiserror::Error;
 
@@ -21,8 +22,8 @@ use super::poison::{PoisonEnd, peer_hung_up, poison_vm};
 use super::receive::{ReceiveError, Received, Refused, readable, receive};
 use super::socket::HandlerSocket;
 use super::validate::{ValidateError, validate};
-use crate::backing::{BackingError, ExternalMemory, GuestMemory};
-use crate::pager::{OnFailure, Pager, PagerConfig, Region, StartError, Stats};
+use crate::backing::{BackingError, GuestMemory, PeerMemory};
+use crate::pager::{OnFailure, Outcome, Pager, PagerConfig, Region, StartError, Stats};
 use crate::remote::{Remote, RemoteError};
 use crate::uffd::{Features, OpenError, Uffd};
 
@@ -33,7 +34,8 @@ const POLL_INTERVAL_MS: u16 = 100;
 /// counts against the deadline in steps of this.
 const MANIFEST_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// First pause between rounds of manifest attempts; doubled up to [`MAX_RETRY_PAUSE`].
+/// First pause between rounds of manifest attempts; doubled (with jitter, so that many VMs do
+/// not retry in lockstep) up to [`MAX_RETRY_PAUSE`].
 const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(50);
 
 /// Longest pause between rounds of manifest attempts.
@@ -119,6 +121,11 @@ pub enum EndReason {
     PeerClosed,
     /// The handler was stopped ([`Handler::stop`]).
     HandlerStopped,
+    /// The pager found the VM's memory gone (its process exited, killed) before the socket
+    /// closed.
+    VmGone,
+    /// The pager failed on the VM's uffd and poisoned what it had not filled.
+    PagerFailed,
 }
 
 /// What happened on one connection, as reported to [`Handler::subscribe`]rs.
@@ -173,10 +180,12 @@ pub struct HandlerStats {
     pub failed: u64,
     /// Pagers serving now.
     pub serving: u64,
-    /// Pagers stopped because their peer hung up.
+    /// Pagers stopped because their VM exited (hung up, or its memory went away).
     pub peer_closed: u64,
     /// Pagers stopped because the handler stopped.
     pub stopped: u64,
+    /// Pagers that failed on their VM's uffd (and poisoned what they had not filled).
+    pub pager_failed: u64,
     /// Pagers that had filled every page when they stopped.
     pub completed: u64,
 }
@@ -189,6 +198,7 @@ struct Counters {
     serving: AtomicU64,
     peer_closed: AtomicU64,
     stopped: AtomicU64,
+    pager_failed: AtomicU64,
     completed: AtomicU64,
 }
 
@@ -271,6 +281,7 @@ impl Handler {
             serving: c.serving.load(Ordering::Relaxed),
             peer_closed: c.peer_closed.load(Ordering::Relaxed),
             stopped: c.stopped.load(Ordering::Relaxed),
+            pager_failed: c.pager_failed.load(Ordering::Relaxed),
             completed: c.completed.load(Ordering::Relaxed),
         }
     }
@@ -451,24 +462,28 @@ fn connection(inner: &Inner, id: u64, stream: UnixStream) {
         },
     );
 
-    let reason = watch_peer(inner, &stream);
-    let complete = pager.is_complete();
+    let reason = watch_peer(inner, &stream, &pager);
     let stats = pager.stats();
-    pager.shutdown();
+    let outcome = pager.shutdown();
+    let complete = outcome == Outcome::Complete;
     c.serving.fetch_sub(1, Ordering::Relaxed);
     match reason {
-        EndReason::PeerClosed => c.peer_closed.fetch_add(1, Ordering::Relaxed),
+        EndReason::PeerClosed | EndReason::VmGone => c.peer_closed.fetch_add(1, Ordering::Relaxed),
         EndReason::HandlerStopped => c.stopped.fetch_add(1, Ordering::Relaxed),
+        EndReason::PagerFailed => c.pager_failed.fetch_add(1, Ordering::Relaxed),
     };
     if complete {
         c.completed.fetch_add(1, Ordering::Relaxed);
     }
     let why = match reason {
-        EndReason::PeerClosed => "the VM closed its socket",
-        EndReason::HandlerStopped => "the handler is stopping",
+        EndReason::PeerClosed => "the VM closed its socket".to_owned(),
+        EndReason::HandlerStopped => "the handler is stopping".to_owned(),
+        EndReason::VmGone | EndReason::PagerFailed => format!("the pager ended: {outcome}"),
     };
     if complete {
         tracing::info!("{why}: pager stopped (every page had been filled)");
+    } else if reason == EndReason::VmGone {
+        tracing::info!("{why}: that VM's pager stopped; the other VMs are not affected");
     } else {
         let p = &stats.pages_by_source;
         let filled = p.demand + p.readahead + p.prefetch + p.zero + p.local + p.eager;
@@ -543,21 +558,15 @@ fn start(
     };
     let mut regions = Vec::with_capacity(valid.len());
     for (index, v) in valid.iter().enumerate() {
-        let external = ExternalMemory {
+        let peer = PeerMemory {
             addr: v.region.peer_addr.0 as usize,
             len: v.region.size as usize,
             kind: v.kind,
             page_size: v.region.page_size.bytes_usize(),
-            fd: None,
-            fd_offset: 0,
         };
-        // SAFETY: the range is guest memory the peer mapped read-write and registered (MISSING)
-        // on the uffd it handed us, in *its* address space; no Rust object of this process lives
-        // there through the peer's mapping. The pager resolves it only with uffd ioctls on that
-        // uffd (COPY, ZEROPAGE, POISON, WAKE, UNREGISTER), which act on the registering process's
-        // memory. The peer keeps the memory mapped until it exits, and its exit is what stops
-        // this pager (the socket hang-up).
-        match unsafe { GuestMemory::from_external(external) } {
+        // The peer mapped the memory and registered it (MISSING) on the uffd it handed over, in
+        // *its* address space: it is only ever filled through that uffd.
+        match GuestMemory::in_peer(peer) {
             Ok(memory) => regions.push(Region {
                 memory,
                 snapshot_offset: v.region.offset,
@@ -578,7 +587,12 @@ fn start(
         Ok(fd) => fd,
         Err(e) => return Err((ConnectionError::Duplicate(e), uffd)),
     };
-    let peer = match Uffd::from_peer(uffd, Features::EVENT_REMOVE) {
+    // SAFETY: `receive` checked that the fd is a userfaultfd (`/proc/self/fd` names it so); a
+    // uffd acts on the memory of the process that created it, which registered these ranges:
+    // the peer's guest memory, in its address space, where no Rust object of this process lives
+    // (this process never creates a uffd it hands out). Firecracker does the UFFDIO_API
+    // handshake before sending it; without it the ioctls fail with EINVAL, which ends the pager.
+    let peer = match unsafe { Uffd::from_peer(uffd, Features::EVENT_REMOVE) } {
         Ok(u) => u,
         Err(e) => return Err((ConnectionError::Uffd(e), keep)),
     };
@@ -606,7 +620,7 @@ fn manifest(inner: &Inner) -> Result<Arc<Manifest>, ConnectionError> {
         .map_err(ConnectionError::Runtime)?;
     let started = Instant::now();
     let mut warned = Duration::ZERO;
-    let mut pause = FIRST_RETRY_PAUSE;
+    let mut backoff = Backoff::new(FIRST_RETRY_PAUSE, MAX_RETRY_PAUSE);
     loop {
         let mut last = String::new();
         for url in &config.servers {
@@ -654,26 +668,22 @@ fn manifest(inner: &Inner) -> Result<Arc<Manifest>, ConnectionError> {
             );
             warned += config.deadline.max(Duration::from_secs(1));
         }
-        std::thread::sleep(jittered(pause));
-        pause = (pause * 2).min(MAX_RETRY_PAUSE);
+        std::thread::sleep(backoff.next_delay());
     }
 }
 
-/// `pause` scaled by a random factor in [0.5, 1.5), so that many VMs do not retry in lockstep.
-fn jittered(pause: Duration) -> Duration {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(Instant::now().elapsed().as_nanos());
-    let unit = (h.finish() % 1000) as f64 / 1000.0;
-    pause.mul_f64(0.5 + unit)
-}
-
-/// Waits until the peer hangs up (EOF or an error on its socket) or the handler stops. Anything
-/// the peer sends after the handshake is read and ignored.
-fn watch_peer(inner: &Inner, stream: &UnixStream) -> EndReason {
+/// Waits until the peer hangs up (EOF or an error on its socket), its pager ends other than by
+/// completing (the VM's memory gone, a uffd failure), or the handler stops. Anything the peer
+/// sends after the handshake is read and ignored.
+fn watch_peer(inner: &Inner, stream: &UnixStream, pager: &Pager) -> EndReason {
     loop {
         if inner.is_stopped() {
             return EndReason::HandlerStopped;
+        }
+        match pager.outcome() {
+            None | Some(Outcome::Complete) => {}
+            Some(Outcome::OwnerGone { .. }) => return EndReason::VmGone,
+            Some(Outcome::Failed { .. } | Outcome::Stopped) => return EndReason::PagerFailed,
         }
         match readable(stream, POLL_INTERVAL_MS) {
             Ok(false) => {}

@@ -594,6 +594,15 @@ fn one_vm_killed_the_others_go_on() {
     assert_eq!(d.checksum(), checksum(&snap.image, PAGE, 64), "VM d");
     let log = handler.log();
     assert!(!log.contains("aborting"), "{log}");
+    // B's pager ended when B did: by its COPY finding B's memory gone, or by its hang-up.
+    assert!(
+        log.contains("the memory's owner exited")
+            || log.contains("pager stopped before completion"),
+        "{log}"
+    );
+    if std::env::var_os("FAULTLINE_TEST_SHOW_LOG").is_some() {
+        eprintln!("{log}");
+    }
     handler.signal(libc::SIGTERM);
     assert!(handler.wait().success(), "{}", handler.log());
 }
