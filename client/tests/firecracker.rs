@@ -509,7 +509,9 @@ fn unservable_handshakes_fail_only_their_vm() {
     fn json(m: &[GuestRegionUffdMapping]) -> Vec<u8> {
         serde_json::to_vec(m).expect("json")
     }
-    let cases: [(&str, fn(&Vm) -> Vec<u8>, &str); 3] = [
+    /// What the case is, the handshake it sends for a VM, what the reason names.
+    type Case = (&'static str, fn(&Vm) -> Vec<u8>, &'static str);
+    let cases: [Case; 3] = [
         (
             "bad JSON",
             |_| b"[{\"base_host_virt_addr\": true}]".to_vec(),

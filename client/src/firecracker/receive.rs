@@ -235,10 +235,10 @@ fn read_message(
         buf.extend_from_slice(&chunk[..n]);
         // A JSON array can only be complete once a `]` has arrived: parse only then, so that a
         // peer sending one byte at a time costs one scan per read, not one parse.
-        if chunk[..n].contains(&b']') {
-            if let Some(handshake) = parse_prefix(&buf)? {
-                return Ok(handshake);
-            }
+        if chunk[..n].contains(&b']')
+            && let Some(handshake) = parse_prefix(&buf)?
+        {
+            return Ok(handshake);
         }
         if buf.len() >= MAX_HANDSHAKE_BYTES {
             return Err(ReceiveError::TooLarge);

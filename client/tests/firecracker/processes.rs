@@ -172,10 +172,10 @@ impl VmProcess {
                 let Ok(line) = line else { break };
                 // The test harness may have written "test processes::vm_role ... " first on
                 // the same line.
-                if let Some(at) = line.find("vm: ") {
-                    if tx.send(line[at + 4..].to_owned()).is_err() {
-                        break;
-                    }
+                if let Some(at) = line.find("vm: ")
+                    && tx.send(line[at + 4..].to_owned()).is_err()
+                {
+                    break;
                 }
             }
         });
@@ -441,7 +441,7 @@ fn vm_role() {
             unsafe { std::ptr::read_volatile((page + i * 8) as *const u64) }
         });
         let n = touched.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-        if n % PROGRESS_EVERY == 0 {
+        if n.is_multiple_of(PROGRESS_EVERY) {
             println!("vm: touched {n}");
         }
         h
@@ -754,7 +754,7 @@ fn real_firecracker_handshake_is_served() {
     }
     let id = faultline_proto::SnapshotId::new("fc").expect("name");
     faultline_server::import::import_file(
-        &*server.store(),
+        server.store(),
         id,
         PageSize::Size4K,
         &[],
