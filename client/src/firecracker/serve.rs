@@ -246,6 +246,10 @@ impl Handler {
     /// poisoned page dies of SIGBUS, which is what aborting would have done to it.
     pub fn new(mut config: PagerConfig) -> Self {
         if config.on_failure == OnFailure::Abort {
+            tracing::info!(
+                "--on-failure abort means poison in the Firecracker handler: a VM whose pages \
+                 cannot be fetched dies of SIGBUS; the handler serving the others never aborts"
+            );
             config.on_failure = OnFailure::Poison;
         }
         Self {
@@ -320,9 +324,9 @@ impl Handler {
         let serving = self.inner.counters.serving.load(Ordering::Relaxed);
         if serving > 0 {
             tracing::warn!(
-                "stopping {serving} pager(s) of VMs still restoring: their unfilled pages are \
+                "stopping {serving} pager(s): the unfilled pages of VMs still restoring are \
                  poisoned, so those VMs get SIGBUS (and Firecracker exits) at their next access to \
-                 one, instead of hanging"
+                 one, instead of hanging; VMs whose restore is complete are not affected"
             );
         }
         for t in threads {

@@ -753,15 +753,8 @@ fn real_firecracker_handshake_is_served() {
         f.write_all_at(&data, 0).expect("data pages");
     }
     let id = faultline_proto::SnapshotId::new("fc").expect("name");
-    faultline_server::import::import_file(
-        server.store(),
-        id,
-        PageSize::Size4K,
-        &[],
-        &file,
-        |_| {},
-    )
-    .expect("import");
+    faultline_server::import::import_file(server.store(), id, PageSize::Size4K, &[], &file, |_| {})
+        .expect("import");
     let socket = dir.path().join("fc.sock");
     let mut handler = HandlerProcess::start(
         &socket,
