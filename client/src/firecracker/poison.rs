@@ -80,8 +80,8 @@ pub(super) fn poison_vm(
         let (start, len) = (r.peer_addr.0 as usize, r.size as usize);
         match poison_range(&uffd, start, len, r.page_size.bytes_usize()) {
             Ok(n) => done.upfront += n as u64,
-            Err(PoisonEnd::VmGone) => return (PoisonEnd::VmGone, done),
-            Err(_) => {}
+            Err(NotPoisoned::VmGone) => return (PoisonEnd::VmGone, done),
+            Err(NotPoisoned::Refused) => {}
         }
     }
     let mut buf = EventBuffer::new(EVENTS_PER_READ);
@@ -137,18 +137,27 @@ pub(super) fn poison_vm(
                         done.faults += 1;
                         break;
                     }
-                    Err(PoisonEnd::VmGone) => return (PoisonEnd::VmGone, done),
-                    Err(_) => {}
+                    Err(NotPoisoned::VmGone) => return (PoisonEnd::VmGone, done),
+                    Err(NotPoisoned::Refused) => {}
                 }
             }
         }
     }
 }
 
+/// Why [`poison_range`] did not poison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NotPoisoned {
+    /// The VM's memory is gone (ESRCH).
+    VmGone,
+    /// The kernel refused: not registered, misaligned for the range's page size (logged at
+    /// debug level).
+    Refused,
+}
+
 /// Poisons `start..start+len`, skipping pages already present (EEXIST). Returns the bytes
-/// poisoned; `Err(VmGone)` when the VM's memory is gone, `Err(PeerClosed)` for any other
-/// refusal (not registered, misaligned), logged at debug level.
-fn poison_range(uffd: &Uffd, start: usize, len: usize, page: usize) -> Result<usize, PoisonEnd> {
+/// poisoned.
+fn poison_range(uffd: &Uffd, start: usize, len: usize, page: usize) -> Result<usize, NotPoisoned> {
     let (mut at, end) = (start, start + len);
     let mut poisoned = 0;
     let mut again = 0;
@@ -173,11 +182,11 @@ fn poison_range(uffd: &Uffd, start: usize, len: usize, page: usize) -> Result<us
             Err(ResolveError::Failed { source, .. })
                 if source.raw_os_error() == Some(libc::ESRCH) =>
             {
-                return Err(PoisonEnd::VmGone);
+                return Err(NotPoisoned::VmGone);
             }
             Err(e) => {
                 tracing::debug!("poisoning {at:#x}+{:#x}: {e}", end - at);
-                return Err(PoisonEnd::PeerClosed);
+                return Err(NotPoisoned::Refused);
             }
         }
     }

@@ -73,6 +73,8 @@ pub enum Body {
     Raw {
         /// Bytes of memory.
         size: usize,
+        /// Its page size.
+        page_size: usize,
         /// What to send.
         bytes: String,
     },
@@ -95,9 +97,13 @@ impl VmSpec {
                 env.push(("FC_VM_SIZE", size.to_string()));
                 env.push(("FC_VM_PAGE_SIZE", page_size.to_string()));
             }
-            Body::Raw { size, bytes } => {
+            Body::Raw {
+                size,
+                page_size,
+                bytes,
+            } => {
                 env.push(("FC_VM_SIZE", size.to_string()));
-                env.push(("FC_VM_PAGE_SIZE", "4096".into()));
+                env.push(("FC_VM_PAGE_SIZE", page_size.to_string()));
                 env.push(("FC_VM_RAW", bytes.clone()));
             }
         }
@@ -609,8 +615,8 @@ fn one_vm_killed_the_others_go_on() {
 
 /// VMs the handler cannot serve die of SIGBUS at their first access instead of hanging, each
 /// with a log line saying why: Firecracker's own 2 MiB handshake on a 4 KiB snapshot, regions
-/// that are not JSON regions, a region past the snapshot's end, a snapshot the server does not
-/// have, and a server unreachable past the deadline.
+/// that cannot be read (4 KiB and 2 MiB memory), a region past the snapshot's end, a snapshot
+/// the server does not have, and a server unreachable past the deadline.
 #[test]
 fn unservable_vms_get_sigbus() {
     let Some((dir, server, snap)) = setup(256, 22) else {
@@ -640,12 +646,23 @@ fn unservable_vms_get_sigbus() {
             Body::Fixture(fixture("firecracker-1.16.1-handshake-2m.json")),
             "--page-size 2M",
         ),
+        // Regions that cannot be read: each page faulted on is poisoned, 4 KiB or 2 MiB.
         (
             Body::Raw {
                 size: snap.image.len(),
+                page_size: PAGE,
                 bytes: r#"[{"base_host_virt_addr":"here","size":4096,"offset":0}]"#.into(),
             },
             "invalid type",
+        ),
+        (
+            Body::Raw {
+                size: 2 << 20,
+                page_size: 2 << 20,
+                bytes: r#"[{"base_host_virt_addr":0,"size":4096,"offset":0,"page_size":8192}]"#
+                    .into(),
+            },
+            "8192-byte pages",
         ),
         (
             Body::Generated {
