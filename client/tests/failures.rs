@@ -710,3 +710,182 @@ fn remove_events_while_resolving_zero_pages() {
     assert!(report.contains("zero pages faulted during"), "{report}");
     eprintln!("{report}");
 }
+
+/// A fault fed through `Pager::fault` on page `page` of `pager`, given up
+/// to `limit`: its result, or `None` if it was still waiting then.
+fn fault_within(
+    pager: &faultline_client::pager::Pager,
+    mem: Mem,
+    page: usize,
+    limit: Duration,
+) -> Option<Result<(), FaultError>> {
+    runtime()
+        .block_on(async {
+            tokio::time::timeout(limit, pager.fault(mem.base() + page * PAGE, PAGE)).await
+        })
+        .ok()
+}
+
+/// A server that accepts connections and never answers counts against the
+/// deadline: with policy poison, a fault waiting on it is poisoned.
+#[test]
+fn stalled_server_counts_against_the_deadline() {
+    let mut server = Server::start();
+    let snap = server.import("img", PageSize::Size4K, image_4k(51, PAGES));
+    let Some((mem, _)) = memory(BackingKind::Anonymous, snap.image.len()) else {
+        return;
+    };
+    let mut cfg = config(&server, &snap, PrefetchPolicy::None);
+    cfg.on_failure = OnFailure::Poison;
+    cfg.deadline = Duration::from_secs(1);
+    let pager = start(cfg, mem);
+    let mem = Mem::of(&pager, 0);
+    let data = snap.data_pages();
+    let bad = touch_and_check(mem, &snap, vec![data[..8].to_vec()]);
+    assert!(bad.is_empty(), "pages differ from the image: {bad:?}");
+    let addr = server.addr();
+    server.kill();
+    let _stalled = common::StalledServer::bind(addr);
+    let page = *data.last().expect("a page with content");
+    let started = Instant::now();
+    let r = fault_within(&pager, mem, page, DEADLINE);
+    assert!(
+        matches!(r, Some(Err(FaultError::Poisoned(p))) if p.0 == page as u64),
+        "{r:?}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(pager.stats().poisoned_pages >= 1);
+}
+
+/// A stalled first server does not hang the start: the manifest and the
+/// faults come from the next server listed, every page right.
+#[test]
+fn start_skips_a_stalled_server() {
+    let server = Server::start();
+    let snap = server.import("img", PageSize::Size4K, image_4k(53, PAGES));
+    let Some((mem, _)) = memory(BackingKind::Anonymous, snap.image.len()) else {
+        return;
+    };
+    let stalled = common::StalledServer::bind("127.0.0.1:0".parse().expect("addr"));
+    let mut cfg = PagerConfig::new(stalled.url(), snap.id.clone());
+    cfg.servers.push(server.url());
+    cfg.prefetch = PrefetchPolicy::None;
+    cfg.deadline = Duration::from_secs(1);
+    let started = Instant::now();
+    let pager = start(cfg, mem);
+    assert!(started.elapsed() < DEADLINE / 2, "{:?}", started.elapsed());
+    check_all(Mem::of(&pager, 0), &snap, 2);
+}
+
+/// With policy wait, faults outlive the deadline with the server down (no
+/// abort, no poison) and complete right once it is back.
+#[test]
+fn policy_wait_waits_past_the_deadline() {
+    let mut server = Server::start();
+    let snap = server.import("img", PageSize::Size4K, image_4k(55, PAGES));
+    let Some((mem, _)) = memory(BackingKind::Anonymous, snap.image.len()) else {
+        return;
+    };
+    let mut cfg = config(&server, &snap, PrefetchPolicy::None);
+    cfg.on_failure = OnFailure::Wait;
+    cfg.deadline = Duration::from_millis(200);
+    let pager = start(cfg, mem);
+    let mem = Mem::of(&pager, 0);
+    server.kill();
+    let page = *snap.data_pages().last().expect("a page with content");
+    // Five deadlines with the server down: still waiting.
+    assert!(fault_within(&pager, mem, page, Duration::from_secs(1)).is_none());
+    server.restart();
+    let r = fault_within(&pager, mem, page, DEADLINE);
+    assert!(matches!(r, Some(Ok(()))), "{r:?}");
+    let bad = touch_and_check(mem, &snap, vec![vec![page]]);
+    assert!(bad.is_empty(), "pages differ from the image: {bad:?}");
+    assert_eq!(pager.stats().poisoned_pages, 0);
+}
+
+/// Truncates the memory file of `snap` on (killed) `server` by one page;
+/// returns its bytes, to put back.
+fn truncate_memory_file(server: &Server, snap: &Snapshot) -> Vec<u8> {
+    let path = server.snapshot_dir(&snap.id).join("memory");
+    let bytes = std::fs::read(&path).expect("read the memory file");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open the memory file");
+    file.set_len((bytes.len() - PAGE) as u64).expect("truncate");
+    bytes
+}
+
+/// A server answering with errors (its snapshot file corrupt: it refuses to
+/// serve it) is a failure like any other: policy poison poisons after the
+/// deadline; policy wait waits, and the fault completes once the file is
+/// repaired.
+#[test]
+fn server_errors_follow_the_policy() {
+    for policy in [OnFailure::Poison, OnFailure::Wait] {
+        let mut server = Server::start();
+        let snap = server.import("img", PageSize::Size4K, image_4k(57, PAGES));
+        let Some((mem, _)) = memory(BackingKind::Anonymous, snap.image.len()) else {
+            return;
+        };
+        let mut cfg = config(&server, &snap, PrefetchPolicy::None);
+        cfg.on_failure = policy;
+        cfg.deadline = Duration::from_millis(500);
+        let pager = start(cfg, mem);
+        let mem = Mem::of(&pager, 0);
+        server.kill();
+        let good = truncate_memory_file(&server, &snap);
+        server.restart_fresh();
+        let page = *snap.data_pages().last().expect("a page with content");
+        let started = Instant::now();
+        match policy {
+            OnFailure::Poison => {
+                let r = fault_within(&pager, mem, page, DEADLINE);
+                assert!(
+                    matches!(r, Some(Err(FaultError::Poisoned(p))) if p.0 == page as u64),
+                    "{r:?}"
+                );
+                assert!(started.elapsed() >= Duration::from_millis(400));
+            }
+            _ => {
+                assert!(fault_within(&pager, mem, page, Duration::from_secs(2)).is_none());
+                server.kill();
+                let path = server.snapshot_dir(&snap.id).join("memory");
+                std::fs::write(&path, &good).expect("repair the memory file");
+                server.restart_fresh();
+                let r = fault_within(&pager, mem, page, DEADLINE);
+                assert!(matches!(r, Some(Ok(()))), "{r:?}");
+                let bad = touch_and_check(mem, &snap, vec![vec![page]]);
+                assert!(bad.is_empty(), "pages differ from the image: {bad:?}");
+            }
+        }
+    }
+}
+
+/// A page whose digest keeps failing, under policy wait, is fetched again
+/// with backoff (a handful of times in seconds, never a hot loop), and its
+/// fault keeps waiting.
+#[test]
+fn corrupt_page_with_policy_wait_backs_off() {
+    let (server, snap, bad) = corrupt_server();
+    let Some((mem, _)) = memory(BackingKind::Anonymous, snap.image.len()) else {
+        return;
+    };
+    let mut cfg = config(&server, &snap, PrefetchPolicy::None);
+    cfg.on_failure = OnFailure::Wait;
+    cfg.deadline = Duration::from_millis(200);
+    let pager = start(cfg, mem);
+    let mem = Mem::of(&pager, 0);
+    assert!(fault_within(&pager, mem, bad, Duration::from_millis(2500)).is_none());
+    let s = pager.stats();
+    // Backoff from 20 ms doubling to 1 s: about ten fetches in 2.5 s.
+    assert!(
+        s.corrupt_pages > u64::from(CORRUPT_RETRIES) && s.corrupt_pages <= 25,
+        "{s:#?}"
+    );
+    assert_eq!(s.poisoned_pages, 0, "{s:#?}");
+}

@@ -250,23 +250,38 @@ impl Pager {
             .enable_all()
             .build()
             .map_err(StartError::Runtime)?;
+        // Each server in turn, each attempt bounded by the deadline: a server
+        // that accepts and never answers must not hang the start.
         let manifest = runtime.block_on(async {
             let mut last = None;
             for url in &config.servers {
-                match Remote::connect(url).await {
-                    Ok(r) => match r.manifest(&config.snapshot).await {
-                        Ok(m) => return Ok(m),
-                        Err(e) => last = Some(e),
-                    },
-                    Err(e) => last = Some(e),
+                let attempt = async {
+                    let remote = Remote::connect(url).await?;
+                    remote.manifest(&config.snapshot).await
+                };
+                match tokio::time::timeout(config.deadline, attempt).await {
+                    Ok(Ok(m)) => return Ok(m),
+                    Ok(Err(source)) => {
+                        last = Some(StartError::Manifest {
+                            snapshot: config.snapshot.clone(),
+                            source,
+                        });
+                    }
+                    Err(_) => {
+                        last = Some(StartError::ManifestTimeout {
+                            snapshot: config.snapshot.clone(),
+                            url: url.clone(),
+                            after: config.deadline,
+                        });
+                    }
+                }
+                if let Some(e) = &last {
+                    tracing::warn!("{e}; trying the next server");
                 }
             }
             Err(last.expect("at least one server"))
         });
-        let manifest = Arc::new(manifest.map_err(|source| StartError::Manifest {
-            snapshot: config.snapshot.clone(),
-            source,
-        })?);
+        let manifest = Arc::new(manifest?);
 
         // Check the layout, then register each region.
         let ps = manifest.page_size.bytes();

@@ -119,9 +119,10 @@ impl PageTable {
     }
 
     /// Gives a claimed page back (its fetch failed and will be retried by
-    /// whoever faults next): InFlight -> Missing.
-    pub fn release(&self, page: PageIndex) {
-        let _ = self.swap(page, PageState::InFlight, PageState::Missing);
+    /// whoever faults next): InFlight -> Missing. False if it was not in
+    /// flight (a REMOVE or the failure policy settled it meanwhile).
+    pub fn release(&self, page: PageIndex) -> bool {
+        self.swap(page, PageState::InFlight, PageState::Missing)
     }
 
     /// Marks a claimed page installed: InFlight -> Present. Returns false
