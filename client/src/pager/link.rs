@@ -314,8 +314,8 @@ impl Link {
                             tracing::info!("demand link: {url} answers again");
                         }
                         self.connect.reset();
+                        // Retries it schedules go out on a later tick.
                         self.answer(resp);
-                        self.send_due(&session);
                     }
                     Some(Err(status)) => {
                         self.connection_failed(&format!(
@@ -329,7 +329,8 @@ impl Link {
                         return self.wait_out(rx).await;
                     }
                 },
-                _ = tick.tick() => {
+                // Only while requests wait: an idle link sleeps.
+                _ = tick.tick(), if !self.pending.is_empty() => {
                     self.check_deadlines();
                     let stalled = self
                         .pending

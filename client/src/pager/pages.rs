@@ -208,6 +208,16 @@ mod tests {
         PageTable::new(8, &region, &zero)
     }
 
+    /// Every state survives the trip through its stored byte.
+    #[test]
+    fn states_round_trip_through_bytes() {
+        use PageState::*;
+        for s in [Missing, InFlight, Present, ZeroOnFault, Poisoned, Outside] {
+            assert_eq!(PageState::from_byte(s as u8), s);
+        }
+        assert!(Missing.is_unsettled() && InFlight.is_unsettled() && !Present.is_unsettled());
+    }
+
     /// Zero pages start settled, pages outside regions are ignored, and the
     /// unsettled count follows claims and installs.
     #[test]
