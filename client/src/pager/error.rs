@@ -24,6 +24,19 @@ pub enum StartError {
         /// Why.
         source: RemoteError,
     },
+    /// A server accepted the connection but did not send the manifest in time.
+    #[error(
+        "{url} did not send the manifest of {snapshot} within {after:?} (the deadline); is the \
+         server overloaded or stuck? Check it, or list another server"
+    )]
+    ManifestTimeout {
+        /// The snapshot.
+        snapshot: SnapshotId,
+        /// The server.
+        url: String,
+        /// How long it was given.
+        after: std::time::Duration,
+    },
     /// A region does not fit the snapshot.
     #[error("region {region} does not fit snapshot {snapshot}: {reason}")]
     Layout {

@@ -13,9 +13,11 @@
 //! 5. **wake** the run's waiters, only now (woken earlier, a guest thread
 //!    could discard a page the pager still counts as in flight).
 //!
-//! A claim never outlives its path: an install that fails **releases** the
-//! run (`InFlight -> Missing`) and wakes its waiters, whose retry faults
-//! again and claims afresh; a path that gives up on pages **poisons** them.
+//! A claim never outlives its path: when an install fails, the path either
+//! retries the run itself (the demand link, after a backoff, still holding
+//! the claim) or **releases** it (`InFlight -> Missing`) and wakes its
+//! waiters, whose retry faults again and claims afresh (the prefetcher); a
+//! path that gives up on pages **poisons** them.
 
 use faultline_proto::PageIndex;
 
@@ -28,8 +30,8 @@ use super::stats::Source;
 impl Shared {
     /// Steps 2 to 5 for consecutive pages of `region` from `start` that the
     /// caller claimed, with their verified bytes: `fault`, if among them, is
-    /// counted as demand, the rest as `source`. On failure the run is
-    /// released and woken (step "release"), and the error returned.
+    /// counted as demand, the rest as `source`. On failure the pages stay
+    /// claimed: the caller retries them or [`Self::release_claimed`]s them.
     pub(super) fn install_claimed(
         &self,
         region: &RegionState,
@@ -39,10 +41,7 @@ impl Shared {
         fault: Option<PageIndex>,
     ) -> Result<(), InstallError> {
         let count = (data.len() / self.manifest.page_size.bytes_usize()) as u64;
-        if let Err(e) = region.install(start, data) {
-            self.release_claimed(region, start, count);
-            return Err(e);
-        }
+        region.install(start, data)?;
         self.counters.bytes(data.len() as u64);
         let demand = u64::from(fault.is_some_and(|f| f.0 >= start.0 && f.0 < start.0 + count));
         if demand > 0 {
@@ -68,9 +67,10 @@ impl Shared {
     /// them again. Pages installed before a failure are right (verified) and
     /// stay mapped; the next claim's install finds them present (EEXIST).
     pub(super) fn release_claimed(&self, region: &RegionState, start: PageIndex, count: u64) {
-        for p in (start.0..start.0 + count).map(PageIndex) {
-            self.table.release(p);
-        }
+        let released = (start.0..start.0 + count)
+            .filter(|&p| self.table.release(PageIndex(p)))
+            .count();
+        self.counters.released(released as u64);
         region.wake_range(start, count);
         self.progress.notify_waiters();
     }

@@ -41,6 +41,10 @@ const RUNTIME_THREADS: usize = 2;
 /// running (it may be uploading a recording) before returning anyway.
 const TEARDOWN_WAIT: Duration = Duration::from_secs(5);
 
+/// Shortest wait for a server's manifest at start, whatever the deadline (a
+/// zero deadline must not make every start fail).
+const MIN_MANIFEST_WAIT: Duration = Duration::from_secs(1);
+
 /// How long the watcher sleeps between looks when nothing notifies it.
 const WATCH_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -250,23 +254,40 @@ impl Pager {
             .enable_all()
             .build()
             .map_err(StartError::Runtime)?;
+        // Each server in turn, each attempt bounded by the deadline (at least
+        // `MIN_MANIFEST_WAIT`): a server that accepts and never answers must
+        // not hang the start.
+        let manifest_wait = config.deadline.max(MIN_MANIFEST_WAIT);
         let manifest = runtime.block_on(async {
             let mut last = None;
             for url in &config.servers {
-                match Remote::connect(url).await {
-                    Ok(r) => match r.manifest(&config.snapshot).await {
-                        Ok(m) => return Ok(m),
-                        Err(e) => last = Some(e),
-                    },
-                    Err(e) => last = Some(e),
+                let attempt = async {
+                    let remote = Remote::connect(url).await?;
+                    remote.manifest(&config.snapshot).await
+                };
+                match tokio::time::timeout(manifest_wait, attempt).await {
+                    Ok(Ok(m)) => return Ok(m),
+                    Ok(Err(source)) => {
+                        last = Some(StartError::Manifest {
+                            snapshot: config.snapshot.clone(),
+                            source,
+                        });
+                    }
+                    Err(_) => {
+                        last = Some(StartError::ManifestTimeout {
+                            snapshot: config.snapshot.clone(),
+                            url: url.clone(),
+                            after: manifest_wait,
+                        });
+                    }
+                }
+                if let Some(e) = &last {
+                    tracing::warn!("{e}; trying the next server");
                 }
             }
             Err(last.expect("at least one server"))
         });
-        let manifest = Arc::new(manifest.map_err(|source| StartError::Manifest {
-            snapshot: config.snapshot.clone(),
-            source,
-        })?);
+        let manifest = Arc::new(manifest?);
 
         // Check the layout, then register each region.
         let ps = manifest.page_size.bytes();
@@ -424,7 +445,11 @@ impl Pager {
         }
         let link = spawn_demand_link(shared.clone(), demand_rx).map_err(StartError::Runtime)?;
         let prefetch = runtime.spawn(guarded(shared.clone(), prefetch::run(shared.clone())));
-        *shared.tasks.lock().expect("tasks lock") = vec![link, prefetch.abort_handle()];
+        *shared
+            .tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            vec![link, prefetch.abort_handle()];
         let watcher = runtime.spawn(guarded(shared.clone(), watch(shared.clone())));
         pager.watcher = Some(watcher.abort_handle());
         pager.runtime = Some(runtime);
@@ -527,7 +552,12 @@ fn complete(shared: &Shared) {
 }
 
 fn abort_tasks(shared: &Shared) {
-    for t in shared.tasks.lock().expect("tasks lock").iter() {
+    for t in shared
+        .tasks
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+    {
         t.abort();
     }
 }

@@ -24,6 +24,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
+use super::error::InstallError;
 use super::pages::PageState;
 use super::stats::Source;
 use super::{OnFailure, Shared};
@@ -313,8 +314,8 @@ impl Link {
                             tracing::info!("demand link: {url} answers again");
                         }
                         self.connect.reset();
+                        // Retries it schedules go out on a later tick.
                         self.answer(resp);
-                        self.send_due(&session);
                     }
                     Some(Err(status)) => {
                         self.connection_failed(&format!(
@@ -328,7 +329,8 @@ impl Link {
                         return self.wait_out(rx).await;
                     }
                 },
-                _ = tick.tick() => {
+                // Only while requests wait: an idle link sleeps.
+                _ = tick.tick(), if !self.pending.is_empty() => {
                     self.check_deadlines();
                     let stalled = self
                         .pending
@@ -400,16 +402,22 @@ impl Link {
             }
             None => return self.failed(p, "the server sent an empty answer".into()),
         };
-        let corrupt = install_batch(&shared, &p.demand, &batch);
+        let installed = install_batch(&shared, &p.demand, &batch);
         shared.progress.notify_waiters();
-        if corrupt.iter().all(|c| !c) {
+        if installed.left.iter().all(|c| !c) {
             if p.demand.fault.is_some() {
                 shared.counters.latency(p.demand.started.elapsed());
             }
             return;
         }
+        p.demand.claimed = installed.left;
+        if let Some(why) = installed.failed {
+            if shared.is_stopping() {
+                return;
+            }
+            return self.failed(p, why);
+        }
         p.corrupt += 1;
-        p.demand.claimed = corrupt;
         if p.corrupt > CORRUPT_RETRIES && shared.config.on_failure != OnFailure::Wait {
             give_up(
                 &shared,
@@ -483,24 +491,38 @@ fn abort_process(msg: &str) -> ! {
     std::process::abort();
 }
 
+/// What installing an answer left to do.
+struct Installed {
+    /// Per page of the range: claimed and not installed (corrupt, missing
+    /// from the batch, or its install failed); those stay claimed.
+    left: Vec<bool>,
+    /// Why an install failed, if one did (pages of that run are in `left`).
+    failed: Option<String>,
+}
+
 /// Installs the claimed pages of `demand` found in `batch`, each verified
-/// against its digest. Returns, per page of the range, whether it was
-/// claimed and could not be installed (corrupt or missing from the batch);
-/// those stay claimed.
-fn install_batch(shared: &Shared, demand: &Demand, batch: &PageBatch) -> Vec<bool> {
+/// against its digest.
+fn install_batch(shared: &Shared, demand: &Demand, batch: &PageBatch) -> Installed {
     let manifest = &shared.manifest;
     let start = demand.range.start().0;
     let mut left = demand.claimed.clone();
+    let mut failed = None;
     let ps = manifest.page_size.bytes_usize();
     for run in &batch.runs {
         // Consecutive pages of the run that are ours and verified, installed
         // with one call.
         let mut from: Option<u64> = None;
-        let flush = |from: &mut Option<u64>, to: u64| {
+        let mut flush = |from: &mut Option<u64>, to: u64, left: &mut Vec<bool>| {
             if let Some(f) = from.take() {
                 let off = (f - run.range.start().0) as usize * ps;
                 let len = (to - f) as usize * ps;
-                install_run(shared, demand, PageIndex(f), &run.data[off..off + len]);
+                if let Err(e) = install_run(shared, demand, PageIndex(f), &run.data[off..off + len])
+                {
+                    for q in f..to {
+                        left[(q - start) as usize] = true;
+                    }
+                    failed = Some(e.to_string());
+                }
             }
         };
         for (p, data) in run.pages(manifest.page_size) {
@@ -518,10 +540,10 @@ fn install_batch(shared: &Shared, demand: &Demand, batch: &PageBatch) -> Vec<boo
                 left[i.expect("ours")] = false;
                 from.get_or_insert(p.0);
             } else {
-                flush(&mut from, p.0);
+                flush(&mut from, p.0, &mut left);
             }
         }
-        flush(&mut from, run.range.end());
+        flush(&mut from, run.range.end(), &mut left);
     }
     // Pages the guest discarded while they were being fetched (a REMOVE made
     // them ZeroOnFault) are no longer this request's to install: drop
@@ -537,16 +559,22 @@ fn install_batch(shared: &Shared, demand: &Demand, batch: &PageBatch) -> Vec<boo
     // Pages the batch flagged zero were claimed because the manifest says
     // they are not: a server out of step with its manifest. They stay in
     // `left` and are treated as corrupt.
-    left
+    Installed { left, failed }
 }
 
 /// Installs verified bytes for consecutive claimed pages and settles them.
-/// If that fails, the run has been released (its waiters fault again and
-/// claim afresh), and the pager ends if the error says it must.
-fn install_run(shared: &Shared, demand: &Demand, start: PageIndex, data: &[u8]) {
+/// If that fails, the pages stay claimed (the request retries them after a
+/// backoff), and the pager ends if the error says it must.
+fn install_run(
+    shared: &Shared,
+    demand: &Demand,
+    start: PageIndex,
+    data: &[u8],
+) -> Result<(), InstallError> {
     let region = &shared.regions[demand.region];
     let installed = shared.install_claimed(region, start, data, Source::Readahead, demand.fault);
-    if let Err(e) = installed {
-        shared.on_install_error(&e);
+    if let Err(e) = &installed {
+        shared.on_install_error(e);
     }
+    installed
 }

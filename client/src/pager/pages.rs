@@ -119,9 +119,10 @@ impl PageTable {
     }
 
     /// Gives a claimed page back (its fetch failed and will be retried by
-    /// whoever faults next): InFlight -> Missing.
-    pub fn release(&self, page: PageIndex) {
-        let _ = self.swap(page, PageState::InFlight, PageState::Missing);
+    /// whoever faults next): InFlight -> Missing. False if it was not in
+    /// flight (a REMOVE or the failure policy settled it meanwhile).
+    pub fn release(&self, page: PageIndex) -> bool {
+        self.swap(page, PageState::InFlight, PageState::Missing)
     }
 
     /// Marks a claimed page installed: InFlight -> Present. Returns false
@@ -205,6 +206,16 @@ mod tests {
         let mut zero = PageBitmap::new(8);
         zero.set(1);
         PageTable::new(8, &region, &zero)
+    }
+
+    /// Every state survives the trip through its stored byte.
+    #[test]
+    fn states_round_trip_through_bytes() {
+        use PageState::*;
+        for s in [Missing, InFlight, Present, ZeroOnFault, Poisoned, Outside] {
+            assert_eq!(PageState::from_byte(s as u8), s);
+        }
+        assert!(Missing.is_unsettled() && InFlight.is_unsettled() && !Present.is_unsettled());
     }
 
     /// Zero pages start settled, pages outside regions are ignored, and the

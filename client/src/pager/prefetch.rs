@@ -89,7 +89,13 @@ fn install_unclaimed(shared: &Shared, run: &PageRun, source: Source) -> Result<(
         };
         let off = (from - run.range.start().0) as usize * ps;
         let data = &run.data[off..off + (to - from) as usize * ps];
-        shared.install_claimed(region, PageIndex(from), data, source, None)
+        let installed = shared.install_claimed(region, PageIndex(from), data, source, None);
+        if installed.is_err() {
+            // No page stays claimed: a fault on one now goes through the
+            // demand link, with its retries and failure policy.
+            shared.release_claimed(region, PageIndex(from), to - from);
+        }
+        installed
     };
     for (p, data) in run.pages(shared.manifest.page_size) {
         // One install never crosses the end of a region.

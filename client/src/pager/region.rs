@@ -97,14 +97,22 @@ impl RegionState {
         PageRange::new(PageIndex(self.first_page), self.pages).expect("regions are non-empty")
     }
 
-    /// The uffd, while registered.
+    /// The uffd, while registered. (The lock is never held across a call
+    /// that can panic; a poisoned one is used as it is, so that a teardown
+    /// after a panic still reaches the uffd.)
     pub fn uffd(&self) -> Option<Arc<Uffd>> {
-        self.uffd.lock().expect("uffd lock").clone()
+        self.uffd
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Takes the uffd away (completion, shutdown).
     pub fn take_uffd(&self) -> Option<Arc<Uffd>> {
-        self.uffd.lock().expect("uffd lock").take()
+        self.uffd
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 
     /// Host address of snapshot page `page` (which must be in the region).
