@@ -191,7 +191,7 @@ fn send(stream: &UnixStream, body: &[u8], fd: Option<RawFd>) {
 
 /// The server, a snapshot on it, and the handler serving it on a socket.
 struct Fixture {
-    _server: Server,
+    server: Server,
     snap: Snapshot,
     _dir: tempfile::TempDir,
     socket: PathBuf,
@@ -223,7 +223,7 @@ impl Fixture {
             .spawn(move || h.serve(listener))
             .expect("spawn the handler");
         Self {
-            _server: server,
+            server,
             snap,
             _dir: dir,
             socket,
@@ -624,4 +624,25 @@ fn peer_hang_up_stops_its_pager() {
     stayer.check(&fx.snap);
     stayer.hang_up();
     fx.ended(2, EndReason::PeerClosed);
+}
+
+/// With `--on-failure wait`, a VM that connects while the server is down
+/// waits (the handler retries the manifest with backoff) and is served once
+/// the server is back.
+#[test]
+fn vm_waits_for_a_server_that_comes_back() {
+    let mut fx = Fixture::new(PageSize::Size4K, image_4k(19, PAGES), PrefetchPolicy::None);
+    let len = fx.snap.image.len();
+    let Some(mut vm) = Vm::new(&[(len, 0)], false) else {
+        return;
+    };
+    fx.server.kill();
+    vm.connect(&fx.socket, PAGE, false);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(fx.handler.stats().serving, 0, "served without a server");
+    fx.server.restart();
+    fx.serving(1);
+    vm.check(&fx.snap);
+    vm.hang_up();
+    fx.ended(1, EndReason::PeerClosed);
 }

@@ -135,9 +135,18 @@ pub struct Refused {
 /// `stopping` says so. Bytes that came after the JSON array in the same read are dropped; later
 /// ones stay on the socket (Firecracker sends none).
 pub fn receive(stream: &UnixStream, stopping: impl Fn() -> bool) -> Result<Received, Refused> {
+    receive_within(stream, HANDSHAKE_TIMEOUT, stopping)
+}
+
+/// [`receive`] with another time limit than [`HANDSHAKE_TIMEOUT`].
+fn receive_within(
+    stream: &UnixStream,
+    timeout: Duration,
+    stopping: impl Fn() -> bool,
+) -> Result<Received, Refused> {
     let mut fds = Vec::new();
     let mut truncated = false;
-    let message = read_message(stream, &stopping, &mut fds, &mut truncated);
+    let message = read_message(stream, timeout, &stopping, &mut fds, &mut truncated);
     // Identify every fd that came: the first userfaultfd among them is the VM's.
     let mut uffd = None;
     let mut first_other = None;
@@ -180,11 +189,12 @@ pub fn receive(stream: &UnixStream, stopping: impl Fn() -> bool) -> Result<Recei
 /// Reads until the bytes hold a complete JSON value, collecting fds into `fds`.
 fn read_message(
     stream: &UnixStream,
+    timeout: Duration,
     stopping: &impl Fn() -> bool,
     fds: &mut Vec<OwnedFd>,
     truncated: &mut bool,
 ) -> Result<Handshake, ReceiveError> {
-    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let deadline = Instant::now() + timeout;
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let mut chunk = [0u8; READ_CHUNK];
     loop {
@@ -382,5 +392,21 @@ mod tests {
         let (_a, b) = UnixStream::pair().expect("pair");
         let got = refused(receive(&b, || true));
         assert!(matches!(got.error, ReceiveError::Stopped));
+    }
+
+    /// A peer that sends part of the message and then nothing more is given up on at the time
+    /// limit, with what it sent.
+    #[test]
+    fn stalled_peer_times_out() {
+        let (a, b) = UnixStream::pair().expect("pair");
+        (&a).write_all(&BODY[..20]).expect("write");
+        let started = Instant::now();
+        let got = refused(receive_within(&b, Duration::from_millis(300), || false));
+        assert!(
+            matches!(got.error, ReceiveError::Timeout { received: 20 }),
+            "{}",
+            got.error
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 }
