@@ -38,7 +38,7 @@ enum Command {
     /// one).
     FcHandler {
         /// The Unix socket to listen on. A stale socket file left by a killed handler is
-        /// replaced; a socket another handler is serving on is refused. PATH.lock is kept beside
+        /// replaced; a socket another handler is serving on is refused. SOCKET.lock is kept beside
         /// it as the handler's lock.
         #[arg(long)]
         socket: PathBuf,
