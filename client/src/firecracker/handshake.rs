@@ -1,6 +1,6 @@
 //! Firecracker's UFFD handshake message: the JSON array of [`GuestRegionUffdMapping`] it sends,
 //! decoded into [`UffdRegion`]s by a pure function ([`parse`]: bytes in, regions or an error
-//! out), which the socket side ([`super::receive`]) and fuzz targets call.
+//! out), which the socket side ([`super::receive()`]) and fuzz targets call.
 //!
 //! What Firecracker really sends (`GuestRegionUffdMapping` and `send_uffd_handshake` in its
 //! `src/vmm/src/persist.rs`; the bytes v1.16.1 sent are in `client/tests/fixtures/`):

@@ -10,10 +10,10 @@
 //! [`Handler::serve`] accepts such connections on a Unix socket ([`bind`]), each on its own
 //! thread, through these stages:
 //!
-//! 1. [`receive`]: the message, however it is split over reads, bounded in size and time, and
+//! 1. [`receive()`]: the message, however it is split over reads, bounded in size and time, and
 //!    its fd, checked to be a userfaultfd; decoded by [`handshake::parse`], a pure function
 //!    (both page size fields hold bytes; unknown fields are ignored).
-//! 2. [`validate`]: against the snapshot's manifest (page size, inside the image).
+//! 2. [`validate()`]: against the snapshot's manifest (page size, inside the image).
 //! 3. serving: a pager on the peer's uffd ([`Pager::start_on_peer_uffd`]) until the VM hangs up
 //!    (Firecracker exited) or the handler stops; then that pager is shut down, which poisons the
 //!    pages it had not filled.
