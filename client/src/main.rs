@@ -210,11 +210,12 @@ fn run(command: Command) -> anyhow::Result<()> {
             let stats = handler.stats();
             tracing::info!(
                 "stopped: {} connection(s), {} refused, {} failed (memory poisoned), {} ended by \
-                 their VM, {} stopped with the handler",
+                 their VM, {} pager(s) failed, {} stopped with the handler",
                 stats.accepted,
                 stats.rejected,
                 stats.failed,
                 stats.peer_closed,
+                stats.pager_failed,
                 stats.stopped
             );
             Ok(())

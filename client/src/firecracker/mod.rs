@@ -46,7 +46,7 @@ pub use handshake::{
 pub use receive::{HANDSHAKE_TIMEOUT, ReceiveError, receive};
 pub use serve::{
     ConnectionError, ConnectionEvent, ConnectionReport, EndReason, Handler, HandlerStats,
-    ServeError,
+    MAX_CONNECTIONS, ServeError,
 };
 pub use socket::{BindError, HandlerSocket, bind};
 pub use validate::{ValidRegion, ValidateError, validate};

@@ -41,6 +41,11 @@ const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// Longest pause between rounds of manifest attempts.
 const MAX_RETRY_PAUSE: Duration = Duration::from_secs(2);
 
+/// Connections served at once, at most (each has a thread, and a pager once its handshake is
+/// good). Far above what one host runs (Firecracker VMs of a few hundred MiB each); it bounds
+/// what a misbehaving local peer opening connections in a loop can make the handler hold.
+pub const MAX_CONNECTIONS: usize = 4096;
+
 /// Pause after an accept error that may pass (out of fds, memory): the loop keeps serving.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
@@ -375,6 +380,16 @@ impl Handler {
             };
             let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
             self.inner.counters.accepted.fetch_add(1, Ordering::Relaxed);
+            if threads.len() >= MAX_CONNECTIONS {
+                self.inner.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    conn = id,
+                    "{MAX_CONNECTIONS} connections are being served already; closing this one \
+                     (is a process connecting in a loop?)"
+                );
+                drop(stream);
+                continue;
+            }
             let inner = self.inner.clone();
             match std::thread::Builder::new()
                 .name(format!("fc-conn-{id}"))
