@@ -714,7 +714,7 @@ fn unservable_vms_get_sigbus() {
 /// A handler stopped by SIGTERM poisons the unfilled pages of a VM still restoring (the VM dies
 /// of SIGBUS at its next one instead of hanging) and removes its socket; one killed with
 /// SIGKILL leaves a stale socket that the next handler replaces, saying so; a second handler on
-/// a socket in use is refused; the restarted handler serves new VMs.
+/// a socket in use is refused; the restarted handler serves new VMs and stops on SIGINT.
 #[test]
 fn restart_on_the_same_socket() {
     let Some((dir, server, snap)) = setup(1024, 23) else {
@@ -747,8 +747,10 @@ fn restart_on_the_same_socket() {
     assert!(said.contains("is in use"), "{said}");
     let mut vm = VmProcess::start("b", &whole(&socket, &snap, None));
     assert_eq!(vm.checksum(), checksum(&snap.image, PAGE, snap.pages()));
-    third.signal(libc::SIGTERM);
+    // Ctrl-C stops it cleanly too.
+    third.signal(libc::SIGINT);
     assert!(third.wait().success(), "{}", third.log());
+    assert!(!socket.exists());
 }
 
 /// Firecracker v1.16.1's 4 KiB handshake, sent byte for byte by a VM whose 512 MiB of memory is
