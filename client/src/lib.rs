@@ -20,7 +20,10 @@
 //! - [`restore`]: a whole restore in one process (`faultline restore`): memory, pager, touching
 //!   threads, verification, summary.
 //! - [`firecracker`]: `faultline fc-handler`: Firecracker's UFFD snapshot-restore handshake on a
-//!   Unix socket, one pager per connected VM on the uffd Firecracker registered.
+//!   Unix socket (the pure parser in `handshake`, the socket side in `receive`, `validate`
+//!   against the manifest, one handler per path in `socket`), one pager per connected VM on the
+//!   uffd Firecracker registered (`serve`), and a VM that cannot be served poisoned so it fails
+//!   loudly.
 //! - [`fetch`]: downloading a whole snapshot into a raw memory file.
 //! - [`probe`]: what this kernel offers, per backing type, as a report (`faultline probe`).
 //! - `vmm` (feature `vm-memory`): pager regions from a rust-vmm `vm_memory::GuestMemoryMmap`

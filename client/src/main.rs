@@ -31,9 +31,15 @@ enum Command {
     Restore(RestoreArgs),
     /// Serve Firecracker VMs restoring a snapshot: listen on a Unix socket for Firecracker's UFFD
     /// handshake (snapshot load with mem_backend {backend_type: "Uffd", backend_path: SOCKET}) and
-    /// fill each VM's memory from the server until the VM exits. Stops on SIGINT or SIGTERM.
+    /// fill each VM's memory from the server until the VM exits. A VM that cannot be served (bad
+    /// handshake, snapshot missing or of another page size, server unreachable past --deadline)
+    /// gets SIGBUS at its next memory access instead of hanging. Stops on SIGINT or SIGTERM,
+    /// poisoning the pages not yet filled of VMs still restoring (they get SIGBUS if they touch
+    /// one).
     FcHandler {
-        /// The Unix socket to listen on (a stale socket file there is replaced).
+        /// The Unix socket to listen on. A stale socket file left by a killed handler is
+        /// replaced; a socket another handler is serving on is refused. SOCKET.lock is kept beside
+        /// it as the handler's lock.
         #[arg(long)]
         socket: PathBuf,
         /// The server, http://HOST:PORT; repeat to list fallbacks.
@@ -45,10 +51,12 @@ enum Command {
         /// Background prefetch: none, working-set or all.
         #[arg(long, default_value = "all")]
         prefetch: PrefetchPolicy,
-        /// When pages cannot be fetched: wait, poison (SIGBUS on touch) or abort.
+        /// When pages cannot be fetched: wait, or poison (SIGBUS on touch). abort means poison
+        /// here: one VM's trouble never aborts the handler serving the others.
         #[arg(long, default_value = "wait")]
         on_failure: OnFailure,
-        /// Seconds without the server before --on-failure applies.
+        /// Seconds without the server before --on-failure applies (also to the manifest a new VM
+        /// needs: past it, with poison, that VM fails).
         #[arg(long, default_value_t = 30)]
         deadline: u64,
     },
@@ -198,15 +206,17 @@ fn run(command: Command) -> anyhow::Result<()> {
             let handler = firecracker::Handler::new(config);
             stop_on_signal(handler.clone())?;
             tracing::info!("waiting for Firecracker on {}", socket.display());
-            let served = handler.serve(listener);
-            let _ = std::fs::remove_file(&socket);
-            served?;
+            handler.serve(listener)?;
             let stats = handler.stats();
             tracing::info!(
-                "stopped: {} connection(s), {} refused, {} ended by their VM",
+                "stopped: {} connection(s), {} refused, {} failed (memory poisoned), {} ended by \
+                 their VM, {} pager(s) failed, {} stopped with the handler",
                 stats.accepted,
                 stats.rejected,
-                stats.peer_closed
+                stats.failed,
+                stats.peer_closed,
+                stats.pager_failed,
+                stats.stopped
             );
             Ok(())
         }

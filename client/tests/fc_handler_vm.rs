@@ -169,11 +169,10 @@ fn fc_handler_serves_a_kvm_guest() {
     // fills it, and nothing on the host touches it.
     unsafe { uffd.register(memory.addr, memory.len, RegisterModes::MISSING) }
         .expect("register MISSING");
+    // As Firecracker sends it: `page_size_kib` holds bytes too (its name is wrong).
     let body = format!(
-        r#"[{{"base_host_virt_addr":{},"size":{},"offset":0,"page_size":{PAGE},"page_size_kib":{}}}]"#,
-        memory.addr,
-        memory.len,
-        PAGE / 1024
+        r#"[{{"base_host_virt_addr":{},"size":{},"offset":0,"page_size":{PAGE},"page_size_kib":{PAGE}}}]"#,
+        memory.addr, memory.len
     );
     let parsed: Vec<GuestRegionUffdMapping> = serde_json::from_str(&body).expect("valid JSON");
     assert_eq!(parsed[0].page_size_bytes(0).expect("page size"), PAGE);

@@ -162,7 +162,21 @@ impl Uffd {
     /// sends its guest memory's uffd over a Unix socket). `features` are the ones that process
     /// requested, as far as the caller knows (Firecracker requests `EVENT_REMOVE`); they only
     /// decide how messages are decoded. The fd is made non-blocking, which the fault loop needs.
-    pub fn from_peer(fd: OwnedFd, features: Features) -> Result<Self, OpenError> {
+    ///
+    /// Resolve operations on the result act on the memory of the process that created the uffd,
+    /// at addresses of *that* process: when it exits they fail with ESRCH
+    /// ([`ResolveError::is_owner_gone`]), which ends the pager serving it and nothing else.
+    ///
+    /// # Safety
+    ///
+    /// `fd` must be a userfaultfd on which the `UFFDIO_API` handshake was done (check it with
+    /// `fstat` or `/proc/self/fdinfo` before trusting a peer's word), and every range registered
+    /// on it must be memory in which no Rust object of this process lives: another process's
+    /// memory (Firecracker's guest memory), or guest memory of this process registered for
+    /// that purpose. COPY, ZEROPAGE, CONTINUE and POISON through the returned value install
+    /// content in those ranges behind the compiler's back, and a uffd created by this process
+    /// could have registered any of its memory.
+    pub unsafe fn from_peer(fd: OwnedFd, features: Features) -> Result<Self, OpenError> {
         let raw = fd.as_raw_fd();
         // SAFETY: F_GETFL on an fd we own only reads its status flags.
         let flags = unsafe { libc::fcntl(raw, libc::F_GETFL) };
