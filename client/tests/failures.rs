@@ -1306,3 +1306,116 @@ fn failed_prefetch_install_releases_its_run() {
     assert!(s.released_pages > 0, "{s:#?}");
     check_all(Mem::new(addr, len), &snap, 2);
 }
+
+/// The image of `stopper_turns_a_waiting_fault_into_sigbus`.
+const STOPPER_SEED: u64 = 69;
+
+/// The child: starts a pager, says so, and on a line from the parent (whose
+/// server is then down) touches a page with content from one thread, which
+/// waits, and stops the pager from another through its `Stopper`.
+fn stopper_child(url: String, page: usize) {
+    let snap = Snapshot {
+        id: SnapshotId::new("img").expect("name"),
+        image: std::sync::Arc::new(image_4k(STOPPER_SEED, PAGES)),
+        page_size: PAGE,
+    };
+    let mem = GuestMemory::anonymous(snap.image.len()).expect("memory");
+    let mut cfg = PagerConfig::new(url, snap.id.clone());
+    cfg.prefetch = PrefetchPolicy::None;
+    let pager = start(cfg, mem);
+    let mem = Mem::of(&pager, 0);
+    say("CHILD: started");
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .expect("the parent's go");
+    let stopper = pager.stopper();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; PAGE];
+        mem.read(page * PAGE, &mut buf);
+        say(&format!("CHILD: read page {page}: {:02x?}", &buf[..16]));
+    });
+    settle(&pager, "the fault read", |s| s.faults >= 1);
+    std::thread::sleep(Duration::from_millis(100));
+    say("CHILD: stopping");
+    stopper.stop_and_poison();
+    let outcome = pager.wait_ended(DEADLINE);
+    say(&format!("CHILD: ended: {outcome:?}"));
+    std::thread::sleep(DEADLINE);
+}
+
+/// A pager stopped through its `Stopper` (as a handler's SIGTERM path does)
+/// poisons unfilled pages: a thread waiting on one gets SIGBUS instead of
+/// hanging, and never sees zeros.
+#[test]
+fn stopper_turns_a_waiting_fault_into_sigbus() {
+    if let Some((url, page)) = child_args() {
+        stopper_child(url, page);
+        return;
+    }
+    if testutil::require_uffd().is_none() {
+        return;
+    }
+    let mut server = Server::start();
+    let snap = server.import("img", PageSize::Size4K, image_4k(STOPPER_SEED, PAGES));
+    let page = *snap.data_pages().last().expect("a page with content");
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "stopper_turns_a_waiting_fault_into_sigbus",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_URL_ENV, server.url())
+        .env(CHILD_PAGE_ENV, page.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the child");
+    let (tx, lines) = mpsc::channel();
+    let err = child.stderr.take().expect("stderr");
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut report = String::new();
+    let mut wait_for = |what: &str, report: &mut String| {
+        let started = Instant::now();
+        while started.elapsed() < DEADLINE {
+            if let Ok(l) = lines.recv_timeout(Duration::from_millis(50)) {
+                report.push_str(&l);
+                report.push('\n');
+                if l.contains(what) {
+                    return;
+                }
+            }
+        }
+        let _ = child.kill();
+        panic!("the child never said {what:?}:\n{report}");
+    };
+    wait_for("CHILD: started", &mut report);
+    server.kill();
+    stdin.write_all(b"go\n").expect("tell the child");
+    wait_for("CHILD: stopping", &mut report);
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if started.elapsed() > DEADLINE {
+            let _ = child.kill();
+            hung("the waiting fault after the stop", DEADLINE);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    while let Ok(l) = lines.try_recv() {
+        report.push_str(&l);
+        report.push('\n');
+    }
+    assert!(!report.contains("CHILD: read page"), "{report}");
+    assert_eq!(status.signal(), Some(libc::SIGBUS), "{report}");
+}
