@@ -726,8 +726,7 @@ fn fault_within(
         .ok()
 }
 
-/// A server that accepts connections and never answers counts against the
-/// deadline: with policy poison, a fault waiting on it is poisoned.
+/// A server that accepts and never answers counts against the deadline: policy poison poisons the fault.
 #[test]
 fn stalled_server_counts_against_the_deadline() {
     let mut server = Server::start();
@@ -761,8 +760,7 @@ fn stalled_server_counts_against_the_deadline() {
     assert!(pager.stats().poisoned_pages >= 1);
 }
 
-/// A stalled first server does not hang the start: the manifest and the
-/// faults come from the next server listed, every page right.
+/// A stalled first server hangs neither the start nor the faults: the next server serves every page right.
 #[test]
 fn start_skips_a_stalled_server() {
     let server = Server::start();
@@ -781,8 +779,7 @@ fn start_skips_a_stalled_server() {
     check_all(Mem::of(&pager, 0), &snap, 2);
 }
 
-/// With policy wait, faults outlive the deadline with the server down (no
-/// abort, no poison) and complete right once it is back.
+/// Policy wait outlives the deadline with the server down (no abort, no poison) and completes right after.
 #[test]
 fn policy_wait_waits_past_the_deadline() {
     let mut server = Server::start();
@@ -820,10 +817,7 @@ fn truncate_memory_file(server: &Server, snap: &Snapshot) -> Vec<u8> {
     bytes
 }
 
-/// A server answering with errors (its snapshot file corrupt: it refuses to
-/// serve it) is a failure like any other: policy poison poisons after the
-/// deadline; policy wait waits, and the fault completes once the file is
-/// repaired.
+/// A server refusing a corrupt snapshot file follows the policy: poison after the deadline; wait until repaired.
 #[test]
 fn server_errors_follow_the_policy() {
     for policy in [OnFailure::Poison, OnFailure::Wait] {
@@ -866,9 +860,7 @@ fn server_errors_follow_the_policy() {
     }
 }
 
-/// A page whose digest keeps failing, under policy wait, is fetched again
-/// with backoff (a handful of times in seconds, never a hot loop), and its
-/// fault keeps waiting.
+/// A page whose digest keeps failing, under policy wait, is refetched with backoff (never a hot loop).
 #[test]
 fn corrupt_page_with_policy_wait_backs_off() {
     let (server, snap, bad) = corrupt_server();
@@ -1084,9 +1076,7 @@ impl PeerVm {
     }
 }
 
-/// Three VM processes served by pagers of one process: one killed with
-/// SIGKILL mid-restore ends its pager alone ("owner gone", no abort), and
-/// the other two finish with every page right.
+/// One of three VM processes SIGKILLed mid-restore ends only its pager (OwnerGone); the others finish right.
 #[test]
 fn killed_peer_ends_only_its_pager() {
     if let (Ok(socket), Ok(seed)) = (std::env::var(PEER_SOCKET_ENV), std::env::var(PEER_SEED_ENV)) {
@@ -1203,10 +1193,7 @@ fn pager_on_own_uffd(
     )
 }
 
-/// A MISSING fault on a page the pager's table says is present (the guest
-/// discarded it and the pager was not told: a REMOVE that raced an install
-/// looks the same) is resolved with zeros, its content after a discard,
-/// instead of a wake the thread answers with the same fault forever.
+/// A fault on a page marked present but discarded behind the pager's back reads zeros, not a wake loop.
 #[test]
 fn fault_on_a_page_marked_present_but_unmapped_is_resolved() {
     use faultline_client::uffd::{Features, RegisterModes, Uffd, UffdOptions};
@@ -1265,10 +1252,7 @@ fn fault_on_a_page_marked_present_but_unmapped_is_resolved() {
     drop(pager);
 }
 
-/// A prefetch install that fails (here: half the memory is not registered,
-/// so UFFDIO_COPY answers ENOENT) leaves no page claimed: its runs are
-/// released and retried, and once the memory is registered the restore
-/// completes with every page right.
+/// A failing prefetch install (ENOENT: half the memory unregistered) releases its run; the restore completes.
 #[test]
 fn failed_prefetch_install_releases_its_run() {
     use faultline_client::uffd::{Features, RegisterModes, Uffd, UffdOptions};
@@ -1305,4 +1289,115 @@ fn failed_prefetch_install_releases_its_run() {
     let s = complete(&pager);
     assert!(s.released_pages > 0, "{s:#?}");
     check_all(Mem::new(addr, len), &snap, 2);
+}
+
+/// The image of `stopper_turns_a_waiting_fault_into_sigbus`.
+const STOPPER_SEED: u64 = 69;
+
+/// The child: starts a pager, says so, and on a line from the parent (whose
+/// server is then down) touches a page with content from one thread, which
+/// waits, and stops the pager from another through its `Stopper`.
+fn stopper_child(url: String, page: usize) {
+    let snap = Snapshot {
+        id: SnapshotId::new("img").expect("name"),
+        image: std::sync::Arc::new(image_4k(STOPPER_SEED, PAGES)),
+        page_size: PAGE,
+    };
+    let mem = GuestMemory::anonymous(snap.image.len()).expect("memory");
+    let mut cfg = PagerConfig::new(url, snap.id.clone());
+    cfg.prefetch = PrefetchPolicy::None;
+    let pager = start(cfg, mem);
+    let mem = Mem::of(&pager, 0);
+    say("CHILD: started");
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .expect("the parent's go");
+    let stopper = pager.stopper();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; PAGE];
+        mem.read(page * PAGE, &mut buf);
+        say(&format!("CHILD: read page {page}: {:02x?}", &buf[..16]));
+    });
+    settle(&pager, "the fault read", |s| s.faults >= 1);
+    std::thread::sleep(Duration::from_millis(100));
+    say("CHILD: stopping");
+    stopper.stop_and_poison();
+    let outcome = pager.wait_ended(DEADLINE);
+    say(&format!("CHILD: ended: {outcome:?}"));
+    std::thread::sleep(DEADLINE);
+}
+
+/// A pager stopped through its `Stopper` poisons unfilled pages: a waiting fault gets SIGBUS, not a hang.
+#[test]
+fn stopper_turns_a_waiting_fault_into_sigbus() {
+    if let Some((url, page)) = child_args() {
+        stopper_child(url, page);
+        return;
+    }
+    if testutil::require_uffd().is_none() {
+        return;
+    }
+    let mut server = Server::start();
+    let snap = server.import("img", PageSize::Size4K, image_4k(STOPPER_SEED, PAGES));
+    let page = *snap.data_pages().last().expect("a page with content");
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "stopper_turns_a_waiting_fault_into_sigbus",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_URL_ENV, server.url())
+        .env(CHILD_PAGE_ENV, page.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the child");
+    let (tx, lines) = mpsc::channel();
+    let err = child.stderr.take().expect("stderr");
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut report = String::new();
+    let mut wait_for = |what: &str, report: &mut String| {
+        let started = Instant::now();
+        while started.elapsed() < DEADLINE {
+            if let Ok(l) = lines.recv_timeout(Duration::from_millis(50)) {
+                report.push_str(&l);
+                report.push('\n');
+                if l.contains(what) {
+                    return;
+                }
+            }
+        }
+        let _ = child.kill();
+        panic!("the child never said {what:?}:\n{report}");
+    };
+    wait_for("CHILD: started", &mut report);
+    server.kill();
+    stdin.write_all(b"go\n").expect("tell the child");
+    wait_for("CHILD: stopping", &mut report);
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if started.elapsed() > DEADLINE {
+            let _ = child.kill();
+            hung("the waiting fault after the stop", DEADLINE);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    while let Ok(l) = lines.try_recv() {
+        report.push_str(&l);
+        report.push('\n');
+    }
+    assert!(!report.contains("CHILD: read page"), "{report}");
+    assert_eq!(status.signal(), Some(libc::SIGBUS), "{report}");
 }

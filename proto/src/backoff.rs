@@ -83,8 +83,7 @@ impl Backoff {
 mod tests {
     use super::*;
 
-    /// Delays stay within [step/2, step], the step doubles to the cap, and
-    /// a reset starts over.
+    /// Delays stay within [step/2, step], the step doubles to the cap, and a reset starts over.
     #[test]
     fn delays_double_within_jitter_bounds() {
         let (initial, max) = (Duration::from_millis(20), Duration::from_secs(1));
@@ -104,8 +103,7 @@ mod tests {
         assert!(b.next_delay() <= initial);
     }
 
-    /// Two backoffs started together do not produce the same delays: many
-    /// clients failing at once spread out.
+    /// Two backoffs started together draw different delays: clients failing at once spread out.
     #[test]
     fn concurrent_backoffs_are_decorrelated() {
         let delays = |b: &mut Backoff| (0..8).map(|_| b.next_delay()).collect::<Vec<_>>();

@@ -129,7 +129,7 @@ impl Shared {
                     return Ok(());
                 }
                 PageState::Missing => {
-                    if !self.table.claim(page) {
+                    if !self.claim(page) {
                         continue; // lost a race; look again
                     }
                     self.request_window(region, page, caller);
@@ -153,7 +153,7 @@ impl Shared {
         while end < limit {
             let p = PageIndex(end);
             match self.table.get(p) {
-                PageState::Missing if self.table.claim(p) => claimed.push(true),
+                PageState::Missing if self.claim(p) => claimed.push(true),
                 PageState::ZeroOnFault => claimed.push(false),
                 _ => break,
             }

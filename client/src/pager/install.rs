@@ -2,8 +2,8 @@
 //! whichever path fetched them (the demand link for faults and read-ahead,
 //! the prefetcher):
 //!
-//! 1. **claim**: `Missing -> InFlight` ([`super::pages::PageTable::claim`]), before
-//!    the fetch; whoever claims a page is the only one to install it.
+//! 1. **claim**: `Missing -> InFlight` ([`Shared::claim`]), before the
+//!    fetch; whoever claims a page is the only one to install it.
 //! 2. **install without waking**: COPY or CONTINUE with DONTWAKE
 //!    ([`RegionState::install`]); pages found present (EEXIST) are skipped.
 //! 3. **count**: statistics before settling, so they are complete when the
@@ -28,6 +28,12 @@ use super::region::{Caller, RegionState};
 use super::stats::Source;
 
 impl Shared {
+    /// Step 1: claims `page` for fetching and installing (`Missing ->
+    /// InFlight`). False if another path has it or it is settled.
+    pub(super) fn claim(&self, page: PageIndex) -> bool {
+        self.table.claim(page)
+    }
+
     /// Steps 2 to 5 for consecutive pages of `region` from `start` that the
     /// caller claimed, with their verified bytes: `fault`, if among them, is
     /// counted as demand, the rest as `source`. On failure the pages stay
@@ -63,8 +69,8 @@ impl Shared {
     }
 
     /// Gives claimed pages back (`InFlight -> Missing`) and wakes their
-    /// waiters: the fetch or install failed, and whoever faults next claims
-    /// them again. Pages installed before a failure are right (verified) and
+    /// waiters: the digest or the install failed, and whoever faults next
+    /// claims them again. Pages installed before a failure are right (verified) and
     /// stay mapped; the next claim's install finds them present (EEXIST).
     pub(super) fn release_claimed(&self, region: &RegionState, start: PageIndex, count: u64) {
         let released = (start.0..start.0 + count)

@@ -102,7 +102,7 @@ fn install_unclaimed(shared: &Shared, run: &PageRun, source: Source) -> Result<(
         if pending.is_some_and(|(r, _)| p.0 >= r.first_page + r.pages) {
             flush(&mut pending, p.0)?;
         }
-        if !shared.table.claim(p) {
+        if !shared.claim(p) {
             flush(&mut pending, p.0)?;
             continue;
         }
@@ -115,11 +115,10 @@ fn install_unclaimed(shared: &Shared, run: &PageRun, source: Source) -> Result<(
                 "prefetched page {} does not match its digest; not installed",
                 p.0
             );
-            shared.table.release(p);
             // A thread that faulted on the page while it was claimed here
-            // joined this install and sleeps: wake it, so that its retry
-            // faults again and goes through the demand link.
-            region.wake(p);
+            // joined this install and sleeps: the release wakes it, so that
+            // its retry faults again and goes through the demand link.
+            shared.release_claimed(region, p, 1);
             flush(&mut pending, p.0)?;
             continue;
         }

@@ -130,7 +130,7 @@ impl Counters {
         self.poisoned.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// Claimed pages given back after a failed install.
+    /// Claimed pages given back after a failed digest or install.
     pub fn released(&self, n: u64) {
         self.released.fetch_add(n, Ordering::Relaxed);
     }
@@ -246,7 +246,8 @@ pub struct Stats {
     /// Pages poisoned by the failure policy.
     pub poisoned_pages: u64,
     /// Claimed pages given back (made missing again, their waiters woken)
-    /// after an install failed; fetched again by whoever faults next.
+    /// by the prefetcher after a failed digest or install; fetched again by
+    /// whoever faults next.
     pub released_pages: u64,
     /// Latency from fault to install, for faults that needed the network.
     pub fault_latency_us: Latency,

@@ -106,7 +106,8 @@ pub fn offered_features() -> Result<(Features, OpenedVia), OpenError> {
 /// One userfaultfd, owned; closing it (on drop) unregisters all its ranges and wakes any thread
 /// still waiting on them, whose fault is then handled as if no uffd existed: missing anonymous
 /// pages read as zeros, missing shmem pages as holes. Close it only once every page is filled
-/// (or poisoned); a pager that dies early must take the process down with it.
+/// (or poisoned): a pager that ends early poisons what it has not filled first, and keeps the
+/// fd open for good if it cannot.
 ///
 /// All methods take `&self`; share it between a fault thread and installers with `Arc`.
 ///
