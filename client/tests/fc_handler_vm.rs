@@ -1,8 +1,8 @@
 //! The Firecracker handler (`faultline fc-handler`, in-process) serves a real KVM guest: the
 //! test plays Firecracker (fresh anonymous memory, a uffd with EVENT_REMOVE registered MISSING,
 //! the JSON regions and the uffd sent over the handler's Unix socket) and the micro-VM's vCPU
-//! faults its pages in through the handler. Skips (or fails under
-//! `FAULTLINE_REQUIRE_KERNEL=1`) without `/dev/kvm` or userfaultfd.
+//! faults its pages in through the handler. Fails (or skips under `FAULTLINE_ALLOW_SKIP=1`)
+//! without `/dev/kvm` or userfaultfd.
 
 use std::io::IoSlice;
 use std::os::fd::AsRawFd;

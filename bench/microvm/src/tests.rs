@@ -1,6 +1,6 @@
 //! The harness end to end under real KVM: every backing type of faultline-client (a
 //! dev-dependency: the library itself never sees the client), snapshots, eager and lazy
-//! restores. Each test skips (or fails under `FAULTLINE_REQUIRE_KERNEL=1`) without `/dev/kvm`.
+//! restores. Each test fails (or skips under `FAULTLINE_ALLOW_SKIP=1`) without `/dev/kvm`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};

@@ -629,7 +629,7 @@ pub fn run(config: &VmRestoreConfig) -> Result<VmRestoreReport, VmRestoreError> 
 #[cfg(test)]
 mod tests {
     //! Restores through the real pager from an in-process server, one per backing type. Each
-    //! test skips (or fails under `FAULTLINE_REQUIRE_KERNEL=1`) without `/dev/kvm`,
+    //! test fails (or skips under `FAULTLINE_ALLOW_SKIP=1`) without `/dev/kvm`,
     //! userfaultfd or huge pages.
 
     use faultline_client::backing::HUGE_PAGE_SIZE;
