@@ -729,7 +729,7 @@ fn fetch_manifest(config: &PagerConfig) -> Result<Manifest, ConnectionError> {
     rt.block_on(async {
         let mut last = None;
         for url in &config.servers {
-            let got = match Remote::connect(url).await {
+            let got = match Remote::connect_with(url, &config.connect).await {
                 Ok(remote) => remote.manifest(&config.snapshot).await,
                 Err(e) => Err(e),
             };

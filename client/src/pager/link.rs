@@ -21,7 +21,7 @@ use super::faults::fatal;
 use super::pages::IN_FLIGHT;
 use super::stats::Source;
 use super::{OnFailure, Shared};
-use crate::remote::{Remote, Transport, decode_batch};
+use crate::remote::{Remote, decode_batch};
 
 /// First pause before reconnecting; doubled per failure up to
 /// [`MAX_BACKOFF`]. Short, because faulting vCPUs are stalled meanwhile.
@@ -75,7 +75,7 @@ struct Session {
 }
 
 async fn open_session(shared: &Shared, url: &str) -> Result<Session, String> {
-    let remote = Remote::connect_with(url, Transport::default())
+    let remote = Remote::connect_with(url, &shared.config.connect)
         .await
         .map_err(|e| e.to_string())?;
     let (tx, rx) = mpsc::unbounded_channel();

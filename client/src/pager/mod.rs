@@ -51,7 +51,7 @@ pub use stats::{Latency, PagesBySource, Stats};
 
 use crate::backing::BackingKind;
 use crate::backing::GuestMemory;
-use crate::remote::{Remote, RemoteError};
+use crate::remote::{ConnectOptions, Remote, RemoteError};
 use crate::strategy::{Choice, Decision, Mode, Strategy, StrategyError, register_for_strategy};
 use crate::uffd::{
     OpenError, RegisterModes, ResolveError, ResolveOps, StopSignal, Uffd, WaitError,
@@ -143,8 +143,11 @@ impl std::str::FromStr for OnFailure {
 /// How the pager runs.
 #[derive(Clone, Debug)]
 pub struct PagerConfig {
-    /// Server URLs (`http://HOST:PORT`), tried in order on failures.
+    /// Server URLs (`http://HOST:PORT` or `https://HOST:PORT`), tried in
+    /// order on failures.
     pub servers: Vec<String>,
+    /// How to connect to them: TLS, token, transport.
+    pub connect: ConnectOptions,
     /// The snapshot to restore.
     pub snapshot: SnapshotId,
     /// Resolve method: from the kernel's answer, or forced.
@@ -174,6 +177,7 @@ impl PagerConfig {
     pub fn new(server: impl Into<String>, snapshot: SnapshotId) -> Self {
         Self {
             servers: vec![server.into()],
+            connect: ConnectOptions::default(),
             snapshot,
             mode: Mode::Auto,
             prefetch: PrefetchPolicy::All,
@@ -473,7 +477,7 @@ impl Pager {
         let manifest = runtime.block_on(async {
             let mut last = None;
             for url in &config.servers {
-                match Remote::connect(url).await {
+                match Remote::connect_with(url, &config.connect).await {
                     Ok(r) => match r.manifest(&config.snapshot).await {
                         Ok(m) => return Ok(m),
                         Err(e) => last = Some(e),
@@ -913,7 +917,7 @@ async fn upload_recording(shared: &Shared) -> Result<u64, RemoteError> {
         let rec = shared.recorded.lock().expect("record lock");
         rec.iter().map(|&r| r.into()).collect()
     };
-    let remote = Remote::connect(&shared.config.servers[0]).await?;
+    let remote = Remote::connect_with(&shared.config.servers[0], &shared.config.connect).await?;
     let resp = remote
         .client()
         .record_working_set(pb::RecordWorkingSetRequest {

@@ -14,7 +14,7 @@ use super::link::{INITIAL_BACKOFF, MAX_BACKOFF};
 use super::region::{InstallError, RegionState};
 use super::stats::Source;
 use super::{PrefetchPolicy, Shared};
-use crate::remote::{Remote, RemoteError, Transport, decode_batch};
+use crate::remote::{Remote, RemoteError, decode_batch};
 
 /// Prefetching a stream failed (the pager retries).
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +35,7 @@ pub(crate) async fn stream_into(
     req: pb::PrefetchRequest,
     source: Source,
 ) -> Result<(), PrefetchError> {
-    let remote = Remote::connect_with(url, Transport::default()).await?;
+    let remote = Remote::connect_with(url, &shared.config.connect).await?;
     let mut stream = remote.prefetch(req).await?;
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(RemoteError::rpc("Prefetch"))?;
