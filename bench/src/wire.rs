@@ -167,11 +167,9 @@ pub async fn run(
 
     let mut results = Vec::new();
     for (image, codec, label, transport, batch) in plan {
-        let remote = Remote::connect_with(
-            &url,
-            &ConnectOptions::default().with_transport(transport),
-        )
-        .await?;
+        let remote =
+            Remote::connect_with(&url, &ConnectOptions::default().with_transport(transport))
+                .await?;
         // Warm-up: page cache and connection.
         prefetch_once(&remote, image, codec, batch).await?;
         let mut gbps = Vec::new();

@@ -8,10 +8,10 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use faultline_proto::{PageIndex, PageRange, PageSize, SnapshotId};
-use faultline_server::import::{RegionArg, import_file};
-use faultline_server::store::SnapshotStore;
 use faultline_server::auth::{self, Right, TokensFile};
+use faultline_server::import::{RegionArg, import_file};
 use faultline_server::server::{self, ServeOptions, Server};
+use faultline_server::store::SnapshotStore;
 use faultline_server::tls::TlsFiles;
 use faultline_server::{LocalStore, metrics};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -327,7 +327,11 @@ fn reload_on_sighup(reloader: server::Reloader) -> anyhow::Result<()> {
             match reloader.reload() {
                 Ok(r) => tracing::info!(
                     "SIGHUP: reloaded{}{}",
-                    if r.tls { " the TLS certificate and key" } else { "" },
+                    if r.tls {
+                        " the TLS certificate and key"
+                    } else {
+                        ""
+                    },
                     r.tokens
                         .map(|n| format!(" {n} token(s)"))
                         .unwrap_or_default()
@@ -395,9 +399,7 @@ fn token(cmd: TokenCommand) -> anyhow::Result<()> {
                 );
             }
             file.save(&tokens)?;
-            println!(
-                "revoked {removed} token(s); send SIGHUP to a running server to drop them"
-            );
+            println!("revoked {removed} token(s); send SIGHUP to a running server to drop them");
             Ok(())
         }
     }

@@ -725,7 +725,10 @@ impl ServerHandle {
 /// Binds `addr` (use port 0 for any free port) and serves `store` on a
 /// background task of the current runtime, without TLS or tokens (so on
 /// loopback only), with reflection.
-pub async fn spawn(addr: SocketAddr, store: Arc<dyn SnapshotStore>) -> std::io::Result<ServerHandle> {
+pub async fn spawn(
+    addr: SocketAddr,
+    store: Arc<dyn SnapshotStore>,
+) -> std::io::Result<ServerHandle> {
     let opts = ServeOptions {
         reflection: true,
         ..ServeOptions::default()
@@ -784,7 +787,10 @@ mod tests {
             ..ServeOptions::default()
         };
         let e = check_exposure(any, &plaintext).unwrap_err().to_string();
-        assert!(e.contains("without tokens") && e.contains("--tokens"), "{e}");
+        assert!(
+            e.contains("without tokens") && e.contains("--tokens"),
+            "{e}"
+        );
         let both = ServeOptions {
             insecure_plaintext: true,
             insecure_no_auth: true,

@@ -156,14 +156,13 @@ impl TlsFiles {
                 builder.with_client_cert_verifier(verifier)
             }
         };
-        let mut config =
-            builder
-                .with_single_cert(certs, key)
-                .map_err(|source| TlsError::Pair {
-                    cert: self.cert.clone(),
-                    key: self.key.clone(),
-                    source,
-                })?;
+        let mut config = builder
+            .with_single_cert(certs, key)
+            .map_err(|source| TlsError::Pair {
+                cert: self.cert.clone(),
+                key: self.key.clone(),
+                source,
+            })?;
         config.alpn_protocols = vec![ALPN_H2.to_vec()];
         Ok(Arc::new(config))
     }
