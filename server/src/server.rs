@@ -221,9 +221,9 @@ pub struct Reloaded {
 #[error("{}", self.describe())]
 pub struct ReloadError {
     /// Why the TLS files were not taken, if they were not.
-    pub tls: Option<TlsError>,
+    pub tls: Option<Box<TlsError>>,
     /// Why the tokens file was not taken, if it was not.
-    pub tokens: Option<TokensError>,
+    pub tokens: Option<Box<TokensError>>,
 }
 
 impl ReloadError {
@@ -257,8 +257,8 @@ impl Reloader {
                 tokens,
             }),
             (tls, tokens) => Err(ReloadError {
-                tls: tls.err(),
-                tokens: tokens.err(),
+                tls: tls.err().map(Box::new),
+                tokens: tokens.err().map(Box::new),
             }),
         }
     }

@@ -791,3 +791,128 @@ try:
 except grpc.RpcError as e:
     print("other", e.code().name)
 "#;
+
+/// The log of a `faultline-server serve` child, line by line.
+struct Child {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Child {
+    fn spawn(args: &[&std::ffi::OsStr]) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_faultline-server"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines }
+    }
+
+    /// The first line containing `what`, within 20 s.
+    fn wait_for(&self, what: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(what) => return line,
+                Ok(line) => eprintln!("server: {line}"),
+                Err(e) => panic!("no log line with {what:?}: {e}"),
+            }
+        }
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on our own child's pid, which has not been reaped
+        // (we hold its `Child` and have not waited on it).
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+        assert_eq!(rc, 0);
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `faultline-server serve --tls-cert --tls-key --tokens` serves TLS with
+/// tokens, says so at start, reloads both on SIGHUP (logging what it took, or
+/// why it kept the old ones), and stops on SIGTERM.
+// Multi-threaded: the test blocks its thread reading the child's log, and the
+// client connections must still be driven to close for a graceful stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_serves_tls_with_tokens_and_reloads_on_sighup() {
+    let s = Setup::new();
+    let store = s.path("store");
+    let args: Vec<&std::ffi::OsStr> = vec![
+        "serve".as_ref(),
+        "--listen".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--store".as_ref(),
+        store.as_os_str(),
+        "--tls-cert".as_ref(),
+        s.tls.cert.as_os_str(),
+        "--tls-key".as_ref(),
+        s.tls.key.as_os_str(),
+        "--tokens".as_ref(),
+        s.tokens.as_os_str(),
+    ];
+    let child = Child::spawn(&args);
+    let line = child.wait_for("serving");
+    assert!(line.contains("(TLS, tokens required)"), "{line}");
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.parse::<std::net::SocketAddr>().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    let url = format!("https://{addr}");
+    let ca = s.ca.pem.cert.clone();
+    assert_eq!(
+        list(&url, Some(&ca), None, Some(&s.reader)).await.unwrap(),
+        ["img"]
+    );
+
+    let renewed = TestCa::new("renewed");
+    renewed
+        .issue(Usage::Server, "server")
+        .write(s.dir.path(), "server");
+    child.signal(libc::SIGHUP);
+    let line = child.wait_for("SIGHUP");
+    assert!(
+        line.contains("reloaded the TLS certificate and key 3 token(s)"),
+        "{line}"
+    );
+    assert!(
+        list(&url, Some(&renewed.pem.cert), None, Some(&s.reader))
+            .await
+            .is_ok()
+    );
+
+    std::fs::write(&s.tokens, "[]").unwrap();
+    child.signal(libc::SIGHUP);
+    let line = child.wait_for("SIGHUP");
+    assert!(
+        line.contains("reload failed") && line.contains("previous tokens"),
+        "{line}"
+    );
+    assert!(!line.contains(&s.reader[3..]));
+    assert!(
+        list(&url, Some(&renewed.pem.cert), None, Some(&s.reader))
+            .await
+            .is_ok()
+    );
+    child.signal(libc::SIGTERM);
+    child.wait_for("stopped");
+}
