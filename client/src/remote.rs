@@ -210,14 +210,41 @@ pub type Client = FaultlineClient<InterceptedService<Channel, Authorize>>;
 /// The error and its causes, as one sentence (tonic's transport error alone
 /// says only "transport error").
 fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
+    with_causes(e.to_string(), e.source())
+}
+
+/// `s`, then each cause from `source` on that it does not already say.
+fn with_causes(mut s: String, mut source: Option<&dyn std::error::Error>) -> String {
     while let Some(c) = source {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        // Many errors already print their cause; say each thing once.
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         source = c.source();
     }
     s
+}
+
+/// What to check when a connection fails.
+fn connect_hint(url: &str) -> &'static str {
+    if url.starts_with("https://") {
+        "is `faultline-server serve` running there with TLS, does --ca hold the CA that signed \
+         its certificate, and does it want a client certificate (--cert, --key)?"
+    } else {
+        "is `faultline-server serve` running there?"
+    }
+}
+
+/// A status's message, and the causes of a transport failure (tonic says
+/// only "transport error" and keeps the reason, e.g. a refused certificate,
+/// in the source chain).
+fn status_text(status: &tonic::Status) -> String {
+    with_causes(
+        status.message().to_owned(),
+        std::error::Error::source(status),
+    )
 }
 
 /// A call to the server failed.
@@ -232,16 +259,13 @@ pub enum RemoteError {
         source: tonic::transport::Error,
     },
     /// No connection could be made.
-    #[error(
-        "cannot connect to {url}: {}; is `faultline-server serve` running there (with TLS for \
-         https://, and does --ca hold the CA that signed its certificate)?",
-        chain(source)
-    )]
+    #[error("cannot connect to {url}: {}; {}", chain(cause), connect_hint(url))]
     Connect {
         /// The server.
         url: String,
-        /// Why.
-        source: tonic::transport::Error,
+        /// Why (its causes are in the message: tonic's error alone says only
+        /// "transport error").
+        cause: tonic::transport::Error,
     },
     /// A TLS file could not be read.
     #[error("cannot read the {what} {}: {source}", path.display())]
@@ -265,8 +289,9 @@ pub enum RemoteError {
     /// The token cannot be sent.
     #[error("the token cannot be used: {0}")]
     BadToken(&'static str),
-    /// The server answered with an error.
-    #[error("{call} failed: {} ({:?})", .status.message(), .status.code())]
+    /// The server answered with an error (or the connection failed under
+    /// the call: then the causes follow the message).
+    #[error("{call} failed: {} ({:?})", status_text(.status), .status.code())]
     Rpc {
         /// The RPC.
         call: &'static str,
@@ -369,9 +394,9 @@ impl Remote {
         let channel = endpoint
             .connect()
             .await
-            .map_err(|source| RemoteError::Connect {
+            .map_err(|cause| RemoteError::Connect {
                 url: url.to_owned(),
-                source,
+                cause,
             })?;
         let client = FaultlineClient::with_interceptor(channel, Authorize(opts.token.clone()))
             .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES)

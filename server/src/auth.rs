@@ -519,6 +519,14 @@ impl Authenticator {
         self.path.is_some()
     }
 
+    /// How many tokens are accepted now.
+    pub fn count(&self) -> usize {
+        self.grants
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+
     /// Reads the tokens file again; on an error the old tokens stay. Returns
     /// how many tokens are now accepted.
     pub fn reload(&self) -> Result<usize, TokensError> {

@@ -384,6 +384,9 @@ fn token(cmd: TokenCommand) -> anyhow::Result<()> {
             Ok(())
         }
         TokenCommand::Revoke { tokens, id, name } => {
+            if id.as_ref().is_some_and(|id| id.len() < 4) {
+                bail!("give at least 4 hex digits of the id (see `faultline-server token list`)");
+            }
             let mut file = TokensFile::load(&tokens)?;
             let before = file.tokens.len();
             file.tokens.retain(|t| match (&id, &name) {

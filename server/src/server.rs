@@ -310,12 +310,11 @@ impl Server {
             Some(_) => "TLS",
             None => "plaintext",
         };
-        let auth = if self.auth.required() {
-            "tokens required"
+        if self.auth.required() {
+            format!("{tls}, tokens required: {} known", self.auth.count())
         } else {
-            "no tokens"
-        };
-        format!("{tls}, {auth}")
+            format!("{tls}, no tokens")
+        }
     }
 
     /// Serves `listener` until `shutdown` completes, then stops accepting
@@ -344,6 +343,12 @@ impl Server {
             tracing::info!(
                 "no TLS and no tokens: listening on loopback ({addr}) only; to serve a network, \
                  pass --tls-cert/--tls-key and --tokens"
+            );
+        }
+        if self.auth.required() && self.auth.count() == 0 {
+            tracing::warn!(
+                "the tokens file lists no token: every call will be refused; add one with \
+                 `faultline-server token new` and send SIGHUP"
             );
         }
 

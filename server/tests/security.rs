@@ -872,7 +872,7 @@ async fn binary_serves_tls_with_tokens_and_reloads_on_sighup() {
     ];
     let child = Child::spawn(&args);
     let line = child.wait_for("serving");
-    assert!(line.contains("(TLS, tokens required)"), "{line}");
+    assert!(line.contains("(TLS, tokens required: 3 known)"), "{line}");
     let addr = line
         .split_whitespace()
         .find_map(|w| w.parse::<std::net::SocketAddr>().ok())
