@@ -85,6 +85,11 @@ impl Token {
         if token.is_empty() {
             return Err(RemoteError::BadToken("it is empty"));
         }
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(RemoteError::BadToken(
+                "it has characters other than printable ASCII",
+            ));
+        }
         let mut value: AsciiMetadataValue = MetadataValue::try_from(format!("Bearer {token}"))
             .map_err(|_| RemoteError::BadToken("it has characters other than printable ASCII"))?;
         // Kept out of HPACK's dynamic table (and so out of any later
@@ -457,4 +462,70 @@ pub fn decode_batch(batch: pb::PageBatch, manifest: &Manifest) -> Result<PageBat
             source,
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A token is sent as `Bearer TOKEN`, never shown by `Debug`, and refused
+    /// if empty or not printable ASCII.
+    #[test]
+    fn tokens() {
+        let t = Token::new(" fl_abc ").unwrap();
+        assert_eq!(t.0.to_str().unwrap(), "Bearer fl_abc");
+        assert!(t.0.is_sensitive());
+        assert_eq!(format!("{t:?}"), "Token(<redacted>)");
+        let opts = ConnectOptions {
+            token: Some(t),
+            ..ConnectOptions::default()
+        };
+        assert!(!format!("{opts:?}").contains("fl_abc"));
+        assert!(Token::new("").is_err());
+        assert!(Token::new("fl_\u{e9}").is_err());
+    }
+
+    /// Causes are appended once each, even when an error already prints its
+    /// source.
+    #[test]
+    fn causes_said_once() {
+        #[derive(Debug)]
+        struct E(&'static str, Option<Box<E>>);
+        impl std::fmt::Display for E {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for E {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.1.as_deref().map(|e| e as _)
+            }
+        }
+        let inner = E("UnknownIssuer", None);
+        let mid = E(
+            "invalid peer certificate: UnknownIssuer",
+            Some(Box::new(inner)),
+        );
+        let top = E("transport error", Some(Box::new(mid)));
+        assert_eq!(
+            chain(&top),
+            "transport error: invalid peer certificate: UnknownIssuer"
+        );
+    }
+
+    /// TLS options with a plaintext URL are refused before connecting.
+    #[tokio::test]
+    async fn tls_options_need_https() {
+        let opts = ConnectOptions {
+            tls: TlsOptions {
+                ca: Some(Certificate::from_pem("-----BEGIN CERTIFICATE-----")),
+                ..TlsOptions::default()
+            },
+            ..ConnectOptions::default()
+        };
+        let e = Remote::connect_with("http://127.0.0.1:1", &opts)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, RemoteError::TlsOptionsWithoutTls { .. }), "{e}");
+    }
 }
