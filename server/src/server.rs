@@ -81,6 +81,15 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// cost before any handler runs.
 pub const MAX_HEADER_LIST_BYTES: u32 = 16 << 10;
 
+/// Connections open now (past their handshake). Named here, where the
+/// accept loop keeps it, in the style of [`crate::metrics`].
+pub const CONNECTIONS_OPEN: &str = "faultline_server_connections_open";
+
+/// Connections closed before they were served, by `reason`: `limit` (over
+/// [`MAX_CONNECTIONS`]), `handshake` (TLS failed or not HTTP/2), `timeout`
+/// (no handshake and preface within [`HANDSHAKE_TIMEOUT`]).
+pub const CONNECTIONS_REFUSED: &str = "faultline_server_connections_refused_total";
+
 /// HTTP/2's connection preface, the first bytes every client sends.
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -462,6 +471,7 @@ async fn accept_loop(
                 );
                 last_full_warning = Some(Instant::now());
             }
+            metrics::counter!(CONNECTIONS_REFUSED, "reason" => "limit").increment(1);
             drop(tcp);
             continue;
         };
@@ -476,6 +486,7 @@ async fn accept_loop(
         tokio::spawn(async move {
             match tokio::time::timeout(limits.handshake_timeout, handshake(tcp, acceptor)).await {
                 Ok(Ok((io, preface))) => {
+                    metrics::gauge!(CONNECTIONS_OPEN).increment(1.0);
                     let conn = Conn {
                         io,
                         preface,
@@ -485,11 +496,17 @@ async fn accept_loop(
                     };
                     let _ = tx.send(Ok(conn)).await;
                 }
-                Ok(Err(e)) => tracing::info!("{peer}: connection refused: {e}"),
-                Err(_) => tracing::debug!(
-                    "{peer}: no TLS handshake and HTTP/2 preface within {:?}; closed",
-                    limits.handshake_timeout
-                ),
+                Ok(Err(e)) => {
+                    metrics::counter!(CONNECTIONS_REFUSED, "reason" => "handshake").increment(1);
+                    tracing::info!("{peer}: connection refused: {e}");
+                }
+                Err(_) => {
+                    metrics::counter!(CONNECTIONS_REFUSED, "reason" => "timeout").increment(1);
+                    tracing::debug!(
+                        "{peer}: no TLS handshake and HTTP/2 preface within {:?}; closed",
+                        limits.handshake_timeout
+                    );
+                }
             }
         });
     }
@@ -531,6 +548,12 @@ struct Conn {
     replayed: usize,
     peer: SocketAddr,
     _slot: OwnedSemaphorePermit,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        metrics::gauge!(CONNECTIONS_OPEN).decrement(1.0);
+    }
 }
 
 impl tonic::transport::server::Connected for Conn {
