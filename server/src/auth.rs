@@ -690,6 +690,53 @@ mod tests {
         );
     }
 
+    /// The interceptor records the caller: its token's id and name, or its
+    /// address where tokens are not required; `identity` reads it back.
+    #[test]
+    fn interceptor_records_identity() {
+        use tonic::service::Interceptor;
+        let peer: SocketAddr = "127.0.0.1:4242".parse().unwrap();
+        let request = |token: Option<&str>| {
+            let mut req = tonic::Request::new(());
+            req.extensions_mut()
+                .insert(tonic::transport::server::TcpConnectInfo {
+                    local_addr: None,
+                    remote_addr: Some(peer),
+                });
+            if let Some(t) = token {
+                req.metadata_mut()
+                    .insert("authorization", format!("Bearer {t}").parse().unwrap());
+            }
+            req
+        };
+        let mut open = AuthInterceptor::new(Arc::new(Authenticator::open()));
+        let req = open.call(request(None)).unwrap();
+        assert_eq!(identity(&req), Identity::Peer(peer));
+        assert!(Access::of(&req).unwrap().allows(Right::Write, "x"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        let mut file = TokensFile::default();
+        let (token, entry) = file
+            .add_new("ci".into(), vec!["*".into()], vec![Right::Read])
+            .unwrap();
+        file.save(&path).unwrap();
+        let mut with_tokens =
+            AuthInterceptor::new(Arc::new(Authenticator::from_file(path).unwrap()));
+        let req = with_tokens.call(request(Some(&token))).unwrap();
+        assert_eq!(
+            identity(&req),
+            Identity::Token {
+                id: entry.id().to_owned(),
+                name: "ci".into()
+            }
+        );
+        let e = with_tokens.call(request(None)).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        // Without the interceptor there is no access at all.
+        assert!(Access::of(&tonic::Request::new(())).is_err());
+    }
+
     /// Malformed entries are refused with the entry and what to fix.
     #[test]
     fn bad_entries_refused() {
