@@ -258,11 +258,15 @@ impl TokensFile {
         Ok(file)
     }
 
-    /// Writes the file atomically (a temporary file renamed over it), readable
-    /// by its owner only.
+    /// Writes the file atomically (a temporary file renamed over it). A new
+    /// file is readable by its owner only; a file that exists keeps its
+    /// group and its owner and group permissions (never any for others), so
+    /// a server running as another user of that group can still read it.
     pub fn save(&self, path: &Path) -> Result<(), TokensError> {
         use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+        let existing = std::fs::metadata(path).ok();
+        let mode = existing.as_ref().map_or(0o600, |m| m.mode() & 0o660);
         let write_err = |source| TokensError::Write {
             path: path.to_owned(),
             source,
@@ -279,6 +283,10 @@ impl TokensFile {
             .mode(0o600)
             .open(&tmp)
             .and_then(|mut f| {
+                if let Some(m) = &existing {
+                    std::os::unix::fs::fchown(&f, None, Some(m.gid()))?;
+                }
+                f.set_permissions(std::fs::Permissions::from_mode(mode))?;
                 f.write_all(text.as_bytes())?;
                 f.sync_all()
             })
@@ -672,6 +680,11 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o077, 0, "tokens file readable by others: {mode:o}");
+        // A file made group-readable stays so (and never others-readable).
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        file.save(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o640, "{mode:o}");
 
         let auth = Authenticator::from_file(path).unwrap();
         let mut md = tonic::metadata::MetadataMap::new();
