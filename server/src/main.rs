@@ -137,7 +137,20 @@ struct ServeArgs {
 
 impl ServeArgs {
     /// The library's options for these arguments.
-    fn options(&self) -> ServeOptions {
+    fn options(&self) -> anyhow::Result<ServeOptions> {
+        for (flag, value) in [
+            ("--max-connections", self.max_connections as u64),
+            (
+                "--max-streams-per-connection",
+                u64::from(self.max_streams_per_connection),
+            ),
+            ("--handshake-timeout", self.handshake_timeout),
+            ("--keepalive", self.keepalive),
+        ] {
+            if value == 0 {
+                bail!("{flag} must be at least 1");
+            }
+        }
         let tls = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles {
                 cert: cert.clone(),
@@ -146,7 +159,7 @@ impl ServeArgs {
             }),
             _ => None,
         };
-        ServeOptions {
+        Ok(ServeOptions {
             tls,
             tokens: self.tokens.clone(),
             reflection: self.reflection,
@@ -159,7 +172,7 @@ impl ServeArgs {
                 keepalive_interval: Duration::from_secs(self.keepalive),
                 keepalive_timeout: Duration::from_secs(self.keepalive),
             },
-        }
+        })
     }
 }
 
@@ -257,7 +270,7 @@ fn open_store(dir: PathBuf) -> anyhow::Result<LocalStore> {
 
 #[tokio::main]
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let opts = args.options();
+    let opts = args.options()?;
     let listen = args.listen;
     let metrics_listen = args.metrics_listen;
     server::check_exposure(listen, &opts)?;
@@ -325,6 +338,9 @@ fn reload_on_sighup(reloader: server::Reloader) -> anyhow::Result<()> {
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
             match reloader.reload() {
+                Ok(r) if !r.tls && r.tokens.is_none() => {
+                    tracing::info!("SIGHUP: nothing to reload (no TLS, no tokens file)");
+                }
                 Ok(r) => tracing::info!(
                     "SIGHUP: reloaded{}{}",
                     if r.tls {
