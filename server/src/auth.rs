@@ -19,7 +19,7 @@
 //! constant time; tokens are never logged (only a token's name and id, the
 //! first hex digits of its hash).
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -459,8 +459,9 @@ pub enum Identity {
         /// The name.
         name: String,
     },
-    /// A caller without a token (tokens are not required), by address.
-    Peer(SocketAddr),
+    /// A caller without a token (tokens are not required), by IP address:
+    /// every connection from one host is one client.
+    Peer(IpAddr),
     /// Neither is known (a transport without addresses).
     Unknown,
 }
@@ -481,7 +482,12 @@ pub fn identity<T>(req: &tonic::Request<T>) -> Identity {
     if let Some(id) = req.extensions().get::<Identity>() {
         return id.clone();
     }
-    req.remote_addr().map_or(Identity::Unknown, Identity::Peer)
+    peer(req)
+}
+
+fn peer<T>(req: &tonic::Request<T>) -> Identity {
+    req.remote_addr()
+        .map_or(Identity::Unknown, |a| Identity::Peer(a.ip()))
 }
 
 /// The tokens a server accepts, and where they come from.
@@ -633,7 +639,7 @@ impl tonic::service::Interceptor for AuthInterceptor {
                 id: g.id.clone(),
                 name: g.name.clone(),
             },
-            Access::Unrestricted => req.remote_addr().map_or(Identity::Unknown, Identity::Peer),
+            Access::Unrestricted => peer(&req),
         };
         req.extensions_mut().insert(access);
         req.extensions_mut().insert(identity);
@@ -708,7 +714,7 @@ mod tests {
     #[test]
     fn interceptor_records_identity() {
         use tonic::service::Interceptor;
-        let peer: SocketAddr = "127.0.0.1:4242".parse().unwrap();
+        let peer: std::net::SocketAddr = "127.0.0.1:4242".parse().unwrap();
         let request = |token: Option<&str>| {
             let mut req = tonic::Request::new(());
             req.extensions_mut()
@@ -724,7 +730,7 @@ mod tests {
         };
         let mut open = AuthInterceptor::new(Arc::new(Authenticator::open()));
         let req = open.call(request(None)).unwrap();
-        assert_eq!(identity(&req), Identity::Peer(peer));
+        assert_eq!(identity(&req), Identity::Peer(peer.ip()));
         assert!(Access::of(&req).unwrap().allows(Right::Write, "x"));
 
         let dir = tempfile::tempdir().unwrap();
