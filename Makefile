@@ -6,12 +6,13 @@
 #               report in bench-out/ (BENCHMARKS.md, report.json, plots)
 #
 # The build needs libclang (bindgen, for the userfaultfd crate); the benchmark
-# plots need a TrueType font (DejaVu). Run as root,
+# plots need a TrueType font (DejaVu); the TLS tests talk to the server with a
+# stock gRPC client (Python grpcio). Run as root,
 # this Makefile installs what is missing with apt-get; otherwise it prints
 # the command to run.
 
 CARGO ?= cargo
-APT_PACKAGES := libclang-dev fonts-dejavu-core
+APT_PACKAGES := libclang-dev fonts-dejavu-core python3-grpcio
 
 .PHONY: all deps build demo test fmt clippy unit deploy-check bench bench-quick clean
 

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{Access, Right};
 use crate::error::Error;
 use crate::metrics;
 use crate::store::{Snapshot, SnapshotSpec, SnapshotStore};
@@ -340,16 +341,21 @@ impl PrefetchPlan {
 impl pb::faultline_server::Faultline for FaultlineService {
     async fn list_snapshots(
         &self,
-        _req: Request<pb::ListSnapshotsRequest>,
+        req: Request<pb::ListSnapshotsRequest>,
     ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
         let _t = metrics::Request::start("list_snapshots");
+        let access = Access::of(&req)?;
         let store = self.store.clone();
         let list = tokio::task::spawn_blocking(move || store.list())
             .await
             .map_err(|_| Error::Unavailable)?
             .map_err(Error::from)?;
         Ok(Response::new(pb::ListSnapshotsResponse {
-            snapshots: list.into_iter().map(Into::into).collect(),
+            snapshots: list
+                .into_iter()
+                .filter(|s| access.allows(Right::Read, s.name.as_str()))
+                .map(Into::into)
+                .collect(),
         }))
     }
 
@@ -358,10 +364,12 @@ impl pb::faultline_server::Faultline for FaultlineService {
         req: Request<pb::GetManifestRequest>,
     ) -> Result<Response<pb::Manifest>, Status> {
         let t = metrics::Request::start("get_manifest");
-        let snapshot = self
-            .open(req.into_inner().snapshot)
-            .await
-            .map_err(|e| t.fail(e))?;
+        let access = Access::of(&req).map_err(|e| t.fail(e.into()))?;
+        let name = req.into_inner().snapshot;
+        access
+            .check(Right::Read, &name)
+            .map_err(|e| t.fail(e.into()))?;
+        let snapshot = self.open(name).await.map_err(|e| t.fail(e))?;
         Ok(Response::new(pb::Manifest::from(&*snapshot.manifest())))
     }
 
@@ -370,8 +378,10 @@ impl pb::faultline_server::Faultline for FaultlineService {
         req: Request<pb::ReadPagesRequest>,
     ) -> Result<Response<pb::PageBatch>, Status> {
         let t = metrics::Request::start("read_pages");
+        let access = Access::of(&req);
         let req = req.into_inner();
         let result = async {
+            access?.check(Right::Read, &req.snapshot)?;
             let codec = Compression::try_from(req.compression)?;
             if req.ranges.len() > MAX_READ_RANGES {
                 return Err(Error::TooLarge {
@@ -405,6 +415,7 @@ impl pb::faultline_server::Faultline for FaultlineService {
         req: Request<Streaming<pb::FaultRequest>>,
     ) -> Result<Response<Self::FaultStream>, Status> {
         let t = metrics::Request::start("fault_open");
+        let access = Access::of(&req);
         let mut inbound = req.into_inner();
         let opened = async {
             let first = inbound
@@ -419,6 +430,7 @@ impl pb::faultline_server::Faultline for FaultlineService {
                     "the first message of a Fault stream must be `open`",
                 ));
             };
+            access?.check(Right::Read, &open.snapshot)?;
             let codec = Compression::try_from(open.compression)?;
             Ok((self.open(open.snapshot).await?, codec))
         }
@@ -459,8 +471,10 @@ impl pb::faultline_server::Faultline for FaultlineService {
         req: Request<pb::PrefetchRequest>,
     ) -> Result<Response<Self::PrefetchStream>, Status> {
         let t = metrics::Request::start("prefetch");
+        let access = Access::of(&req);
         let req = req.into_inner();
         let plan = async {
+            access?.check(Right::Read, &req.snapshot)?;
             let codec = Compression::try_from(req.compression)?;
             let order = pb::PrefetchOrder::try_from(req.order).map_err(|_| {
                 faultline_proto::ProtocolError::invalid(
@@ -532,8 +546,10 @@ impl pb::faultline_server::Faultline for FaultlineService {
         req: Request<pb::RecordWorkingSetRequest>,
     ) -> Result<Response<pb::RecordWorkingSetResponse>, Status> {
         let t = metrics::Request::start("record_working_set");
+        let access = Access::of(&req);
         let req = req.into_inner();
         let result = async {
+            access?.check(Right::Record, &req.snapshot)?;
             let id = SnapshotId::new(req.snapshot)?;
             let name = WorkingSetName::from_wire(&req.name)?;
             let ranges = req
@@ -557,6 +573,7 @@ impl pb::faultline_server::Faultline for FaultlineService {
         req: Request<Streaming<pb::CreateSnapshotRequest>>,
     ) -> Result<Response<pb::CreateSnapshotResponse>, Status> {
         let t = metrics::Request::start("create_snapshot");
+        let access = Access::of(&req);
         let mut inbound = req.into_inner();
         let store = self.store.clone();
         let result = async move {
@@ -576,6 +593,7 @@ impl pb::faultline_server::Faultline for FaultlineService {
                     ));
                 }
             };
+            access?.check(Right::Write, &header.name)?;
             let spec = SnapshotSpec::try_from(header)?;
             let mut writer = blocking(move || store.create(spec).map_err(Error::from)).await?;
             loop {

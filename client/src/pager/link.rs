@@ -28,7 +28,7 @@ use super::error::InstallError;
 use super::pages::PageState;
 use super::stats::Source;
 use super::{OnFailure, Shared};
-use crate::remote::{Remote, Transport, decode_batch};
+use crate::remote::{Remote, decode_batch};
 
 /// First pause before retrying (a connection or a request); doubled per
 /// failure up to [`MAX_BACKOFF`], with jitter. Short, because faulting vCPUs
@@ -143,7 +143,7 @@ struct Session {
 }
 
 async fn open_session(shared: &Shared, url: &str) -> Result<Session, String> {
-    let remote = Remote::connect_with(url, Transport::default())
+    let remote = Remote::connect_with(url, &shared.config.connect)
         .await
         .map_err(|e| e.to_string())?;
     let (tx, rx) = mpsc::unbounded_channel();
