@@ -4,8 +4,9 @@
 //! - [`image`]: synthetic guest memory images (zero pages, text, random data).
 //! - [`suite`]: `faultline-bench all`: every scenario against its baselines, and the
 //!   report (JSON, Markdown, PNG plots).
-//! - [`vm`]: the micro-VM harness: a minimal KVM VMM whose guest walks pages and reports a
-//!   checksum; snapshots of it (raw memory file + vCPU file) and restores.
+//! - [`vm`]: the KVM micro-VM of `faultline-microvm` (bench/microvm: the VMM, its guest,
+//!   snapshots) restored through faultline (`faultline-bench vm`), and the adaptors that give
+//!   the harness the client's memory.
 //! - [`wire`]: the transport: prefetch throughput over loopback by codec and
 //!   HTTP/2 window, the measurements behind the protocol's defaults.
 //!

@@ -16,11 +16,15 @@
 //!   kernel's answer, honouring a forced [`strategy::Mode`].
 //! - [`pager`]: the engine: fault threads, page states, the demand link with read-ahead and
 //!   reconnection, the prefetcher, installation, completion, failure policy, statistics.
-//! - [`remote`]: connections to a faultline server, the manifest, verified page batches.
+//! - [`remote`]: connections to a faultline server ([`remote::ConnectOptions`]: TLS for
+//!   `https://`, a client certificate, the bearer token), the manifest, verified page batches.
 //! - [`restore`]: a whole restore in one process (`faultline restore`): memory, pager, touching
 //!   threads, verification, summary.
 //! - [`firecracker`]: `faultline fc-handler`: Firecracker's UFFD snapshot-restore handshake on a
-//!   Unix socket, one pager per connected VM on the uffd Firecracker registered.
+//!   Unix socket (the pure parser in `handshake`, the socket side in `receive`, `validate`
+//!   against the manifest, one handler per path in `socket`), one pager per connected VM on the
+//!   uffd Firecracker registered (`serve`), and a VM that cannot be served poisoned so it fails
+//!   loudly.
 //! - [`fetch`]: downloading a whole snapshot into a raw memory file.
 //! - [`probe`]: what this kernel offers, per backing type, as a report (`faultline probe`).
 //! - `vmm` (feature `vm-memory`): pager regions from a rust-vmm `vm_memory::GuestMemoryMmap`

@@ -8,7 +8,7 @@ use faultline_client::backing::BackingKind;
 use faultline_client::fetch::fetch_to_file;
 use faultline_client::firecracker;
 use faultline_client::pager::{OnFailure, PagerConfig, PrefetchPolicy};
-use faultline_client::remote::Remote;
+use faultline_client::remote::{ConnectOptions, Remote};
 use faultline_client::restore::{RestoreOptions, Touch};
 use faultline_client::strategy::Mode;
 use faultline_proto::{Compression, SnapshotId};
@@ -31,24 +31,34 @@ enum Command {
     Restore(RestoreArgs),
     /// Serve Firecracker VMs restoring a snapshot: listen on a Unix socket for Firecracker's UFFD
     /// handshake (snapshot load with mem_backend {backend_type: "Uffd", backend_path: SOCKET}) and
-    /// fill each VM's memory from the server until the VM exits. Stops on SIGINT or SIGTERM.
+    /// fill each VM's memory from the server until the VM exits. A VM that cannot be served (bad
+    /// handshake, snapshot missing or of another page size, server unreachable past --deadline)
+    /// gets SIGBUS at its next memory access instead of hanging. Stops on SIGINT or SIGTERM,
+    /// poisoning the pages not yet filled of VMs still restoring (they get SIGBUS if they touch
+    /// one).
     FcHandler {
-        /// The Unix socket to listen on (a stale socket file there is replaced).
+        /// The Unix socket to listen on. A stale socket file left by a killed handler is
+        /// replaced; a socket another handler is serving on is refused. SOCKET.lock is kept beside
+        /// it as the handler's lock.
         #[arg(long)]
         socket: PathBuf,
-        /// The server, http://HOST:PORT; repeat to list fallbacks.
+        /// The server, http://HOST:PORT or https://HOST:PORT; repeat to list fallbacks.
         #[arg(long = "server", env = "FAULTLINE_SERVER", required = true)]
         servers: Vec<String>,
+        #[command(flatten)]
+        connect: ConnectArgs,
         /// The snapshot of Firecracker's memory file (imported with faultline-server import).
         #[arg(long)]
         snapshot: SnapshotId,
         /// Background prefetch: none, working-set or all.
         #[arg(long, default_value = "all")]
         prefetch: PrefetchPolicy,
-        /// When pages cannot be fetched: wait, poison (SIGBUS on touch) or abort.
+        /// When pages cannot be fetched: wait, or poison (SIGBUS on touch). abort means poison
+        /// here: one VM's trouble never aborts the handler serving the others.
         #[arg(long, default_value = "wait")]
         on_failure: OnFailure,
-        /// Seconds without the server before --on-failure applies.
+        /// Seconds without the server before --on-failure applies (also to the manifest a new VM
+        /// needs: past it, with poison, that VM fails).
         #[arg(long, default_value_t = 30)]
         deadline: u64,
     },
@@ -60,9 +70,11 @@ enum Command {
     },
     /// Download a whole snapshot into a raw memory file, every page verified.
     Fetch {
-        /// The server, http://HOST:PORT.
+        /// The server, http://HOST:PORT or https://HOST:PORT.
         #[arg(long, env = "FAULTLINE_SERVER")]
         server: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
         /// The snapshot.
         #[arg(long)]
         snapshot: SnapshotId,
@@ -78,12 +90,44 @@ enum Command {
     },
 }
 
+/// How to connect to a server: TLS and token.
+#[derive(clap::Args, Debug)]
+struct ConnectArgs {
+    /// CA certificates (PEM) an https:// server's certificate must chain to (default: the
+    /// system's roots).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Client certificate (PEM), for servers that require mutual TLS; needs --key.
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// The private key of --cert (PEM).
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// Bearer token, for servers that require one (made with `faultline-server token new`).
+    #[arg(long, env = "FAULTLINE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+impl ConnectArgs {
+    /// The library's options; reads the files now.
+    fn options(&self) -> anyhow::Result<ConnectOptions> {
+        Ok(ConnectOptions::from_files(
+            self.ca.as_deref(),
+            self.cert.as_deref(),
+            self.key.as_deref(),
+            self.token.as_deref(),
+        )?)
+    }
+}
+
 /// `faultline restore`'s arguments.
 #[derive(clap::Args, Debug)]
 struct RestoreArgs {
-    /// The server, http://HOST:PORT; repeat to list fallbacks.
+    /// The server, http://HOST:PORT or https://HOST:PORT; repeat to list fallbacks.
     #[arg(long = "server", env = "FAULTLINE_SERVER", required = true)]
     servers: Vec<String>,
+    #[command(flatten)]
+    connect: ConnectArgs,
     /// The snapshot.
     #[arg(long)]
     snapshot: SnapshotId,
@@ -123,8 +167,9 @@ struct RestoreArgs {
 
 impl RestoreArgs {
     /// The library's options for these arguments.
-    fn options(self) -> RestoreOptions {
-        RestoreOptions {
+    fn options(self) -> anyhow::Result<RestoreOptions> {
+        Ok(RestoreOptions {
+            connect: self.connect.options()?,
             servers: self.servers,
             snapshot: self.snapshot,
             backing: self.backing,
@@ -136,7 +181,7 @@ impl RestoreArgs {
             verify: self.verify,
             on_failure: self.on_failure,
             deadline: std::time::Duration::from_secs(self.deadline),
-        }
+        })
     }
 }
 
@@ -163,7 +208,7 @@ fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Restore(args) => {
             let json = args.json;
-            let opts = args.options();
+            let opts = args.options()?;
             let summary = faultline_client::restore::run(&opts)
                 .with_context(|| format!("restoring {}", opts.snapshot))?;
             if json {
@@ -184,6 +229,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::FcHandler {
             socket,
             servers,
+            connect,
             snapshot,
             prefetch,
             on_failure,
@@ -191,6 +237,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         } => {
             let mut config = PagerConfig::new(servers[0].clone(), snapshot);
             config.servers = servers;
+            config.connect = connect.options()?;
             config.prefetch = prefetch;
             config.on_failure = on_failure;
             config.deadline = std::time::Duration::from_secs(deadline);
@@ -198,15 +245,17 @@ fn run(command: Command) -> anyhow::Result<()> {
             let handler = firecracker::Handler::new(config);
             stop_on_signal(handler.clone())?;
             tracing::info!("waiting for Firecracker on {}", socket.display());
-            let served = handler.serve(listener);
-            let _ = std::fs::remove_file(&socket);
-            served?;
+            handler.serve(listener)?;
             let stats = handler.stats();
             tracing::info!(
-                "stopped: {} connection(s), {} refused, {} ended by their VM",
+                "stopped: {} connection(s), {} refused, {} failed (memory poisoned), {} ended by \
+                 their VM, {} pager(s) failed, {} stopped with the handler",
                 stats.accepted,
                 stats.rejected,
-                stats.peer_closed
+                stats.failed,
+                stats.peer_closed,
+                stats.pager_failed,
+                stats.stopped
             );
             Ok(())
         }
@@ -221,14 +270,16 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Fetch {
             server,
+            connect,
             snapshot,
             out,
             compression,
             json,
         } => {
+            let opts = connect.options()?;
             let rt = tokio::runtime::Runtime::new()?;
             let stats = rt.block_on(async {
-                let remote = Remote::connect(&server).await?;
+                let remote = Remote::connect_with(&server, &opts).await?;
                 let mut last_pct = 0;
                 fetch_to_file(&remote, &snapshot, &out, compression, |done, total| {
                     let pct = done * 100 / total.max(1);

@@ -1,6 +1,6 @@
-//! Helpers for tests that need kernel facilities: skip with a message where the machine lacks
-//! them, or fail when `FAULTLINE_REQUIRE_KERNEL=1` (CI) says they must be there; reserve huge
-//! pages and put the old pool size back.
+//! Helpers for tests that need kernel facilities: fail where the machine lacks them (the
+//! default), or skip with a message when `FAULTLINE_ALLOW_SKIP=1` opts out; count skips in a
+//! log file for `make test`'s summary; reserve huge pages and put the old pool size back.
 //!
 //! Compiled for this crate's tests and, with the `testutil` feature, for other crates' tests.
 
@@ -11,27 +11,53 @@ use std::sync::Mutex;
 use crate::backing::{self, KvmVm};
 use crate::uffd::Uffd;
 
-/// The environment variable that turns skips into failures.
+/// The environment variable that lets tests skip (`=1`) where the kernel lacks a facility,
+/// instead of failing.
+pub const ALLOW_SKIP_ENV: &str = "FAULTLINE_ALLOW_SKIP";
+
+/// The environment variable naming a file each skip appends one line to (`TEST: REASON`);
+/// `make test` sets it and prints how many tests skipped.
+pub const SKIP_LOG_ENV: &str = "FAULTLINE_SKIP_LOG";
+
+/// The former opt-in to failing (`=1`), which is now the default. Still accepted: with it
+/// set, skips fail even where [`ALLOW_SKIP_ENV`] allows them.
 pub const REQUIRE_KERNEL_ENV: &str = "FAULTLINE_REQUIRE_KERNEL";
 
-/// Whether missing kernel facilities must fail tests instead of skipping them.
-pub fn kernel_required() -> bool {
-    std::env::var(REQUIRE_KERNEL_ENV).is_ok_and(|v| v == "1")
+fn env_is_one(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v == "1")
 }
 
-/// Skips the current test with `reason` (say what is missing and how to provide it), or panics
-/// when [`kernel_required`].
+/// Whether missing kernel facilities must fail tests: unless `FAULTLINE_ALLOW_SKIP=1` (and
+/// `FAULTLINE_REQUIRE_KERNEL=1` is not set).
+pub fn kernel_required() -> bool {
+    !env_is_one(ALLOW_SKIP_ENV) || env_is_one(REQUIRE_KERNEL_ENV)
+}
+
+/// Fails the current test with `reason` (say what is missing and how to provide it), or, when
+/// skipping is allowed, skips it: says so on stderr and appends a line to the skip log.
 pub fn skip(reason: impl Display) {
     let test = std::thread::current()
         .name()
         .unwrap_or("<unnamed test>")
         .to_owned();
     if kernel_required() {
-        panic!("{test}: {reason} ({REQUIRE_KERNEL_ENV}=1 forbids skipping)");
+        panic!(
+            "{test}: {reason} (this machine lacks what the test needs; provide it, or set \
+             {ALLOW_SKIP_ENV}=1 to skip such tests)"
+        );
     }
     // Straight to stderr rather than `eprintln!`, which the test harness captures and shows
     // only for failing tests: a skip must be visible.
     let _ = writeln!(std::io::stderr(), "skipping {test}: {reason}");
+    if let Some(path) = std::env::var_os(SKIP_LOG_ENV) {
+        // One short append per skip: concurrent tests' lines do not interleave.
+        let line = format!("{test}: {}\n", reason.to_string().replace('\n', " "));
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+    }
 }
 
 /// Whether the process runs as root.

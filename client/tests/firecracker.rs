@@ -1,11 +1,15 @@
-//! `faultline fc-handler` end to end, with the test playing Firecracker: it
-//! maps guest memory itself, opens a userfaultfd with EVENT_REMOVE, registers
-//! the memory MISSING, connects to the handler's socket and sends the JSON
-//! regions with the uffd as SCM_RIGHTS, then reads every page from several
-//! threads and compares it with the snapshot image byte for byte. The handler
-//! runs in-process on a thread through the library (`Handler::serve`).
+//! `faultline fc-handler` end to end. In this file the handler runs in-process on a thread
+//! through the library (`Handler::serve`) and the test plays Firecracker: it maps guest memory
+//! itself, opens a userfaultfd with EVENT_REMOVE, registers the memory MISSING, connects to the
+//! handler's socket and sends the JSON regions (both page size fields in bytes, as Firecracker
+//! sends them) with the uffd as SCM_RIGHTS, then reads every page from several threads and
+//! compares it with the snapshot image byte for byte. `processes` runs the handler binary and
+//! each VM as processes of their own: isolation, poisoning, restarts, and Firecracker's captured
+//! handshakes sent byte for byte.
 
 mod common;
+#[path = "firecracker/processes.rs"]
+mod processes;
 
 use std::io::{IoSlice, Read};
 use std::os::fd::{AsRawFd, RawFd};
@@ -124,7 +128,7 @@ impl Vm {
     }
 
     /// The handshake's regions, with `page_size` (or, if `kib`, only the
-    /// deprecated `page_size_kib`).
+    /// deprecated `page_size_kib`, which holds bytes too).
     fn mappings(&self, page_size: usize, kib: bool) -> Vec<GuestRegionUffdMapping> {
         self.regions
             .iter()
@@ -133,7 +137,7 @@ impl Vm {
                 size: map.len,
                 offset: *offset,
                 page_size: (!kib).then_some(page_size),
-                page_size_kib: kib.then_some(page_size / 1024),
+                page_size_kib: kib.then_some(page_size),
             })
             .collect()
     }
@@ -187,7 +191,7 @@ fn send(stream: &UnixStream, body: &[u8], fd: Option<RawFd>) {
 
 /// The server, a snapshot on it, and the handler serving it on a socket.
 struct Fixture {
-    _server: Server,
+    server: Server,
     snap: Snapshot,
     _dir: tempfile::TempDir,
     socket: PathBuf,
@@ -219,7 +223,7 @@ impl Fixture {
             .spawn(move || h.serve(listener))
             .expect("spawn the handler");
         Self {
-            _server: server,
+            server,
             snap,
             _dir: dir,
             socket,
@@ -457,52 +461,141 @@ fn two_vms_at_once() {
     assert_eq!(fx.handler.stats().peer_closed, 2);
 }
 
-/// Bad handshakes (bad JSON, no fd, a region past the snapshot's end, a page
-/// size mismatch) close their connection with the reason; the handler then
-/// still serves a good one.
+/// Connections that bring no userfaultfd (none attached, a pipe instead, a
+/// hang-up inside the JSON) are closed with the reason; the handler then still
+/// serves a good one.
 #[test]
-fn bad_handshakes_close_only_their_connection() {
+fn connections_without_a_uffd_are_closed() {
     let mut fx = Fixture::new(PageSize::Size4K, image_4k(14, PAGES), PrefetchPolicy::None);
     let len = fx.snap.image.len();
     let Some(mut vm) = Vm::new(&[(len, 0)], false) else {
         return;
     };
-    let good = vm.mappings(PAGE, false);
-    let past_end = vec![GuestRegionUffdMapping {
-        offset: PAGE as u64,
-        ..good[0].clone()
-    }];
-    let huge = vec![GuestRegionUffdMapping {
-        page_size: Some(HUGE_PAGE_SIZE),
-        ..good[0].clone()
-    }];
-    let json = |m: &[GuestRegionUffdMapping]| serde_json::to_vec(m).expect("json");
-    let cases: [(&str, Vec<u8>, bool, &str); 4] = [
-        (
-            "bad JSON",
-            b"[{\"base_host_virt_addr\": ".to_vec(),
-            true,
-            "JSON",
-        ),
-        ("no fd", json(&good), false, "no userfaultfd"),
-        ("past the end", json(&past_end), true, "past the end"),
-        ("page size", json(&huge), true, "--page-size 2M"),
-    ];
-    for (i, (what, body, with_fd, expect)) in cases.into_iter().enumerate() {
-        vm.handshake(&fx.socket, &body, with_fd);
-        let reason = fx.rejected(i as u64 + 1);
-        assert!(
-            reason.contains(expect),
-            "{what}: the reason {reason:?} does not mention {expect:?}"
-        );
-        assert_closed(&mut vm);
-    }
-    assert_eq!(fx.handler.stats().rejected, 4);
+    let good = serde_json::to_vec(&vm.mappings(PAGE, false)).expect("json");
+    // No fd.
+    vm.handshake(&fx.socket, &good, false);
+    let reason = fx.rejected(1);
+    assert!(reason.contains("no userfaultfd"), "{reason}");
+    assert_closed(&mut vm);
+    // A pipe instead of the uffd.
+    let (pipe, _writer) = std::io::pipe().expect("pipe");
+    let stream = UnixStream::connect(&fx.socket).expect("connect");
+    send(&stream, &good, Some(pipe.as_raw_fd()));
+    vm.stream = Some(stream);
+    let reason = fx.rejected(2);
+    assert!(reason.contains("not a userfaultfd"), "{reason}");
+    assert_closed(&mut vm);
+    // A hang-up in the middle of the array.
+    vm.handshake(&fx.socket, &good[..good.len() / 2], false);
+    vm.hang_up();
+    let reason = fx.rejected(3);
+    assert!(reason.contains("inside the JSON array"), "{reason}");
+    assert_eq!(fx.handler.stats().rejected, 3);
     vm.connect(&fx.socket, PAGE, false);
-    fx.serving(5);
+    fx.serving(4);
     vm.check(&fx.snap);
     vm.hang_up();
-    fx.ended(5, EndReason::PeerClosed);
+    fx.ended(4, EndReason::PeerClosed);
+}
+
+/// Handshakes that bring a uffd but cannot be served (bad JSON, a region past
+/// the snapshot's end, 2 MiB pages on a 4 KiB snapshot) are reported as failed
+/// with the reason (the VM's memory is poisoned: `processes` shows the SIGBUS),
+/// and the handler still serves the next VM.
+#[test]
+fn unservable_handshakes_fail_only_their_vm() {
+    let mut fx = Fixture::new(PageSize::Size4K, image_4k(17, PAGES), PrefetchPolicy::None);
+    let len = fx.snap.image.len();
+    fn json(m: &[GuestRegionUffdMapping]) -> Vec<u8> {
+        serde_json::to_vec(m).expect("json")
+    }
+    /// What the case is, the handshake it sends for a VM, what the reason names.
+    type Case = (&'static str, fn(&Vm) -> Vec<u8>, &'static str);
+    let cases: [Case; 3] = [
+        (
+            "bad JSON",
+            |_| b"[{\"base_host_virt_addr\": true}]".to_vec(),
+            "invalid type",
+        ),
+        (
+            "past the end",
+            |vm| {
+                json(&[GuestRegionUffdMapping {
+                    offset: PAGE as u64,
+                    ..vm.mappings(PAGE, false)[0].clone()
+                }])
+            },
+            "past the end",
+        ),
+        (
+            "page size",
+            |vm| {
+                json(&[GuestRegionUffdMapping {
+                    page_size: Some(HUGE_PAGE_SIZE),
+                    page_size_kib: Some(HUGE_PAGE_SIZE),
+                    ..vm.mappings(PAGE, false)[0].clone()
+                }])
+            },
+            "--page-size 2M",
+        ),
+    ];
+    // Each with memory of its own, never touched: it ends up poisoned.
+    let mut poisoned = Vec::new();
+    for (i, (what, body, expect)) in cases.into_iter().enumerate() {
+        let Some(mut vm) = Vm::new(&[(len, 0)], false) else {
+            return;
+        };
+        vm.handshake(&fx.socket, &body(&vm), true);
+        let id = i as u64 + 1;
+        let r = fx.expect(&format!("{what} reported"), |r| r.id == id);
+        match r.event {
+            ConnectionEvent::Failed { reason } => {
+                assert!(reason.contains(expect), "{what}: {reason}");
+            }
+            other => panic!("{what}: not reported as failed: {other:?}"),
+        }
+        poisoned.push(vm);
+    }
+    assert_eq!(fx.handler.stats().failed, 3);
+    let mut vm = Vm::new(&[(len, 0)], false).expect("a good VM");
+    vm.connect(&fx.socket, PAGE, true);
+    fx.serving(4);
+    vm.check(&fx.snap);
+    vm.hang_up();
+    fx.ended(4, EndReason::PeerClosed);
+    for mut vm in poisoned {
+        vm.hang_up();
+    }
+}
+
+/// A handshake split over several writes, the uffd on the first, with more
+/// data after the JSON array (Firecracker keeps the socket open) and fields the
+/// handler does not know, is served.
+#[test]
+fn split_handshake_with_more_data_is_served() {
+    let mut fx = Fixture::new(PageSize::Size4K, image_4k(18, PAGES), PrefetchPolicy::None);
+    let len = fx.snap.image.len();
+    let Some(mut vm) = Vm::new(&[(len, 0)], false) else {
+        return;
+    };
+    let m = &vm.mappings(PAGE, false)[0];
+    let body = format!(
+        r#"[{{"base_host_virt_addr":{},"size":{},"offset":0,"gpa_start":0,"page_size":{PAGE},"is_guest_memfd":false,"page_size_kib":{PAGE}}}]"#,
+        m.base_host_virt_addr, m.size
+    );
+    let body = body.as_bytes();
+    let stream = UnixStream::connect(&fx.socket).expect("connect");
+    send(&stream, &body[..10], Some(vm.uffd.as_raw_fd()));
+    for part in body[10..].chunks(body.len() / 3) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        send(&stream, part, None);
+    }
+    send(&stream, b"\n{\"more\":true}\n", None);
+    vm.stream = Some(stream);
+    fx.serving(1);
+    vm.check(&fx.snap);
+    vm.hang_up();
+    fx.ended(1, EndReason::PeerClosed);
 }
 
 /// A VM hanging up mid-restore makes the handler stop its pager before
@@ -531,4 +624,25 @@ fn peer_hang_up_stops_its_pager() {
     stayer.check(&fx.snap);
     stayer.hang_up();
     fx.ended(2, EndReason::PeerClosed);
+}
+
+/// With `--on-failure wait`, a VM that connects while the server is down
+/// waits (the handler retries the manifest with backoff) and is served once
+/// the server is back.
+#[test]
+fn vm_waits_for_a_server_that_comes_back() {
+    let mut fx = Fixture::new(PageSize::Size4K, image_4k(19, PAGES), PrefetchPolicy::None);
+    let len = fx.snap.image.len();
+    let Some(mut vm) = Vm::new(&[(len, 0)], false) else {
+        return;
+    };
+    fx.server.kill();
+    vm.connect(&fx.socket, PAGE, false);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(fx.handler.stats().serving, 0, "served without a server");
+    fx.server.restart();
+    fx.serving(1);
+    vm.check(&fx.snap);
+    vm.hang_up();
+    fx.ended(1, EndReason::PeerClosed);
 }

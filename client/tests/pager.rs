@@ -149,7 +149,8 @@ fn restore(kind: BackingKind, mode: Mode, prefetch: PrefetchPolicy) {
         _ => {
             // Completion as a future, awaited on a runtime of ours; then
             // `wait_complete` agrees at once.
-            let done = block_on(&runtime(), "completion()", pager.completion());
+            let done = block_on(&runtime(), "completion()", pager.completion())
+                .expect("the pager completes");
             assert!(pager.is_complete());
             let stats = complete(&pager);
             assert_eq!(done.completed_s, stats.completed_s);

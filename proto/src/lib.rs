@@ -7,12 +7,15 @@
 //!   [`PageRange`], [`Manifest`], [`Region`] ...). Wire messages become domain
 //!   types through `TryFrom` on receive (the edge where input is validated) and
 //!   wire messages again through `From` on send.
+//! - [`backoff`]: exponential backoff with jitter, for every retry loop on
+//!   either side.
 //! - [`bitmap`]: the page bitmap used for zero maps and "pages I have" sets.
 //! - [`codec`]: page batches on the wire: per-run compression and the decoded,
 //!   validated [`codec::PageBatch`].
 //! - [`error`]: [`ProtocolError`], what is wrong with a message, mapped to
 //!   `InvalidArgument`.
 
+pub mod backoff;
 pub mod bitmap;
 pub mod codec;
 pub mod error;

@@ -81,6 +81,9 @@ pub enum Error {
     /// Recording a working set failed.
     #[error(transparent)]
     Record(#[from] RecordError),
+    /// The caller's token does not allow this.
+    #[error(transparent)]
+    Denied(#[from] crate::auth::Denied),
     /// The server is shutting down or a worker went away.
     #[error("the server is shutting down; retry on another server or later")]
     Unavailable,
@@ -129,6 +132,7 @@ impl Error {
                 RecordError::Unavailable { .. } => Code::Unavailable,
                 RecordError::Write { .. } => Code::Internal,
             },
+            Self::Denied(_) => Code::PermissionDenied,
             Self::Unavailable => Code::Unavailable,
         }
     }

@@ -17,9 +17,15 @@ use crate::store::object::{ConnectError, ObjectSnapshotStore, ObjectStoreOptions
 /// The script that builds, starts and stops Garage.
 pub const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/garage.sh");
 
-/// Tells test fixtures that Garage must be there (set by `make test`):
-/// a test that cannot start it fails instead of skipping.
+/// Lets a test that cannot start Garage skip (`=1`) instead of failing.
+pub const ALLOW_SKIP_ENV: &str = "FAULTLINE_ALLOW_SKIP";
+
+/// The former opt-in to failing; with it `=1`, a missing Garage fails even
+/// where [`ALLOW_SKIP_ENV`] allows skipping.
 pub const REQUIRE_ENV: &str = "FAULTLINE_REQUIRE_KERNEL";
+
+/// A file each skip appends a line to; `make test` counts them.
+pub const SKIP_LOG_ENV: &str = "FAULTLINE_SKIP_LOG";
 
 static NEXT_DIR: AtomicU64 = AtomicU64::new(0);
 
@@ -81,28 +87,38 @@ impl Garage {
         script(&["bin"], &[]).is_ok()
     }
 
-    /// For tests: a new Garage, or `None` after printing why the test is
-    /// skipped; panics instead when Garage is required
-    /// (`FAULTLINE_REQUIRE_KERNEL=1`, or `CI` set, as in `.ci/run`).
+    /// For tests: a new Garage; if it cannot start, the test fails, unless
+    /// `FAULTLINE_ALLOW_SKIP=1` lets it skip (then `None`, after saying why
+    /// on stderr and in `FAULTLINE_SKIP_LOG`), as the client's kernel-
+    /// dependent tests do (`faultline_client::testutil`).
     pub fn start_or_skip() -> Option<Self> {
-        match Self::start() {
-            Ok(g) => Some(g),
-            Err(e) => {
-                let test = std::thread::current()
-                    .name()
-                    .unwrap_or("<unnamed test>")
-                    .to_owned();
-                let required = std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1")
-                    || std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false");
-                if required {
-                    panic!("{test}: {e} ({REQUIRE_ENV}=1 or CI forbids skipping)");
-                }
-                // Straight to stderr: the harness hides captured output of
-                // passing tests, and a skip must be visible.
-                let _ = writeln!(std::io::stderr(), "skipping {test}: {e}");
-                None
-            }
+        let e = match Self::start() {
+            Ok(g) => return Some(g),
+            Err(e) => e,
+        };
+        let test = std::thread::current()
+            .name()
+            .unwrap_or("<unnamed test>")
+            .to_owned();
+        let is_one = |name: &str| std::env::var(name).is_ok_and(|v| v == "1");
+        if !is_one(ALLOW_SKIP_ENV) || is_one(REQUIRE_ENV) {
+            panic!(
+                "{test}: {e} (the S3 tests need Garage; build it, or set {ALLOW_SKIP_ENV}=1 to \
+                 skip them)"
+            );
         }
+        // Straight to stderr: the harness hides captured output of passing
+        // tests, and a skip must be visible.
+        let _ = writeln!(std::io::stderr(), "skipping {test}: {e}");
+        if let Some(path) = std::env::var_os(SKIP_LOG_ENV) {
+            let line = format!("{test}: {e}\n");
+            let _ = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .and_then(|mut f| f.write_all(line.as_bytes()));
+        }
+        None
     }
 
     /// Starts a new Garage in a fresh directory under the system's temporary

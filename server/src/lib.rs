@@ -17,9 +17,15 @@
 //!   the fault and prefetch streams, uploads.
 //! - [`error`]: the service's error and its one mapping to gRPC codes.
 //! - [`metrics`]: metric names and the Prometheus endpoint.
-//! - [`server`]: [`server::run`], the transport with its tuning, health,
-//!   reflection and graceful shutdown; [`server::spawn`] runs one on a
-//!   background task.
+//! - [`server`]: [`server::Server`], the transport with its tuning and
+//!   connection limits, its own accept loop (TLS handshakes, `TCP_NODELAY`),
+//!   health, reflection, reloading and graceful shutdown; [`server::spawn`]
+//!   runs one on a background task.
+//! - [`tls`]: the server's certificate, key and client CA from PEM files,
+//!   reloadable.
+//! - [`auth`]: bearer tokens (the tokens file, hashed), their rights on
+//!   snapshot patterns, the interceptor that authenticates, and the caller's
+//!   identity.
 //! - [`readiness`]: liveness and readiness (`/livez`, `/readyz`, gRPC
 //!   health NOT_SERVING until the store answers).
 //! - [`garage`]: a single-node Garage (a real S3 server) for tests and
@@ -30,6 +36,7 @@
 //! The binary `faultline-server` (`src/main.rs`) only parses arguments and
 //! calls into these.
 
+pub mod auth;
 pub mod chunk_cache;
 pub mod error;
 pub mod garage;
@@ -41,11 +48,10 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod testing;
+pub mod tls;
 
 pub use error::Error;
 pub use limits::Limits;
-pub use server::{
-    ServerHandle, run, run_with_limits, run_with_readiness, spawn, spawn_with_limits,
-};
+pub use server::{ServeOptions, Server, ServerHandle, run, spawn, spawn_with, spawn_with_limits};
 pub use service::FaultlineService;
 pub use store::{LocalStore, SnapshotStore};

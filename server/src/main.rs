@@ -7,10 +7,12 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use faultline_proto::{PageIndex, PageRange, PageSize, SnapshotId};
-use faultline_server::import::parse_size;
-use faultline_server::import::{RegionArg, import};
+use faultline_server::auth::{self, Right, TokensFile};
+use faultline_server::import::{RegionArg, import, parse_size};
 use faultline_server::readiness::Readiness;
+use faultline_server::server::{self, ServeOptions, Server};
 use faultline_server::store::object::{DiskCache, ObjectStoreOptions, OpenedStore, StoreLocation};
+use faultline_server::tls::TlsFiles;
 use faultline_server::{Limits, metrics};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -31,32 +33,12 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Serve the snapshots of a store over gRPC.
-    Serve {
-        /// Snapshot store: a directory, or s3://BUCKET/PREFIX (credentials,
-        /// region and endpoint from the AWS_* variables).
-        #[arg(long, env = "FAULTLINE_STORE")]
-        store: StoreLocation,
-        /// Address for gRPC.
-        #[arg(long, default_value = "127.0.0.1:7070")]
-        listen: SocketAddr,
-        /// Address for Prometheus metrics (GET /metrics) and the liveness and
-        /// readiness probes (GET /livez, /readyz); none if not given.
-        #[arg(long)]
-        metrics_listen: Option<SocketAddr>,
-        /// Memory for chunks read from an object store (K/M/G suffixes).
-        #[arg(long = "chunk-cache", value_name = "BYTES", default_value = "1G", value_parser = parse_size)]
-        chunk_cache: u64,
-        /// Also keep chunks read from an object store as files in this
-        /// directory (created mode 0700: they hold guest memory).
-        #[arg(long = "chunk-cache-dir", value_name = "DIR")]
-        chunk_cache_dir: Option<PathBuf>,
-        /// Most bytes of chunks kept in --chunk-cache-dir (K/M/G/T suffixes).
-        #[arg(long = "chunk-cache-disk", value_name = "BYTES", default_value = "10G", value_parser = parse_size)]
-        chunk_cache_disk: u64,
-        #[command(flatten)]
-        limits: Limits,
-    },
+    /// Serve the snapshots of a store over gRPC. Without TLS and tokens it serves loopback only.
+    /// SIGHUP reloads the TLS files and the tokens file (a bad file keeps the old one).
+    Serve(ServeArgs),
+    /// Make, list or revoke the bearer tokens of a tokens file.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Import a raw memory file (e.g. a Firecracker memory snapshot) as a snapshot.
     Import {
         /// Snapshot store: a directory (created if missing), or
@@ -108,6 +90,160 @@ enum Command {
     },
 }
 
+/// `faultline-server serve`'s arguments.
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// Snapshot store: a directory, or s3://BUCKET/PREFIX (credentials, region and endpoint
+    /// from the AWS_* variables).
+    #[arg(long, env = "FAULTLINE_STORE")]
+    store: StoreLocation,
+    /// Address for gRPC.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Address for Prometheus metrics (GET /metrics) and the liveness and readiness probes
+    /// (GET /livez, /readyz); none if not given.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Memory for chunks read from an object store (K/M/G suffixes).
+    #[arg(long = "chunk-cache", value_name = "BYTES", default_value = "1G", value_parser = parse_size)]
+    chunk_cache: u64,
+    /// Also keep chunks read from an object store as files in this directory (created mode
+    /// 0700: they hold guest memory).
+    #[arg(long = "chunk-cache-dir", value_name = "DIR")]
+    chunk_cache_dir: Option<PathBuf>,
+    /// Most bytes of chunks kept in --chunk-cache-dir (K/M/G/T suffixes).
+    #[arg(long = "chunk-cache-disk", value_name = "BYTES", default_value = "10G", value_parser = parse_size)]
+    chunk_cache_disk: u64,
+    /// Serve TLS with this certificate chain (PEM, leaf first); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mutual TLS.
+    #[arg(long, requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
+    /// Require a bearer token from this file (made with `faultline-server token new`) on every
+    /// Faultline RPC; health (and reflection) stay open.
+    #[arg(long)]
+    tokens: Option<PathBuf>,
+    /// Serve gRPC reflection (the schema only), for grpcurl and similar tools.
+    #[arg(long)]
+    reflection: bool,
+    /// Allow plaintext on an address other than loopback (pages and tokens cross the network
+    /// unencrypted).
+    #[arg(long)]
+    insecure_plaintext: bool,
+    /// Allow serving without tokens on an address other than loopback (anyone who reaches it
+    /// may read every snapshot and upload new ones).
+    #[arg(long)]
+    insecure_no_auth: bool,
+    /// Most connections served at once; more are closed at once.
+    #[arg(long, default_value_t = server::MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Most concurrent streams on one connection.
+    #[arg(long, default_value_t = server::MAX_STREAMS_PER_CONNECTION)]
+    max_streams_per_connection: u32,
+    /// Seconds a new connection may take to finish TLS and send HTTP/2's preface.
+    #[arg(long, default_value_t = server::HANDSHAKE_TIMEOUT.as_secs())]
+    handshake_timeout: u64,
+    /// Seconds between HTTP/2 keepalive pings on a connection; a ping unanswered for as long
+    /// closes it.
+    #[arg(long, default_value_t = server::KEEPALIVE_INTERVAL.as_secs())]
+    keepalive: u64,
+    #[command(flatten)]
+    limits: Limits,
+}
+
+impl ServeArgs {
+    /// The library's options for these arguments.
+    fn options(&self) -> anyhow::Result<ServeOptions> {
+        for (flag, value) in [
+            ("--max-connections", self.max_connections as u64),
+            (
+                "--max-streams-per-connection",
+                u64::from(self.max_streams_per_connection),
+            ),
+            ("--handshake-timeout", self.handshake_timeout),
+            ("--keepalive", self.keepalive),
+        ] {
+            if value == 0 {
+                bail!("{flag} must be at least 1");
+            }
+        }
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.client_ca.clone(),
+            }),
+            _ => None,
+        };
+        Ok(ServeOptions {
+            tls,
+            tokens: self.tokens.clone(),
+            reflection: self.reflection,
+            insecure_plaintext: self.insecure_plaintext,
+            insecure_no_auth: self.insecure_no_auth,
+            limits: server::TransportLimits {
+                max_connections: self.max_connections,
+                max_streams_per_connection: self.max_streams_per_connection,
+                handshake_timeout: Duration::from_secs(self.handshake_timeout),
+                keepalive_interval: Duration::from_secs(self.keepalive),
+                keepalive_timeout: Duration::from_secs(self.keepalive),
+            },
+            service_limits: self.limits.clone(),
+        })
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Make a token: print it once (store it now) and keep only its SHA-256 in the tokens file.
+    /// A running server takes it on SIGHUP.
+    New {
+        /// The tokens file (created, readable by its owner only, if missing).
+        #[arg(long)]
+        tokens: PathBuf,
+        /// Snapshot name patterns it applies to (globs `*` and `?`), comma-separated or repeated.
+        #[arg(long, required = true)]
+        snapshots: Vec<String>,
+        /// Its rights: read (manifests, pages, faults, prefetch, list), record (working sets),
+        /// write (create snapshots); comma-separated.
+        #[arg(long, value_parser = parse_rights)]
+        rights: RightsArg,
+        /// A name for logs and `token list`.
+        #[arg(long, default_value = "token")]
+        name: String,
+    },
+    /// List the tokens of a tokens file (names, ids, patterns, rights; never the tokens).
+    List {
+        /// The tokens file.
+        #[arg(long)]
+        tokens: PathBuf,
+    },
+    /// Remove tokens by id (from `token list`) or name. A running server drops them on SIGHUP.
+    Revoke {
+        /// The tokens file.
+        #[arg(long)]
+        tokens: PathBuf,
+        /// The token's id, or a prefix of it.
+        #[arg(long, required_unless_present = "name", conflicts_with = "name")]
+        id: Option<String>,
+        /// Every token of this name.
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+/// `--rights`, parsed.
+#[derive(Clone, Debug)]
+struct RightsArg(Vec<Right>);
+
+fn parse_rights(s: &str) -> Result<RightsArg, String> {
+    auth::parse_rights(s).map(RightsArg)
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -129,25 +265,8 @@ fn main() -> std::process::ExitCode {
 
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Serve {
-            store,
-            listen,
-            metrics_listen,
-            chunk_cache,
-            chunk_cache_dir,
-            chunk_cache_disk,
-            limits,
-        } => serve(
-            store,
-            listen,
-            metrics_listen,
-            ChunkCaches {
-                memory: chunk_cache,
-                dir: chunk_cache_dir,
-                disk: chunk_cache_disk,
-            },
-            limits,
-        ),
+        Command::Serve(args) => serve(args),
+        Command::Token(cmd) => token(cmd),
         Command::Import {
             store,
             name,
@@ -170,36 +289,27 @@ fn open_store(store: &StoreLocation, limits: &Limits) -> anyhow::Result<OpenedSt
     Ok(store.open(limits, ObjectStoreOptions::with_limits(limits))?)
 }
 
-/// `serve`'s chunk cache flags.
-#[derive(Debug)]
-struct ChunkCaches {
-    memory: u64,
-    dir: Option<PathBuf>,
-    disk: u64,
-}
-
 #[tokio::main]
-async fn serve(
-    location: StoreLocation,
-    listen: SocketAddr,
-    metrics_listen: Option<SocketAddr>,
-    caches: ChunkCaches,
-    limits: Limits,
-) -> anyhow::Result<()> {
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let opts = args.options()?;
+    let listen = args.listen;
+    let metrics_listen = args.metrics_listen;
+    server::check_exposure(listen, &opts)?;
     // Before the store, whose cache reports its capacity as it starts.
     metrics::install();
     let options = ObjectStoreOptions {
-        cache_bytes: caches.memory,
-        ..ObjectStoreOptions::with_limits(&limits)
+        cache_bytes: args.chunk_cache,
+        ..ObjectStoreOptions::with_limits(&args.limits)
     };
-    let disk = match caches.dir {
+    let disk = match &args.chunk_cache_dir {
         Some(dir) => Some(
-            DiskCache::open(&dir, caches.disk)
+            DiskCache::open(dir, args.chunk_cache_disk)
                 .with_context(|| format!("cannot use {} as the chunk cache", dir.display()))?,
         ),
         None => None,
     };
-    let opened = location.open_with(&limits, options, disk)?;
+    let location = args.store.clone();
+    let opened = location.open_with(&args.limits, options, disk)?;
     let store = opened.store.clone();
     // A directory must be readable now; an object store may come up later
     // (until it answers, the server is live but not ready), and listing a
@@ -213,6 +323,9 @@ async fn serve(
             .to_string()
     };
     let readiness = Readiness::spawn(opened.probe());
+    let server = Server::new(store, opts)?.with_readiness(readiness.clone());
+    let security = server.describe_security();
+    reload_on_sighup(server.reloader())?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}; is another server running there?"))?;
@@ -237,7 +350,7 @@ async fn serve(
         });
     }
     tracing::info!(
-        "serving {snapshots} snapshot(s) of {location} on {}",
+        "serving {snapshots} snapshot(s) of {location} on {} ({security})",
         listener.local_addr()?
     );
     tokio::spawn(async move {
@@ -254,12 +367,114 @@ async fn serve(
         std::process::exit(1);
     });
     let mut stop = stop_rx;
-    faultline_server::run_with_readiness(listener, store, limits, readiness, async move {
-        let _ = stop.wait_for(|s| *s).await;
-    })
-    .await?;
+    server
+        .run(listener, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Reloads certificates and tokens on every SIGHUP, saying what was taken.
+fn reload_on_sighup(reloader: server::Reloader) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match reloader.reload() {
+                Ok(r) if !r.tls && r.tokens.is_none() => {
+                    tracing::info!("SIGHUP: nothing to reload (no TLS, no tokens file)");
+                }
+                Ok(r) => tracing::info!(
+                    "SIGHUP: reloaded{}{}",
+                    if r.tls {
+                        " the TLS certificate and key"
+                    } else {
+                        ""
+                    },
+                    r.tokens
+                        .map(|n| format!(" {n} token(s)"))
+                        .unwrap_or_default()
+                ),
+                Err(e) => tracing::error!("SIGHUP: reload failed: {e}"),
+            }
+        }
+    });
+    Ok(())
+}
+
+fn token(cmd: TokenCommand) -> anyhow::Result<()> {
+    match cmd {
+        TokenCommand::New {
+            tokens,
+            snapshots,
+            rights,
+            name,
+        } => {
+            let patterns = auth::parse_patterns(&snapshots).map_err(anyhow::Error::msg)?;
+            let mut file = TokensFile::load(&tokens)?;
+            let (token, entry) = file.add_new(name, patterns, rights.0)?;
+            file.save(&tokens)?;
+            eprintln!(
+                "new token {:?} (id {}) for snapshots {} with rights {}; it is shown only now, \
+                 store it (clients take --token or FAULTLINE_TOKEN); a running server takes it \
+                 on SIGHUP",
+                entry.name,
+                entry.id(),
+                entry.snapshots.join(","),
+                rights_list(&entry.rights),
+            );
+            println!("{token}");
+            Ok(())
+        }
+        TokenCommand::List { tokens } => {
+            let file = TokensFile::load(&tokens)?;
+            if file.tokens.is_empty() {
+                println!("no tokens; make one with `faultline-server token new`");
+            }
+            for t in &file.tokens {
+                println!(
+                    "{:<14} {:<20} snapshots {:<24} rights {}",
+                    t.id(),
+                    t.name,
+                    t.snapshots.join(","),
+                    rights_list(&t.rights)
+                );
+            }
+            Ok(())
+        }
+        TokenCommand::Revoke { tokens, id, name } => {
+            if id.as_ref().is_some_and(|id| id.len() < 4) {
+                bail!("give at least 4 hex digits of the id (see `faultline-server token list`)");
+            }
+            let mut file = TokensFile::load(&tokens)?;
+            let before = file.tokens.len();
+            file.tokens.retain(|t| match (&id, &name) {
+                (Some(id), _) => !t.sha256.starts_with(id.as_str()),
+                (None, Some(name)) => &t.name != name,
+                (None, None) => true,
+            });
+            let removed = before - file.tokens.len();
+            if removed == 0 {
+                bail!(
+                    "no token in {} matches; see `faultline-server token list`",
+                    tokens.display()
+                );
+            }
+            file.save(&tokens)?;
+            println!("revoked {removed} token(s); send SIGHUP to a running server to drop them");
+            Ok(())
+        }
+    }
+}
+
+fn rights_list(rights: &[Right]) -> String {
+    rights
+        .iter()
+        .map(|r| r.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 async fn wait_for_signal() {

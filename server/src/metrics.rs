@@ -61,6 +61,8 @@ pub const STREAMS: &[&str] = &["fault", "prefetch"];
 /// The codes errors are labelled with (the ones docs/protocol.md lists).
 pub const CODES: &[tonic::Code] = &[
     tonic::Code::InvalidArgument,
+    tonic::Code::Unauthenticated,
+    tonic::Code::PermissionDenied,
     tonic::Code::NotFound,
     tonic::Code::AlreadyExists,
     tonic::Code::OutOfRange,

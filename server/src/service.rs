@@ -15,6 +15,7 @@
 //! yield every [`SCAN_YIELD_PAGES`] pages so that there is one.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -27,6 +28,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{Access, Right};
 use crate::error::Error;
 use crate::limits::Limits;
 use crate::metrics;
@@ -70,15 +72,11 @@ pub type FaultAnswers =
 pub type PrefetchBatches =
     std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::PageBatch, Status>> + Send>>;
 
-/// Who is asking, for per-client limits: the identity the authentication
-/// layer put in the request's extensions, else the peer's IP address.
-///
-/// The `net` branch's auth layer inserts an `auth::Identity` (the token's
-/// name); once it is merged, this reads that first. Until then, and for
-/// servers without tokens, clients are told apart by address.
+/// Who is asking, for per-client limits: the [`crate::auth::Identity`] the
+/// authentication layer put in the request's extensions (a token), else the
+/// peer's IP address (one client per host).
 pub fn client_identity<T>(req: &Request<T>) -> String {
-    req.remote_addr()
-        .map_or_else(|| "unknown".to_owned(), |a| a.ip().to_string())
+    crate::auth::identity(req).to_string()
 }
 
 /// One open `Fault` stream: what answers its requests.
@@ -453,8 +451,12 @@ impl Batcher {
 impl PrefetchPlan {
     /// Streams batches into `tx` until done, failed, or aborted (when the
     /// client goes away, the stream and with it this task are dropped).
-    async fn run(self, tx: mpsc::Sender<Result<pb::PageBatch, Status>>) {
-        let _ = self.stream(tx).await;
+    /// Sets `ended` before `tx` is dropped, so that a stream that ends
+    /// without it (the producer panicked) is reported as broken.
+    async fn run(self, tx: mpsc::Sender<Result<pb::PageBatch, Status>>, ended: Arc<AtomicBool>) {
+        let _ = self.stream(tx.clone()).await;
+        ended.store(true, Ordering::SeqCst);
+        drop(tx);
     }
 
     async fn stream(self, tx: mpsc::Sender<Result<pb::PageBatch, Status>>) -> Result<(), Stopped> {
@@ -549,9 +551,10 @@ fn broken_stream(rpc: &'static str, status: &Status, broke: &'static str) -> Sta
 impl pb::faultline_server::Faultline for FaultlineService {
     async fn list_snapshots(
         &self,
-        _req: Request<pb::ListSnapshotsRequest>,
+        req: Request<pb::ListSnapshotsRequest>,
     ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
         let t = metrics::Request::start("list_snapshots");
+        let access = Access::of(&req).map_err(|e| t.fail(e.into()))?;
         let list = self
             .store
             .list()
@@ -559,7 +562,11 @@ impl pb::faultline_server::Faultline for FaultlineService {
             .map_err(|e| t.fail(Error::from(e)))?;
         metrics::set_snapshots(list.len() as u64);
         Ok(Response::new(pb::ListSnapshotsResponse {
-            snapshots: list.into_iter().map(Into::into).collect(),
+            snapshots: list
+                .into_iter()
+                .filter(|s| access.allows(Right::Read, s.name.as_str()))
+                .map(Into::into)
+                .collect(),
         }))
     }
 
@@ -568,10 +575,12 @@ impl pb::faultline_server::Faultline for FaultlineService {
         req: Request<pb::GetManifestRequest>,
     ) -> Result<Response<pb::Manifest>, Status> {
         let t = metrics::Request::start("get_manifest");
-        let snapshot = self
-            .open(req.into_inner().snapshot)
-            .await
-            .map_err(|e| t.fail(e))?;
+        let access = Access::of(&req).map_err(|e| t.fail(e.into()))?;
+        let name = req.into_inner().snapshot;
+        access
+            .check(Right::Read, &name)
+            .map_err(|e| t.fail(e.into()))?;
+        let snapshot = self.open(name).await.map_err(|e| t.fail(e))?;
         Ok(Response::new(pb::Manifest::from(&*snapshot.manifest())))
     }
 
@@ -580,8 +589,10 @@ impl pb::faultline_server::Faultline for FaultlineService {
         req: Request<pb::ReadPagesRequest>,
     ) -> Result<Response<pb::PageBatch>, Status> {
         let t = metrics::Request::start("read_pages");
+        let access = Access::of(&req);
         let req = req.into_inner();
         let result = async {
+            access?.check(Right::Read, &req.snapshot)?;
             let codec = Compression::try_from(req.compression)?;
             if req.ranges.len() > MAX_READ_RANGES {
                 return Err(Error::TooLarge {
@@ -611,6 +622,7 @@ impl pb::faultline_server::Faultline for FaultlineService {
         req: Request<Streaming<pb::FaultRequest>>,
     ) -> Result<Response<Self::FaultStream>, Status> {
         let t = metrics::Request::start("fault_open");
+        let access = Access::of(&req);
         let mut inbound = req.into_inner();
         let opened = async {
             let first = inbound.message().await.map_err(|status| {
@@ -624,6 +636,7 @@ impl pb::faultline_server::Faultline for FaultlineService {
                     "the first message of a Fault stream must be `open`",
                 ));
             };
+            access?.check(Right::Read, &open.snapshot)?;
             let codec = Compression::try_from(open.compression)?;
             Ok((self.open(open.snapshot).await?, codec))
         }
@@ -680,8 +693,10 @@ impl pb::faultline_server::Faultline for FaultlineService {
     ) -> Result<Response<Self::PrefetchStream>, Status> {
         let t = metrics::Request::start("prefetch");
         let client = client_identity(&req);
+        let access = Access::of(&req);
         let req = req.into_inner();
         let plan = async {
+            access?.check(Right::Read, &req.snapshot)?;
             let codec = Compression::try_from(req.compression)?;
             let order = pb::PrefetchOrder::try_from(req.order).map_err(|_| {
                 faultline_proto::ProtocolError::invalid(
@@ -750,13 +765,25 @@ impl pb::faultline_server::Faultline for FaultlineService {
         drop(t);
 
         let (tx, rx) = mpsc::channel(PREFETCH_QUEUE_DEPTH);
+        let ended = Arc::new(AtomicBool::new(false));
+        let producer_ended = ended.clone();
         let task = tokio::spawn(async move {
             let _slot = slot;
             let _active = metrics::ActiveStream::new("prefetch");
-            plan.run(tx).await;
+            plan.run(tx, producer_ended).await;
         });
         let abort = AbortOnDrop(task.abort_handle());
-        let batches = ReceiverStream::new(rx).map(move |batch| {
+        // A producer that died leaves the channel closed without `ended`:
+        // the stream then ends with Internal, never with OK.
+        let tail = futures::stream::once(async move {
+            (!ended.load(Ordering::SeqCst)).then(|| {
+                Err(Status::internal(
+                    "the server failed while streaming this prefetch; retry it",
+                ))
+            })
+        })
+        .filter_map(futures::future::ready);
+        let batches = ReceiverStream::new(rx).chain(tail).map(move |batch| {
             let _producer = &abort;
             batch
         });
@@ -768,8 +795,10 @@ impl pb::faultline_server::Faultline for FaultlineService {
         req: Request<pb::RecordWorkingSetRequest>,
     ) -> Result<Response<pb::RecordWorkingSetResponse>, Status> {
         let t = metrics::Request::start("record_working_set");
+        let access = Access::of(&req);
         let req = req.into_inner();
         let result = async {
+            access?.check(Right::Record, &req.snapshot)?;
             let id = SnapshotId::new(req.snapshot)?;
             let name = WorkingSetName::from_wire(&req.name)?;
             let ranges = req
@@ -789,6 +818,7 @@ impl pb::faultline_server::Faultline for FaultlineService {
         req: Request<Streaming<pb::CreateSnapshotRequest>>,
     ) -> Result<Response<pb::CreateSnapshotResponse>, Status> {
         let t = metrics::Request::start("create_snapshot");
+        let access = Access::of(&req);
         let mut inbound = req.into_inner();
         let idle = self.limits.upload_idle_timeout;
         let next = async |inbound: &mut Streaming<pb::CreateSnapshotRequest>| {
@@ -813,6 +843,7 @@ impl pb::faultline_server::Faultline for FaultlineService {
                     ));
                 }
             };
+            access?.check(Right::Write, &header.name)?;
             let spec = SnapshotSpec::try_from(header)?;
             // Before anything is allocated or created for it.
             self.limits.check_spec(&spec)?;

@@ -1037,3 +1037,79 @@ async fn metrics_are_registered_at_start() {
         .await;
     assert!(count(&handle.render()) >= before + 1.0);
 }
+
+/// A fresh `faultline-server serve` process, scraped before any request,
+/// shows every series with its help text and zero values.
+#[tokio::test]
+async fn fresh_server_process_exports_every_series() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_faultline-server"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--store")
+        .arg(dir.path().join("store"))
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stderr = child.stderr.take().unwrap();
+    let child = Kill(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(url) = line.split("metrics at http://").nth(1) {
+                let _ = tx.send(url.trim_end_matches("/metrics").to_owned());
+            }
+        }
+    });
+    let addr: std::net::SocketAddr = rx
+        .recv_timeout(PATIENCE)
+        .expect("the server logs its metrics address")
+        .parse()
+        .unwrap();
+    let body = loop {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        break out;
+    };
+    for series in [
+        "# HELP faultline_server_requests_total",
+        "faultline_server_requests_total{rpc=\"fault\"} 0",
+        "faultline_server_request_errors_total{rpc=\"create_snapshot\",code=\"ResourceExhausted\"} 0",
+        "# HELP faultline_server_active_streams",
+        "faultline_server_active_streams{rpc=\"prefetch\"} 0",
+        "faultline_server_rejected_total{reason=\"prefetch_streams_per_client\"} 0",
+        "faultline_server_snapshots 0",
+        "faultline_server_limit{limit=\"max_image_bytes\"} 1099511627776",
+        "faultline_server_limit_use{limit=\"max_open_snapshots\"} 0",
+        "faultline_server_wire_bytes_total{rpc=\"prefetch\"} 0",
+    ] {
+        assert!(body.contains(series), "no {series} in\n{body}");
+    }
+    drop(child);
+}

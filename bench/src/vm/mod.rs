@@ -1,73 +1,77 @@
-//! The micro-VM harness: a minimal VMM on `kvm-ioctls` whose one vCPU walks guest pages and
-//! reports a checksum, to measure (and test) a guest running on memory that a faultline pager
-//! fills lazily against the same guest on local memory.
-//!
-//! # What runs
-//!
-//! One VM, one memory slot at guest physical address 0 (hundreds of MiB to a few GiB, host
-//! memory given by the caller, or a guest_memfd), one vCPU in 64-bit long mode. The guest
-//! program ([`program`]) reads a walk descriptor, visits the walk's pages reading one 8-byte
-//! word from each (and optionally writing one), folds the words into a checksum, reports it by
-//! port I/O and halts. The host computes the same checksum ([`image::expected_checksum`]) from
-//! the memory or from a dumped memory file.
-//!
-//! # Guest physical memory
-//!
-//! Everything, including the page tables and the GDT, lives in guest memory and is restored
-//! like any other page (lazily, under a pager). Addresses are offsets in the slot and in the
-//! raw memory file; page `p` is at `p * 4096`.
-//!
-//! | guest address | page(s) | content |
-//! |---|---|---|
-//! | `0x0000` | 0 | zero (a stray null access reads zeros; also the never-used TSS) |
-//! | `0x1000` | 1 | GDT: null, 64-bit code (`0x08`), data (`0x10`), TSS (`0x18`, 16 bytes) |
-//! | `0x2000` | 2 | walk table: 64 descriptors of 64 bytes (kind, count, first, stride; result and run count written by the guest) |
-//! | `0x3000` | 3 | the guest program (entry at `0x3000`) |
-//! | `0x4000` | 4 | stack page (`rsp = 0x5000`; the program pushes nothing) |
-//! | `0x5000` | 5 | PML4 (one entry) |
-//! | `0x6000` | 6 | PDPT (one entry per GiB of slot) |
-//! | `0x7000` | 7 .. 7+G | page directories, one per GiB (rounded up): the slot identity-mapped in 2 MiB pages |
-//! | [`Layout::lists_addr`] | .. | page lists of list walks, u32 page indices, packed; area rounded up to 4 KiB |
-//! | [`Layout::data_start`] `* 4096` | .. end | data pages |
-//!
-//! Data page `p` holds synthetic content (zero, text or random pages, see [`image`]) and, unless
-//! it is a zero page, its *probe word* at offset [`PROBE_OFFSET`] (`0x7f8`), derived from the
-//! seed and `p`. A writing walk stores the running checksum at [`WRITE_OFFSET`] (`0x800`).
-//!
-//! # Use
-//!
-//! - Build: [`build_image`] writes an [`ImageSpec`] (slot size, seed, walks) into memory and
-//!   returns a [`GuestImage`] with the boot state of each walk.
-//! - Run: [`MicroVm::new`] on a [`GuestRam`] (a host mapping or a guest_memfd), then
-//!   [`MicroVm::set_state`] and [`MicroVm::run`]; or [`run_guest`] for both at once.
-//! - Snapshot: [`create_snapshot`] builds, optionally runs one walk, and writes the raw memory
-//!   file and the vCPU file ([`SnapshotFiles`]).
-//! - Restore: [`load_state`] reads the vCPU file; fill fresh memory (eagerly with
-//!   [`load_memory`], or start a pager on it), then [`run_guest`]. The harness never touches
-//!   the memory on this path: the vCPU's accesses do the faulting.
-//! - Restore through faultline: [`restore::run`] does all of it in one process (snapshot,
-//!   import, an in-process server, the pager on fresh memory of a chosen backing, the run, the
-//!   checksum check); `faultline-bench vm` is its command line.
+//! The micro-VM of [`faultline_microvm`] restored through faultline: [`restore`] is
+//! `faultline-bench vm` and the suite's `vm` scenario. This module also joins the two crates'
+//! memory types: [`ram`] and [`view`] give the harness a client [`GuestMemory`] or [`Mapping`]
+//! (the harness depends on no faultline crate, so that faultline-client's tests can use it).
 
-pub mod image;
-pub mod layout;
-pub mod program;
 pub mod restore;
-pub mod snapshot;
-pub mod state;
-pub mod vmm;
 
-pub use image::{
-    GuestBytes, GuestImage, ImageError, ImageSpec, InspectError, PageOrder, Walk, build_image,
-    check_writes, expected_checksum, read_descriptor, read_walk,
-};
-pub use layout::{Layout, LayoutError, PROBE_OFFSET, WRITE_OFFSET};
-pub use snapshot::{
-    CreatedSnapshot, SnapshotError, SnapshotFiles, VmSnapshot, create_snapshot, dump_memory,
-    load_memory, load_state, save_snapshot, save_state,
-};
-pub use state::VcpuState;
-pub use vmm::{GuestRam, MicroVm, RunError, RunOptions, RunResult, VmError, run_guest};
+use faultline_client::backing::{BackingKind, GuestMemory, Mapping};
+use faultline_microvm::{GuestRam, HostView};
+use thiserror::Error;
+
+/// A client memory the harness cannot run a guest on.
+#[derive(Debug, Error)]
+pub enum RamError {
+    /// A guest_memfd memory without its VM.
+    #[error(
+        "this guest_memfd memory has no VM attached (it was wrapped from outside); create it \
+         with GuestMemory::guest_memfd, whose VM then runs the guest"
+    )]
+    GuestMemfdWithoutVm,
+}
+
+/// The slot of a micro-VM on `memory`: its guest mapping for anonymous, shmem and hugetlb
+/// memory; its guest_memfd on its own VM for guest_memfd memory (which must then have been
+/// created here, with its VM, rather than wrapped from outside).
+pub fn ram(memory: &GuestMemory) -> Result<GuestRam<'_>, RamError> {
+    if memory.kind() != BackingKind::GuestMemfd {
+        // SAFETY: `memory` owns (or borrows for longer than itself) its guest mapping, page-
+        // aligned and read-write, and keeps it mapped while the borrow lasts; it is guest
+        // memory, holding no Rust object.
+        return Ok(unsafe { GuestRam::host(memory.host_addr(), memory.len()) });
+    }
+    let (Some(vm), Some(gmem)) = (memory.vm(), memory.fd()) else {
+        return Err(RamError::GuestMemfdWithoutVm);
+    };
+    // SAFETY: `GuestMemory::guest_memfd*` created `gmem` on `vm` with the memory's size and maps
+    // it at `host_addr()`; all three live as long as `memory`, borrowed for the result's life.
+    Ok(unsafe {
+        GuestRam::guest_memfd(
+            vm.vm_fd(),
+            gmem,
+            memory.fd_offset(),
+            memory.len(),
+            memory.host_addr(),
+        )
+    })
+}
+
+/// The harness's view of `mapping`, for building images and loading memory files (not of a
+/// range registered with a userfaultfd: write through its fill view).
+pub fn view(mapping: &Mapping) -> HostView<'_> {
+    // SAFETY: a `Mapping` is mapped read-write while it lives (borrowed for the view's life) and
+    // holds no Rust object (its own contract).
+    unsafe { HostView::new(mapping.addr(), mapping.len()) }
+}
 
 #[cfg(test)]
-mod tests;
+mod tests {
+    use faultline_microvm::pattern;
+    use faultline_server::testing;
+
+    /// The harness's page pattern is the server's synthetic image, byte for byte (the suite
+    /// compares micro-VM restores with restores of synthetic images).
+    #[test]
+    fn the_harness_pattern_is_the_servers() {
+        let (mut a, mut b) = (vec![0u8; 4096], vec![0u8; 4096]);
+        for page in 0..512 {
+            pattern::fill_page(5, page, &mut a);
+            testing::fill_page(5, page, &mut b);
+            assert_eq!(a, b, "page {page}");
+            assert_eq!(
+                pattern::page_kind(page) == pattern::PageKind::Zero,
+                testing::page_kind(page) == testing::PageKind::Zero
+            );
+        }
+    }
+}

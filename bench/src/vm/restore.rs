@@ -29,6 +29,11 @@ use faultline_client::backing::{BackingError, BackingKind, GuestMemory};
 use faultline_client::pager::{
     Latency, Pager, PagerConfig, PagesBySource, PrefetchPolicy, Region, StartError, Stats,
 };
+use faultline_microvm::{
+    DEFAULT_RUN_TIMEOUT, GuestBytes, ImageSpec, InspectError, Layout, LayoutError, PAGE_SIZE,
+    RunError, RunOptions, RunResult, SnapshotError, SnapshotFiles, Walk, create_snapshot,
+    expected_checksum, load_memory, load_state, run_guest,
+};
 use faultline_proto::{PageIndex, PageRange, PageSize, SnapshotId, WorkingSetName};
 use faultline_server::import::{ImportError, import_file};
 use faultline_server::store::{RecordError, SnapshotStore};
@@ -36,10 +41,7 @@ use faultline_server::{LocalStore, ServerHandle};
 use serde::Serialize;
 use thiserror::Error;
 
-use super::image::{GuestBytes, ImageSpec, InspectError, Walk, expected_checksum};
-use super::layout::{Layout, LayoutError, PAGE_SIZE};
-use super::snapshot::{SnapshotError, SnapshotFiles, create_snapshot, load_memory, load_state};
-use super::vmm::{DEFAULT_RUN_TIMEOUT, GuestRam, RunError, RunOptions, RunResult, run_guest};
+use super::{RamError, ram, view};
 
 /// Name of the snapshot in the temporary store.
 const SNAPSHOT_NAME: &str = "vm";
@@ -171,6 +173,9 @@ pub enum VmRestoreError {
     /// The pager did not start.
     #[error("the pager did not start: {0}")]
     Pager(StartError),
+    /// The fresh memory cannot be a guest's slot.
+    #[error(transparent)]
+    Ram(#[from] RamError),
     /// The restored guest did not run to its checksum.
     #[error("running the restored guest failed: {0}")]
     Run(RunError),
@@ -550,13 +555,9 @@ pub fn run(config: &VmRestoreConfig) -> Result<VmRestoreReport, VmRestoreError> 
     if config.local {
         // The baseline: the memory file copied in before the vCPU runs.
         let started = Instant::now();
-        load_memory(&files.memory, memory.guest())?;
+        load_memory(&files.memory, &view(memory.guest()))?;
         let load = started.elapsed();
-        let result = run_guest(
-            GuestRam::of(&memory).map_err(RunError::from)?,
-            &snapshot.vcpu,
-            &options,
-        )?;
+        let result = run_guest(ram(&memory)?, &snapshot.vcpu, &options)?;
         let outcome = Outcome {
             strategy: "local",
             decision: "local memory: the memory file copied in before the guest ran".into(),
@@ -599,8 +600,7 @@ pub fn run(config: &VmRestoreConfig) -> Result<VmRestoreReport, VmRestoreError> 
 
     // 5. The vCPU runs on the pager's memory (borrowed from the pager, so the pager outlives
     //    the VM) and does its own faulting.
-    let ram = GuestRam::of(pager.memory(0)).map_err(RunError::from)?;
-    let result = run_guest(ram, &snapshot.vcpu, &options)?;
+    let result = run_guest(ram(pager.memory(0))?, &snapshot.vcpu, &options)?;
 
     // 6. Report. A pager prefetching everything is given time to finish, so its totals are
     //    final (with less prefetch it completes only if the guest touched every page).
@@ -629,7 +629,7 @@ pub fn run(config: &VmRestoreConfig) -> Result<VmRestoreReport, VmRestoreError> 
 #[cfg(test)]
 mod tests {
     //! Restores through the real pager from an in-process server, one per backing type. Each
-    //! test skips (or fails under `FAULTLINE_REQUIRE_KERNEL=1`) without `/dev/kvm`,
+    //! test fails (or skips under `FAULTLINE_ALLOW_SKIP=1`) without `/dev/kvm`,
     //! userfaultfd or huge pages.
 
     use faultline_client::backing::HUGE_PAGE_SIZE;

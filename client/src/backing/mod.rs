@@ -27,7 +27,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 pub use kvm::{KvmCaps, KvmError, KvmVm};
-pub use mapping::{Mapping, OutOfBounds};
+pub use mapping::{AccessError, Mapping};
 
 /// Size of a hugetlbfs page as faultline uses it (`MFD_HUGE_2MB`).
 pub const HUGE_PAGE_SIZE: usize = 2 << 20;
@@ -175,7 +175,7 @@ pub enum BackingError {
     /// A KVM call failed (guest_memfd).
     #[error(transparent)]
     Kvm(#[from] KvmError),
-    /// An external region is not aligned to its page size.
+    /// An external or peer region is not aligned to its page size.
     #[error(
         "the external {kind} region {addr:#x}+{len:#x} is not aligned to its {page_size}-byte \
          page size; pass the mapping's exact start and length"
@@ -216,6 +216,20 @@ pub struct ExternalMemory<'a> {
     pub fd: Option<BorrowedFd<'a>>,
     /// Offset of the guest mapping in the fd.
     pub fd_offset: u64,
+}
+
+/// Guest memory mapped in another process, named by its addresses there (see
+/// [`GuestMemory::in_peer`]): what Firecracker's UFFD handshake describes.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerMemory {
+    /// Start of the guest mapping, in the other process.
+    pub addr: usize,
+    /// Its length.
+    pub len: usize,
+    /// What backs it.
+    pub kind: BackingKind,
+    /// Its page size (2 MiB for hugetlb, else the base page size).
+    pub page_size: usize,
 }
 
 /// One region of guest memory with everything needed to fill it.
@@ -280,6 +294,29 @@ fn memfd(
         });
     }
     Ok(fd)
+}
+
+/// An external or peer region must start and end on its page size.
+fn check_alignment(
+    kind: BackingKind,
+    addr: usize,
+    len: usize,
+    page_size: usize,
+) -> Result<(), BackingError> {
+    if page_size == 0
+        || !page_size.is_power_of_two()
+        || !addr.is_multiple_of(page_size)
+        || !len.is_multiple_of(page_size)
+        || len == 0
+    {
+        return Err(BackingError::Misaligned {
+            kind,
+            addr,
+            len,
+            page_size,
+        });
+    }
+    Ok(())
 }
 
 /// Reads a number from a sysfs / procfs file.
@@ -446,14 +483,16 @@ impl GuestMemory {
         Self::fd_backed(kind, fd, len, Some(vm))
     }
 
-    /// Wraps a VMM's existing mapping without taking it over: drop leaves the mapping and the
-    /// VMM's fd alone (faultline keeps a duplicate of the fd and its own fill view).
+    /// Wraps a VMM's existing mapping *in this process* without taking it over: drop leaves
+    /// the mapping and the VMM's fd alone (faultline keeps a duplicate of the fd and its own
+    /// fill view). For memory mapped in another process use [`GuestMemory::in_peer`].
     ///
     /// # Safety
     ///
-    /// `memory.addr..addr+len` must be a read-write mapping of `memory.kind` (of `memory.fd` at
-    /// `fd_offset` when given) that stays mapped while the returned value lives, and no Rust
-    /// object may live in it: faultline registers it with userfaultfd and installs pages there.
+    /// `memory.addr..addr+len` must be a read-write mapping of this process, of `memory.kind`
+    /// (of `memory.fd` at `fd_offset` when given), that stays mapped while the returned value
+    /// lives, and no Rust object may live in it: faultline registers it with userfaultfd,
+    /// installs pages there, and [`GuestMemory::guest`] reads and writes it.
     pub unsafe fn from_external(memory: ExternalMemory<'_>) -> Result<Self, BackingError> {
         let ExternalMemory {
             addr,
@@ -463,19 +502,7 @@ impl GuestMemory {
             fd,
             fd_offset,
         } = memory;
-        if page_size == 0
-            || !page_size.is_power_of_two()
-            || !addr.is_multiple_of(page_size)
-            || !len.is_multiple_of(page_size)
-            || len == 0
-        {
-            return Err(BackingError::Misaligned {
-                kind,
-                addr,
-                len,
-                page_size,
-            });
-        }
+        check_alignment(kind, addr, len, page_size)?;
         let fd = match (kind, fd) {
             (BackingKind::Anonymous, _) | (_, None) => None,
             (_, Some(fd)) => Some(
@@ -498,6 +525,35 @@ impl GuestMemory {
             fd_offset,
             vm: None,
         })
+    }
+
+    /// Names guest memory that another process mapped (and registered on the uffd it hands
+    /// over, as Firecracker does): its addresses are the other process's. Safe, because nothing
+    /// here ever touches it: [`GuestMemory::guest`] is a mapping whose reads and writes fail
+    /// with [`AccessError::InPeer`], there is no fill view, and the pager fills it only with
+    /// ioctls on the peer's uffd (COPY, ZEROPAGE, POISON, WAKE), which act on the peer's memory.
+    pub fn in_peer(memory: PeerMemory) -> Result<Self, BackingError> {
+        let PeerMemory {
+            addr,
+            len,
+            kind,
+            page_size,
+        } = memory;
+        check_alignment(kind, addr, len, page_size)?;
+        Ok(Self {
+            kind,
+            page_size,
+            guest: Mapping::in_peer(addr, len),
+            fill: None,
+            fd: None,
+            fd_offset: 0,
+            vm: None,
+        })
+    }
+
+    /// Whether the memory is mapped in another process ([`GuestMemory::in_peer`]).
+    pub fn is_in_peer(&self) -> bool {
+        self.guest.is_in_peer()
     }
 
     /// What backs this memory.
@@ -525,7 +581,8 @@ impl GuestMemory {
         self.guest.addr()
     }
 
-    /// The guest mapping: the one the guest uses and the uffd is registered on.
+    /// The guest mapping: the one the guest uses and the uffd is registered on. For memory in
+    /// another process, a mapping that refuses every access.
     pub fn guest(&self) -> &Mapping {
         &self.guest
     }

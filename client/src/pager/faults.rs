@@ -1,18 +1,19 @@
 //! Fault handling: the per-region fault threads reading the uffd, and the
 //! one decision procedure they share with `Pager::fault`.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use faultline_proto::{PageIndex, PageRange};
 
-use super::Shared;
+use super::error::InstallError;
 use super::link::Demand;
-use super::pages::{IN_FLIGHT, MISSING, OUTSIDE, POISONED, PRESENT, ZERO_ON_FAULT};
-use super::region::{InstallError, RegionState};
+use super::pages::PageState;
+pub(crate) use super::region::Caller;
+use super::region::RegionState;
 use super::stats::Source;
+use super::{Outcome, Shared};
 use crate::strategy::Strategy;
-use crate::uffd::{Event, EventBuffer, FaultKind, Readiness, StopSignal};
+use crate::uffd::{Event, EventBuffer, FaultKind, Readiness};
 
 /// Messages read from a uffd with one `read(2)`. Faults from many vCPUs
 /// arrive together; 64 covers a burst without a large buffer.
@@ -59,14 +60,17 @@ impl Shared {
     /// Handles a fault on `page` of `region`: resolves it locally when it
     /// can (present, zero, already in the page cache), joins a fetch in
     /// flight, or claims a read-ahead window and asks the demand link for it.
+    /// `caller` says whether this runs on the region's fault thread (see
+    /// [`Caller`]).
     pub(crate) fn on_fault(
         &self,
         region: &RegionState,
         page: PageIndex,
         minor: bool,
+        caller: Caller,
     ) -> Result<(), InstallError> {
         self.counters.fault();
-        self.serve_fault(region, page, minor)
+        self.serve_fault(region, page, minor, caller)
     }
 
     /// [`Self::on_fault`] without counting the fault (a retry).
@@ -75,28 +79,34 @@ impl Shared {
         region: &RegionState,
         page: PageIndex,
         minor: bool,
+        caller: Caller,
     ) -> Result<(), InstallError> {
         loop {
             match self.table.get(page) {
-                PRESENT => {
+                PageState::Present => {
                     if minor && region.strategy() == Strategy::Continue {
                         // Counted only if mapped here: a MINOR message can
                         // be stale too (the install's CONTINUE mapped it).
-                        if region.map_present(page)? {
+                        if region.map_present(page, caller)? {
                             self.counters.pages(Source::Local, 1);
                         }
-                    } else {
-                        // A stale message: the page was installed after the
-                        // fault was queued, and the installer woke it.
-                        region.wake(page);
+                    } else if region.map_zero_if_absent(page, caller)? {
+                        // Present in the table, absent in memory: discarded
+                        // behind the table's back (see `map_zero_if_absent`).
+                        tracing::debug!(
+                            region = region.index,
+                            page = page.0,
+                            "a page marked present was not mapped; mapped zeros, its content                              after a discard"
+                        );
+                        self.counters.pages(Source::Zero, 1);
                     }
                     return Ok(());
                 }
-                ZERO_ON_FAULT => {
+                PageState::ZeroOnFault => {
                     // Part of the working set like any page the guest
                     // touches: a replay then maps it ahead of the guest.
                     self.record(PageRange::new(page, 1).expect("one page"));
-                    region.install_zero(page, minor)?;
+                    region.install_zero(page, minor, caller)?;
                     // Counted once: `Pager::fault` and a fault thread may
                     // both resolve the page (the second gets EEXIST).
                     if self.table.zero_installed(page) {
@@ -106,26 +116,25 @@ impl Shared {
                     self.progress.notify_waiters();
                     return Ok(());
                 }
-                IN_FLIGHT => {
+                PageState::InFlight => {
                     // Joined: the fetch in flight wakes every waiter when it
                     // installs the page.
                     self.counters.joined();
                     self.record(PageRange::new(page, 1).expect("one page"));
                     return Ok(());
                 }
-                POISONED => return region.poison(page, 1),
-                OUTSIDE => {
+                PageState::Poisoned => return region.poison(page, 1, caller),
+                PageState::Outside => {
                     region.wake(page);
                     return Ok(());
                 }
-                MISSING => {
-                    if !self.table.claim(page) {
+                PageState::Missing => {
+                    if !self.claim(page) {
                         continue; // lost a race; look again
                     }
-                    self.request_window(region, page);
+                    self.request_window(region, page, caller);
                     return Ok(());
                 }
-                other => unreachable!("page state {other}"),
             }
         }
     }
@@ -133,7 +142,7 @@ impl Shared {
     /// Having claimed `page`, claims the pages after it that are missing (up
     /// to the read-ahead window, through zero pages, stopping at anything
     /// present or in flight) and sends the request.
-    fn request_window(&self, region: &RegionState, page: PageIndex) {
+    fn request_window(&self, region: &RegionState, page: PageIndex, caller: Caller) {
         let window = self.readahead[region.index]
             .lock()
             .expect("readahead lock")
@@ -144,8 +153,8 @@ impl Shared {
         while end < limit {
             let p = PageIndex(end);
             match self.table.get(p) {
-                MISSING if self.table.claim(p) => claimed.push(true),
-                ZERO_ON_FAULT => claimed.push(false),
+                PageState::Missing if self.claim(p) => claimed.push(true),
+                PageState::ZeroOnFault => claimed.push(false),
                 _ => break,
             }
             end += 1;
@@ -166,12 +175,12 @@ impl Shared {
             fault: Some(page),
             started: Instant::now(),
         });
-        if zeros > 0 && super::region::is_fault_thread() {
-            self.install_zero_pages(region, walked);
+        if zeros > 0 && caller == Caller::FaultThread {
+            self.install_zero_pages(region, walked, caller);
         }
     }
 
-    /// Maps the zero pages of `range` (pages still ZERO_ON_FAULT) ahead of
+    /// Maps the zero pages of `range` (pages still ZeroOnFault) ahead of
     /// the guest, one `UFFDIO_ZEROPAGE` per run: without it each of them
     /// costs the guest a fault of its own later (a fault thread wake-up and
     /// a ZEROPAGE anyway). Best effort: a page left out is resolved by its
@@ -180,33 +189,38 @@ impl Shared {
     /// for the zero ranges of its stream (the recorded working set's zero
     /// pages first).
     ///
-    /// Only a region's fault thread marks the pages PRESENT: it is the
+    /// Only a region's fault thread marks the pages Present: it is the
     /// thread that reads REMOVE events, so a guest discard racing the
-    /// install is handled after it. Another thread leaves them ZERO_ON_FAULT,
+    /// install is handled after it. Another thread leaves them ZeroOnFault,
     /// which is right for a mapped zero page: it never faults while mapped,
     /// and if the guest discards it, zeros are again its content (marking it
-    /// PRESENT there could land after a racing REMOVE and leave a discarded
-    /// page PRESENT, whose next fault would then never be resolved). Off the
+    /// Present there could land after a racing REMOVE and leave a discarded
+    /// page Present, whose next fault would then never be resolved). Off the
     /// fault thread only anonymous memory (COPY) is mapped ahead: there a
     /// ZEROPAGE maps the shared zero page, while on shmem it would allocate
     /// a page-cache page for every zero page of the snapshot.
-    pub(crate) fn install_zero_pages(&self, region: &RegionState, range: PageRange) {
-        let fault_thread = super::region::is_fault_thread();
+    pub(crate) fn install_zero_pages(
+        &self,
+        region: &RegionState,
+        range: PageRange,
+        caller: Caller,
+    ) {
+        let fault_thread = caller == Caller::FaultThread;
         if !fault_thread && !matches!(region.strategy(), Strategy::Copy { .. }) {
             return;
         }
         let end = range.end().min(region.first_page + region.pages);
         let mut p = range.start().0.max(region.first_page);
         while p < end {
-            if self.table.get(PageIndex(p)) != ZERO_ON_FAULT {
+            if self.table.get(PageIndex(p)) != PageState::ZeroOnFault {
                 p += 1;
                 continue;
             }
             let from = p;
-            while p < end && self.table.get(PageIndex(p)) == ZERO_ON_FAULT {
+            while p < end && self.table.get(PageIndex(p)) == PageState::ZeroOnFault {
                 p += 1;
             }
-            match region.install_zero_run(PageIndex(from), p - from) {
+            match region.install_zero_run(PageIndex(from), p - from, caller) {
                 Ok(Some(mapped)) => {
                     // Counted once: a fault (or `Pager::fault`) that got
                     // there first counted its page itself.
@@ -223,9 +237,15 @@ impl Shared {
                 Ok(None) => return,
                 // EAGAIN (a memory-map event pending) or stopping: leave the
                 // rest to their faults. Pages mapped before the refusal stay
-                // ZERO_ON_FAULT, which is right for a mapped zero page (a
-                // discard keeps it so; it never faults while mapped).
-                Err(_) => return,
+                // ZeroOnFault, which is right for a mapped zero page (a
+                // discard keeps it so; it never faults while mapped). The
+                // memory's owner gone ends the pager.
+                Err(e) => {
+                    if matches!(e, InstallError::OwnerGone { .. }) {
+                        self.on_install_error(&e);
+                    }
+                    return;
+                }
             }
         }
     }
@@ -287,8 +307,11 @@ impl Shared {
 /// uffd: its own for a region the pager registered, or a peer's shared by
 /// every region it registered), reading messages until stopped,
 /// memory-map events first (so faults see their effect), then faults.
-pub(crate) fn fault_loop(shared: Arc<Shared>, regions: Vec<usize>, stop: Arc<StopSignal>) {
-    super::region::set_fault_thread();
+///
+/// An error on the uffd ends the pager (see [`Shared::on_install_error`]),
+/// never the process: the teardown then poisons what is unfilled.
+pub(crate) fn fault_loop(shared: &Shared, regions: &[usize]) {
+    let caller = Caller::FaultThread;
     let first = &shared.regions[regions[0]];
     let mut buf = EventBuffer::new(EVENT_BATCH);
     let mut events = Vec::with_capacity(EVENT_BATCH);
@@ -304,21 +327,25 @@ pub(crate) fn fault_loop(shared: Arc<Shared>, regions: Vec<usize>, stop: Arc<Sto
         // With faults set aside, wait briefly: the refusal ends when the
         // thread that caused the event resumes, which brings no message.
         let timeout = (!deferred.is_empty()).then_some(DEFERRED_RETRY);
-        match uffd.wait(timeout, Some(&stop)) {
+        match uffd.wait(timeout, Some(&shared.stop)) {
             Ok(Readiness::Stopped) => {
-                drain(&shared, &regions, &uffd);
+                drain(shared, regions, &uffd);
                 return;
             }
             Ok(Readiness::TimedOut | Readiness::Events) => {}
-            Err(e) => fatal(&format!(
-                "waiting on the uffd of regions {regions:?} failed: {e}"
-            )),
+            Err(e) => {
+                shared.end(Outcome::Failed {
+                    reason: format!("waiting on the uffd of regions {regions:?} failed: {e}"),
+                });
+                return;
+            }
         }
         events.clear();
         if let Err(e) = uffd.read_events(&mut buf, &mut events) {
-            fatal(&format!(
-                "reading the uffd of regions {regions:?} failed: {e}"
-            ));
+            shared.end(Outcome::Failed {
+                reason: format!("reading the uffd of regions {regions:?} failed: {e}"),
+            });
+            return;
         }
         drop(uffd);
         for e in events
@@ -326,7 +353,7 @@ pub(crate) fn fault_loop(shared: Arc<Shared>, regions: Vec<usize>, stop: Arc<Sto
             .filter(|e| !matches!(e, Event::Pagefault { .. }))
         {
             // An event's range may span regions; each takes its part.
-            for &i in &regions {
+            for &i in regions {
                 shared.on_event(&shared.regions[i], *e);
             }
         }
@@ -345,9 +372,9 @@ pub(crate) fn fault_loop(shared: Arc<Shared>, regions: Vec<usize>, stop: Arc<Sto
         });
         for ((r, page, minor), retry) in retries.chain(faults).collect::<Vec<_>>() {
             let result = if retry {
-                shared.serve_fault(r, page, minor)
+                shared.serve_fault(r, page, minor, caller)
             } else {
-                shared.on_fault(r, page, minor)
+                shared.on_fault(r, page, minor, caller)
             };
             match result {
                 Ok(()) => {}
@@ -355,7 +382,9 @@ pub(crate) fn fault_loop(shared: Arc<Shared>, regions: Vec<usize>, stop: Arc<Sto
                 // Stopping: the range may be unregistered already. Wake the
                 // thread; its retry is served by the kernel or the teardown.
                 Err(_) if shared.is_stopping() => r.wake(page),
-                Err(e) => fatal(&format!("resolving a fault on page {} failed: {e}", page.0)),
+                // The owner gone, or the uffd failing: the pager ends, and
+                // its teardown answers this fault (poison) where it still can.
+                Err(e) => shared.on_install_error(&e),
             }
         }
     }
@@ -399,14 +428,6 @@ fn base_page_size() -> usize {
 
 /// Pause before retrying faults that met EAGAIN when no message arrives.
 const DEFERRED_RETRY: std::time::Duration = std::time::Duration::from_micros(50);
-
-/// The pager cannot go on, and the guest must not run on with memory it
-/// cannot fill: abort the process.
-pub(crate) fn fatal(msg: &str) -> ! {
-    tracing::error!("{msg}; aborting: the guest must not run with unfilled memory");
-    eprintln!("faultline: fatal: {msg}; aborting: the guest must not run with unfilled memory");
-    std::process::abort();
-}
 
 #[cfg(test)]
 mod tests {

@@ -1,39 +1,62 @@
 //! The demand link: one `Fault` stream to the server, carrying the read-ahead
 //! windows of faults and installing the answers.
 //!
-//! If the connection breaks, the link reconnects with backoff, trying each
-//! listed server in turn, and re-sends every request still unanswered;
-//! faulting threads simply keep waiting. If the server stays unreachable
-//! past the deadline, or a page keeps failing its digest, the failure policy
-//! decides (`OnFailure`). Unknown content is never installed.
+//! Every way the server can fail is a failed request, retried with backoff
+//! and jitter ([`faultline_proto::backoff`]): a refused connection, a server
+//! that accepts and never answers (a request unanswered for
+//! [`STALL_TIMEOUT`] drops the connection and tries the next server), an
+//! in-band error, a broken stream, pages failing their digest. Faulting
+//! threads keep waiting meanwhile. Once a request has been failing for the
+//! deadline (measured from when it was first asked), or its pages failed
+//! their digest [`CORRUPT_RETRIES`] times, the failure policy decides
+//! ([`OnFailure`]): `wait` goes on retrying (at the longest backoff), never
+//! aborts; `poison` poisons its pages; `abort` aborts the process. Unknown
+//! content is never installed.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use faultline_proto::backoff::Backoff;
 use faultline_proto::codec::PageBatch;
 use faultline_proto::{PageIndex, PageRange, pb};
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use super::faults::fatal;
-use super::pages::IN_FLIGHT;
+use super::error::InstallError;
+use super::pages::PageState;
 use super::stats::Source;
 use super::{OnFailure, Shared};
-use crate::remote::{Remote, Transport, decode_batch};
+use crate::remote::{Remote, decode_batch};
 
-/// First pause before reconnecting; doubled per failure up to
-/// [`MAX_BACKOFF`]. Short, because faulting vCPUs are stalled meanwhile.
+/// First pause before retrying (a connection or a request); doubled per
+/// failure up to [`MAX_BACKOFF`], with jitter. Short, because faulting vCPUs
+/// are stalled meanwhile.
 pub const INITIAL_BACKOFF: Duration = Duration::from_millis(20);
 
-/// Longest pause between reconnection attempts.
+/// Longest pause between retries.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Times a page that fails its digest is fetched again before the failure
 /// policy applies: a flipped bit in transit goes away on retry, a corrupt
 /// snapshot does not.
 pub const CORRUPT_RETRIES: u32 = 2;
+
+/// A request unanswered this long on a working connection means the server
+/// has stalled (it accepts and never answers): the link drops the
+/// connection and tries the next server. A loopback answer takes well under
+/// a millisecond and a 1 MiB window a few; 5 s is far past any honest load.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long opening the `Fault` stream may take (TCP, HTTP/2, the stream's
+/// headers) before the attempt counts as failed: a server that accepts and
+/// never answers must not hang the link. Bounded by the deadline too.
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often the link looks at its requests for retries due, stalls and
+/// deadlines: the shortest backoff, so a retry is not late by more than one.
+const TICK: Duration = INITIAL_BACKOFF;
 
 /// A request for pages, from a fault (or `Pager::fault`).
 #[derive(Debug, Clone)]
@@ -51,12 +74,57 @@ pub struct Demand {
     pub started: Instant,
 }
 
-/// A request sent and not yet answered.
+/// A request not yet answered with every claimed page.
 #[derive(Debug)]
 struct Pending {
     demand: Demand,
-    /// Fetches of this request that came back corrupt.
+    /// When it was sent on the current connection; `None`: not sent there.
+    sent: Option<Instant>,
+    /// Fetches of this request that came back with corrupt pages.
     corrupt: u32,
+    /// Backoff between this request's retries, once it has failed.
+    backoff: Option<Backoff>,
+    /// Not to be sent again before this.
+    retry_at: Option<Instant>,
+    /// Why it last failed.
+    last_error: Option<String>,
+    /// The policy `wait` was applied (logged once).
+    waiting_past_deadline: bool,
+}
+
+impl Pending {
+    fn new(demand: Demand) -> Self {
+        Self {
+            demand,
+            sent: None,
+            corrupt: 0,
+            backoff: None,
+            retry_at: None,
+            last_error: None,
+            waiting_past_deadline: false,
+        }
+    }
+
+    /// Failing for longer than `deadline` (from when the fault was read).
+    fn past(&self, deadline: Duration) -> bool {
+        self.demand.started.elapsed() >= deadline
+    }
+
+    /// Schedules the next attempt after a backoff; returns the pause.
+    fn retry_later(&mut self, why: String) -> Duration {
+        let backoff = self
+            .backoff
+            .get_or_insert_with(|| Backoff::new(INITIAL_BACKOFF, MAX_BACKOFF));
+        let pause = backoff.next_delay();
+        self.retry_at = Some(Instant::now() + pause);
+        self.sent = None;
+        self.last_error = Some(why);
+        pause
+    }
+
+    fn due(&self, now: Instant) -> bool {
+        self.sent.is_none() && self.retry_at.is_none_or(|t| t <= now)
+    }
 }
 
 fn fault_request(id: u64, range: PageRange) -> pb::FaultRequest {
@@ -75,7 +143,7 @@ struct Session {
 }
 
 async fn open_session(shared: &Shared, url: &str) -> Result<Session, String> {
-    let remote = Remote::connect_with(url, Transport::default())
+    let remote = Remote::connect_with(url, &shared.config.connect)
         .await
         .map_err(|e| e.to_string())?;
     let (tx, rx) = mpsc::unbounded_channel();
@@ -95,108 +163,311 @@ async fn open_session(shared: &Shared, url: &str) -> Result<Session, String> {
     Ok(Session { tx, answers })
 }
 
+/// The link's state across connections.
+struct Link {
+    shared: Arc<Shared>,
+    /// Requests by the id they were last sent with.
+    pending: HashMap<u64, Pending>,
+    next_id: u64,
+    /// Index into the server list of the next connection attempt.
+    server: usize,
+    /// Backoff between connection attempts; reset once a connection answers.
+    connect: Backoff,
+    /// Since when no connection has answered (for the log).
+    down_since: Option<Instant>,
+}
+
 /// Runs the demand link until the pager stops.
 pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Demand>) {
-    let mut pending: HashMap<u64, Pending> = HashMap::new();
-    let mut next_id = 1u64;
-    let mut server = 0usize;
-    let mut backoff = INITIAL_BACKOFF;
-    let mut down_since: Option<Instant> = None;
-    let servers = shared.config.servers.clone();
+    let mut link = Link {
+        shared,
+        pending: HashMap::new(),
+        next_id: 1,
+        server: 0,
+        connect: Backoff::new(INITIAL_BACKOFF, MAX_BACKOFF),
+        down_since: None,
+    };
     loop {
-        let url = &servers[server % servers.len()];
-        let mut session = match open_session(&shared, url).await {
-            Ok(s) => s,
-            Err(e) => {
-                let since = *down_since.get_or_insert_with(Instant::now);
-                tracing::warn!("demand link: {e}; retrying in {backoff:?}");
-                // Take new requests while down, so they wait (and count
-                // toward the deadline) like the others.
-                while let Ok(d) = rx.try_recv() {
-                    pending.insert(
-                        next_id,
-                        Pending {
-                            demand: d,
-                            corrupt: 0,
-                        },
-                    );
-                    next_id += 1;
-                }
-                if since.elapsed() >= shared.config.deadline {
-                    give_up(&shared, &mut pending, "the server is unreachable");
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                server += 1;
-                continue;
+        let servers = &link.shared.config.servers;
+        let url = servers[link.server % servers.len()].clone();
+        link.server += 1;
+        let limit = OPEN_TIMEOUT.min(link.shared.config.deadline.max(TICK));
+        let opened = tokio::time::timeout(limit, open_session(&link.shared, &url)).await;
+        let session = match opened {
+            Ok(Ok(s)) => Some(s),
+            Ok(Err(e)) => {
+                link.connection_failed(&e);
+                None
+            }
+            Err(_) => {
+                link.connection_failed(&format!(
+                    "{url} accepted the connection but did not open the Fault stream within \
+                     {limit:?}"
+                ));
+                None
             }
         };
-        if down_since.take().is_some() {
-            shared.counters.reconnect();
-            tracing::info!(
-                "demand link: connected to {url} again; re-sending {} request(s)",
-                pending.len()
-            );
+        match session {
+            Some(session) => {
+                if !link.serve(session, &mut rx, &url).await {
+                    return;
+                }
+            }
+            None => {
+                if !link.wait_out(&mut rx).await {
+                    return;
+                }
+            }
         }
-        backoff = INITIAL_BACKOFF;
-        for (id, p) in &pending {
-            let _ = session.tx.send(fault_request(*id, p.demand.range));
+    }
+}
+
+impl Link {
+    fn connection_failed(&mut self, why: &str) {
+        let since = *self.down_since.get_or_insert_with(Instant::now);
+        tracing::warn!(
+            "demand link: {why} (no answer for {:.1}s; {} request(s) waiting)",
+            since.elapsed().as_secs_f64(),
+            self.pending.len()
+        );
+        for p in self.pending.values_mut() {
+            p.sent = None;
+            p.last_error = Some(why.to_owned());
         }
+    }
+
+    /// Waits out the connection backoff, taking new requests meanwhile (they
+    /// wait, and count toward the deadline, like the others) and applying
+    /// the deadline. False once the pager is stopping.
+    async fn wait_out(&mut self, rx: &mut mpsc::UnboundedReceiver<Demand>) -> bool {
+        let pause = self.connect.next_delay();
+        let until = tokio::time::Instant::now() + pause;
+        loop {
+            self.check_deadlines();
+            tokio::select! {
+                d = rx.recv() => match d {
+                    Some(d) => self.add(d),
+                    None => return false,
+                },
+                () = tokio::time::sleep_until(until) => return true,
+            }
+        }
+    }
+
+    fn add(&mut self, d: Demand) {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.pending.insert(id, Pending::new(d));
+    }
+
+    /// Sends every request due on `session` (a new id for each send).
+    fn send_due(&mut self, session: &Session) {
+        let now = Instant::now();
+        let due: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.due(now))
+            .map(|(id, _)| *id)
+            .collect();
+        for old in due {
+            let mut p = self.pending.remove(&old).expect("listed");
+            let id = self.next_id;
+            self.next_id += 1;
+            p.sent = Some(now);
+            p.retry_at = None;
+            let _ = session.tx.send(fault_request(id, p.demand.range));
+            self.pending.insert(id, p);
+        }
+    }
+
+    /// Serves one connection until it breaks or stalls; false once the
+    /// pager is stopping.
+    async fn serve(
+        &mut self,
+        mut session: Session,
+        rx: &mut mpsc::UnboundedReceiver<Demand>,
+        url: &str,
+    ) -> bool {
+        for p in self.pending.values_mut() {
+            p.sent = None;
+        }
+        self.send_due(&session);
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 d = rx.recv() => {
-                    let Some(d) = d else { return };
-                    let id = next_id;
-                    next_id += 1;
-                    let _ = session.tx.send(fault_request(id, d.range));
-                    pending.insert(id, Pending { demand: d, corrupt: 0 });
+                    let Some(d) = d else { return false };
+                    // The fault path: straight onto the wire.
+                    let id = self.next_id;
+                    self.next_id += 1;
+                    let range = d.range;
+                    let mut p = Pending::new(d);
+                    p.sent = Some(Instant::now());
+                    let _ = session.tx.send(fault_request(id, range));
+                    self.pending.insert(id, p);
                 }
                 answer = session.answers.next() => match answer {
                     Some(Ok(resp)) => {
-                        if let Some(retry) = answer_one(&shared, &mut pending, resp) {
-                            let id = next_id;
-                            next_id += 1;
-                            let _ = session.tx.send(fault_request(id, retry.demand.range));
-                            pending.insert(id, retry);
+                        if self.down_since.take().is_some() {
+                            self.shared.counters.reconnect();
+                            tracing::info!("demand link: {url} answers again");
                         }
+                        self.connect.reset();
+                        // Retries it schedules go out on a later tick.
+                        self.answer(resp);
                     }
                     Some(Err(status)) => {
-                        tracing::warn!("demand link: the stream failed: {}", status.message());
-                        break;
+                        self.connection_failed(&format!(
+                            "the Fault stream on {url} failed: {}",
+                            status.message()
+                        ));
+                        return self.wait_out(rx).await;
                     }
                     None => {
-                        tracing::warn!("demand link: the server closed the stream");
-                        break;
+                        self.connection_failed(&format!("{url} closed the Fault stream"));
+                        return self.wait_out(rx).await;
                     }
+                },
+                // Only while requests wait: an idle link sleeps.
+                _ = tick.tick(), if !self.pending.is_empty() => {
+                    self.check_deadlines();
+                    let stalled = self
+                        .pending
+                        .values()
+                        .filter_map(|p| p.sent)
+                        .min()
+                        .is_some_and(|t| t.elapsed() >= STALL_TIMEOUT);
+                    if stalled {
+                        self.connection_failed(&format!(
+                            "{url} has not answered a request for {STALL_TIMEOUT:?}; trying \
+                             the next server"
+                        ));
+                        return self.wait_out(rx).await;
+                    }
+                    self.send_due(&session);
                 }
             }
         }
-        down_since = Some(Instant::now());
     }
-}
 
-/// Applies the failure policy to every pending request: poison or abort.
-/// Waiting means doing nothing (the link keeps trying).
-fn give_up(shared: &Shared, pending: &mut HashMap<u64, Pending>, why: &str) {
-    if pending.is_empty() {
-        return;
-    }
-    match shared.config.on_failure {
-        OnFailure::Wait => {}
-        OnFailure::Poison | OnFailure::Abort => {
-            for (_, p) in pending.drain() {
-                fail(shared, &p.demand, &p.demand.claimed, why);
+    /// Applies the failure policy to requests failing past the deadline.
+    fn check_deadlines(&mut self) {
+        let deadline = self.shared.config.deadline;
+        let policy = self.shared.config.on_failure;
+        let late: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.past(deadline))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in late {
+            let p = self.pending.get_mut(&id).expect("listed");
+            let why = p
+                .last_error
+                .clone()
+                .unwrap_or_else(|| "the server did not answer".into());
+            if policy == OnFailure::Wait {
+                if !p.waiting_past_deadline {
+                    p.waiting_past_deadline = true;
+                    tracing::error!(
+                        "cannot fill {} of region {} for {deadline:?} ({why}); still trying \
+                         (--on-failure wait)",
+                        p.demand.range,
+                        p.demand.region
+                    );
+                }
+                continue;
             }
+            let p = self.pending.remove(&id).expect("listed");
+            give_up(&self.shared, &p.demand, &p.demand.claimed, &why);
         }
     }
+
+    /// Handles one answer.
+    fn answer(&mut self, resp: pb::FaultResponse) {
+        let shared = self.shared.clone();
+        let Some(mut p) = self.pending.remove(&resp.request_id) else {
+            return;
+        };
+        let batch = match resp.result {
+            Some(pb::fault_response::Result::Pages(batch)) => {
+                match decode_batch(batch, &shared.manifest) {
+                    Ok(b) => b,
+                    Err(e) => return self.failed(p, e.to_string()),
+                }
+            }
+            Some(pb::fault_response::Result::Error(e)) => {
+                return self.failed(p, format!("the server refused: {}", e.message));
+            }
+            None => return self.failed(p, "the server sent an empty answer".into()),
+        };
+        let installed = install_batch(&shared, &p.demand, &batch);
+        shared.progress.notify_waiters();
+        if installed.left.iter().all(|c| !c) {
+            if p.demand.fault.is_some() {
+                shared.counters.latency(p.demand.started.elapsed());
+            }
+            return;
+        }
+        p.demand.claimed = installed.left;
+        if let Some(why) = installed.failed {
+            if shared.is_stopping() {
+                return;
+            }
+            return self.failed(p, why);
+        }
+        p.corrupt += 1;
+        if p.corrupt > CORRUPT_RETRIES && shared.config.on_failure != OnFailure::Wait {
+            give_up(
+                &shared,
+                &p.demand,
+                &p.demand.claimed,
+                "pages keep failing their digest: the snapshot on the server is corrupt",
+            );
+            return;
+        }
+        let why = format!(
+            "pages of {} failed their digest {} time(s)",
+            p.demand.range, p.corrupt
+        );
+        let pause = p.retry_later(why.clone());
+        tracing::warn!("{why}; fetching them again in {pause:?}");
+        self.insert_retry(p);
+    }
+
+    /// A request failed: retry it after its backoff, or, past the deadline,
+    /// apply the policy (`wait`: retry all the same).
+    fn failed(&mut self, mut p: Pending, why: String) {
+        let policy = self.shared.config.on_failure;
+        if p.past(self.shared.config.deadline) && policy != OnFailure::Wait {
+            give_up(&self.shared, &p.demand, &p.demand.claimed, &why);
+            return;
+        }
+        let pause = p.retry_later(why.clone());
+        tracing::warn!(
+            "demand link: {} of region {}: {why}; retrying in {pause:?}",
+            p.demand.range,
+            p.demand.region
+        );
+        self.insert_retry(p);
+    }
+
+    fn insert_retry(&mut self, p: Pending) {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.pending.insert(id, p);
+    }
 }
 
-/// Gives up on the `which` pages of `demand`: poison them (the faulting
-/// thread gets SIGBUS) or abort, per policy.
-fn fail(shared: &Shared, demand: &Demand, which: &[bool], why: &str) {
+/// Gives up on the `which` pages of `demand`, per policy: poison them (the
+/// faulting thread gets SIGBUS) or abort the process. Never called for
+/// `wait`.
+fn give_up(shared: &Shared, demand: &Demand, which: &[bool], why: &str) {
     let region = &shared.regions[demand.region];
     match shared.config.on_failure {
-        OnFailure::Abort | OnFailure::Wait => fatal(&format!(
+        OnFailure::Wait => {}
+        OnFailure::Abort => abort_process(&format!(
             "cannot fill {} of region {}: {why}",
             demand.range, demand.region
         )),
@@ -206,108 +477,58 @@ fn fail(shared: &Shared, demand: &Demand, which: &[bool], why: &str) {
                 demand.range,
                 demand.region
             );
-            for (p, _) in demand.range.iter().zip(which).filter(|(_, c)| **c) {
-                if shared.table.get(p) == IN_FLIGHT {
-                    if let Err(e) = region.poison(p, 1) {
-                        tracing::error!("poisoning page {} failed: {e}", p.0);
-                    }
-                    // Counted first: a waiter sees the page poisoned
-                    // only once the statistics say so.
-                    shared.counters.poisoned(1);
-                    shared.table.poison(p);
-                }
-            }
-            shared.progress.notify_waiters();
+            let pages = demand.range.iter().zip(which).filter(|(_, c)| **c);
+            shared.poison_claimed(region, pages.map(|(p, _)| p));
         }
     }
 }
 
-/// Handles one answer; returns a request to send again (pages that failed
-/// their digest, while retries remain).
-fn answer_one(
-    shared: &Shared,
-    pending: &mut HashMap<u64, Pending>,
-    resp: pb::FaultResponse,
-) -> Option<Pending> {
-    let mut p = pending.remove(&resp.request_id)?;
-    let batch = match resp.result {
-        Some(pb::fault_response::Result::Pages(batch)) => {
-            match decode_batch(batch, &shared.manifest) {
-                Ok(b) => b,
-                Err(e) => {
-                    fail(shared, &p.demand, &p.demand.claimed.clone(), &e.to_string());
-                    return None;
-                }
-            }
-        }
-        Some(pb::fault_response::Result::Error(e)) => {
-            let claimed = p.demand.claimed.clone();
-            if e.code == tonic::Code::Unavailable as i32
-                && shared.config.on_failure == OnFailure::Wait
-            {
-                return Some(p);
-            }
-            fail(
-                shared,
-                &p.demand,
-                &claimed,
-                &format!("the server refused: {}", e.message),
-            );
-            return None;
-        }
-        None => return Some(p),
-    };
-    let corrupt = install_batch(shared, &p.demand, &batch);
-    shared.progress.notify_waiters();
-    if corrupt.iter().all(|c| !c) {
-        if p.demand.fault.is_some() {
-            shared.counters.latency(p.demand.started.elapsed());
-        }
-        return None;
-    }
-    p.corrupt += 1;
-    if p.corrupt <= CORRUPT_RETRIES || shared.config.on_failure == OnFailure::Wait {
-        tracing::warn!(
-            "pages of {} failed their digest; fetching them again (attempt {})",
-            p.demand.range,
-            p.corrupt + 1
-        );
-        p.demand.claimed = corrupt;
-        return Some(p);
-    }
-    fail(
-        shared,
-        &p.demand,
-        &corrupt,
-        "pages keep failing their digest: the snapshot on the server is corrupt",
-    );
-    None
+/// The failure policy `abort`: the server could not fill the guest's memory
+/// within the deadline, and the user asked for the process to end then.
+fn abort_process(msg: &str) -> ! {
+    tracing::error!("{msg}; aborting (--on-failure abort)");
+    eprintln!("faultline: fatal: {msg}; aborting (--on-failure abort)");
+    std::process::abort();
+}
+
+/// What installing an answer left to do.
+struct Installed {
+    /// Per page of the range: claimed and not installed (corrupt, missing
+    /// from the batch, or its install failed); those stay claimed.
+    left: Vec<bool>,
+    /// Why an install failed, if one did (pages of that run are in `left`).
+    failed: Option<String>,
 }
 
 /// Installs the claimed pages of `demand` found in `batch`, each verified
-/// against its digest. Returns, per page of the range, whether it was
-/// claimed and could not be installed (corrupt or missing from the batch);
-/// those stay claimed.
-fn install_batch(shared: &Shared, demand: &Demand, batch: &PageBatch) -> Vec<bool> {
+/// against its digest.
+fn install_batch(shared: &Shared, demand: &Demand, batch: &PageBatch) -> Installed {
     let manifest = &shared.manifest;
     let start = demand.range.start().0;
     let mut left = demand.claimed.clone();
+    let mut failed = None;
     let ps = manifest.page_size.bytes_usize();
     for run in &batch.runs {
         // Consecutive pages of the run that are ours and verified, installed
         // with one call.
         let mut from: Option<u64> = None;
-        let flush = |from: &mut Option<u64>, to: u64| {
+        let mut flush = |from: &mut Option<u64>, to: u64, left: &mut Vec<bool>| {
             if let Some(f) = from.take() {
                 let off = (f - run.range.start().0) as usize * ps;
                 let len = (to - f) as usize * ps;
-                install_run(shared, demand, PageIndex(f), &run.data[off..off + len]);
+                if let Err(e) = install_run(shared, demand, PageIndex(f), &run.data[off..off + len])
+                {
+                    for q in f..to {
+                        left[(q - start) as usize] = true;
+                    }
+                    failed = Some(e.to_string());
+                }
             }
         };
         for (p, data) in run.pages(manifest.page_size) {
             let i = p.0.checked_sub(start).map(|i| i as usize);
             let ours = i.is_some_and(|i| i < left.len() && left[i]);
-            let ok = ours && shared.table.get(p) == IN_FLIGHT && {
+            let ok = ours && shared.table.get(p) == PageState::InFlight && {
                 let good = manifest.verify(p, &data);
                 if !good {
                     shared.counters.corrupt();
@@ -319,18 +540,18 @@ fn install_batch(shared: &Shared, demand: &Demand, batch: &PageBatch) -> Vec<boo
                 left[i.expect("ours")] = false;
                 from.get_or_insert(p.0);
             } else {
-                flush(&mut from, p.0);
+                flush(&mut from, p.0, &mut left);
             }
         }
-        flush(&mut from, run.range.end());
+        flush(&mut from, run.range.end(), &mut left);
     }
     // Pages the guest discarded while they were being fetched (a REMOVE made
-    // them ZERO_ON_FAULT) are no longer this request's to install: drop
+    // them ZeroOnFault) are no longer this request's to install: drop
     // them (retrying would never end) and wake any thread still waiting on
     // them, whose retry then reads zeros.
     let region = &shared.regions[demand.region];
     for (i, p) in demand.range.iter().enumerate() {
-        if left[i] && shared.table.get(p) != IN_FLIGHT {
+        if left[i] && shared.table.get(p) != PageState::InFlight {
             left[i] = false;
             region.wake(p);
         }
@@ -338,19 +559,22 @@ fn install_batch(shared: &Shared, demand: &Demand, batch: &PageBatch) -> Vec<boo
     // Pages the batch flagged zero were claimed because the manifest says
     // they are not: a server out of step with its manifest. They stay in
     // `left` and are treated as corrupt.
-    left
+    Installed { left, failed }
 }
 
 /// Installs verified bytes for consecutive claimed pages and settles them.
-fn install_run(shared: &Shared, demand: &Demand, start: PageIndex, data: &[u8]) {
+/// If that fails, the pages stay claimed (the request retries them after a
+/// backoff), and the pager ends if the error says it must.
+fn install_run(
+    shared: &Shared,
+    demand: &Demand,
+    start: PageIndex,
+    data: &[u8],
+) -> Result<(), InstallError> {
     let region = &shared.regions[demand.region];
     let installed = shared.install_claimed(region, start, data, Source::Readahead, demand.fault);
-    if let Err(e) = installed
-        && !shared.is_stopping()
-    {
-        fatal(&format!(
-            "installing pages of region {} failed: {e}",
-            region.index
-        ));
+    if let Err(e) = &installed {
+        shared.on_install_error(e);
     }
+    installed
 }

@@ -2,69 +2,91 @@
 //! the demand link, the prefetcher and `Pager::fault`.
 //!
 //! ```text
-//!            claim (demand or prefetch)         installed
-//!  MISSING ------------------------------> IN_FLIGHT ----------> PRESENT
-//!     |                                       |                    |
-//!     |  REMOVE event                         | REMOVE event       | REMOVE event
-//!     v                                       v                    v
-//!  ZERO_ON_FAULT <-----------------------------------------------------
+//!          claim (demand or prefetch)       installed
+//!  Missing ---------------------------> InFlight ----------> Present
+//!     |                                    |                   |
+//!     |  REMOVE event                      | REMOVE event      | REMOVE event
+//!     v                                    v                   v
+//!  ZeroOnFault <-------------------------------------------------
 //!     |  fault: resolved locally with zeros (or CONTINUE of what the page cache holds)
 //!     v
-//!  PRESENT
+//!  Present
 //! ```
 //!
-//! Zero pages of the snapshot start as ZERO_ON_FAULT: they are never fetched,
+//! Zero pages of the snapshot start as ZeroOnFault: they are never fetched,
 //! and never installed unless faulted before the pager completes (after it
 //! unregisters, the kernel supplies zero pages itself). A page is *settled*
-//! when it is PRESENT or ZERO_ON_FAULT (or POISONED); the pager completes
+//! when it is Present or ZeroOnFault (or Poisoned); the pager completes
 //! when every page of its regions is settled.
 
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use faultline_proto::{PageBitmap, PageIndex};
 
-/// Not here yet; nobody is fetching it.
-pub const MISSING: u8 = 0;
-/// Claimed by one path (demand request or prefetch batch), which will
-/// install it.
-pub const IN_FLIGHT: u8 = 1;
-/// Installed with the snapshot's content.
-pub const PRESENT: u8 = 2;
-/// Its content is zeros: a zero page of the snapshot, or discarded by the
-/// guest (REMOVE). Resolved locally when faulted.
-pub const ZERO_ON_FAULT: u8 = 3;
-/// Could not be fetched; touching it raises SIGBUS (failure policy).
-pub const POISONED: u8 = 4;
-/// Not part of any region: never faulted, never fetched.
-pub const OUTSIDE: u8 = 5;
+/// The state of one snapshot page, stored as one atomic byte per page (see
+/// the module's diagram; a release after a failed fetch goes InFlight ->
+/// Missing, the failure policy InFlight -> Poisoned).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageState {
+    /// Not here yet; nobody is fetching it.
+    Missing = 0,
+    /// Claimed by one path (demand request or prefetch batch), which will
+    /// install it.
+    InFlight = 1,
+    /// Installed with the snapshot's content.
+    Present = 2,
+    /// Its content is zeros: a zero page of the snapshot, or discarded by the
+    /// guest (REMOVE). Resolved locally when faulted.
+    ZeroOnFault = 3,
+    /// Could not be fetched; touching it raises SIGBUS (failure policy).
+    Poisoned = 4,
+    /// Not part of any region: never faulted, never fetched.
+    Outside = 5,
+}
+
+impl PageState {
+    /// The state stored as `byte` (only this module stores bytes).
+    fn from_byte(byte: u8) -> Self {
+        match byte {
+            0 => Self::Missing,
+            1 => Self::InFlight,
+            2 => Self::Present,
+            3 => Self::ZeroOnFault,
+            4 => Self::Poisoned,
+            _ => Self::Outside,
+        }
+    }
+
+    /// Missing or in flight: the pager still owes this page its content.
+    pub fn is_unsettled(self) -> bool {
+        matches!(self, Self::Missing | Self::InFlight)
+    }
+}
 
 /// Atomic page states plus the count of pages not yet settled.
 #[derive(Debug)]
 pub struct PageTable {
     states: Vec<AtomicU8>,
-    /// Pages in MISSING or IN_FLIGHT.
+    /// Pages in Missing or InFlight.
     unsettled: AtomicU64,
 }
 
-fn is_settled(state: u8) -> bool {
-    !matches!(state, MISSING | IN_FLIGHT)
-}
-
 impl PageTable {
-    /// A table of `page_count` pages: those inside `in_region` start MISSING,
-    /// or ZERO_ON_FAULT if `zero_map` says they are zero; the rest OUTSIDE.
+    /// A table of `page_count` pages: those inside `in_region` start Missing,
+    /// or ZeroOnFault if `zero_map` says they are zero; the rest Outside.
     pub fn new(page_count: u64, in_region: &PageBitmap, zero_map: &PageBitmap) -> Self {
         let mut unsettled = 0;
         let states = (0..page_count)
             .map(|i| {
                 AtomicU8::new(if !in_region.get(i) {
-                    OUTSIDE
+                    PageState::Outside
                 } else if zero_map.get(i) {
-                    ZERO_ON_FAULT
+                    PageState::ZeroOnFault
                 } else {
                     unsettled += 1;
-                    MISSING
-                })
+                    PageState::Missing
+                } as u8)
             })
             .collect();
         Self {
@@ -74,103 +96,99 @@ impl PageTable {
     }
 
     /// The state of `page`.
-    pub fn get(&self, page: PageIndex) -> u8 {
-        self.states[page.0 as usize].load(Ordering::Acquire)
+    pub fn get(&self, page: PageIndex) -> PageState {
+        PageState::from_byte(self.states[page.0 as usize].load(Ordering::Acquire))
     }
 
-    /// Pages still MISSING or IN_FLIGHT.
+    /// Swaps `page` from `from` to `to`; false if it was not in `from`.
+    fn swap(&self, page: PageIndex, from: PageState, to: PageState) -> bool {
+        self.states[page.0 as usize]
+            .compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Pages still Missing or InFlight.
     pub fn unsettled(&self) -> u64 {
         self.unsettled.load(Ordering::Acquire)
     }
 
-    /// Claims `page` for fetching: MISSING -> IN_FLIGHT. False if another
+    /// Claims `page` for fetching: Missing -> InFlight. False if another
     /// path has it or it is settled.
     pub fn claim(&self, page: PageIndex) -> bool {
-        self.states[page.0 as usize]
-            .compare_exchange(MISSING, IN_FLIGHT, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+        self.swap(page, PageState::Missing, PageState::InFlight)
     }
 
     /// Gives a claimed page back (its fetch failed and will be retried by
-    /// whoever faults next): IN_FLIGHT -> MISSING.
-    pub fn release(&self, page: PageIndex) {
-        let _ = self.states[page.0 as usize].compare_exchange(
-            IN_FLIGHT,
-            MISSING,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        );
+    /// whoever faults next): InFlight -> Missing. False if it was not in
+    /// flight (a REMOVE or the failure policy settled it meanwhile).
+    pub fn release(&self, page: PageIndex) -> bool {
+        self.swap(page, PageState::InFlight, PageState::Missing)
     }
 
-    /// Marks a claimed page installed: IN_FLIGHT -> PRESENT. Returns false
-    /// if the state changed meanwhile (a REMOVE made it ZERO_ON_FAULT): the
+    /// Marks a claimed page installed: InFlight -> Present. Returns false
+    /// if the state changed meanwhile (a REMOVE made it ZeroOnFault): the
     /// caller installed stale content and must discard it.
     pub fn finish(&self, page: PageIndex) -> bool {
-        let ok = self.states[page.0 as usize]
-            .compare_exchange(IN_FLIGHT, PRESENT, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok();
+        let ok = self.swap(page, PageState::InFlight, PageState::Present);
         if ok {
             self.unsettled.fetch_sub(1, Ordering::AcqRel);
         }
         ok
     }
 
-    /// A ZERO_ON_FAULT page was installed locally: -> PRESENT. False if
+    /// A ZeroOnFault page was installed locally: -> Present. False if
     /// another path got there first.
     pub fn zero_installed(&self, page: PageIndex) -> bool {
-        self.states[page.0 as usize]
-            .compare_exchange(ZERO_ON_FAULT, PRESENT, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+        self.swap(page, PageState::ZeroOnFault, PageState::Present)
     }
 
     /// A REMOVE event: the page's content is now zeros, whatever it was.
     /// Returns the previous state.
-    pub fn remove(&self, page: PageIndex) -> u8 {
+    pub fn remove(&self, page: PageIndex) -> PageState {
         let slot = &self.states[page.0 as usize];
         let mut cur = slot.load(Ordering::Acquire);
         loop {
-            if cur == OUTSIDE || cur == POISONED {
-                return cur;
+            let state = PageState::from_byte(cur);
+            if matches!(state, PageState::Outside | PageState::Poisoned) {
+                return state;
             }
-            match slot.compare_exchange(cur, ZERO_ON_FAULT, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(prev) => {
-                    if !is_settled(prev) {
+            let zero = PageState::ZeroOnFault as u8;
+            match slot.compare_exchange(cur, zero, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    if state.is_unsettled() {
                         self.unsettled.fetch_sub(1, Ordering::AcqRel);
                     }
-                    return prev;
+                    return state;
                 }
                 Err(now) => cur = now,
             }
         }
     }
 
-    /// The failure policy gave up on a claimed page: IN_FLIGHT -> POISONED.
+    /// The failure policy gave up on a claimed page: InFlight -> Poisoned.
     pub fn poison(&self, page: PageIndex) {
-        if self.states[page.0 as usize]
-            .compare_exchange(IN_FLIGHT, POISONED, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
+        if self.swap(page, PageState::InFlight, PageState::Poisoned) {
             self.unsettled.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
     /// The page's memory went away (UNMAP): it is no longer served.
     pub fn forget(&self, page: PageIndex) {
-        let prev = self.states[page.0 as usize].swap(OUTSIDE, Ordering::AcqRel);
-        if !is_settled(prev) {
+        let prev = self.states[page.0 as usize].swap(PageState::Outside as u8, Ordering::AcqRel);
+        if PageState::from_byte(prev).is_unsettled() {
             self.unsettled.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
     /// Pages the server need not send: settled or outside every region,
-    /// except zero pages not mapped yet (ZERO_ON_FAULT), which the server
+    /// except zero pages not mapped yet (ZeroOnFault), which the server
     /// then names in its stream as zero ranges (a few bytes each), so that
     /// the prefetcher can map them ahead of the guest.
     pub fn fetched_bitmap(&self) -> PageBitmap {
         let mut map = PageBitmap::new(self.states.len() as u64);
         for (i, s) in self.states.iter().enumerate() {
-            let state = s.load(Ordering::Acquire);
-            if is_settled(state) && state != ZERO_ON_FAULT {
+            let state = PageState::from_byte(s.load(Ordering::Acquire));
+            if !state.is_unsettled() && state != PageState::ZeroOnFault {
                 map.set(i as u64);
             }
         }
@@ -190,14 +208,24 @@ mod tests {
         PageTable::new(8, &region, &zero)
     }
 
+    /// Every state survives the trip through its stored byte.
+    #[test]
+    fn states_round_trip_through_bytes() {
+        use PageState::*;
+        for s in [Missing, InFlight, Present, ZeroOnFault, Poisoned, Outside] {
+            assert_eq!(PageState::from_byte(s as u8), s);
+        }
+        assert!(Missing.is_unsettled() && InFlight.is_unsettled() && !Present.is_unsettled());
+    }
+
     /// Zero pages start settled, pages outside regions are ignored, and the
     /// unsettled count follows claims and installs.
     #[test]
     fn initial_states_and_settling() {
         let t = table();
         assert_eq!(t.unsettled(), 5);
-        assert_eq!(t.get(PageIndex(1)), ZERO_ON_FAULT);
-        assert_eq!(t.get(PageIndex(7)), OUTSIDE);
+        assert_eq!(t.get(PageIndex(1)), PageState::ZeroOnFault);
+        assert_eq!(t.get(PageIndex(7)), PageState::Outside);
         assert!(t.claim(PageIndex(0)));
         assert!(!t.claim(PageIndex(0)), "claimed twice");
         assert!(t.finish(PageIndex(0)));
@@ -211,14 +239,14 @@ mod tests {
     fn remove_races_install() {
         let t = table();
         assert!(t.claim(PageIndex(2)));
-        assert_eq!(t.remove(PageIndex(2)), IN_FLIGHT);
+        assert_eq!(t.remove(PageIndex(2)), PageState::InFlight);
         assert_eq!(t.unsettled(), 4);
         assert!(!t.finish(PageIndex(2)));
         assert_eq!(t.unsettled(), 4);
         assert!(t.zero_installed(PageIndex(2)));
         assert!(!t.zero_installed(PageIndex(2)), "installed twice");
-        assert_eq!(t.get(PageIndex(2)), PRESENT);
-        assert_eq!(t.remove(PageIndex(2)), PRESENT);
+        assert_eq!(t.get(PageIndex(2)), PageState::Present);
+        assert_eq!(t.remove(PageIndex(2)), PageState::Present);
         assert_eq!(t.unsettled(), 4);
     }
 

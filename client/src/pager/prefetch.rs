@@ -6,15 +6,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use faultline_proto::backoff::Backoff;
 use faultline_proto::codec::PageRun;
 use faultline_proto::{PageIndex, PageRange, pb};
 use futures::StreamExt;
 
-use super::link::{INITIAL_BACKOFF, MAX_BACKOFF};
-use super::region::{InstallError, RegionState};
+use super::error::InstallError;
+use super::faults::Caller;
+use super::link::{INITIAL_BACKOFF, MAX_BACKOFF, STALL_TIMEOUT};
+use super::region::RegionState;
 use super::stats::Source;
 use super::{PrefetchPolicy, Shared};
-use crate::remote::{Remote, RemoteError, Transport, decode_batch};
+use crate::remote::{Remote, RemoteError, decode_batch};
 
 /// Prefetching a stream failed (the pager retries).
 #[derive(Debug, thiserror::Error)]
@@ -22,9 +25,13 @@ pub enum PrefetchError {
     /// Talking to the server failed.
     #[error(transparent)]
     Remote(#[from] RemoteError),
-    /// Installing failed.
+    /// Installing failed (the run was released: its pages are missing
+    /// again, their waiters woken).
     #[error(transparent)]
     Install(#[from] InstallError),
+    /// The server sent nothing for this long.
+    #[error("the server sent no prefetch batch for {0:?}")]
+    Stalled(Duration),
 }
 
 /// Streams `req` and installs every page it brings that is still missing,
@@ -35,9 +42,19 @@ pub(crate) async fn stream_into(
     req: pb::PrefetchRequest,
     source: Source,
 ) -> Result<(), PrefetchError> {
-    let remote = Remote::connect_with(url, Transport::default()).await?;
-    let mut stream = remote.prefetch(req).await?;
-    while let Some(batch) = stream.next().await {
+    let stalled = || PrefetchError::Stalled(STALL_TIMEOUT);
+    let opening = async {
+        let remote = Remote::connect_with(url, &shared.config.connect).await?;
+        remote.prefetch(req).await
+    };
+    let mut stream = tokio::time::timeout(STALL_TIMEOUT, opening)
+        .await
+        .map_err(|_| stalled())??;
+    loop {
+        let next = tokio::time::timeout(STALL_TIMEOUT, stream.next())
+            .await
+            .map_err(|_| stalled())?;
+        let Some(batch) = next else { break };
         let batch = batch.map_err(RemoteError::rpc("Prefetch"))?;
         let batch = decode_batch(batch, &shared.manifest)?;
         for run in &batch.runs {
@@ -45,7 +62,7 @@ pub(crate) async fn stream_into(
         }
         for zero in &batch.zero {
             for region in shared.regions.iter() {
-                shared.install_zero_pages(region, *zero);
+                shared.install_zero_pages(region, *zero, Caller::Other);
             }
         }
         shared.progress.notify_waiters();
@@ -58,8 +75,10 @@ pub(crate) async fn stream_into(
 
 /// Installs the pages of `run` that nobody else has claimed, in runs of
 /// consecutive pages, each page verified first. A page failing its digest
-/// is given back (MISSING): a fault on it goes through the demand link,
-/// whose retries and failure policy apply.
+/// is given back (Missing): a fault on it goes through the demand link,
+/// whose retries and failure policy apply. If an install fails, its run is
+/// released ([`Shared::install_claimed`]): the only pages this call holds
+/// claimed at any time are that run's, so none stays claimed.
 fn install_unclaimed(shared: &Shared, run: &PageRun, source: Source) -> Result<(), InstallError> {
     let ps = shared.manifest.page_size.bytes_usize();
     // Claimed, verified pages not installed yet: their region and first page.
@@ -70,14 +89,20 @@ fn install_unclaimed(shared: &Shared, run: &PageRun, source: Source) -> Result<(
         };
         let off = (from - run.range.start().0) as usize * ps;
         let data = &run.data[off..off + (to - from) as usize * ps];
-        shared.install_claimed(region, PageIndex(from), data, source, None)
+        let installed = shared.install_claimed(region, PageIndex(from), data, source, None);
+        if installed.is_err() {
+            // No page stays claimed: a fault on one now goes through the
+            // demand link, with its retries and failure policy.
+            shared.release_claimed(region, PageIndex(from), to - from);
+        }
+        installed
     };
     for (p, data) in run.pages(shared.manifest.page_size) {
         // One install never crosses the end of a region.
         if pending.is_some_and(|(r, _)| p.0 >= r.first_page + r.pages) {
             flush(&mut pending, p.0)?;
         }
-        if !shared.table.claim(p) {
+        if !shared.claim(p) {
             flush(&mut pending, p.0)?;
             continue;
         }
@@ -90,11 +115,10 @@ fn install_unclaimed(shared: &Shared, run: &PageRun, source: Source) -> Result<(
                 "prefetched page {} does not match its digest; not installed",
                 p.0
             );
-            shared.table.release(p);
             // A thread that faulted on the page while it was claimed here
-            // joined this install and sleeps: wake it, so that its retry
-            // faults again and goes through the demand link.
-            region.wake(p);
+            // joined this install and sleeps: the release wakes it, so that
+            // its retry faults again and goes through the demand link.
+            shared.release_claimed(region, p, 1);
             flush(&mut pending, p.0)?;
             continue;
         }
@@ -127,7 +151,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         PrefetchPolicy::All => pb::PrefetchOrder::WorkingSetThenRest,
     };
     let servers = shared.config.servers.clone();
-    let mut backoff = INITIAL_BACKOFF;
+    let mut backoff = Backoff::new(INITIAL_BACKOFF, MAX_BACKOFF);
     for attempt in 0.. {
         if shared.table.unsettled() == 0 || shared.is_stopping() {
             return;
@@ -143,13 +167,17 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         let url = &servers[attempt % servers.len()];
         match stream_into(&shared, url, req, Source::Prefetch).await {
             Ok(()) => return,
+            Err(PrefetchError::Install(e @ InstallError::OwnerGone { .. })) => {
+                shared.on_install_error(&e);
+                return;
+            }
             Err(e) => {
                 if shared.is_stopping() {
                     return;
                 }
-                tracing::warn!("prefetch: {e}; retrying in {backoff:?}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                let pause = backoff.next_delay();
+                tracing::warn!("prefetch: {e}; retrying in {pause:?}");
+                tokio::time::sleep(pause).await;
             }
         }
     }
@@ -164,7 +192,7 @@ pub(crate) async fn fill_eager(
     deadline: Duration,
 ) -> Result<(), PrefetchError> {
     let started = std::time::Instant::now();
-    let mut backoff = INITIAL_BACKOFF;
+    let mut backoff = Backoff::new(INITIAL_BACKOFF, MAX_BACKOFF);
     for attempt in 0.. {
         let req = pb::PrefetchRequest {
             snapshot: shared.config.snapshot.to_string(),
@@ -178,9 +206,9 @@ pub(crate) async fn fill_eager(
         match stream_into(shared, url, req, Source::Eager).await {
             Ok(()) => return Ok(()),
             Err(e) if started.elapsed() < deadline => {
-                tracing::warn!("filling eager regions: {e}; retrying in {backoff:?}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                let pause = backoff.next_delay();
+                tracing::warn!("filling eager regions: {e}; retrying in {pause:?}");
+                tokio::time::sleep(pause).await;
             }
             Err(e) => return Err(e),
         }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use faultline_proto::{PageIndex, PageRange};
 
+use super::error::InstallError;
 use crate::backing::GuestMemory;
 use crate::strategy::{Decision, Strategy};
 use crate::uffd::{ResolveError, ResolveOps, Uffd};
@@ -20,52 +21,6 @@ pub const EAGAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// caused the event (in `madvise`, `munmap`) resumes, which a busy loop
 /// would only delay.
 const EAGAIN_PAUSE: Duration = Duration::from_micros(50);
-
-/// Installing pages failed.
-#[derive(Debug, thiserror::Error)]
-pub enum InstallError {
-    /// The kernel refused.
-    #[error("installing pages of region {region} failed: {source}")]
-    Resolve {
-        /// Region index.
-        region: usize,
-        /// What the kernel said.
-        source: ResolveError,
-    },
-    /// EAGAIN on a region's fault thread: a memory-map event is pending that
-    /// only that thread reads. The fault loop reads it, then retries.
-    #[error(
-        "installing pages of region {region} must wait for a memory-map event (EAGAIN) that \
-         the region's fault thread has not read yet"
-    )]
-    Again {
-        /// Region index.
-        region: usize,
-    },
-    /// EAGAIN did not clear.
-    #[error(
-        "installing pages of region {region} kept failing with EAGAIN for {EAGAIN_TIMEOUT:?}: \
-         the fault thread is not reading memory-map events"
-    )]
-    Stuck {
-        /// Region index.
-        region: usize,
-    },
-    /// The region's uffd was closed (the pager is stopping) or never opened.
-    #[error("region {region} is no longer registered")]
-    Closed {
-        /// Region index.
-        region: usize,
-    },
-    /// Writing through the fill view failed (outside the mapping).
-    #[error("writing pages into region {region} failed: {reason}")]
-    Write {
-        /// Region index.
-        region: usize,
-        /// Why.
-        reason: String,
-    },
-}
 
 /// A region of guest memory being filled.
 #[derive(Debug)]
@@ -88,22 +43,18 @@ pub struct RegionState {
     pub page_bytes: usize,
 }
 
-thread_local! {
-    /// Whether this thread is a region's fault thread (see
-    /// [`set_fault_thread`]).
-    static FAULT_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Marks the calling thread as a fault thread: resolve operations that get
-/// EAGAIN return [`InstallError::Again`] instead of waiting, because the
-/// memory-map event the kernel waits for can only be read by this thread.
-pub(crate) fn set_fault_thread() {
-    FAULT_THREAD.with(|f| f.set(true));
-}
-
-/// Whether the calling thread is a region's fault thread.
-pub(crate) fn is_fault_thread() -> bool {
-    FAULT_THREAD.with(std::cell::Cell::get)
+/// Who is calling a resolve operation. It decides what EAGAIN (a memory-map
+/// event pending on the uffd) means: another thread pauses and retries while
+/// the fault thread reads the event; the fault thread itself must not wait,
+/// since it is the one that reads events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// The region's fault thread: EAGAIN returns [`InstallError::Again`] and
+    /// the fault loop reads messages, then retries.
+    FaultThread,
+    /// Any other thread (demand link, prefetcher, `Pager::fault`, teardown):
+    /// EAGAIN is retried here for up to [`EAGAIN_TIMEOUT`].
+    Other,
 }
 
 /// Zeros to COPY from where ZEROPAGE is not advertised (hugetlbfs).
@@ -146,14 +97,22 @@ impl RegionState {
         PageRange::new(PageIndex(self.first_page), self.pages).expect("regions are non-empty")
     }
 
-    /// The uffd, while registered.
+    /// The uffd, while registered. (The lock is never held across a call
+    /// that can panic; a poisoned one is used as it is, so that a teardown
+    /// after a panic still reaches the uffd.)
     pub fn uffd(&self) -> Option<Arc<Uffd>> {
-        self.uffd.lock().expect("uffd lock").clone()
+        self.uffd
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Takes the uffd away (completion, shutdown).
     pub fn take_uffd(&self) -> Option<Arc<Uffd>> {
-        self.uffd.lock().expect("uffd lock").take()
+        self.uffd
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 
     /// Host address of snapshot page `page` (which must be in the region).
@@ -190,6 +149,9 @@ impl RegionState {
     /// keeps through MADV_DONTNEED). Pages already present are skipped
     /// (EEXIST: another path won the race with the same content).
     pub fn install(&self, start: PageIndex, data: &[u8]) -> Result<(), InstallError> {
+        // Fetched pages are installed by the network paths, never by a fault
+        // thread, so EAGAIN is waited out here.
+        let caller = Caller::Other;
         let region = self.index;
         match self.strategy() {
             Strategy::Eager => self
@@ -203,7 +165,7 @@ impl RegionState {
             Strategy::Copy { .. } => {
                 let uffd = self.uffd().ok_or(InstallError::Closed { region })?;
                 let addr = self.addr_of(start);
-                self.resolve(addr, data.len(), |at, done| {
+                self.resolve(caller, addr, data.len(), |at, done| {
                     uffd.copy(at, &data[done..], true)
                 })
             }
@@ -221,7 +183,7 @@ impl RegionState {
                         reason: e.to_string(),
                     })?;
                 let addr = self.addr_of(start);
-                self.resolve(addr, data.len(), |at, done| {
+                self.resolve(caller, addr, data.len(), |at, done| {
                     uffd.continue_(at, data.len() - done, true)
                 })
             }
@@ -232,7 +194,12 @@ impl RegionState {
     /// network. `minor`: the page cache holds the page already (a shmem page
     /// the guest dropped with MADV_DONTNEED keeps its content), so it is
     /// mapped as it is.
-    pub fn install_zero(&self, page: PageIndex, minor: bool) -> Result<(), InstallError> {
+    pub fn install_zero(
+        &self,
+        page: PageIndex,
+        minor: bool,
+        caller: Caller,
+    ) -> Result<(), InstallError> {
         let region = self.index;
         let uffd = self.uffd().ok_or(InstallError::Closed { region })?;
         let addr = self.addr_of(page);
@@ -242,15 +209,55 @@ impl RegionState {
             .registered
             .map_or(ResolveOps::empty(), |(_, ops)| ops);
         if minor {
-            return self.resolve(addr, len, |at, done| uffd.continue_(at, len - done, false));
+            return self.resolve(caller, addr, len, |at, done| {
+                uffd.continue_(at, len - done, false)
+            });
         }
         if ops.contains(ResolveOps::ZEROPAGE) {
-            self.resolve(addr, len, |at, done| uffd.zeropage(at, len - done, false))
+            self.resolve(caller, addr, len, |at, done| {
+                uffd.zeropage(at, len - done, false)
+            })
         } else {
             // hugetlbfs has no ZEROPAGE: copy a buffer of zeros.
             let zeros = zero_buffer(len);
-            self.resolve(addr, len, |at, done| uffd.copy(at, &zeros[done..], false))
+            self.resolve(caller, addr, len, |at, done| {
+                uffd.copy(at, &zeros[done..], false)
+            })
         }
+    }
+
+    /// Resolves a MISSING fault on a page the table says is present. Either
+    /// the message is stale (the page was installed after the fault was
+    /// queued, and its installer woke the thread): the kernel answers EEXIST,
+    /// and the page is woken. Or the page really is unmapped: the guest
+    /// discarded it while the table said present (a REMOVE that raced an
+    /// install, or memory whose discards the pager is not told of), so its
+    /// content is zeros, which this maps. One ioctl either way, and never a
+    /// bare wake that the thread would answer with the same fault forever.
+    /// Returns whether zeros were mapped.
+    pub fn map_zero_if_absent(
+        &self,
+        page: PageIndex,
+        caller: Caller,
+    ) -> Result<bool, InstallError> {
+        let region = self.index;
+        let uffd = self.uffd().ok_or(InstallError::Closed { region })?;
+        let (addr, len) = (self.addr_of(page), self.page_bytes);
+        let ops = self
+            .decision
+            .registered
+            .map_or(ResolveOps::empty(), |(_, ops)| ops);
+        let skipped = if ops.contains(ResolveOps::ZEROPAGE) {
+            self.resolve_skipping(caller, addr, len, |at, done| {
+                uffd.zeropage(at, len - done, false)
+            })?
+        } else {
+            let zeros = zero_buffer(len);
+            self.resolve_skipping(caller, addr, len, |at, done| {
+                uffd.copy(at, &zeros[done..], false)
+            })?
+        };
+        Ok(skipped == 0)
     }
 
     /// Maps zeros at the `count` pages from `start` with one `UFFDIO_ZEROPAGE`,
@@ -267,6 +274,7 @@ impl RegionState {
         &self,
         start: PageIndex,
         count: u64,
+        caller: Caller,
     ) -> Result<Option<u64>, InstallError> {
         let region = self.index;
         let ops = self
@@ -278,7 +286,7 @@ impl RegionState {
         }
         let uffd = self.uffd().ok_or(InstallError::Closed { region })?;
         let len = count as usize * self.page_bytes;
-        let skipped = self.resolve_skipping(self.addr_of(start), len, |at, done| {
+        let skipped = self.resolve_skipping(caller, self.addr_of(start), len, |at, done| {
             uffd.zeropage(at, len - done, false)
         })?;
         Ok(Some(((len - skipped) / self.page_bytes) as u64))
@@ -303,11 +311,11 @@ impl RegionState {
     /// Maps the page cache's content of `page` (a MINOR fault on a page that
     /// is present in the file but not in the guest mapping). Returns false if
     /// the guest mapping had it already (the fault message was stale).
-    pub fn map_present(&self, page: PageIndex) -> Result<bool, InstallError> {
+    pub fn map_present(&self, page: PageIndex, caller: Caller) -> Result<bool, InstallError> {
         let region = self.index;
         let uffd = self.uffd().ok_or(InstallError::Closed { region })?;
         let len = self.page_bytes;
-        let skipped = self.resolve_skipping(self.addr_of(page), len, |at, done| {
+        let skipped = self.resolve_skipping(caller, self.addr_of(page), len, |at, done| {
             uffd.continue_(at, len - done, false)
         })?;
         Ok(skipped == 0)
@@ -315,11 +323,11 @@ impl RegionState {
 
     /// Makes `count` pages from `start` raise SIGBUS when touched, and wakes
     /// their waiters (who take the SIGBUS): the failure policy's "poison".
-    pub fn poison(&self, start: PageIndex, count: u64) -> Result<(), InstallError> {
+    pub fn poison(&self, start: PageIndex, count: u64, caller: Caller) -> Result<(), InstallError> {
         let region = self.index;
         let uffd = self.uffd().ok_or(InstallError::Closed { region })?;
         let len = count as usize * self.page_bytes;
-        self.resolve(self.addr_of(start), len, |at, done| {
+        self.resolve(caller, self.addr_of(start), len, |at, done| {
             uffd.poison(at, len - done, false)
         })
     }
@@ -333,10 +341,7 @@ impl RegionState {
         // page keeps the snapshot's content; the race (an install landing
         // between the guest's balloon discard and its REMOVE being handled)
         // is documented in docs/pager.md.
-        if self
-            .uffd()
-            .is_some_and(|u| u.opened_via() == crate::uffd::OpenedVia::Peer)
-        {
+        if self.memory.is_in_peer() {
             tracing::warn!(
                 region = self.index,
                 page = page.0,
@@ -365,16 +370,18 @@ impl RegionState {
     /// uffd, which the fault thread will read: pause and retry the rest.
     fn resolve(
         &self,
+        caller: Caller,
         addr: usize,
         len: usize,
         op: impl Fn(usize, usize) -> Result<usize, ResolveError>,
     ) -> Result<(), InstallError> {
-        self.resolve_skipping(addr, len, op).map(|_| ())
+        self.resolve_skipping(caller, addr, len, op).map(|_| ())
     }
 
     /// [`Self::resolve`], returning the bytes skipped as already present.
     fn resolve_skipping(
         &self,
+        caller: Caller,
         addr: usize,
         len: usize,
         op: impl Fn(usize, usize) -> Result<usize, ResolveError>,
@@ -399,7 +406,7 @@ impl RegionState {
                 }
                 Err(ResolveError::Again { done: d, .. }) => {
                     done += d;
-                    if FAULT_THREAD.with(std::cell::Cell::get) {
+                    if caller == Caller::FaultThread {
                         // Waiting here would wait for this very thread.
                         return Err(InstallError::Again { region });
                     }
@@ -408,9 +415,25 @@ impl RegionState {
                     }
                     std::thread::sleep(EAGAIN_PAUSE);
                 }
+                // ENOENT on memory of this process means the range was unmapped under the
+                // install (an UNMAP the fault thread is about to read), not that we are gone.
+                Err(source)
+                    if source.is_owner_gone()
+                        && (self.memory.is_in_peer() || errno(&source) == Some(libc::ESRCH)) =>
+                {
+                    return Err(InstallError::OwnerGone { region, source });
+                }
                 Err(source) => return Err(InstallError::Resolve { region, source }),
             }
         }
         Ok(skipped)
+    }
+}
+
+/// The errno of a failed resolve operation.
+fn errno(e: &ResolveError) -> Option<i32> {
+    match e {
+        ResolveError::Failed { source, .. } => source.raw_os_error(),
+        _ => None,
     }
 }

@@ -71,6 +71,7 @@ pub struct Counters {
     reconnects: AtomicU64,
     corrupt: AtomicU64,
     poisoned: AtomicU64,
+    released: AtomicU64,
     latencies_us: Mutex<Vec<u32>>,
     max_latency_us: AtomicU64,
 }
@@ -129,6 +130,11 @@ impl Counters {
         self.poisoned.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Claimed pages given back after a failed digest or install.
+    pub fn released(&self, n: u64) {
+        self.released.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// A demand fault took `latency` from read to install.
     pub fn latency(&self, latency: Duration) {
         let us = u32::try_from(latency.as_micros()).unwrap_or(u32::MAX);
@@ -175,6 +181,7 @@ impl Counters {
             reconnects: load(&self.reconnects),
             corrupt_pages: load(&self.corrupt),
             poisoned_pages: load(&self.poisoned),
+            released_pages: load(&self.released),
             fault_latency_us: Latency {
                 count: lat.len() as u64,
                 p50: pct(0.5),
@@ -238,6 +245,10 @@ pub struct Stats {
     pub corrupt_pages: u64,
     /// Pages poisoned by the failure policy.
     pub poisoned_pages: u64,
+    /// Claimed pages given back (made missing again, their waiters woken)
+    /// by the prefetcher after a failed digest or install; fetched again by
+    /// whoever faults next.
+    pub released_pages: u64,
     /// Latency from fault to install, for faults that needed the network.
     pub fault_latency_us: Latency,
     /// Seconds since the pager started.

@@ -234,6 +234,19 @@ impl ResolveError {
         }
     }
 
+    /// Whether the kernel said the memory's owner is gone: ESRCH (the process that registered
+    /// the range has exited: its mm has no users left) or ENOENT (the range is no longer mapped
+    /// or registered, which is what an exiting owner's torn-down address space answers).
+    /// A peer killed with SIGKILL mid-restore makes COPY answer ESRCH (tests/pager.rs).
+    /// Nothing more can be installed there; the pager serving that memory must end, and only it.
+    pub fn is_owner_gone(&self) -> bool {
+        matches!(
+            self,
+            Self::Failed { source, .. }
+                if matches!(source.raw_os_error(), Some(libc::ESRCH | libc::ENOENT))
+        )
+    }
+
     /// Bytes installed before the operation stopped.
     pub fn done(&self) -> usize {
         match self {

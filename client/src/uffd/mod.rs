@@ -106,7 +106,8 @@ pub fn offered_features() -> Result<(Features, OpenedVia), OpenError> {
 /// One userfaultfd, owned; closing it (on drop) unregisters all its ranges and wakes any thread
 /// still waiting on them, whose fault is then handled as if no uffd existed: missing anonymous
 /// pages read as zeros, missing shmem pages as holes. Close it only once every page is filled
-/// (or poisoned); a pager that dies early must take the process down with it.
+/// (or poisoned): a pager that ends early poisons what it has not filled first, and keeps the
+/// fd open for good if it cannot.
 ///
 /// All methods take `&self`; share it between a fault thread and installers with `Arc`.
 ///
@@ -162,7 +163,21 @@ impl Uffd {
     /// sends its guest memory's uffd over a Unix socket). `features` are the ones that process
     /// requested, as far as the caller knows (Firecracker requests `EVENT_REMOVE`); they only
     /// decide how messages are decoded. The fd is made non-blocking, which the fault loop needs.
-    pub fn from_peer(fd: OwnedFd, features: Features) -> Result<Self, OpenError> {
+    ///
+    /// Resolve operations on the result act on the memory of the process that created the uffd,
+    /// at addresses of *that* process: when it exits they fail with ESRCH
+    /// ([`ResolveError::is_owner_gone`]), which ends the pager serving it and nothing else.
+    ///
+    /// # Safety
+    ///
+    /// `fd` must be a userfaultfd on which the `UFFDIO_API` handshake was done (check it with
+    /// `fstat` or `/proc/self/fdinfo` before trusting a peer's word), and every range registered
+    /// on it must be memory in which no Rust object of this process lives: another process's
+    /// memory (Firecracker's guest memory), or guest memory of this process registered for
+    /// that purpose. COPY, ZEROPAGE, CONTINUE and POISON through the returned value install
+    /// content in those ranges behind the compiler's back, and a uffd created by this process
+    /// could have registered any of its memory.
+    pub unsafe fn from_peer(fd: OwnedFd, features: Features) -> Result<Self, OpenError> {
         let raw = fd.as_raw_fd();
         // SAFETY: F_GETFL on an fd we own only reads its status flags.
         let flags = unsafe { libc::fcntl(raw, libc::F_GETFL) };

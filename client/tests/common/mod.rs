@@ -164,6 +164,19 @@ impl Server {
         }
     }
 
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Starts the server again on the same port with a store opened afresh
+    /// on the same directory, so that it reads the snapshot files as they
+    /// are now (the store keeps snapshots it has opened).
+    pub fn restart_fresh(&mut self) {
+        self.store = Arc::new(LocalStore::new(self.dir.path().join("store")).expect("store"));
+        self.restart();
+    }
+
     /// Starts the server again on the same port.
     pub fn restart(&mut self) {
         assert!(
@@ -475,4 +488,66 @@ pub fn runtime() -> tokio::runtime::Runtime {
 pub fn block_on<F: Future>(rt: &tokio::runtime::Runtime, what: &str, fut: F) -> F::Output {
     rt.block_on(async { tokio::time::timeout(DEADLINE, fut).await })
         .unwrap_or_else(|_| hung(what, DEADLINE))
+}
+
+/// A TCP listener on 127.0.0.1 that accepts connections and never answers
+/// them: a stalled server. It holds every connection open until dropped.
+#[derive(Debug)]
+pub struct StalledServer {
+    addr: SocketAddr,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StalledServer {
+    /// Listens on `addr` (`127.0.0.1:0` for any port), retrying a bind that
+    /// fails because a killed server's port is not free yet.
+    pub fn bind(addr: SocketAddr) -> Self {
+        let started = Instant::now();
+        let listener = loop {
+            match std::net::TcpListener::bind(addr) {
+                Ok(l) => break l,
+                Err(e) if started.elapsed() < DEADLINE => {
+                    eprintln!("binding {addr} failed ({e}); retrying");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("cannot bind {addr}: {e}"),
+            }
+        };
+        listener.set_nonblocking(true).expect("non-blocking");
+        let addr = listener.local_addr().expect("addr");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut held = Vec::new();
+                // Bounded by the test: it drops the listener when done.
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((conn, _)) => held.push(conn),
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+            })
+        };
+        Self {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for StalledServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }

@@ -326,7 +326,7 @@ pub enum CreateError {
     /// The image is larger than this server accepts.
     #[error(
         "the image's {what} is {got}, more than this server's limit of {limit}; the operator \
-         can raise it with `faultline-server serve --{flag}`"
+         can raise it with `--{flag}` (of `faultline-server serve` or `import`)"
     )]
     TooLarge {
         /// What is too large ("size in bytes", "page count").

@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use faultline_client::backing::{BackingKind, GuestMemory};
 use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, KVM_MEM_GUEST_MEMFD, kvm_userspace_memory_region,
     kvm_userspace_memory_region2,
@@ -22,8 +21,8 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use thiserror::Error;
 
-use super::program::{PORT_CHECKSUM_HI, PORT_CHECKSUM_LO, PORT_ERROR};
-use super::state::{Regs, VcpuState};
+use crate::program::{PORT_CHECKSUM_HI, PORT_CHECKSUM_LO, PORT_ERROR};
+use crate::state::{Regs, VcpuState};
 
 /// How long a run may take before the harness stops it. A 50,000-page walk takes under half a
 /// second on local memory here; over a remote pager each page can add a fault round trip (~50 us
@@ -125,32 +124,6 @@ impl<'a> GuestRam<'a> {
         }
     }
 
-    /// The memory of `memory`: its guest mapping for anonymous, shmem and hugetlb memory; its
-    /// guest_memfd on its own VM for guest_memfd memory (which must then have been created
-    /// here, with its VM, rather than wrapped from outside).
-    pub fn of(memory: &'a GuestMemory) -> Result<Self, VmError> {
-        if memory.kind() != BackingKind::GuestMemfd {
-            // SAFETY: `memory` owns (or borrows for longer than itself) its guest mapping and
-            // keeps it mapped while the borrow `'a` lasts; it is guest memory, holding no Rust
-            // object.
-            return Ok(unsafe { Self::host(memory.host_addr(), memory.len()) });
-        }
-        let (Some(vm), Some(gmem)) = (memory.vm(), memory.fd()) else {
-            return Err(VmError::GuestMemfdWithoutVm);
-        };
-        // SAFETY: `GuestMemory::guest_memfd*` created `gmem` on `vm` with the memory's size and
-        // maps it at `host_addr()`; all three live as long as `memory`, borrowed for `'a`.
-        Ok(unsafe {
-            Self::guest_memfd(
-                vm.vm_fd(),
-                gmem,
-                memory.fd_offset(),
-                memory.len(),
-                memory.host_addr(),
-            )
-        })
-    }
-
     /// Size of the slot in bytes.
     pub fn len(&self) -> usize {
         match self.kind {
@@ -187,12 +160,6 @@ pub enum VmError {
     /// Duplicating the VM fd of a guest_memfd's VM failed.
     #[error("duplicating the fd of the guest_memfd's VM failed: {0}")]
     DupVm(#[source] io::Error),
-    /// A guest_memfd [`GuestMemory`] without its VM.
-    #[error(
-        "this guest_memfd memory has no VM attached (it was wrapped from outside); create it \
-         with GuestMemory::guest_memfd, or pass the VM with GuestRam::guest_memfd"
-    )]
-    GuestMemfdWithoutVm,
     /// The memory slot was refused.
     #[error(
         "creating the {len}-byte memory slot on {what} at {addr:#x} failed: {source}; the \

@@ -8,14 +8,14 @@ use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use faultline_client::backing::{BackingError, GuestMemory, Mapping};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use super::image::{GuestImage, ImageError, ImageSpec, build_image};
-use super::layout::{Layout, PAGE_SIZE};
-use super::state::VcpuState;
-use super::vmm::{GuestRam, MicroVm, RunError, RunOptions, RunResult};
+use crate::image::{GuestImage, ImageError, ImageSpec, build_image};
+use crate::layout::{Layout, LayoutError, PAGE_SIZE};
+use crate::memory::{AnonMemory, HostView};
+use crate::state::VcpuState;
+use crate::vmm::{MicroVm, RunError, RunOptions, RunResult};
 
 /// Version of the vCPU file's format; bumped when a field changes meaning.
 pub const SNAPSHOT_FORMAT: u32 = 1;
@@ -70,9 +70,17 @@ pub struct VmSnapshot {
 /// Writing or reading snapshot files, or making a snapshot, failed.
 #[derive(Debug, Error)]
 pub enum SnapshotError {
-    /// Allocating the VM's memory failed.
-    #[error(transparent)]
-    Memory(#[from] BackingError),
+    /// Mapping the VM's memory failed.
+    #[error(
+        "mapping {len} bytes of anonymous memory for the VM failed: {source}; a smaller slot \
+         needs less (the mapping reserves no swap, so this is the address space or a limit)"
+    )]
+    Memory {
+        /// Bytes asked for.
+        len: usize,
+        /// The kernel's error.
+        source: io::Error,
+    },
     /// Building the image failed.
     #[error(transparent)]
     Image(#[from] ImageError),
@@ -139,7 +147,7 @@ fn io_error<'a>(
 ///
 /// `memory` must not be registered with a userfaultfd with pages still missing (the reads would
 /// wait for a pager); dump local memory, or memory a pager has filled completely.
-pub fn dump_memory(memory: &Mapping, len: u64, path: &Path) -> Result<u64, SnapshotError> {
+pub fn dump_memory(memory: &HostView<'_>, len: u64, path: &Path) -> Result<u64, SnapshotError> {
     let file = File::create(path).map_err(io_error("creating", path))?;
     file.set_len(len).map_err(io_error("sizing", path))?;
     let mut chunk = vec![0u8; COPY_CHUNK];
@@ -171,7 +179,7 @@ pub fn dump_memory(memory: &Mapping, len: u64, path: &Path) -> Result<u64, Snaps
 /// Copies the raw memory file at `path` into `memory` (the eager, local restore: the baseline a
 /// lazy restore is compared with). Zero pages are skipped, so `memory` must be fresh (all
 /// zero) and at least as large as the file. Returns the number of non-zero pages copied.
-pub fn load_memory(path: &Path, memory: &Mapping) -> Result<u64, SnapshotError> {
+pub fn load_memory(path: &Path, memory: &HostView<'_>) -> Result<u64, SnapshotError> {
     let mut file = File::open(path).map_err(io_error("opening", path))?;
     let file_len = file
         .metadata()
@@ -240,7 +248,7 @@ pub fn load_state(path: &Path) -> Result<VmSnapshot, SnapshotError> {
 /// bytes).
 pub fn save_snapshot(
     files: &SnapshotFiles,
-    memory: &Mapping,
+    memory: &HostView<'_>,
     snapshot: &VmSnapshot,
 ) -> Result<(), SnapshotError> {
     dump_memory(memory, snapshot.layout.mem_size, &files.memory)?;
@@ -269,17 +277,16 @@ pub fn create_snapshot(
     files: &SnapshotFiles,
 ) -> Result<CreatedSnapshot, SnapshotError> {
     let len = usize::try_from(spec.mem_size).map_err(|_| {
-        ImageError::Layout(super::layout::LayoutError::Size {
+        ImageError::Layout(LayoutError::Size {
             mem_size: spec.mem_size,
         })
     })?;
-    let memory = GuestMemory::anonymous(len)?;
-    let image = build_image(memory.guest(), spec)?;
+    let memory = AnonMemory::new(len).map_err(|source| SnapshotError::Memory { len, source })?;
+    let image = build_image(&memory.view(), spec)?;
     let (vcpu, run) = match first_run {
         None => (image.boot_state(0), None),
         Some(walk) => {
-            let mut vm = MicroVm::new(GuestRam::of(&memory).map_err(RunError::from)?)
-                .map_err(RunError::from)?;
+            let mut vm = MicroVm::new(memory.ram()).map_err(RunError::from)?;
             vm.set_state(&image.boot_state(walk))
                 .map_err(RunError::from)?;
             let run = vm.run(&RunOptions::walk(walk))?;
@@ -294,7 +301,7 @@ pub fn create_snapshot(
         entry: image.program.entry,
         vcpu,
     };
-    save_snapshot(files, memory.guest(), &snapshot)?;
+    save_snapshot(files, &memory.view(), &snapshot)?;
     Ok(CreatedSnapshot {
         snapshot,
         image,

@@ -33,7 +33,7 @@ use iced_x86::code_asm::{
 };
 use thiserror::Error;
 
-use super::layout::{CODE_ADDR, PAGE_SIZE, PROBE_OFFSET, WALK_TABLE_ADDR, WRITE_OFFSET};
+use crate::layout::{CODE_ADDR, PAGE_SIZE, PROBE_OFFSET, WALK_TABLE_ADDR, WRITE_OFFSET};
 
 /// Port the guest writes the low 32 bits of the checksum to.
 pub const PORT_CHECKSUM_LO: u16 = 0x0500;

@@ -3,7 +3,7 @@
 //!
 //! The memory slot starts at guest physical address 0, so a guest physical address is also the
 //! byte offset in the slot, in the raw memory file, and (divided by 4 KiB) the page index a
-//! snapshot and its pager use. See the table in [`crate::vm`].
+//! snapshot and its pager use. See the table in [the crate documentation](crate).
 
 use std::ops::Range;
 
@@ -21,8 +21,8 @@ const PD_SPAN: u64 = 1 << 30;
 
 /// GDT: null, 64-bit code, data, and a 16-byte TSS descriptor (KVM wants a usable TR).
 pub const GDT_ADDR: u64 = 0x1000;
-/// Walk table: [`crate::vm::program::MAX_WALKS`] descriptors of
-/// [`crate::vm::program::DESCRIPTOR_SIZE`] bytes; the guest writes each walk's result here.
+/// Walk table: [`crate::program::MAX_WALKS`] descriptors of
+/// [`crate::program::DESCRIPTOR_SIZE`] bytes; the guest writes each walk's result here.
 pub const WALK_TABLE_ADDR: u64 = 0x2000;
 /// The guest program (one page).
 pub const CODE_ADDR: u64 = 0x3000;

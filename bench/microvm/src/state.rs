@@ -9,8 +9,8 @@
 use kvm_bindings::{kvm_dtable, kvm_regs, kvm_segment, kvm_sregs};
 use serde::{Deserialize, Serialize};
 
-use super::layout::CODE_SELECTOR;
-use super::layout::{
+use crate::layout::CODE_SELECTOR;
+use crate::layout::{
     CODE_ACCESS, DATA_ACCESS, DATA_SELECTOR, GDT_ADDR, PML4_ADDR, STACK_TOP, TSS_ACCESS, TSS_LIMIT,
     TSS_SELECTOR,
 };

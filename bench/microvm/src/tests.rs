@@ -1,10 +1,11 @@
-//! The harness end to end under real KVM: every backing type, snapshots, eager and lazy
-//! restores. Each test skips (or fails under `FAULTLINE_REQUIRE_KERNEL=1`) without `/dev/kvm`.
+//! The harness end to end under real KVM: every backing type of faultline-client (a
+//! dev-dependency: the library itself never sees the client), snapshots, eager and lazy
+//! restores. Each test fails (or skips under `FAULTLINE_ALLOW_SKIP=1`) without `/dev/kvm`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use faultline_client::backing::{BackingError, GuestMemory, HUGE_PAGE_SIZE, Mapping};
+use faultline_client::backing::{BackingError, BackingKind, GuestMemory, HUGE_PAGE_SIZE, Mapping};
 use faultline_client::testutil;
 use faultline_client::uffd::{Event, Readiness, RegisterModes, ResolveError, StopSignal, Uffd};
 
@@ -16,6 +17,38 @@ use super::*;
 const MEM: u64 = 64 << 20;
 /// Pages a test walk visits.
 const WALK_PAGES: usize = 8192;
+
+/// The slot of a [`MicroVm`] on the client's `memory`: its guest mapping, or for guest_memfd its
+/// guest_memfd on its own VM.
+fn ram(memory: &GuestMemory) -> GuestRam<'_> {
+    if memory.kind() != BackingKind::GuestMemfd {
+        // SAFETY: `memory` keeps its guest mapping (page-aligned, read-write) mapped while the
+        // borrow lasts, and no Rust object lives in it.
+        return unsafe { GuestRam::host(memory.host_addr(), memory.len()) };
+    }
+    let (vm, gmem) = (
+        memory.vm().expect("the guest_memfd's VM"),
+        memory.fd().expect("fd"),
+    );
+    // SAFETY: `GuestMemory::guest_memfd` created `gmem` on `vm` with the memory's size and maps
+    // it at `host_addr()`; all three live as long as `memory`, borrowed for the result's life.
+    unsafe {
+        GuestRam::guest_memfd(
+            vm.vm_fd(),
+            gmem,
+            memory.fd_offset(),
+            memory.len(),
+            memory.host_addr(),
+        )
+    }
+}
+
+/// The host's view of the client's `mapping`.
+fn view(mapping: &Mapping) -> HostView<'_> {
+    // SAFETY: a `Mapping` is mapped read-write while it lives (borrowed for the view's life) and
+    // holds no Rust object.
+    unsafe { HostView::new(mapping.addr(), mapping.len()) }
+}
 
 /// A VM can be made here, or the test is skipped (with a message).
 fn have_kvm() -> bool {
@@ -38,8 +71,9 @@ fn test_spec(seed: u64) -> ImageSpec {
 /// walks. Returns the run results.
 fn build_and_walk(memory: &GuestMemory, fill: &Mapping, seed: u64) -> Vec<RunResult> {
     let spec = test_spec(seed);
+    let fill = &view(fill);
     let image = build_image(fill, &spec).unwrap();
-    let mut vm = MicroVm::new(GuestRam::of(memory).unwrap()).unwrap();
+    let mut vm = MicroVm::new(ram(memory)).unwrap();
     vm.set_state(&image.boot_state(0)).unwrap();
     let mut results = Vec::new();
     for (n, walk) in spec.walks.iter().enumerate() {
@@ -136,7 +170,7 @@ fn guest_memfd_walks_match_the_host() {
     };
     build_and_walk(&memory, memory.fill_view().unwrap(), 14);
     // The VM holds the harness's slot and vCPU for good: a second harness is refused clearly.
-    let err = MicroVm::new(GuestRam::of(&memory).unwrap()).unwrap_err();
+    let err = MicroVm::new(ram(&memory)).unwrap_err();
     assert!(matches!(err, VmError::Memslot { .. }), "{err}");
 }
 
@@ -169,11 +203,10 @@ fn restore_from_the_memory_file_gives_the_same_checksum() {
     let walk = read_walk(&bytes[..], 2).unwrap();
     check_writes(&bytes[..], &walk).unwrap();
 
-    let memory = GuestMemory::anonymous(MEM as usize).unwrap();
-    let copied = load_memory(&files.memory, memory.guest()).unwrap();
+    let memory = AnonMemory::new(MEM as usize).unwrap();
+    let copied = load_memory(&files.memory, &memory.view()).unwrap();
     assert!(copied < MEM / PAGE_SIZE, "zero pages are not copied");
-    let ram = GuestRam::of(&memory).unwrap();
-    let again = run_guest(ram, &snapshot.vcpu, &RunOptions::default()).unwrap();
+    let again = run_guest(memory.ram(), &snapshot.vcpu, &RunOptions::default()).unwrap();
     assert_eq!(
         again.checksum,
         expected_checksum(&bytes[..], &walk).unwrap()
@@ -181,14 +214,9 @@ fn restore_from_the_memory_file_gives_the_same_checksum() {
     assert_eq!(again.checksum, first.checksum);
 
     let other = read_walk(&bytes[..], 1).unwrap();
-    let fresh = GuestMemory::anonymous(MEM as usize).unwrap();
-    load_memory(&files.memory, fresh.guest()).unwrap();
-    let result = run_guest(
-        GuestRam::of(&fresh).unwrap(),
-        &snapshot.vcpu,
-        &RunOptions::walk(1),
-    )
-    .unwrap();
+    let fresh = AnonMemory::new(MEM as usize).unwrap();
+    load_memory(&files.memory, &fresh.view()).unwrap();
+    let result = run_guest(fresh.ram(), &snapshot.vcpu, &RunOptions::walk(1)).unwrap();
     assert_eq!(
         result.checksum,
         expected_checksum(&bytes[..], &other).unwrap()
@@ -255,11 +283,7 @@ fn lazy_restore_through_userfaultfd_faults_from_the_vcpu() {
     let faults = AtomicU64::new(0);
     let result = std::thread::scope(|scope| {
         scope.spawn(|| serve_from_file(&uffd, &stop, base, &bytes, &faults));
-        let result = run_guest(
-            GuestRam::of(&memory).unwrap(),
-            &snapshot.vcpu,
-            &RunOptions::default(),
-        );
+        let result = run_guest(ram(&memory), &snapshot.vcpu, &RunOptions::default());
         stop.stop();
         result
     })
@@ -293,15 +317,15 @@ fn a_spinning_guest_times_out() {
     if !have_kvm() {
         return;
     }
-    let memory = GuestMemory::anonymous(4 << 20).unwrap();
+    let memory = AnonMemory::new(4 << 20).unwrap();
     let image = build_image(
-        memory.guest(),
+        &memory.view(),
         &ImageSpec::new(4 << 20, 1).walk(Walk::sequential(20, 10)),
     )
     .unwrap();
     // `jmp $` at the entry: the vCPU loops forever.
     memory
-        .guest()
+        .view()
         .write(image.program.entry as usize, &[0xeb, 0xfe])
         .unwrap();
     let options = RunOptions {
@@ -309,12 +333,7 @@ fn a_spinning_guest_times_out() {
         timeout: Duration::from_millis(300),
     };
     let started = Instant::now();
-    let err = run_guest(
-        GuestRam::of(&memory).unwrap(),
-        &image.boot_state(0),
-        &options,
-    )
-    .unwrap_err();
+    let err = run_guest(memory.ram(), &image.boot_state(0), &options).unwrap_err();
     assert!(matches!(err, RunError::Timeout { .. }), "{err}");
     assert!(started.elapsed() < Duration::from_secs(10));
 }
@@ -326,32 +345,22 @@ fn an_unknown_walk_kind_is_reported() {
     if !have_kvm() {
         return;
     }
-    let memory = GuestMemory::anonymous(4 << 20).unwrap();
+    let memory = AnonMemory::new(4 << 20).unwrap();
     let image = build_image(
-        memory.guest(),
+        &memory.view(),
         &ImageSpec::new(4 << 20, 1).walk(Walk::sequential(20, 10)),
     )
     .unwrap();
     // Walk 5 is an empty slot (an empty walk, reporting the initial checksum); corrupt it.
-    let empty = run_guest(
-        GuestRam::of(&memory).unwrap(),
-        &image.boot_state(5),
-        &RunOptions::default(),
-    )
-    .unwrap();
+    let empty = run_guest(memory.ram(), &image.boot_state(5), &RunOptions::default()).unwrap();
     assert_eq!(empty.checksum, program::CHECKSUM_INIT);
-    let fresh = GuestMemory::anonymous(4 << 20).unwrap();
-    build_image(fresh.guest(), &ImageSpec::new(4 << 20, 1)).unwrap();
+    let fresh = AnonMemory::new(4 << 20).unwrap();
+    build_image(&fresh.view(), &ImageSpec::new(4 << 20, 1)).unwrap();
     fresh
-        .guest()
+        .view()
         .write(program::descriptor_addr(5) as usize, &9u32.to_le_bytes())
         .unwrap();
-    let err = run_guest(
-        GuestRam::of(&fresh).unwrap(),
-        &image.boot_state(5),
-        &RunOptions::default(),
-    )
-    .unwrap_err();
+    let err = run_guest(fresh.ram(), &image.boot_state(5), &RunOptions::default()).unwrap_err();
     assert!(matches!(err, RunError::BadWalk { kind: 9 }), "{err}");
 }
 
@@ -366,16 +375,11 @@ fn a_walk_of_50000_pages_takes_seconds() {
     let pages = 50_000;
     let layout = Layout::new(mem, pages as u64).unwrap();
     let spec = ImageSpec::new(mem, 41).walk(Walk::random(41, layout.data_pages(), pages));
-    let memory = GuestMemory::anonymous(mem as usize).unwrap();
+    let memory = AnonMemory::new(mem as usize).unwrap();
     let started = Instant::now();
-    let image = build_image(memory.guest(), &spec).unwrap();
+    let image = build_image(&memory.view(), &spec).unwrap();
     let built = started.elapsed();
-    let result = run_guest(
-        GuestRam::of(&memory).unwrap(),
-        &image.boot_state(0),
-        &RunOptions::default(),
-    )
-    .unwrap();
+    let result = run_guest(memory.ram(), &image.boot_state(0), &RunOptions::default()).unwrap();
     assert_eq!(Some(result.checksum), image.expected_checksum(0));
     eprintln!(
         "50,000-page random walk: image built in {built:?}, walk {:?} ({:.0} pages/s)",

@@ -1,8 +1,8 @@
 //! The Firecracker handler (`faultline fc-handler`, in-process) serves a real KVM guest: the
 //! test plays Firecracker (fresh anonymous memory, a uffd with EVENT_REMOVE registered MISSING,
 //! the JSON regions and the uffd sent over the handler's Unix socket) and the micro-VM's vCPU
-//! faults its pages in through the handler. Skips (or fails under
-//! `FAULTLINE_REQUIRE_KERNEL=1`) without `/dev/kvm` or userfaultfd.
+//! faults its pages in through the handler. Fails (or skips under `FAULTLINE_ALLOW_SKIP=1`)
+//! without `/dev/kvm` or userfaultfd.
 
 use std::io::IoSlice;
 use std::os::fd::AsRawFd;
@@ -12,16 +12,16 @@ use std::sync::Arc;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use faultline_bench::vm::{
-    GuestRam, ImageSpec, Layout, RunOptions, SnapshotFiles, Walk, create_snapshot,
-    expected_checksum, load_state, run_guest,
-};
 use faultline_client::firecracker::{
     ConnectionEvent, ConnectionReport, EndReason, GuestRegionUffdMapping, Handler, bind,
 };
 use faultline_client::pager::{PagerConfig, PrefetchPolicy};
 use faultline_client::testutil;
 use faultline_client::uffd::{Features, RegisterModes, Uffd, UffdOptions};
+use faultline_microvm::{
+    GuestRam, ImageSpec, Layout, RunOptions, SnapshotFiles, Walk, create_snapshot,
+    expected_checksum, load_state, run_guest,
+};
 use faultline_proto::{PageSize, SnapshotId};
 use faultline_server::LocalStore;
 use faultline_server::import::import_file;
@@ -169,11 +169,10 @@ fn fc_handler_serves_a_kvm_guest() {
     // fills it, and nothing on the host touches it.
     unsafe { uffd.register(memory.addr, memory.len, RegisterModes::MISSING) }
         .expect("register MISSING");
+    // As Firecracker sends it: `page_size_kib` holds bytes too (its name is wrong).
     let body = format!(
-        r#"[{{"base_host_virt_addr":{},"size":{},"offset":0,"page_size":{PAGE},"page_size_kib":{}}}]"#,
-        memory.addr,
-        memory.len,
-        PAGE / 1024
+        r#"[{{"base_host_virt_addr":{},"size":{},"offset":0,"page_size":{PAGE},"page_size_kib":{PAGE}}}]"#,
+        memory.addr, memory.len
     );
     let parsed: Vec<GuestRegionUffdMapping> = serde_json::from_str(&body).expect("valid JSON");
     assert_eq!(parsed[0].page_size_bytes(0).expect("page size"), PAGE);

@@ -1,26 +1,26 @@
 //! Guest memory images: the content the host writes before a snapshot (data pattern, program,
 //! page tables, walks), and the host's side of the checksum.
 //!
-//! Data page `p` holds the synthetic content of [`faultline_server::testing::fill_page`] (about
-//! 40% zero pages in runs of 8, 30% text, 30% random) with, in every non-zero page, the *probe
+//! Data page `p` holds the synthetic content of [`pattern::fill_page`](crate::pattern::fill_page)
+//! (about 40% zero pages in runs of 8, 30% text, 30% random) with, in every non-zero page, the *probe
 //! word* [`probe_word`]`(seed, p)` at [`PROBE_OFFSET`]. Zero pages stay all zero, probe word
 //! included, so zero-page handling is exercised by every walk.
 
 use std::collections::HashSet;
 use std::ops::Range;
 
-use faultline_client::backing::{Mapping, OutOfBounds};
-use faultline_server::testing::{PageKind, fill_page, page_kind};
 use thiserror::Error;
 
-use super::layout::{
+use crate::layout::{
     CODE_ADDR, GDT_ADDR, Layout, LayoutError, PAGE_SIZE, PML4_ADDR, PROBE_OFFSET, WRITE_OFFSET, gdt,
 };
-use super::program::{
+use crate::memory::{GuestBytes, HostView, OutOfRange};
+use crate::pattern::{PageKind, fill_page, mix, page_kind};
+use crate::program::{
     AssembleError, CHECKSUM_INIT, DESCRIPTOR_SIZE, Descriptor, MAX_WALKS, Program, WalkKind,
     assemble, descriptor_addr, fold,
 };
-use super::state::VcpuState;
+use crate::state::VcpuState;
 
 /// How a walk orders its pages.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -276,14 +276,6 @@ impl GuestImage {
     }
 }
 
-/// SplitMix64: a fast, well-mixed function of its input.
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
 /// Whether data page `page` is an all-zero page.
 pub fn is_zero_page(page: u64) -> bool {
     page_kind(page) == PageKind::Zero
@@ -358,7 +350,7 @@ fn header(spec: &ImageSpec, layout: &Layout) -> Result<(Vec<u8>, Program), Image
 ///
 /// `memory` must not be registered with a userfaultfd (write through a fill view instead): the
 /// host's accesses would fault and wait for a pager.
-pub fn build_image(memory: &Mapping, spec: &ImageSpec) -> Result<GuestImage, ImageError> {
+pub fn build_image(memory: &HostView<'_>, spec: &ImageSpec) -> Result<GuestImage, ImageError> {
     if spec.walks.len() > MAX_WALKS as usize {
         return Err(ImageError::TooManyWalks {
             count: spec.walks.len(),
@@ -383,7 +375,7 @@ pub fn build_image(memory: &Mapping, spec: &ImageSpec) -> Result<GuestImage, Ima
         }
     }
     let (header, program) = header(spec, &layout)?;
-    let too_small = |_: OutOfBounds| ImageError::MemoryTooSmall {
+    let too_small = |_: OutOfRange| ImageError::MemoryTooSmall {
         len: memory.len(),
         mem_size: layout.mem_size,
     };
@@ -408,44 +400,6 @@ pub fn build_image(memory: &Mapping, spec: &ImageSpec) -> Result<GuestImage, Ima
         walks: spec.walks.clone(),
         program,
     })
-}
-
-/// Guest memory the host can read: a raw memory file's bytes, or a mapping that is not (or no
-/// longer) registered with a userfaultfd.
-pub trait GuestBytes {
-    /// Size in bytes.
-    fn size(&self) -> u64;
-    /// Copies the bytes at guest address `gpa` into `buf`; false when out of range.
-    fn read_at(&self, gpa: u64, buf: &mut [u8]) -> bool;
-}
-
-impl GuestBytes for [u8] {
-    fn size(&self) -> u64 {
-        self.len() as u64
-    }
-
-    fn read_at(&self, gpa: u64, buf: &mut [u8]) -> bool {
-        let Ok(start) = usize::try_from(gpa) else {
-            return false;
-        };
-        match self.get(start..start.saturating_add(buf.len())) {
-            Some(src) => {
-                buf.copy_from_slice(src);
-                true
-            }
-            None => false,
-        }
-    }
-}
-
-impl GuestBytes for Mapping {
-    fn size(&self) -> u64 {
-        self.len() as u64
-    }
-
-    fn read_at(&self, gpa: u64, buf: &mut [u8]) -> bool {
-        usize::try_from(gpa).is_ok_and(|offset| self.read(offset, buf).is_ok())
-    }
 }
 
 /// Reading walks or checksums out of guest memory failed.
@@ -531,7 +485,7 @@ pub fn read_descriptor(
 }
 
 /// Walk `walk` as the guest will see it in `memory` (a raw memory file, say): its descriptor in
-/// the walk table at [`WALK_TABLE_ADDR`](super::layout::WALK_TABLE_ADDR) and, for a list walk, its page list.
+/// the walk table at [`WALK_TABLE_ADDR`](crate::layout::WALK_TABLE_ADDR) and, for a list walk, its page list.
 pub fn read_walk(memory: &(impl GuestBytes + ?Sized), walk: u32) -> Result<Walk, InspectError> {
     let d = read_descriptor(memory, walk)?;
     let bad = |reason| InspectError::BadDescriptor { walk, reason };
@@ -615,6 +569,7 @@ pub fn check_writes(memory: &(impl GuestBytes + ?Sized), walk: &Walk) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::memory::AnonMemory;
 
     /// A random walk visits distinct data pages, deterministically in its seed.
     #[test]
@@ -642,19 +597,19 @@ mod tests {
     /// checksum read from memory equals the one computed from the pattern.
     #[test]
     fn image_content_and_checksums_agree() {
-        let mem = faultline_client::backing::GuestMemory::anonymous(8 << 20).unwrap();
+        let mem = AnonMemory::new(8 << 20).unwrap();
         // Dirty a zero page beforehand: building must clear it.
         let zero = (16..2048).find(|&p| is_zero_page(p)).unwrap();
-        mem.guest()
+        mem.view()
             .write((zero * PAGE_SIZE) as usize + 5, b"x")
             .unwrap();
         let spec = ImageSpec::new(8 << 20, 3)
             .walk(Walk::sequential(16, 100))
             .walk(Walk::random(5, 16..2048, 300).writing())
             .walk(Walk::strided(2047, -2, 50));
-        let image = build_image(mem.guest(), &spec).unwrap();
+        let image = build_image(&mem.view(), &spec).unwrap();
         assert_eq!(image.layout.data_start, 9);
-        let memory = mem.guest();
+        let memory = &mem.view();
         let mut page = vec![0u8; 4096];
         memory.read((zero * PAGE_SIZE) as usize, &mut page).unwrap();
         assert!(page.iter().all(|&b| b == 0));
@@ -676,9 +631,9 @@ mod tests {
     /// Walks outside the data pages, and too many walks, are refused before anything is written.
     #[test]
     fn bad_walks_are_refused() {
-        let mem = faultline_client::backing::GuestMemory::anonymous(4 << 20).unwrap();
+        let mem = AnonMemory::new(4 << 20).unwrap();
         let err = build_image(
-            mem.guest(),
+            &mem.view(),
             &ImageSpec::new(4 << 20, 1).walk(Walk::sequential(0, 10)),
         )
         .unwrap_err();
@@ -687,7 +642,7 @@ mod tests {
             "{err}"
         );
         let err = build_image(
-            mem.guest(),
+            &mem.view(),
             &ImageSpec::new(4 << 20, 1).walk(Walk::sequential(1000, 100)),
         )
         .unwrap_err();
@@ -698,10 +653,10 @@ mod tests {
         let mut spec = ImageSpec::new(4 << 20, 1);
         spec.walks = vec![Walk::sequential(20, 1); 65];
         assert!(matches!(
-            build_image(mem.guest(), &spec),
+            build_image(&mem.view(), &spec),
             Err(ImageError::TooManyWalks { count: 65 })
         ));
-        let err = build_image(mem.guest(), &ImageSpec::new(8 << 20, 1)).unwrap_err();
+        let err = build_image(&mem.view(), &ImageSpec::new(8 << 20, 1)).unwrap_err();
         assert!(matches!(err, ImageError::MemoryTooSmall { .. }), "{err}");
     }
 }

@@ -1,0 +1,145 @@
+//! How a pager runs: its configuration, the policies it takes, and the regions it fills.
+
+use std::time::Duration;
+
+use faultline_proto::{Compression, SnapshotId, WorkingSetName};
+
+use crate::backing::GuestMemory;
+use crate::remote::ConnectOptions;
+use crate::strategy::Mode;
+
+/// Smallest read-ahead window: 16 KiB. A random fault fetches its page and
+/// three neighbours; a page costs ~1 us to send on loopback against a
+/// ~50 us round trip, so a few extra pages are nearly free.
+pub const MIN_READAHEAD_BYTES: u64 = 16 << 10;
+
+/// Largest read-ahead window: 1 MiB, the prefetch batch size. Sequential
+/// scans reach it after six faults.
+pub const MAX_READAHEAD_BYTES: u64 = 1 << 20;
+
+/// Read-ahead bounds that fetch only the faulting page. For recording an
+/// exact working set: a neighbour fetched ahead is never faulted on, so a
+/// recording with read-ahead holds each fault's whole window (on a scattered
+/// 10% of 2 GiB, 2.2x the pages touched: docs/BENCHMARKS.md), all of which a
+/// replay then moves.
+pub const NO_READAHEAD: (u64, u64) = (0, 0);
+
+/// Default time the server may be unreachable (or a page keep failing its
+/// digest) before the failure policy applies.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
+
+/// What to prefetch in the background.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PrefetchPolicy {
+    /// Nothing: demand faults only.
+    None,
+    /// The recorded working set only.
+    WorkingSet,
+    /// The working set, then every other page.
+    #[default]
+    All,
+}
+
+impl std::str::FromStr for PrefetchPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Self::None),
+            "working-set" => Ok(Self::WorkingSet),
+            "all" => Ok(Self::All),
+            _ => Err(format!(
+                "unknown prefetch policy {s:?}; use none, working-set or all"
+            )),
+        }
+    }
+}
+
+/// What to do when pages cannot be fetched (server unreachable past the
+/// deadline, or a page that keeps failing its digest).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnFailure {
+    /// Keep retrying, with backoff; faulting threads keep waiting. Never aborts anything.
+    #[default]
+    Wait,
+    /// `UFFDIO_POISON` the pages: a thread touching them gets SIGBUS.
+    Poison,
+    /// Abort the process (in `fc-handler`: with every VM it serves). Only the server failing
+    /// does this: an error on the memory's uffd never aborts (see [`super::Outcome`]).
+    Abort,
+}
+
+impl std::str::FromStr for OnFailure {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "wait" => Ok(Self::Wait),
+            "poison" => Ok(Self::Poison),
+            "abort" => Ok(Self::Abort),
+            _ => Err(format!(
+                "unknown failure policy {s:?}; use wait, poison or abort"
+            )),
+        }
+    }
+}
+
+/// How the pager runs.
+#[derive(Clone, Debug)]
+pub struct PagerConfig {
+    /// Server URLs (`http://HOST:PORT` or `https://HOST:PORT`), tried in
+    /// order on failures.
+    pub servers: Vec<String>,
+    /// How to connect to them: TLS, token, transport.
+    pub connect: ConnectOptions,
+    /// The snapshot to restore.
+    pub snapshot: SnapshotId,
+    /// Resolve method: from the kernel's answer, or forced.
+    pub mode: Mode,
+    /// Background prefetch.
+    pub prefetch: PrefetchPolicy,
+    /// Working set prefetched first, and recorded under, if `record`.
+    pub working_set: WorkingSetName,
+    /// Record the first-touch order of faults, for
+    /// [`Pager::record_working_set`] (and upload it on completion). Each
+    /// fault records the read-ahead window it fetched; with
+    /// [`NO_READAHEAD`] the recording is exactly the pages touched.
+    pub record: bool,
+    /// Read-ahead window bounds, in bytes.
+    pub readahead: (u64, u64),
+    /// After this long without the server, or a page failing its digest
+    /// past its retries, `on_failure` applies.
+    pub deadline: Duration,
+    /// What to do then.
+    pub on_failure: OnFailure,
+    /// Compression asked of the server.
+    pub compression: Compression,
+}
+
+impl PagerConfig {
+    /// Defaults for restoring `snapshot` from `server`.
+    pub fn new(server: impl Into<String>, snapshot: SnapshotId) -> Self {
+        Self {
+            servers: vec![server.into()],
+            connect: ConnectOptions::default(),
+            snapshot,
+            mode: Mode::Auto,
+            prefetch: PrefetchPolicy::All,
+            working_set: WorkingSetName::default_name(),
+            record: false,
+            readahead: (MIN_READAHEAD_BYTES, MAX_READAHEAD_BYTES),
+            deadline: DEFAULT_DEADLINE,
+            on_failure: OnFailure::Wait,
+            compression: Compression::None,
+        }
+    }
+}
+
+/// Guest memory to fill, and where in the snapshot its content is.
+#[derive(Debug)]
+pub struct Region {
+    /// The memory.
+    pub memory: GuestMemory,
+    /// Byte offset in the snapshot's image of the memory's first byte.
+    pub snapshot_offset: u64,
+}

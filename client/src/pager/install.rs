@@ -1,0 +1,106 @@
+//! The install protocol, the one way fetched pages get into guest memory,
+//! whichever path fetched them (the demand link for faults and read-ahead,
+//! the prefetcher):
+//!
+//! 1. **claim**: `Missing -> InFlight` ([`Shared::claim`]), before the
+//!    fetch; whoever claims a page is the only one to install it.
+//! 2. **install without waking**: COPY or CONTINUE with DONTWAKE
+//!    ([`RegionState::install`]); pages found present (EEXIST) are skipped.
+//! 3. **count**: statistics before settling, so they are complete when the
+//!    last page settling completes the pager.
+//! 4. **finish**: `InFlight -> Present`; if a REMOVE made the page
+//!    `ZeroOnFault` meanwhile, the install is stale: **discard** it.
+//! 5. **wake** the run's waiters, only now (woken earlier, a guest thread
+//!    could discard a page the pager still counts as in flight).
+//!
+//! A claim never outlives its path: when an install fails, the path either
+//! retries the run itself (the demand link, after a backoff, still holding
+//! the claim) or **releases** it (`InFlight -> Missing`) and wakes its
+//! waiters, whose retry faults again and claims afresh (the prefetcher); a
+//! path that gives up on pages **poisons** them.
+
+use faultline_proto::PageIndex;
+
+use super::Shared;
+use super::error::InstallError;
+use super::pages::PageState;
+use super::region::{Caller, RegionState};
+use super::stats::Source;
+
+impl Shared {
+    /// Step 1: claims `page` for fetching and installing (`Missing ->
+    /// InFlight`). False if another path has it or it is settled.
+    pub(super) fn claim(&self, page: PageIndex) -> bool {
+        self.table.claim(page)
+    }
+
+    /// Steps 2 to 5 for consecutive pages of `region` from `start` that the
+    /// caller claimed, with their verified bytes: `fault`, if among them, is
+    /// counted as demand, the rest as `source`. On failure the pages stay
+    /// claimed: the caller retries them or [`Self::release_claimed`]s them.
+    pub(super) fn install_claimed(
+        &self,
+        region: &RegionState,
+        start: PageIndex,
+        data: &[u8],
+        source: Source,
+        fault: Option<PageIndex>,
+    ) -> Result<(), InstallError> {
+        let count = (data.len() / self.manifest.page_size.bytes_usize()) as u64;
+        region.install(start, data)?;
+        self.counters.bytes(data.len() as u64);
+        let demand = u64::from(fault.is_some_and(|f| f.0 >= start.0 && f.0 < start.0 + count));
+        if demand > 0 {
+            self.counters.pages(Source::Demand, demand);
+        }
+        if count > demand {
+            self.counters.pages(source, count - demand);
+        }
+        for p in (start.0..start.0 + count).map(PageIndex) {
+            // The guest discarded the page while it was being installed:
+            // throw the install away, unless a fault has resolved the page
+            // since (discarding a present page would leave it unmapped).
+            if !self.table.finish(p) && self.table.get(p) == PageState::ZeroOnFault {
+                region.discard(p);
+            }
+        }
+        region.wake_range(start, count);
+        Ok(())
+    }
+
+    /// Gives claimed pages back (`InFlight -> Missing`) and wakes their
+    /// waiters: the digest or the install failed, and whoever faults next
+    /// claims them again. Pages installed before a failure are right (verified) and
+    /// stay mapped; the next claim's install finds them present (EEXIST).
+    pub(super) fn release_claimed(&self, region: &RegionState, start: PageIndex, count: u64) {
+        let released = (start.0..start.0 + count)
+            .filter(|&p| self.table.release(PageIndex(p)))
+            .count();
+        self.counters.released(released as u64);
+        region.wake_range(start, count);
+        self.progress.notify_waiters();
+    }
+
+    /// The failure policy gave up on claimed pages: poisons each one still
+    /// in flight (a thread touching it gets SIGBUS) and marks it so.
+    pub(super) fn poison_claimed(
+        &self,
+        region: &RegionState,
+        pages: impl Iterator<Item = PageIndex>,
+    ) {
+        for p in pages {
+            if self.table.get(p) != PageState::InFlight {
+                continue;
+            }
+            if let Err(e) = region.poison(p, 1, Caller::Other) {
+                tracing::error!("poisoning page {} failed: {e}", p.0);
+                self.on_install_error(&e);
+            }
+            // Counted first: a waiter sees the page poisoned only once the
+            // statistics say so.
+            self.counters.poisoned(1);
+            self.table.poison(p);
+        }
+        self.progress.notify_waiters();
+    }
+}

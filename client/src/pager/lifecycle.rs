@@ -1,0 +1,652 @@
+//! A pager's life: starting (manifest, registration, threads), ending once
+//! with an [`Outcome`], and the teardown that leaves no page for the kernel to
+//! zero-fill and no thread of the guest asleep.
+//!
+//! Who ends a pager: the watcher task when every page is settled
+//! ([`Outcome::Complete`]); any pager thread that finds the memory's owner
+//! gone or its uffd broken, or that panics ([`Shared::end`]); a [`Stopper`];
+//! [`Pager::shutdown`] or drop. The first reason wins; the teardown runs
+//! once, on the watcher or in `shutdown`, and then publishes the outcome.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use faultline_proto::{PageBitmap, PageIndex, PageRange};
+use futures::FutureExt;
+use tokio::sync::{Notify, mpsc, watch};
+
+use super::config::{PagerConfig, Region};
+use super::error::{InstallError, StartError};
+use super::faults::Readahead;
+use super::link::Demand;
+use super::pages::{self, PageState};
+use super::region::RegionState;
+use super::{Pager, Shared, faults, link, prefetch, recording, stats};
+use crate::backing::BackingKind;
+use crate::remote::Remote;
+use crate::strategy::{Choice, Decision, Mode, Strategy, register_for_strategy};
+use crate::uffd::{RegisterModes, ResolveError, ResolveOps, StopSignal, Uffd};
+
+/// EAGAIN answers in a row at one page before teardown gives the page up.
+const POISON_RETRIES: u32 = 3;
+
+/// Worker threads of the pager's shared network runtime (prefetcher,
+/// watcher). The demand link has a thread of its own
+/// ([`spawn_demand_link`]).
+const RUNTIME_THREADS: usize = 2;
+
+/// How long [`Pager::shutdown`] waits for a teardown the watcher is already
+/// running (it may be uploading a recording) before returning anyway.
+const TEARDOWN_WAIT: Duration = Duration::from_secs(5);
+
+/// Shortest wait for a server's manifest at start, whatever the deadline (a
+/// zero deadline must not make every start fail).
+const MIN_MANIFEST_WAIT: Duration = Duration::from_secs(1);
+
+/// How long the watcher sleeps between looks when nothing notifies it.
+const WATCH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How a pager ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every page was settled (filled, or poisoned by the failure policy:
+    /// see [`super::Stats::poisoned_pages`]) and the regions unregistered.
+    Complete,
+    /// The process owning the memory exited (a resolve ioctl answered ESRCH,
+    /// or ENOENT on a peer's memory): a VM killed. Its fault threads, demand
+    /// link and prefetcher stopped; nothing else was affected.
+    OwnerGone {
+        /// What the kernel said, and where.
+        detail: String,
+    },
+    /// Stopped by [`Pager::shutdown`], drop or a [`Stopper`]; unfilled pages
+    /// were poisoned.
+    Stopped,
+    /// The memory's uffd failed in a way the pager cannot serve past (or a
+    /// pager thread panicked); unfilled pages were poisoned.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Complete => f.write_str("every page was filled"),
+            Self::OwnerGone { detail } => write!(f, "the memory's owner exited ({detail})"),
+            Self::Stopped => f.write_str("stopped; unfilled pages were poisoned"),
+            Self::Failed { reason } => {
+                write!(f, "failed: {reason}; unfilled pages were poisoned")
+            }
+        }
+    }
+}
+
+/// Stops a pager from any thread without owning it (see [`Pager::stopper`]).
+#[derive(Clone, Debug)]
+pub struct Stopper(pub(super) Weak<Shared>);
+
+impl Stopper {
+    /// Ends the pager as [`Outcome::Stopped`]: its threads stop and every
+    /// page it has not filled is poisoned (`UFFDIO_POISON`), so a vCPU
+    /// waiting on one gets SIGBUS instead of hanging. Returns at once; the
+    /// pager's watcher does the teardown (see [`Pager::wait_ended`]). Does
+    /// nothing if the pager has ended or is gone.
+    pub fn stop_and_poison(&self) {
+        if let Some(shared) = self.0.upgrade() {
+            shared.end(Outcome::Stopped);
+        }
+    }
+}
+
+impl Shared {
+    /// Ends the pager for `outcome`, unless it is ending already: marks it
+    /// stopping, stops the fault threads, and wakes the watcher, which tears
+    /// down. Callable from any pager thread; never blocks.
+    pub(super) fn end(&self, outcome: Outcome) {
+        let log = outcome.to_string();
+        if self.ending.set(outcome).is_err() {
+            return;
+        }
+        match self.ending.get() {
+            Some(Outcome::Complete | Outcome::Stopped) => tracing::debug!("pager ending: {log}"),
+            _ => tracing::error!("pager ending: {log}"),
+        }
+        self.stopping.store(true, Ordering::Release);
+        self.stop.stop();
+        self.progress.notify_waiters();
+    }
+
+    /// What an install error means for the pager: the memory's owner gone
+    /// ends it ([`Outcome::OwnerGone`]); while stopping, errors are expected
+    /// (the uffd is being taken away); anything else is a failure of the
+    /// uffd that ends it ([`Outcome::Failed`]). Never aborts.
+    pub(super) fn on_install_error(&self, e: &InstallError) {
+        match e {
+            InstallError::OwnerGone { .. } => self.end(Outcome::OwnerGone {
+                detail: e.to_string(),
+            }),
+            _ if self.is_stopping() => {}
+            // EAGAIN left to the fault thread to retry: not an error.
+            InstallError::Again { .. } => {}
+            _ => self.end(Outcome::Failed {
+                reason: e.to_string(),
+            }),
+        }
+    }
+}
+
+/// Runs `fut` as a pager task: a panic ends the pager (poisoning what it has
+/// not filled), never the process.
+fn guarded(
+    shared: Arc<Shared>,
+    fut: impl Future<Output = ()> + Send + 'static,
+) -> impl Future<Output = ()> + Send + 'static {
+    AssertUnwindSafe(fut).catch_unwind().map(move |r| {
+        if r.is_err() {
+            shared.end(Outcome::Failed {
+                reason: "a pager task panicked".into(),
+            });
+        }
+    })
+}
+
+/// Starts the demand link alone on a single-threaded tokio runtime on its
+/// own OS thread ("faultline-demand"); returns the task's abort handle.
+/// Aborting the task (completion, teardown) ends the thread. The thread is
+/// not joined: an install it is running may be retrying EAGAIN (up to
+/// `EAGAIN_TIMEOUT`) when the pager stops, and stopping must not wait for
+/// that; it ends by itself, as the shared runtime's workers do after
+/// `shutdown_background`.
+///
+/// Why: on the shared runtime the link, its HTTP/2 connection task and
+/// hyper's request-body task share two workers with the prefetcher, which
+/// holds a worker for each 1 MiB batch it verifies and installs; a fault
+/// answer could wait behind that. Here every task of the demand connection
+/// (tonic's `Channel` spawns its tasks on the runtime that connects, which
+/// is this one) runs on this thread. Measured (docs/profile-notes.md): fault
+/// p99 during a full prefetch ~4.7 ms instead of 9-13 ms; p50 unchanged,
+/// and no change without prefetch.
+fn spawn_demand_link(
+    shared: Arc<Shared>,
+    rx: mpsc::UnboundedReceiver<Demand>,
+) -> std::io::Result<tokio::task::AbortHandle> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let task = runtime.spawn(guarded(shared.clone(), link::run(shared, rx)));
+    let abort = task.abort_handle();
+    std::thread::Builder::new()
+        .name("faultline-demand".into())
+        .spawn(move || {
+            // Runs the link (and the connection's tasks) until the link task
+            // is aborted; dropping the runtime then drops the connection.
+            let _ = runtime.block_on(task);
+        })?;
+    Ok(abort)
+}
+
+impl Pager {
+    /// Connects, fetches the manifest, registers every region with its own
+    /// uffd, fills the regions that have no lazy method, and starts serving
+    /// faults. Blocking; call it from a plain thread (not an async task).
+    pub fn start(config: PagerConfig, regions: Vec<Region>) -> Result<Self, StartError> {
+        Self::launch(config, regions, None)
+    }
+
+    /// Like [`Pager::start`], for memory another process registered on its
+    /// own uffd (MISSING mode), which it handed over: Firecracker's UFFD
+    /// snapshot-restore handshake. Every region is served through `uffd` by
+    /// one fault thread, with `UFFDIO_COPY` (and `UFFDIO_ZEROPAGE` except on
+    /// hugetlbfs), which is what a MISSING registration of anonymous or
+    /// hugetlbfs memory advertises (docs/pager.md).
+    pub fn start_on_peer_uffd(
+        config: PagerConfig,
+        regions: Vec<Region>,
+        uffd: Uffd,
+    ) -> Result<Self, StartError> {
+        Self::launch(config, regions, Some(Arc::new(uffd)))
+    }
+
+    /// What a region registered by a peer is resolved with.
+    fn peer_decision(kind: BackingKind) -> Decision {
+        let zeropage = kind != BackingKind::Hugetlb;
+        let base = ResolveOps::WAKE | ResolveOps::COPY | ResolveOps::POISON;
+        let ops = if zeropage {
+            base | ResolveOps::ZEROPAGE
+        } else {
+            base
+        };
+        Decision {
+            kind,
+            mode: Mode::Copy,
+            choice: Choice {
+                strategy: Strategy::Copy { zeropage },
+                reason: format!(
+                    "the peer registered the {kind} memory in MISSING mode on its own uffd: pages \
+                     are installed with UFFDIO_COPY{}",
+                    if zeropage {
+                        ", zero pages with UFFDIO_ZEROPAGE"
+                    } else {
+                        ", zero pages by copying zeros (hugetlbfs has no ZEROPAGE)"
+                    }
+                ),
+            },
+            attempts: Vec::new(),
+            registered: Some((RegisterModes::MISSING, ops)),
+        }
+    }
+
+    pub(super) fn launch(
+        config: PagerConfig,
+        regions: Vec<Region>,
+        peer: Option<Arc<Uffd>>,
+    ) -> Result<Self, StartError> {
+        if config.servers.is_empty() {
+            return Err(StartError::NoServer);
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(RUNTIME_THREADS)
+            .thread_name("faultline-net")
+            .enable_all()
+            .build()
+            .map_err(StartError::Runtime)?;
+        // Each server in turn, each attempt bounded by the deadline (at least
+        // `MIN_MANIFEST_WAIT`): a server that accepts and never answers must
+        // not hang the start.
+        let manifest_wait = config.deadline.max(MIN_MANIFEST_WAIT);
+        let manifest = runtime.block_on(async {
+            let mut last = None;
+            for url in &config.servers {
+                let attempt = async {
+                    let remote = Remote::connect_with(url, &config.connect).await?;
+                    remote.manifest(&config.snapshot).await
+                };
+                match tokio::time::timeout(manifest_wait, attempt).await {
+                    Ok(Ok(m)) => return Ok(m),
+                    Ok(Err(source)) => {
+                        last = Some(StartError::Manifest {
+                            snapshot: config.snapshot.clone(),
+                            source,
+                        });
+                    }
+                    Err(_) => {
+                        last = Some(StartError::ManifestTimeout {
+                            snapshot: config.snapshot.clone(),
+                            url: url.clone(),
+                            after: manifest_wait,
+                        });
+                    }
+                }
+                if let Some(e) = &last {
+                    tracing::warn!("{e}; trying the next server");
+                }
+            }
+            Err(last.expect("at least one server"))
+        });
+        let manifest = Arc::new(manifest?);
+
+        // Check the layout, then register each region.
+        let ps = manifest.page_size.bytes();
+        let mut in_region = PageBitmap::new(manifest.page_count);
+        let mut states = Vec::with_capacity(regions.len());
+        for (index, region) in regions.into_iter().enumerate() {
+            let layout = |reason: String| StartError::Layout {
+                region: index,
+                snapshot: config.snapshot.clone(),
+                reason,
+            };
+            let len = region.memory.len() as u64;
+            let mem_ps = region.memory.page_size() as u64;
+            if mem_ps > ps || ps % mem_ps != 0 {
+                return Err(layout(format!(
+                    "its {} memory has {mem_ps}-byte pages but the snapshot has {ps}-byte pages; \
+                     import the snapshot with `--page-size 2M` for hugetlbfs memory",
+                    region.memory.kind()
+                )));
+            }
+            if region.snapshot_offset % ps != 0 || !len.is_multiple_of(ps) {
+                return Err(layout(format!(
+                    "offset {:#x} and size {len:#x} must be multiples of the snapshot's page size {ps}",
+                    region.snapshot_offset
+                )));
+            }
+            if region.snapshot_offset + len > manifest.image_size() {
+                return Err(layout(format!(
+                    "offset {:#x} + size {len:#x} is past the snapshot's end ({:#x} bytes)",
+                    region.snapshot_offset,
+                    manifest.image_size()
+                )));
+            }
+            let first = region.snapshot_offset / ps;
+            for p in first..first + len / ps {
+                if in_region.get(p) {
+                    return Err(layout(format!("page {p} is also held by another region")));
+                }
+                in_region.set(p);
+            }
+            let (uffd, decision) = match &peer {
+                Some(uffd) => (uffd.clone(), Self::peer_decision(region.memory.kind())),
+                None => {
+                    let uffd = Uffd::open()?;
+                    let decision = register_for_strategy(&uffd, &region.memory, config.mode)
+                        .map_err(|source| StartError::Strategy {
+                            region: index,
+                            source,
+                        })?;
+                    (Arc::new(uffd), decision)
+                }
+            };
+            tracing::info!(region = index, "{decision}");
+            if decision.strategy() == Strategy::Eager {
+                tracing::warn!(
+                    region = index,
+                    "{} memory cannot be filled lazily on this kernel: filling all of it before \
+                     the guest runs",
+                    region.memory.kind()
+                );
+            }
+            let uffd = (decision.strategy() != Strategy::Eager).then_some(uffd);
+            states.push(RegionState::new(
+                index,
+                region.memory,
+                decision,
+                uffd,
+                first,
+                ps as usize,
+            ));
+        }
+
+        let (demand_tx, demand_rx) = mpsc::unbounded_channel();
+        let (ra_min, ra_max) = config.readahead;
+        let readahead = states
+            .iter()
+            .map(|_| Mutex::new(Readahead::new(ra_min / ps, ra_max / ps)))
+            .collect();
+        let shared = Arc::new(Shared {
+            table: pages::PageTable::new(manifest.page_count, &in_region, &manifest.zero_map),
+            manifest,
+            regions: states,
+            counters: stats::Counters::default(),
+            readahead,
+            demand_tx,
+            progress: Notify::new(),
+            started: Instant::now(),
+            completed: OnceLock::new(),
+            stopping: AtomicBool::new(false),
+            stop: StopSignal::new()?,
+            ending: OnceLock::new(),
+            tearing_down: AtomicBool::new(false),
+            ended: watch::channel(None).0,
+            tasks: Mutex::new(Vec::new()),
+            recorded: Mutex::new(Vec::new()),
+            config,
+        });
+        let mut pager = Pager {
+            shared: shared.clone(),
+            runtime: None,
+            threads: Vec::new(),
+            watcher: None,
+        };
+
+        // Regions without a lazy method are filled now, before the guest
+        // runs; from here on, dropping `pager` cleans up.
+        let eager: Vec<PageRange> = shared
+            .regions
+            .iter()
+            .filter(|r| r.strategy() == Strategy::Eager)
+            .map(RegionState::range)
+            .collect();
+        if !eager.is_empty() {
+            let deadline = shared.config.deadline;
+            runtime
+                .block_on(prefetch::fill_eager(&shared, eager.clone(), deadline))
+                .map_err(|e| StartError::Eager(e.to_string()))?;
+            if let Some(p) = eager
+                .iter()
+                .flat_map(PageRange::iter)
+                .find(|&p| shared.table.get(p) == PageState::Missing)
+            {
+                return Err(StartError::Eager(format!(
+                    "page {} failed its digest; the snapshot on the server is corrupt",
+                    p.0
+                )));
+            }
+        }
+
+        // One fault thread per uffd: a region's own, or the peer's for all.
+        let lazy: Vec<usize> = shared
+            .regions
+            .iter()
+            .filter(|r| r.uffd().is_some())
+            .map(|r| r.index)
+            .collect();
+        let groups: Vec<Vec<usize>> = match peer {
+            Some(_) if !lazy.is_empty() => vec![lazy],
+            _ => lazy.into_iter().map(|i| vec![i]).collect(),
+        };
+        for group in groups {
+            let shared = shared.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("faultline-fault-{}", group[0]))
+                .spawn(move || {
+                    let body = AssertUnwindSafe(|| faults::fault_loop(&shared, &group));
+                    if std::panic::catch_unwind(body).is_err() {
+                        shared.end(Outcome::Failed {
+                            reason: format!("the fault thread of regions {group:?} panicked"),
+                        });
+                    }
+                })
+                .map_err(StartError::Runtime)?;
+            pager.threads.push(handle);
+        }
+        let link = spawn_demand_link(shared.clone(), demand_rx).map_err(StartError::Runtime)?;
+        let prefetch = runtime.spawn(guarded(shared.clone(), prefetch::run(shared.clone())));
+        *shared
+            .tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            vec![link, prefetch.abort_handle()];
+        let watcher = runtime.spawn(guarded(shared.clone(), watch(shared.clone())));
+        pager.watcher = Some(watcher.abort_handle());
+        pager.runtime = Some(runtime);
+        Ok(pager)
+    }
+}
+
+/// Poisons `len` bytes from `start`, skipping pages that turn out to be
+/// present (an install still finishing on the demand thread).
+///
+/// Kernel gotcha: a partial POISON reports EAGAIN with the bytes done,
+/// whatever stopped it; retrying the rest then says EEXIST if a present page
+/// stopped it (skipped), or EAGAIN again if a memory-map event is pending,
+/// which nobody reads any more at teardown: after `POISON_RETRIES` such
+/// answers in a row the page is given up, as the per-page loop this replaced
+/// did. Fails if the kernel refused for another reason: the memory's owner is
+/// gone (nothing to protect any more), or the uffd no longer works.
+fn poison_run(
+    uffd: &Uffd,
+    start: usize,
+    len: usize,
+    page_bytes: usize,
+) -> Result<(), ResolveError> {
+    let (mut at, end) = (start, start + len);
+    let mut again = 0;
+    while at < end {
+        match uffd.poison(at, end - at, false) {
+            Ok(_) => return Ok(()),
+            Err(e @ ResolveError::Exists { .. }) => at += e.done() + page_bytes,
+            Err(e @ ResolveError::Again { .. }) => {
+                at += e.done();
+                again = if e.done() > 0 { 0 } else { again + 1 };
+                if again > POISON_RETRIES {
+                    at += page_bytes;
+                    again = 0;
+                }
+            }
+            Err(e @ ResolveError::Failed { .. }) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Waits until every page is settled or someone ends the pager, then tears
+/// down (unless [`Pager::shutdown`] has taken that on) and publishes the
+/// outcome.
+async fn watch(shared: Arc<Shared>) {
+    loop {
+        let n = shared.progress.notified();
+        if shared.ending.get().is_some() || shared.table.unsettled() == 0 {
+            break;
+        }
+        let _ = tokio::time::timeout(WATCH_INTERVAL, n).await;
+    }
+    // Complete, unless someone ended the pager first. Not `end`: the fault
+    // threads must go on reading until the regions are unregistered.
+    if shared.ending.set(Outcome::Complete).is_ok() {
+        let _ = shared.completed.set(shared.started.elapsed());
+    }
+    if shared.tearing_down.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let outcome = shared.ending.get().cloned().expect("set above");
+    if outcome == Outcome::Complete {
+        complete(&shared);
+        if shared.config.record {
+            match recording::upload(&shared).await {
+                Ok(n) => tracing::info!("recorded working set: {n} pages"),
+                Err(e) => tracing::warn!("uploading the recorded working set failed: {e}"),
+            }
+        }
+        let elapsed = shared.completed.get().copied().unwrap_or_default();
+        tracing::info!("restore complete in {:.3}s", elapsed.as_secs_f64());
+    } else {
+        stop_serving(&shared, &outcome);
+    }
+    shared.ended.send_replace(Some(outcome));
+}
+
+/// Every page is settled: unregisters the regions, stops the fault threads
+/// and the network tasks.
+fn complete(shared: &Shared) {
+    // Unregister first (no new message can then arrive; sleepers are woken
+    // and retry on memory that is complete), then stop the fault threads,
+    // which read whatever is still queued (a REMOVE blocks the guest thread
+    // that caused it until read) and close their share of the uffd.
+    for r in &shared.regions {
+        let Some(uffd) = r.uffd() else { continue };
+        if let Err(e) = uffd.unregister(r.memory.host_addr(), r.memory.len()) {
+            tracing::warn!(region = r.index, "unregistering failed: {e}");
+        }
+        // An installer that settled the last pages may still owe their
+        // waiters the wake it does after settling: wake the whole region
+        // once more (harmless where nobody waits).
+        let _ = uffd.wake(r.memory.host_addr(), r.memory.len());
+    }
+    shared.stopping.store(true, Ordering::Release);
+    shared.stop.stop();
+    abort_tasks(shared);
+}
+
+fn abort_tasks(shared: &Shared) {
+    for t in shared
+        .tasks
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+    {
+        t.abort();
+    }
+}
+
+/// The pager ends before completion: stops the network tasks, then, region
+/// by region, poisons every page not filled (one ioctl per run: a restore
+/// stopped early can leave hundreds of thousands), unregisters and wakes
+/// the whole region, so that no guest thread sleeps on a page nobody will
+/// fill and none reads zeros where the snapshot has data. Skipped where the
+/// memory's owner is gone (nothing left to protect). If poisoning fails
+/// otherwise, the uffd is kept open for good (threads touching those pages
+/// wait rather than read zeros), and that is logged.
+fn stop_serving(shared: &Shared, outcome: &Outcome) {
+    shared.stopping.store(true, Ordering::Release);
+    shared.stop.stop();
+    abort_tasks(shared);
+    let owner_gone = matches!(outcome, Outcome::OwnerGone { .. });
+    for r in &shared.regions {
+        let Some(uffd) = r.take_uffd() else { continue };
+        let mut failed = None;
+        if !owner_gone {
+            let unfilled = |q: u64| shared.table.get(PageIndex(q)).is_unsettled();
+            let (mut p, end) = (r.range().start().0, r.range().end());
+            while p < end && failed.is_none() {
+                if !unfilled(p) {
+                    p += 1;
+                    continue;
+                }
+                let from = p;
+                while p < end && unfilled(p) {
+                    p += 1;
+                }
+                let len = (p - from) as usize * r.page_bytes;
+                if let Err(e) = poison_run(&uffd, r.addr_of(PageIndex(from)), len, r.page_bytes) {
+                    failed = Some(e);
+                }
+            }
+        }
+        match failed {
+            Some(e) if !e.is_owner_gone() => {
+                tracing::error!(
+                    region = r.index,
+                    "cannot poison the unfilled pages ({e}); keeping the uffd open so that \
+                     threads touching them wait instead of reading zeros"
+                );
+                std::mem::forget(uffd);
+                continue;
+            }
+            _ => {}
+        }
+        let _ = uffd.unregister(r.memory.host_addr(), r.memory.len());
+        // As in `complete`: no waiter may be left asleep.
+        let _ = uffd.wake(r.memory.host_addr(), r.memory.len());
+    }
+}
+
+impl Pager {
+    /// Ends the pager as [`Outcome::Stopped`] unless it has ended already,
+    /// joins the fault threads, tears down (or waits for the watcher's
+    /// teardown), and returns the outcome.
+    pub(super) fn teardown(&mut self) -> Outcome {
+        let shared = self.shared.clone();
+        if shared.table.unsettled() == 0 && shared.ending.get().is_none() {
+            // Complete, and the watcher is about to say so: let it.
+            shared.progress.notify_waiters();
+            if let Some(outcome) = self.wait_ended(TEARDOWN_WAIT) {
+                shared.end(outcome);
+            }
+        }
+        shared.end(Outcome::Stopped);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let outcome = if shared.tearing_down.swap(true, Ordering::AcqRel) {
+            // The watcher has it (or had it): wait for the outcome.
+            let waited = self.wait_ended(TEARDOWN_WAIT);
+            waited.unwrap_or_else(|| shared.ending.get().cloned().unwrap_or(Outcome::Stopped))
+        } else {
+            let outcome = shared.ending.get().cloned().expect("ended above");
+            stop_serving(&shared, &outcome);
+            shared.ended.send_replace(Some(outcome.clone()));
+            outcome
+        };
+        if let Some(w) = self.watcher.take() {
+            w.abort();
+        }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+        outcome
+    }
+}
