@@ -470,6 +470,7 @@ async fn outage_mid_restore_is_unavailable_then_resumes() {
             first_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_millis(200),
             deadline: Duration::from_secs(2),
+            write_deadline: Duration::from_secs(2),
         },
         ..ObjectStoreOptions::default()
     };

@@ -254,6 +254,7 @@ async fn outage_is_unavailable_then_recovers() {
             first_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_millis(200),
             deadline: Duration::from_secs(2),
+            write_deadline: Duration::from_secs(2),
         },
         ..ObjectStoreOptions::default()
     };
@@ -313,6 +314,7 @@ async fn stalled_store_times_out_as_unavailable() {
             first_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_millis(100),
             deadline: Duration::from_secs(1),
+            write_deadline: Duration::from_secs(1),
         },
         ..ObjectStoreOptions::default()
     };

@@ -7,12 +7,12 @@
 //! object_store's own retries are switched off (see
 //! [`super::ObjectStoreOptions`]) so that one policy, this one, decides.
 
-use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use faultline_proto::backoff::Backoff;
 use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
@@ -26,8 +26,11 @@ pub struct RetryPolicy {
     pub first_backoff: Duration,
     /// Longest wait between two tries.
     pub max_backoff: Duration,
-    /// No try starts later than this after the first one.
+    /// No try of a read (GET, LIST) starts later than this after the first.
     pub deadline: Duration,
+    /// No try of a write (PUT, HEAD: imports and uploads) starts later than
+    /// this after the first.
+    pub write_deadline: Duration,
 }
 
 /// First wait after a failure: long enough for a restarting store's port to
@@ -40,10 +43,17 @@ pub const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// How long one read may keep retrying before the request is answered
-/// UNAVAILABLE: longer than a store's usual restart or fail-over (a few
-/// seconds), shorter than a client's patience for one fault, so a client
-/// with several servers moves on instead of stalling a guest.
-pub const RETRY_DEADLINE: Duration = Duration::from_secs(20);
+/// UNAVAILABLE: under the client's stall timeout (5 s,
+/// `faultline_client::pager::link::STALL_TIMEOUT`), so the client hears why
+/// and retries (here or on another server) instead of taking the server for
+/// stuck; the pager retries within its own deadline (30 s), and chunks
+/// already cached serve on meanwhile.
+pub const RETRY_DEADLINE: Duration = Duration::from_secs(4);
+
+/// How long a write of an import or upload may keep retrying: a long import
+/// should ride out a store's restart (tens of seconds) rather than start
+/// over; no guest waits on it.
+pub const WRITE_RETRY_DEADLINE: Duration = Duration::from_secs(60);
 
 impl Default for RetryPolicy {
     fn default() -> Self {
@@ -51,33 +61,19 @@ impl Default for RetryPolicy {
             first_backoff: FIRST_BACKOFF,
             max_backoff: MAX_BACKOFF,
             deadline: RETRY_DEADLINE,
+            write_deadline: WRITE_RETRY_DEADLINE,
         }
     }
 }
 
 impl RetryPolicy {
-    /// The wait before try `attempt + 1` (`attempt` >= 1 tries done):
-    /// exponential, capped, with "full jitter" (uniform in [d/2, d]) so that
-    /// many servers retrying one store do not march in step.
-    // TODO(lead): once the `pager` branch is merged, replace this with
-    // `faultline_proto::backoff::Backoff::new(first_backoff, max_backoff)`
-    // and its `next_delay()` in `ObjectIo::retry` (the same schedule).
-    pub fn backoff(&self, attempt: u32) -> Duration {
-        let exp = self
-            .first_backoff
-            .saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
-        let d = exp.min(self.max_backoff);
-        let jitter = random_unit();
-        d.mul_f64(0.5 + 0.5 * jitter)
+    /// The waits between tries: exponential from `first_backoff` to
+    /// `max_backoff`, with jitter (`faultline_proto::backoff`, shared with
+    /// the client's retries), so that many servers retrying one store do not
+    /// march in step.
+    pub fn backoff(&self) -> Backoff {
+        Backoff::new(self.first_backoff, self.max_backoff)
     }
-}
-
-/// A number uniform in [0, 1) without a random-number crate: the standard
-/// library seeds each `RandomState` randomly.
-fn random_unit() -> f64 {
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(0);
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// What an object-store request failed with, after retries.
@@ -249,6 +245,7 @@ impl ObjectIo {
         Fut: Future<Output = Result<T, object_store::Error>>,
     {
         let started = Instant::now();
+        let mut backoff = self.policy.backoff();
         let mut attempts = 0u32;
         loop {
             attempts += 1;
@@ -275,8 +272,12 @@ impl ObjectIo {
                 }
                 _ => {}
             }
-            let wait = self.policy.backoff(attempts);
-            if started.elapsed() + wait > self.policy.deadline {
+            let wait = backoff.next_delay();
+            let deadline = match op {
+                "put" | "head" => self.policy.write_deadline,
+                _ => self.policy.deadline,
+            };
+            if started.elapsed() + wait > deadline {
                 tracing::warn!(op, key, attempts, error = %err, "object store unavailable");
                 return Err(ObjectError::Unavailable {
                     op,
@@ -404,26 +405,19 @@ impl ObjectIo {
 mod tests {
     use super::*;
 
-    /// Backoff doubles from the first wait up to the cap, jittered within [d/2, d].
+    /// Waits double from the first up to the cap, jittered within [d/2, d].
     #[test]
     fn backoff_schedule() {
         let p = RetryPolicy {
             first_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(1),
             deadline: Duration::from_secs(10),
+            write_deadline: Duration::from_secs(10),
         };
-        for (attempt, full) in [
-            (1, 100),
-            (2, 200),
-            (3, 400),
-            (4, 800),
-            (5, 1000),
-            (30, 1000),
-        ] {
-            for _ in 0..20 {
-                let d = p.backoff(attempt).as_millis() as u64;
-                assert!((full / 2..=full).contains(&d), "attempt {attempt}: {d} ms");
-            }
+        let mut b = p.backoff();
+        for full in [100, 200, 400, 800, 1000, 1000] {
+            let d = b.next_delay().as_millis() as u64;
+            assert!((full / 2..=full).contains(&d), "{d} ms, step {full} ms");
         }
     }
 

@@ -55,12 +55,13 @@ use snapshot::{Cache, WorkingSets};
 pub const DEFAULT_CACHE_BYTES: u64 = 1 << 30;
 
 /// How long one try of a request may take. A 2 MiB chunk takes milliseconds
-/// on a LAN and about 10 ms at 2 Gbit/s; a try that takes seconds is stuck
-/// and is better abandoned and retried.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// on a LAN and about 10 ms at 2 Gbit/s (1.6 s even at 10 Mbit/s); a try
+/// that takes seconds is stuck and is better abandoned and retried, within
+/// the read deadline (`io::RETRY_DEADLINE`, 4 s).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How long connecting to the store may take before the try is retried.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How old the list of a snapshot's working sets may be before an open
 /// lists them again: a working set recorded through another server of the
