@@ -203,19 +203,20 @@ impl DiskCache {
                 tracing::warn!(chunk = %id, "cannot write the disk cache: {e}");
                 return;
             }
-            cache
-                .inner
-                .index
-                .lock()
-                .expect("disk cache lock poisoned")
-                .insert(id, data.len() as u64);
-            cache.evict();
+            let mut index = cache.inner.index.lock().expect("disk cache lock poisoned");
+            index.insert(id, data.len() as u64);
+            // Under the same lock: no one sees the cache above its bound.
+            cache.evict_locked(&mut index);
         });
     }
 
     /// Removes the least recently used files down to the capacity.
     fn evict(&self) {
         let mut index = self.inner.index.lock().expect("disk cache lock poisoned");
+        self.evict_locked(&mut index);
+    }
+
+    fn evict_locked(&self, index: &mut Index) {
         while index.bytes > self.inner.capacity {
             let Some((_, old)) = index.recency.pop_first() else {
                 break;
@@ -259,7 +260,14 @@ mod tests {
         assert_eq!(cache.get(ids[0]).await.unwrap(), chunks[0]);
         // A third exceeds 2500 bytes: the least recently used (1) goes.
         cache.put(ids[2], chunks[2].clone());
-        settle(&cache, 2000).await;
+        // The total stays 2000 throughout: wait for the third to be there.
+        for _ in 0..200 {
+            if cache.get(ids[2]).await.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(cache.bytes(), 2000);
         assert!(cache.get(ids[1]).await.is_none());
         drop(cache);
         let reopened = DiskCache::open(dir.path().join("c"), 2500).unwrap();
