@@ -295,8 +295,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listen = args.listen;
     let metrics_listen = args.metrics_listen;
     server::check_exposure(listen, &opts)?;
-    // Before the store, whose cache reports its capacity as it starts.
+    // Before the store, whose cache reports its capacity as it starts, and
+    // before the metrics endpoint answers: every series is there from its
+    // first scrape.
     metrics::install();
+    metrics::register_limits(&args.limits);
     let options = ObjectStoreOptions {
         cache_bytes: args.chunk_cache,
         ..ObjectStoreOptions::with_limits(&args.limits)
