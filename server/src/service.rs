@@ -880,4 +880,34 @@ impl pb::faultline_server::Faultline for FaultlineService {
             snapshot: Some(summary.into()),
         }))
     }
+
+    async fn create_volume(
+        &self,
+        _req: Request<pb::CreateVolumeRequest>,
+    ) -> Result<Response<pb::CreateVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "volumes are being built on branch far-server",
+        ))
+    }
+
+    type WritePagesStream =
+        futures::stream::BoxStream<'static, Result<pb::WritePagesResponse, Status>>;
+
+    async fn write_pages(
+        &self,
+        _req: Request<Streaming<pb::WritePagesRequest>>,
+    ) -> Result<Response<Self::WritePagesStream>, Status> {
+        Err(Status::unimplemented(
+            "volumes are being built on branch far-server",
+        ))
+    }
+
+    async fn seal_volume(
+        &self,
+        _req: Request<pb::SealVolumeRequest>,
+    ) -> Result<Response<pb::SealVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "volumes are being built on branch far-server",
+        ))
+    }
 }

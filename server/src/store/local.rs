@@ -354,6 +354,7 @@ impl LocalStore {
                 page_count: file.page_count,
                 zero_pages: file.zero_pages,
                 working_sets,
+                layer: super::LayerInfo::standalone(file.page_count),
             });
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));

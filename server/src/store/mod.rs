@@ -46,7 +46,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use faultline_proto::model::OutOfRange;
 use faultline_proto::{
-    Manifest, PageIndex, PageRange, PageSize, ProtocolError, Region, SnapshotId, WorkingSetName, pb,
+    ChainDepth, LayerKind, Manifest, PageIndex, PageRange, PageSize, ProtocolError, Region,
+    SnapshotId, WorkingSetName, pb,
 };
 
 pub use local::LocalStore;
@@ -65,6 +66,33 @@ pub struct SnapshotSummary {
     pub zero_pages: u64,
     /// Recorded working sets.
     pub working_sets: Vec<WorkingSetName>,
+    /// What it is in a chain of layers.
+    pub layer: LayerInfo,
+}
+
+/// Where a snapshot or volume sits in a chain of layers.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LayerInfo {
+    /// Snapshot or volume.
+    pub kind: LayerKind,
+    /// The layer under this one, if any.
+    pub parent: Option<SnapshotId>,
+    /// Layers in the chain, this one included.
+    pub depth: ChainDepth,
+    /// Pages this layer holds itself; the rest are its parent's.
+    pub own_pages: u64,
+}
+
+impl LayerInfo {
+    /// A standalone snapshot of `page_count` pages.
+    pub fn standalone(page_count: u64) -> Self {
+        Self {
+            kind: LayerKind::Snapshot,
+            parent: None,
+            depth: ChainDepth(1),
+            own_pages: page_count,
+        }
+    }
 }
 
 impl From<SnapshotSummary> for pb::SnapshotSummary {
@@ -75,6 +103,10 @@ impl From<SnapshotSummary> for pb::SnapshotSummary {
             page_count: s.page_count,
             zero_pages: s.zero_pages,
             working_sets: s.working_sets.iter().map(ToString::to_string).collect(),
+            kind: pb::LayerKind::from(s.layer.kind).into(),
+            parent: s.layer.parent.map(|p| p.to_string()).unwrap_or_default(),
+            depth: s.layer.depth.0,
+            own_pages: s.layer.own_pages,
         }
     }
 }
