@@ -561,6 +561,16 @@ impl LocalStore {
         Ok(chain)
     }
 
+    /// Where `id` sits in its chain: a diff snapshot's or a volume's layer,
+    /// or a standalone snapshot.
+    pub fn layer_info_blocking(&self, id: &SnapshotId) -> Result<super::LayerInfo, OpenError> {
+        let snap = self.open_any_blocking(id)?;
+        match self.open_chain_blocking(id) {
+            Ok(c) => Ok(c.layer_info()),
+            Err(_) => Ok(super::LayerInfo::standalone(snap.manifest().page_count)),
+        }
+    }
+
     /// Opens a volume for writing.
     pub fn open_volume_blocking(&self, id: &SnapshotId) -> Result<Chain, VolumeError> {
         let chain = match self.open_any_blocking(id) {
