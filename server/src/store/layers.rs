@@ -34,7 +34,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -164,6 +164,8 @@ struct ChainInner {
     apply: RwLock<()>,
     /// A volume's files, open for writing; `None` for a snapshot.
     writer: Option<Mutex<WriteState>>,
+    /// Inode of `manifest.json` when opened.
+    manifest_ino: u64,
 }
 
 #[derive(Debug)]
@@ -368,6 +370,9 @@ impl Chain {
         )
         .map_err(|e| corrupt(id, e.to_string()))?;
         let dir = root.join(id.as_str());
+        let manifest_ino = std::fs::metadata(dir.join(MANIFEST_FILE))
+            .map_err(io_open(id, MANIFEST_FILE))?
+            .ino();
         let writer = if top.kind == LayerKind::Volume {
             let rw = |name: &str| {
                 OpenOptions::new()
@@ -383,7 +388,12 @@ impl Chain {
                 pages: rw(PAGES_FILE)?,
                 journal: rw(JOURNAL_FILE)?,
             };
-            replay_journal(&state, page_size, top.page_count).map_err(io_open(id, JOURNAL_FILE))?;
+            {
+                let _locked =
+                    JournalLock::take(&state.journal).map_err(io_open(id, JOURNAL_FILE))?;
+                replay_journal(&state, page_size, top.page_count)
+                    .map_err(io_open(id, JOURNAL_FILE))?;
+            }
             Some(Mutex::new(state))
         } else {
             None
@@ -414,6 +424,7 @@ impl Chain {
                 resolved: RwLock::new(resolved),
                 apply: RwLock::new(()),
                 writer,
+                manifest_ino,
             }),
         })
     }
@@ -495,25 +506,38 @@ impl Chain {
         self.inner.resolved.read().expect("chain lock poisoned")
     }
 
-    /// Marks the volume sealed: every later write fails. Waits for a write
-    /// in progress to finish.
-    pub(crate) fn seal(&self) -> Result<(), VolumeError> {
+    /// Seals the volume: with its write lock and its journal's lock held
+    /// (so that no write of this process or another is in progress), runs
+    /// `commit` (which moves the volume to its snapshot name); if that
+    /// succeeds, every later write fails.
+    pub(crate) fn seal_with<T>(
+        &self,
+        commit: impl FnOnce() -> Result<T, VolumeError>,
+    ) -> Result<T, VolumeError> {
         let Some(w) = &self.inner.writer else {
             return Err(VolumeError::NotAVolume(self.inner.id.clone()));
         };
         let mut w = w.lock().expect("volume lock poisoned");
-        if w.sealed {
+        let _locked = JournalLock::take(&w.journal).map_err(|source| VolumeError::Io {
+            name: self.inner.id.clone(),
+            stage: "lock its journal",
+            source,
+        })?;
+        if w.sealed || !self.still_in_place() {
+            w.sealed = true;
             return Err(VolumeError::NotFound(self.inner.id.clone()));
         }
+        let out = commit()?;
         w.sealed = true;
-        Ok(())
+        Ok(out)
     }
 
-    /// Unmarks a seal that could not be completed.
-    pub(crate) fn unseal(&self) {
-        if let Some(w) = &self.inner.writer {
-            w.lock().expect("volume lock poisoned").sealed = false;
-        }
+    /// Whether the volume is still where it was opened: a seal by another
+    /// process (`faultline-server volume seal` beside a running server)
+    /// moves it and replaces its manifest.
+    fn still_in_place(&self) -> bool {
+        std::fs::metadata(self.inner.dir.join(MANIFEST_FILE))
+            .is_ok_and(|m| m.ino() == self.inner.manifest_ino)
     }
 
     /// Reads `range` of the resolved image, blocking.
@@ -559,8 +583,18 @@ impl Chain {
         let Some(w) = &self.inner.writer else {
             return Err(WriteError::NotAVolume(id.clone()));
         };
-        let w = w.lock().expect("volume lock poisoned");
+        let mut w = w.lock().expect("volume lock poisoned");
         if w.sealed {
+            return Err(WriteError::Sealed(id.clone()));
+        }
+        // Across processes: a seal or a replay by another process holds it.
+        let _locked = JournalLock::take(&w.journal).map_err(|source| WriteError::Io {
+            volume: id.clone(),
+            stage: "lock the journal",
+            source,
+        })?;
+        if !self.still_in_place() {
+            w.sealed = true;
             return Err(WriteError::Sealed(id.clone()));
         }
         run.range
@@ -617,6 +651,39 @@ impl Chain {
         // 3. Emptied; a crash before this applies the run again, harmlessly.
         w.journal.set_len(0).map_err(io("empty the journal"))?;
         Ok(())
+    }
+}
+
+/// An exclusive `flock` on a volume's journal, held while a run is written,
+/// a journal replayed or a volume sealed: it orders these between
+/// processes sharing a store (a server and `faultline-server volume seal`).
+/// Callers drop the guard before the file (it is a local of a function
+/// that holds the file's owner locked).
+struct JournalLock(std::os::fd::RawFd);
+
+impl JournalLock {
+    fn take(file: &File) -> std::io::Result<Self> {
+        loop {
+            // SAFETY: flock only operates on the fd, which `file` keeps open
+            // for the call; it touches no memory.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                return Ok(Self(file.as_raw_fd()));
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+}
+
+impl Drop for JournalLock {
+    fn drop(&mut self) {
+        // SAFETY: the fd is still open (the guard is dropped before the
+        // file, see the type's doc); flock touches no memory. Unlocking an
+        // fd that was closed and reused would at worst drop another lock of
+        // this process early, which the doc above rules out.
+        unsafe { libc::flock(self.0, libc::LOCK_UN) };
     }
 }
 
@@ -996,5 +1063,124 @@ mod tests {
         // page; it never reports less than what was written.
         assert!(pages.contains(&3) && pages.contains(&40) && pages.contains(&41));
         assert!(pages.len() < 64, "holes reported as data: {pages:?}");
+    }
+
+    fn volume_store() -> (tempfile::TempDir, super::super::LocalStore, SnapshotId) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = super::super::LocalStore::new(dir.path().join("store")).unwrap();
+        let id = SnapshotId::new("vol").unwrap();
+        store
+            .create_volume_blocking(faultline_proto::CreateVolume {
+                name: id.clone(),
+                source: faultline_proto::VolumeSource::Empty {
+                    page_size: PageSize::Size4K,
+                    size: 16 * 4096,
+                },
+            })
+            .unwrap();
+        (dir, store, id)
+    }
+
+    fn page_run(start: u64, count: u64, fill: u8) -> PageRun {
+        PageRun {
+            range: PageRange::new(PageIndex(start), count).unwrap(),
+            data: Bytes::from(vec![fill; count as usize * 4096]),
+        }
+    }
+
+    fn check_digests(chain: &Chain) {
+        let m = chain.inner.manifest();
+        let all = chain
+            .read_blocking(PageRange::new(PageIndex(0), m.page_count).unwrap())
+            .unwrap();
+        for (p, page) in all.chunks(4096).enumerate() {
+            assert!(m.verify(PageIndex(p as u64), page), "page {p}");
+        }
+    }
+
+    /// A crash after the journal is durable but before the pages are
+    /// written in place is repaired on the next open; a torn journal
+    /// record is dropped; either way every digest matches its page.
+    #[test]
+    fn journal_replay_after_a_crash() {
+        let (dir, store, id) = volume_store();
+        let chain = store.open_chain_blocking(&id).unwrap();
+        chain.write_blocking(&page_run(2, 2, 0x11)).unwrap();
+        // The crash: a complete record in the journal, nothing applied.
+        let run = page_run(3, 2, 0x22);
+        let digests: Vec<u32> = run.data.chunks(4096).map(crc32c::crc32c).collect();
+        let record = journal_record(&run, &digests);
+        let journal = dir.path().join("store/vol").join(JOURNAL_FILE);
+        std::fs::write(&journal, &record).unwrap();
+        drop((chain, store));
+        let store = super::super::LocalStore::new(dir.path().join("store")).unwrap();
+        let chain = store.open_chain_blocking(&id).unwrap();
+        let got = chain
+            .read_blocking(PageRange::new(PageIndex(2), 3).unwrap())
+            .unwrap();
+        assert!(got[..4096].iter().all(|&b| b == 0x11));
+        assert!(got[4096..].iter().all(|&b| b == 0x22));
+        check_digests(&chain);
+        assert_eq!(std::fs::metadata(&journal).unwrap().len(), 0);
+        // A torn record (the crash came while writing the journal).
+        let torn = journal_record(&page_run(8, 2, 0x33), &[0, 0]);
+        std::fs::write(&journal, &torn[..torn.len() - 100]).unwrap();
+        drop((chain, store));
+        let store = super::super::LocalStore::new(dir.path().join("store")).unwrap();
+        let chain = store.open_chain_blocking(&id).unwrap();
+        let got = chain
+            .read_blocking(PageRange::new(PageIndex(8), 2).unwrap())
+            .unwrap();
+        assert!(got.iter().all(|&b| b == 0), "a torn run was applied");
+        check_digests(&chain);
+    }
+
+    /// A seal interrupted after its rename is finished when the store is
+    /// next opened: the snapshot opens as a snapshot with the pages.
+    #[test]
+    fn interrupted_seal_is_finished() {
+        let (dir, store, id) = volume_store();
+        store
+            .open_chain_blocking(&id)
+            .unwrap()
+            .write_blocking(&page_run(1, 1, 0x44))
+            .unwrap();
+        drop(store);
+        let root = dir.path().join("store");
+        std::fs::rename(root.join("vol"), root.join("snap")).unwrap();
+        let store = super::super::LocalStore::new(&root).unwrap();
+        let chain = store
+            .open_chain_blocking(&SnapshotId::new("snap").unwrap())
+            .unwrap();
+        assert_eq!(chain.kind(), LayerKind::Snapshot);
+        let got = chain
+            .read_blocking(PageRange::new(PageIndex(1), 1).unwrap())
+            .unwrap();
+        assert!(got.iter().all(|&b| b == 0x44));
+    }
+
+    /// A volume sealed by another process (another store on the directory)
+    /// refuses the writes of a process that still holds it open.
+    #[test]
+    fn seal_elsewhere_stops_writes_here() {
+        let (dir, store, id) = volume_store();
+        let held = store.open_chain_blocking(&id).unwrap();
+        held.write_blocking(&page_run(0, 1, 0x55)).unwrap();
+        let other = super::super::LocalStore::new(dir.path().join("store")).unwrap();
+        other
+            .seal_blocking(&faultline_proto::SealVolume {
+                volume: id.clone(),
+                snapshot: SnapshotId::new("snap").unwrap(),
+            })
+            .unwrap();
+        let e = held.write_blocking(&page_run(0, 1, 0x66)).unwrap_err();
+        assert!(matches!(e, WriteError::Sealed(_)), "{e}");
+        let snap = other
+            .open_chain_blocking(&SnapshotId::new("snap").unwrap())
+            .unwrap();
+        let got = snap
+            .read_blocking(PageRange::new(PageIndex(0), 1).unwrap())
+            .unwrap();
+        assert!(got.iter().all(|&b| b == 0x55));
     }
 }

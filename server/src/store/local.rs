@@ -670,7 +670,6 @@ impl LocalStore {
         if dest.exists() {
             return Err(VolumeError::AlreadyExists(request.snapshot.clone()));
         }
-        chain.seal()?;
         let io = |stage| {
             let name = request.volume.clone();
             move |source| VolumeError::Io {
@@ -679,13 +678,16 @@ impl LocalStore {
                 source,
             }
         };
-        if let Err(e) = std::fs::rename(chain.dir(), &dest) {
-            chain.unseal();
-            return Err(io("move it to its snapshot name")(e));
-        }
+        chain.seal_with(|| {
+            std::fs::rename(chain.dir(), &dest).map_err(io("move it to its snapshot name"))?;
+            // From here the seal is done: a crash before the manifest is
+            // rewritten is finished when the store is next opened.
+            if let Err(e) = self.rewrite_as_snapshot(&request.snapshot) {
+                tracing::warn!(snapshot = %request.snapshot, "sealed, but: {e}; finished when the store is next opened");
+            }
+            Ok(())
+        })?;
         self.forget(&request.volume);
-        self.rewrite_as_snapshot(&request.snapshot)
-            .map_err(io("write the sealed snapshot's manifest"))?;
         self.open_chain_blocking(&request.snapshot)
             .map(|c| c.summary())
             .map_err(VolumeError::Open)
