@@ -414,6 +414,11 @@ impl LocalStore {
                 limit: self.inner.max_working_set_pages,
             });
         }
+        if let Ok(text) = std::fs::read(self.inner.root.join(id.as_str()).join(MANIFEST_FILE))
+            && layers::format_version(&text) == Some(LAYER_FORMAT_VERSION)
+        {
+            return Err(RecordError::Layered(id.clone()));
+        }
         let snapshot = self.open_blocking(id)?;
         let order = first_touch_order(ranges, snapshot.manifest().page_count)?;
         let bytes: Vec<u8> = order.iter().flat_map(|p| p.0.to_le_bytes()).collect();

@@ -32,6 +32,10 @@
 //! Error messages name snapshots and files relative to the store, never the
 //! server's paths: they travel to clients.
 //!
+//! Volumes (writable memory) and diff snapshots are chains of layers
+//! ([`layers`]), a feature of the local store; the [`SnapshotStore`]
+//! methods for them refuse by default ([`VolumeError::Unsupported`]).
+//!
 //! A snapshot, once created, is immutable except for its recorded working
 //! sets. Creating one (by import or upload) goes through a
 //! [`SnapshotWrite`]; the local one, [`SnapshotWriter`](writer::SnapshotWriter),
@@ -521,6 +525,12 @@ pub enum RecordError {
         /// Why.
         reason: String,
     },
+    /// The name is a diff snapshot or a volume, which keep no working sets.
+    #[error(
+        "\"{0}\" is a diff snapshot or a volume, which keep no working sets yet; record on a \
+         standalone copy (`faultline-server flatten --name {0} --as NEW`)"
+    )]
+    Layered(SnapshotId),
     /// Writing the working set failed.
     #[error("cannot write working set \"{name}\" of snapshot \"{snapshot}\": {source}")]
     Write {
