@@ -134,6 +134,7 @@ impl Error {
                 WriteError::NotAVolume(_) | WriteError::Sealed(_) => Code::FailedPrecondition,
                 WriteError::OutOfRange(_) => Code::OutOfRange,
                 WriteError::WrongSize { .. } => Code::InvalidArgument,
+                WriteError::DiskFull { .. } => Code::ResourceExhausted,
                 WriteError::Unavailable { .. } => Code::Unavailable,
                 WriteError::Io { .. } => Code::Internal,
             },
@@ -195,7 +196,8 @@ impl Error {
                     "image_size"
                 })
             }
-            Self::Create(CreateError::DiskFull { .. }) => Some("disk_reserve"),
+            Self::Create(CreateError::DiskFull { .. })
+            | Self::Write(WriteError::DiskFull { .. }) => Some("disk_reserve"),
             Self::Record(RecordError::TooLarge { .. }) => Some("working_set_pages"),
             Self::Record(RecordError::TooManySets { .. }) => Some("working_sets"),
             _ => None,

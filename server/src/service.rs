@@ -307,27 +307,19 @@ struct BatchStats {
 /// snapshot, compressed where asked and useful, on a blocking thread) and
 /// ranges of zero pages (flagged, not read).
 ///
-/// The zero map is the snapshot's current one, not the one a stream
-/// started with: a volume's pages change while a stream is open, and a page
+/// The zero map is the snapshot's current one ([`Snapshot::zero_runs`]),
+/// not the one a stream started with: a volume's pages change while a stream is open, and a page
 /// written since must never be answered as zeros.
 async fn build_batch(
     snapshot: &dyn Snapshot,
     codec: Compression,
     ranges: &[PageRange],
 ) -> Result<(pb::PageBatch, BatchStats), Error> {
-    let manifest = snapshot.manifest();
     let mut stats = BatchStats::default();
     let mut zero = Vec::new();
     let mut raw = Vec::new();
     for range in ranges {
-        let mut start = range.start().0;
-        while start < range.end() {
-            let is_zero = manifest.zero_map.get(start);
-            let mut end = start + 1;
-            while end < range.end() && manifest.zero_map.get(end) == is_zero {
-                end += 1;
-            }
-            let part = PageRange::new(PageIndex(start), end - start).expect("non-empty");
+        for (part, is_zero) in snapshot.zero_runs(*range) {
             stats.pages += part.count();
             if is_zero {
                 stats.zero_pages += part.count();
@@ -337,7 +329,6 @@ async fn build_batch(
                 stats.bytes += data.len() as u64;
                 raw.push((part, data));
             }
-            start = end;
         }
     }
     let encode = move || {

@@ -166,6 +166,8 @@ struct ChainInner {
     writer: Option<Mutex<WriteState>>,
     /// Inode of `manifest.json` when opened.
     manifest_ino: u64,
+    /// Bytes a write must leave free on the disk.
+    min_free_disk: u64,
 }
 
 #[derive(Debug)]
@@ -358,7 +360,14 @@ impl ChainPlan {
 impl Chain {
     /// Opens the format-2 layer `id` (parsed from `text`) and the chain
     /// under it; a volume's interrupted write is repaired first.
-    pub(crate) fn open(root: &Path, id: &SnapshotId, text: &[u8]) -> Result<Self, OpenError> {
+    ///
+    /// Writes keep `min_free_disk` bytes free on the store's disk.
+    pub(crate) fn open(
+        root: &Path,
+        id: &SnapshotId,
+        text: &[u8],
+        min_free_disk: u64,
+    ) -> Result<Self, OpenError> {
         let top = parse_layer_file(id, text)?;
         let page_size =
             PageSize::try_from(top.page_size).map_err(|e| corrupt(id, e.to_string()))?;
@@ -425,6 +434,7 @@ impl Chain {
                 apply: RwLock::new(()),
                 writer,
                 manifest_ino,
+                min_free_disk,
             }),
         })
     }
@@ -621,6 +631,16 @@ impl Chain {
             .chunks_exact(ps)
             .map(|p| DigestAlgorithm::Crc32c.digest(p))
             .collect();
+        // The journal and the pages in place take up to twice the run.
+        let need = 2 * run.data.len() as u64;
+        let free =
+            super::writer::free_bytes(&self.inner.dir).map_err(io("check the free space"))?;
+        if free < self.inner.min_free_disk.saturating_add(need) {
+            return Err(WriteError::DiskFull {
+                free,
+                reserve: self.inner.min_free_disk,
+            });
+        }
         // 1. The journal, durable: from here on the run survives a crash.
         let record = journal_record(run, &digests);
         w.journal.set_len(0).map_err(io("empty the journal"))?;
@@ -848,6 +868,11 @@ impl Snapshot for Chain {
 
     fn working_set(&self, _name: &WorkingSetName) -> Option<Arc<Vec<PageIndex>>> {
         None
+    }
+
+    fn zero_runs(&self, range: PageRange) -> Vec<(PageRange, bool)> {
+        let r = self.resolved();
+        super::split_by(range, |p| r.owner[p as usize] == NO_OWNER || r.zero.get(p))
     }
 }
 
@@ -1182,5 +1207,23 @@ mod tests {
             .read_blocking(PageRange::new(PageIndex(0), 1).unwrap())
             .unwrap();
         assert!(got.iter().all(|&b| b == 0x55));
+    }
+
+    /// A write that would eat into the disk reserve is refused and changes
+    /// nothing.
+    #[test]
+    fn writes_keep_the_disk_reserve() {
+        let (dir, _store, id) = volume_store();
+        let root = dir.path().join("store");
+        let text = std::fs::read(root.join("vol").join(MANIFEST_FILE)).unwrap();
+        let chain = Chain::open(&root, &id, &text, u64::MAX / 4).unwrap();
+        let e = chain.write_blocking(&page_run(0, 1, 9)).unwrap_err();
+        assert!(matches!(e, WriteError::DiskFull { .. }), "{e}");
+        assert!(e.to_string().contains("--min-free-disk"), "{e}");
+        let got = chain
+            .read_blocking(PageRange::new(PageIndex(0), 1).unwrap())
+            .unwrap();
+        assert!(got.iter().all(|&b| b == 0));
+        check_digests(&chain);
     }
 }

@@ -551,7 +551,7 @@ impl LocalStore {
             file: MANIFEST_FILE.into(),
             source,
         })?;
-        let chain = Chain::open(&self.inner.root, id, &text)?;
+        let chain = Chain::open(&self.inner.root, id, &text, self.inner.min_free_disk_bytes)?;
         cache
             .entries
             .insert(id.clone(), (identity, chain.downgrade()));

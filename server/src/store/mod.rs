@@ -198,6 +198,34 @@ pub trait Snapshot: Send + Sync + std::fmt::Debug {
     /// A recorded working set, in first-touch order; `None` if there is no
     /// working set of that name.
     fn working_set(&self, name: &WorkingSetName) -> Option<Arc<Vec<PageIndex>>>;
+
+    /// `range` split into runs of zero and non-zero pages, as the snapshot
+    /// is now: for an immutable snapshot its manifest's zero map; a volume,
+    /// whose pages change, answers from its current state without
+    /// rebuilding a manifest.
+    fn zero_runs(&self, range: PageRange) -> Vec<(PageRange, bool)> {
+        let manifest = self.manifest();
+        split_by(range, |p| manifest.zero_map.get(p))
+    }
+}
+
+/// `range` split into runs of pages for which `is_zero` agrees.
+pub fn split_by(range: PageRange, is_zero: impl Fn(u64) -> bool) -> Vec<(PageRange, bool)> {
+    let mut out = Vec::new();
+    let mut start = range.start().0;
+    while start < range.end() {
+        let z = is_zero(start);
+        let mut end = start + 1;
+        while end < range.end() && is_zero(end) == z {
+            end += 1;
+        }
+        out.push((
+            PageRange::new(PageIndex(start), end - start).expect("non-empty"),
+            z,
+        ));
+        start = end;
+    }
+    out
 }
 
 /// A snapshot being written: the image arrives in order, in pieces of any
@@ -663,6 +691,17 @@ pub enum WriteError {
         got: usize,
         /// Bytes needed.
         want: usize,
+    },
+    /// Writing would eat into the store's free-space reserve.
+    #[error(
+        "the store's disk has {free} bytes free, and keeps a reserve of {reserve}; free space \
+         or lower `--min-free-disk`; the run was not written"
+    )]
+    DiskFull {
+        /// Bytes free.
+        free: u64,
+        /// The reserve.
+        reserve: u64,
     },
     /// A storage thread failed.
     #[error("the storage of volume \"{volume}\" is unavailable: {reason}; retry later")]
