@@ -636,3 +636,60 @@ async fn tokens_without_write_are_refused() {
     let a = acks.next().await.unwrap().unwrap();
     assert_eq!(acked(&a), Some((0, 1)));
 }
+
+/// A page written while a `Fault` stream is open on the volume is served
+/// with its new bytes on that stream, never as the zeros it was when the
+/// stream opened.
+#[tokio::test]
+async fn fault_stream_sees_pages_written_since_it_opened() {
+    let f = Fixture::start().await;
+    let mut c = f.client().await;
+    c.create_volume(pb::CreateVolumeRequest {
+        name: "empty".into(),
+        source: Some(pb::create_volume_request::Source::Empty(pb::EmptyVolume {
+            page_size: PAGE as u64,
+            size: PAGES * PAGE as u64,
+        })),
+    })
+    .await
+    .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::FaultRequest {
+        kind: Some(pb::fault_request::Kind::Open(pb::FaultOpen {
+            snapshot: "empty".into(),
+            compression: 0,
+        })),
+    })
+    .await
+    .unwrap();
+    let mut answers = c
+        .clone()
+        .fault(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut fault = async |id: u64| {
+        tx.send(pb::FaultRequest {
+            kind: Some(pb::fault_request::Kind::Pages(pb::FaultPages {
+                request_id: id,
+                range: Some(range(5, 1)),
+            })),
+        })
+        .await
+        .unwrap();
+        let a = answers.next().await.unwrap().unwrap();
+        let Some(pb::fault_response::Result::Pages(batch)) = a.result else {
+            panic!("{a:?}");
+        };
+        let mut out = vec![0xAAu8; PAGES as usize * PAGE];
+        apply(batch, &mut out, &mut Vec::new());
+        out[5 * PAGE..6 * PAGE].to_vec()
+    };
+    assert!(fault(1).await.iter().all(|&b| b == 0));
+    let data = pattern(1, 0x99);
+    let acks = write(&mut c, "empty", vec![run(1, 5, &data)])
+        .await
+        .unwrap();
+    assert_eq!(acked(&acks[0]), Some((5, 1)));
+    assert!(fault(2).await == data, "a written page was served stale");
+}

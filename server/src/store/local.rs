@@ -578,20 +578,27 @@ impl LocalStore {
 
     /// Opens a volume for writing.
     pub fn open_volume_blocking(&self, id: &SnapshotId) -> Result<Chain, VolumeError> {
-        let chain = match self.open_any_blocking(id) {
-            Err(OpenError::NotFound(id)) => return Err(VolumeError::NotFound(id)),
-            Err(e) => return Err(VolumeError::Open(e)),
-            Ok(_) => self.open_chain_blocking(id).map_err(|e| match e {
-                OpenError::NotFound(id) => VolumeError::NotFound(id),
-                e => VolumeError::Open(e),
-            }),
+        let open_err = |e| match e {
+            OpenError::NotFound(id) => VolumeError::NotFound(id),
+            e => VolumeError::Open(e),
         };
-        match chain {
-            Err(VolumeError::Open(OpenError::Corrupt { .. })) | Ok(_) => {}
-            Err(e) => return Err(e),
+        let path = self.inner.root.join(id.as_str()).join(MANIFEST_FILE);
+        let text = std::fs::read(&path).map_err(|source| {
+            open_err(if source.kind() == std::io::ErrorKind::NotFound {
+                OpenError::NotFound(id.clone())
+            } else {
+                OpenError::Read {
+                    snapshot: id.clone(),
+                    file: MANIFEST_FILE.into(),
+                    source,
+                }
+            })
+        })?;
+        // A standalone snapshot (format 1) is never a volume.
+        if layers::format_version(&text) != Some(LAYER_FORMAT_VERSION) {
+            return Err(VolumeError::NotAVolume(id.clone()));
         }
-        // A standalone snapshot is not a chain: its manifest is format 1.
-        let chain = chain.map_err(|_| VolumeError::NotAVolume(id.clone()))?;
+        let chain = self.open_chain_blocking(id).map_err(open_err)?;
         if chain.kind() != LayerKind::Volume {
             return Err(VolumeError::NotAVolume(id.clone()));
         }
