@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use faultline_client::backing::{BackingKind, GuestMemory, HUGE_PAGE_SIZE};
-use faultline_client::pager::Stats;
+use faultline_client::pager::{Bulk, Stats};
 use faultline_proto::{Manifest, PageIndex, PageSize};
 use serde_json::json;
 
@@ -183,6 +183,7 @@ fn faultline_once(
     row: &mut Row,
     image: &File,
     spots: &[u64],
+    bulk: Bulk,
 ) -> Result<(f64, Stats), RestoreFailure> {
     let setup = |e: anyhow::Error| RestoreFailure::Setup(format!("{e:#}"));
     let memory = fresh_memory(row.kind, ctx.size as usize).map_err(setup)?;
@@ -190,7 +191,7 @@ fn faultline_once(
         elapsed,
         stats,
         pager,
-    } = full_restore(ctx, &row.snapshot, memory, |_| {}).map_err(setup)?;
+    } = full_restore(ctx, &row.snapshot, memory, |c| c.bulk = bulk).map_err(setup)?;
     let secs = elapsed.as_secs_f64();
     let decision = pager.decision(0);
     row.strategy = Some(decision.strategy().as_str());
@@ -199,6 +200,53 @@ fn faultline_once(
         .map_err(RestoreFailure::Mismatch)?;
     drop(pager);
     Ok((secs, stats))
+}
+
+/// The prefetcher's bulk settings measured next to the default
+/// ([`Bulk::default`]), interleaved with it: its label and settings. The
+/// first is the prefetcher as it was before issue 13 (one stream, the
+/// server's 1 MiB batches, CONTINUE on shmem).
+fn bulk_variants(quick: bool) -> Vec<(String, Bulk)> {
+    let d = Bulk::default();
+    let mut v = vec![(
+        "1 stream, 1 MiB batches, shmem by CONTINUE (before)".to_string(),
+        Bulk {
+            streams: 1,
+            batch_bytes: 0,
+            shmem_copy: false,
+        },
+    )];
+    if quick {
+        return v;
+    }
+    for streams in [1, 4] {
+        v.push((
+            format!("{streams} stream(s), default batches"),
+            Bulk { streams, ..d },
+        ));
+    }
+    v.push((
+        "default streams, 1 MiB batches".into(),
+        Bulk {
+            batch_bytes: 1 << 20,
+            ..d
+        },
+    ));
+    v.push((
+        "default streams, 16 MiB batches".into(),
+        Bulk {
+            batch_bytes: 16 << 20,
+            ..d
+        },
+    ));
+    v.push((
+        "default, shmem by CONTINUE".into(),
+        Bulk {
+            shmem_copy: false,
+            ..d
+        },
+    ));
+    v
 }
 
 /// Why a faultline restore gave no measurement.
@@ -315,9 +363,12 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
     };
     let qemu_dir = ctx.scratch("qemu")?;
 
+    let variants = bulk_variants(ctx.quick);
+    // Per backing row, per variant: GB/s of each repeat.
+    let mut variant_gbps = vec![vec![Vec::<f64>::new(); variants.len()]; rows.len()];
     let bar = ctx.bar(
         "restore: faultline / QEMU postcopy / eager / memcpy",
-        (repeats * (2 * rows.len() + 2)) as u64,
+        (repeats * ((2 + variants.len()) * rows.len() + 2)) as u64,
     );
     for _ in 0..repeats {
         if qemu.not_run.is_none() {
@@ -332,7 +383,17 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
                 bar.inc(2);
                 continue;
             }
-            match faultline_once(ctx, row, &images[i], &spots[i]) {
+            for (v, (_, bulk)) in variants.iter().enumerate() {
+                match faultline_once(ctx, row, &images[i], &spots[i], *bulk) {
+                    Ok((secs, _)) => variant_gbps[i][v].push(gbps(ctx.size, secs)),
+                    Err(RestoreFailure::Mismatch(e)) => return Err(e),
+                    Err(RestoreFailure::Setup(why)) => {
+                        notes.push(format!("{} with {:?}: {why}", row.kind, bulk));
+                    }
+                }
+                bar.inc(1);
+            }
+            match faultline_once(ctx, row, &images[i], &spots[i], Bulk::default()) {
                 Ok((secs, stats)) => {
                     row.faultline_s.push(secs);
                     row.faultline_gbps.push(gbps(ctx.size, secs));
@@ -367,7 +428,54 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
     bar.finish_and_clear();
     drop((src, dst, _huge_pages));
 
-    Ok(report(ctx, repeats, &rows, &qemu, &memcpy_gbps, notes))
+    let mut report = report(ctx, repeats, &rows, &qemu, &memcpy_gbps, notes);
+    let mut table = Table::new(
+        format!(
+            "Prefetcher bulk settings, interleaved with the default ({}); GB/s, median (min–max) \
+             of {repeats}",
+            describe(Bulk::default())
+        ),
+        &["backing", "settings", "GB/s", "default / these"],
+    );
+    let mut variant_data = Vec::new();
+    for (i, row) in rows.iter().enumerate().filter(|(_, r)| r.complete()) {
+        for (v, (label, bulk)) in variants.iter().enumerate() {
+            let g = &variant_gbps[i][v];
+            if g.is_empty() {
+                continue;
+            }
+            let speedup: Vec<f64> = row
+                .faultline_gbps
+                .iter()
+                .zip(g)
+                .map(|(d, x)| d / x)
+                .collect();
+            table.row(vec![
+                row.kind.to_string(),
+                label.clone(),
+                Summary::of(g).fmt(2),
+                format!("{}x", Summary::of(&speedup).fmt(2)),
+            ]);
+            variant_data.push(json!({
+                "backing": row.kind, "label": label, "bulk": bulk, "gbps": g,
+                "default_over_these": speedup,
+            }));
+        }
+    }
+    report.tables.push(table);
+    report.data["bulk_default"] = json!(Bulk::default());
+    report.data["bulk_variants"] = json!(variant_data);
+    Ok(report)
+}
+
+/// The settings in words.
+fn describe(b: Bulk) -> String {
+    format!(
+        "{} stream(s), {} MiB batches, shmem by {}",
+        b.streams,
+        b.batch_bytes >> 20,
+        if b.shmem_copy { "COPY" } else { "CONTINUE" }
+    )
 }
 
 /// The QEMU postcopy baseline's runs, or why it was not run.

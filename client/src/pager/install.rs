@@ -27,6 +27,15 @@ use super::pages::PageState;
 use super::region::{Caller, RegionState};
 use super::stats::Source;
 
+/// How step 2 puts the bytes in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Method {
+    /// As the region's strategy says ([`RegionState::install`]).
+    Strategy,
+    /// `UFFDIO_COPY` into a CONTINUE region ([`RegionState::install_bulk_copy`]).
+    BulkCopy,
+}
+
 impl Shared {
     /// Step 1: claims `page` for fetching and installing (`Missing ->
     /// InFlight`). False if another path has it or it is settled.
@@ -46,8 +55,42 @@ impl Shared {
         source: Source,
         fault: Option<PageIndex>,
     ) -> Result<(), InstallError> {
+        self.install_claimed_by(region, start, data, source, fault, Method::Strategy)
+    }
+
+    /// [`Self::install_claimed`] for the prefetcher's bulk runs: by
+    /// `UFFDIO_COPY` on shmem when [`super::Bulk::shmem_copy`] is set and
+    /// the registration offers it ([`RegionState::install_bulk_copy`]),
+    /// else as the region's strategy says.
+    pub(super) fn install_claimed_bulk(
+        &self,
+        region: &RegionState,
+        start: PageIndex,
+        data: &[u8],
+        source: Source,
+    ) -> Result<(), InstallError> {
+        let method = if self.config.bulk.shmem_copy && region.bulk_copy_offered() {
+            Method::BulkCopy
+        } else {
+            Method::Strategy
+        };
+        self.install_claimed_by(region, start, data, source, None, method)
+    }
+
+    fn install_claimed_by(
+        &self,
+        region: &RegionState,
+        start: PageIndex,
+        data: &[u8],
+        source: Source,
+        fault: Option<PageIndex>,
+        method: Method,
+    ) -> Result<(), InstallError> {
         let count = (data.len() / self.manifest.page_size.bytes_usize()) as u64;
-        region.install(start, data)?;
+        match method {
+            Method::Strategy => region.install(start, data)?,
+            Method::BulkCopy => region.install_bulk_copy(start, data)?,
+        }
         self.counters.bytes(data.len() as u64);
         let demand = u64::from(fault.is_some_and(|f| f.0 >= start.0 && f.0 < start.0 + count));
         if demand > 0 {
