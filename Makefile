@@ -6,32 +6,43 @@
 #               report in bench-out/ (BENCHMARKS.md, report.json, plots)
 #
 # The build needs libclang (bindgen, for the userfaultfd crate); the benchmark
-# plots need a TrueType font (DejaVu). Run as root,
+# plots need a TrueType font (DejaVu), and `make bench` QEMU (its postcopy
+# migration is a baseline; `make test` does not install it). Run as root,
 # this Makefile installs what is missing with apt-get; otherwise it prints
 # the command to run.
 
 CARGO ?= cargo
 APT_PACKAGES := libclang-dev fonts-dejavu-core
+# Only for `make bench`: QEMU, whose postcopy migration is the restore scenario's baseline.
+BENCH_APT_PACKAGES := qemu-system-x86
 
-.PHONY: all deps build demo test fmt clippy unit deploy-check bench bench-quick clean
-
-all: build
-
-deps:
-	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs"; exit 1; }
-	@missing=""; for p in $(APT_PACKAGES); do \
+# $(call apt_install,PACKAGES,APT-OPTIONS): installs the missing ones as root, else says how.
+define apt_install
+	@missing=""; for p in $(1); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing:$$missing"; \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null || exit 1; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) $$missing >/dev/null || exit 1; \
 	  else \
 	    echo "missing packages:$$missing"; \
 	    echo "run: sudo apt-get install -y$$missing"; exit 1; \
 	  fi; \
 	fi
+endef
+
+.PHONY: all deps bench-deps build demo test fmt clippy unit deploy-check bench bench-quick clean
+
+all: build
+
+deps:
+	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs"; exit 1; }
+	$(call apt_install,$(APT_PACKAGES),)
+
+bench-deps: deps
+	$(call apt_install,$(BENCH_APT_PACKAGES),--no-install-recommends)
 
 build: deps
 	$(CARGO) build --release --workspace
@@ -68,10 +79,10 @@ deploy-check: deps
 
 test: deps fmt clippy unit deploy-check
 
-bench: build
+bench: build bench-deps
 	./target/release/faultline-bench all --out bench-out
 
-bench-quick: build
+bench-quick: build bench-deps
 	./target/release/faultline-bench all --quick --out bench-out
 
 clean:

@@ -219,9 +219,9 @@ fn bulk_variants(quick: bool) -> Vec<(String, Bulk)> {
     if quick {
         return v;
     }
-    for streams in [1, 4] {
+    for streams in [2, 4] {
         v.push((
-            format!("{streams} stream(s), default batches"),
+            format!("{streams} streams, default batches"),
             Bulk { streams, ..d },
         ));
     }

@@ -25,10 +25,11 @@ pub const NO_READAHEAD: (u64, u64) = (0, 0);
 
 /// Prefetch streams run in parallel, each on its own connection, for the
 /// bulk of a restore (after the recorded working set, which one stream
-/// sends first, in order). Two: one per core of the machines measured, so
-/// that one stream receives while the other verifies and installs
-/// (docs/BENCHMARKS.md, "Bulk restore").
-pub const PREFETCH_STREAMS: usize = 2;
+/// sends first, in order). One: on the 2-core machines measured, where the
+/// server and the client share the cores, 2 and 4 streams were no faster
+/// than one (docs/BENCHMARKS.md, "Bulk restore"); more streams pay where
+/// there are cores to spare.
+pub const PREFETCH_STREAMS: usize = 1;
 
 /// Page bytes per prefetch batch asked of the server (its default is
 /// 1 MiB). Measured against 1 and 16 MiB in docs/BENCHMARKS.md.
