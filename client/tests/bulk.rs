@@ -26,11 +26,13 @@ fn settings() -> [Bulk; 3] {
             streams: 1,
             batch_bytes: 0,
             shmem_copy: false,
+            hugetlb_copy: false,
         },
         Bulk {
             streams: 4,
             batch_bytes: 64 << 10,
             shmem_copy: true,
+            hugetlb_copy: true,
         },
         Bulk::default(),
     ]

@@ -214,6 +214,7 @@ fn bulk_variants(quick: bool) -> Vec<(String, Bulk)> {
             streams: 1,
             batch_bytes: 0,
             shmem_copy: false,
+            hugetlb_copy: false,
         },
     )];
     if quick {
@@ -225,17 +226,26 @@ fn bulk_variants(quick: bool) -> Vec<(String, Bulk)> {
             Bulk { streams, ..d },
         ));
     }
-    v.push((
-        "default streams, 1 MiB batches".into(),
-        Bulk {
-            batch_bytes: 1 << 20,
-            ..d
-        },
-    ));
+    for kib in [256, 4096] {
+        v.push((
+            format!("default streams, {kib} KiB batches"),
+            Bulk {
+                batch_bytes: kib << 10,
+                ..d
+            },
+        ));
+    }
     v.push((
         "default streams, 16 MiB batches".into(),
         Bulk {
             batch_bytes: 16 << 20,
+            ..d
+        },
+    ));
+    v.push((
+        "default, hugetlbfs by COPY".into(),
+        Bulk {
+            hugetlb_copy: true,
             ..d
         },
     ));
@@ -295,7 +305,7 @@ fn warm(image: &File) -> anyhow::Result<()> {
 
 /// Runs the scenario.
 pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
-    let repeats = ctx.pick(3, 3);
+    let repeats = ctx.pick(3, 5);
     let mut notes = Vec::new();
     let small = ctx.snapshot(ImageSpec {
         content: Content::RandomThenZero,
@@ -471,10 +481,11 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
 /// The settings in words.
 fn describe(b: Bulk) -> String {
     format!(
-        "{} stream(s), {} MiB batches, shmem by {}",
+        "{} stream(s), {} MiB batches, shmem by {}, hugetlbfs by {}",
         b.streams,
         b.batch_bytes >> 20,
-        if b.shmem_copy { "COPY" } else { "CONTINUE" }
+        if b.shmem_copy { "COPY" } else { "CONTINUE" },
+        if b.hugetlb_copy { "COPY" } else { "CONTINUE" }
     )
 }
 

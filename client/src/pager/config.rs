@@ -31,9 +31,12 @@ pub const NO_READAHEAD: (u64, u64) = (0, 0);
 /// there are cores to spare.
 pub const PREFETCH_STREAMS: usize = 1;
 
-/// Page bytes per prefetch batch asked of the server (its default is
-/// 1 MiB). Measured against 1 and 16 MiB in docs/BENCHMARKS.md.
-pub const PREFETCH_BATCH_BYTES: u64 = 4 << 20;
+/// Page bytes per prefetch batch asked of the server: 1 MiB. Larger
+/// batches (4 and 16 MiB) measured slower here, not faster: a batch is
+/// copied into the decode buffer, checked and installed while the next one
+/// waits, and 1 MiB of it stays in the CPU's cache for those three passes
+/// (docs/BENCHMARKS.md, "Bulk restore").
+pub const PREFETCH_BATCH_BYTES: u64 = 1 << 20;
 
 /// Default time the server may be unreachable (or a page keep failing its
 /// digest) before the failure policy applies.
@@ -83,6 +86,10 @@ pub struct Bulk {
     /// already holds (COPY answers EEXIST) still goes the CONTINUE way, so
     /// the guest sees the same bytes either way.
     pub shmem_copy: bool,
+    /// The same for hugetlbfs memory: `UFFDIO_COPY` fills a new huge page
+    /// straight from the received buffer, where writing the fill view first
+    /// has the kernel zero the 2 MiB page, then copies into it.
+    pub hugetlb_copy: bool,
 }
 
 impl Default for Bulk {
@@ -91,6 +98,7 @@ impl Default for Bulk {
             streams: PREFETCH_STREAMS,
             batch_bytes: PREFETCH_BATCH_BYTES,
             shmem_copy: true,
+            hugetlb_copy: false,
         }
     }
 }

@@ -22,6 +22,7 @@
 use faultline_proto::PageIndex;
 
 use super::Shared;
+use crate::backing::BackingKind;
 use super::error::InstallError;
 use super::pages::PageState;
 use super::region::{Caller, RegionState};
@@ -59,9 +60,10 @@ impl Shared {
     }
 
     /// [`Self::install_claimed`] for the prefetcher's bulk runs: by
-    /// `UFFDIO_COPY` on shmem when [`super::Bulk::shmem_copy`] is set and
-    /// the registration offers it ([`RegionState::install_bulk_copy`]),
-    /// else as the region's strategy says.
+    /// `UFFDIO_COPY` on shmem or hugetlbfs when [`super::Bulk::shmem_copy`]
+    /// or [`super::Bulk::hugetlb_copy`] says so and the registration offers
+    /// it ([`RegionState::install_bulk_copy`]), else as the region's
+    /// strategy says.
     pub(super) fn install_claimed_bulk(
         &self,
         region: &RegionState,
@@ -69,7 +71,12 @@ impl Shared {
         data: &[u8],
         source: Source,
     ) -> Result<(), InstallError> {
-        let method = if self.config.bulk.shmem_copy && region.bulk_copy_offered() {
+        let wanted = match region.memory.kind() {
+            BackingKind::Shmem => self.config.bulk.shmem_copy,
+            BackingKind::Hugetlb => self.config.bulk.hugetlb_copy,
+            _ => false,
+        };
+        let method = if wanted && region.bulk_copy_offered() {
             Method::BulkCopy
         } else {
             Method::Strategy

@@ -191,12 +191,9 @@ impl RegionState {
     }
 
     /// Whether [`Self::install_bulk_copy`] may be used: a CONTINUE region
-    /// (shmem) whose registration also offers COPY, and which is not
-    /// hugetlbfs (where COPY and CONTINUE measured the same, and a page
-    /// cache page is a whole 2 MiB).
+    /// (shmem, hugetlbfs) whose registration also offers COPY.
     pub fn bulk_copy_offered(&self) -> bool {
         self.strategy() == Strategy::Continue
-            && self.memory.kind() == crate::backing::BackingKind::Shmem
             && self
                 .decision
                 .registered
