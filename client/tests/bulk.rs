@@ -40,7 +40,9 @@ fn settings() -> [Bulk; 3] {
 
 fn snapshot_for(server: &Server, kind: BackingKind) -> Snapshot {
     match kind {
-        BackingKind::Hugetlb => server.import("huge", PageSize::Size2M, image_2m(5, HUGE_PAGES, &[3, 9])),
+        BackingKind::Hugetlb => {
+            server.import("huge", PageSize::Size2M, image_2m(5, HUGE_PAGES, &[3, 9]))
+        }
         _ => server.import("small", PageSize::Size4K, image_4k(11, PAGES)),
     }
 }
@@ -65,7 +67,11 @@ fn prefetch_with(kind: BackingKind, bulk: Bulk) {
     let stats = complete(&pager);
     let p = stats.pages_by_source;
     let data = snap.data_pages().len() as u64;
-    assert_eq!(p.demand + p.readahead + p.prefetch, data, "{bulk:?}: {stats:#?}");
+    assert_eq!(
+        p.demand + p.readahead + p.prefetch,
+        data,
+        "{bulk:?}: {stats:#?}"
+    );
     assert_eq!(
         stats.bytes_received,
         data * snap.page_size as u64,

@@ -219,8 +219,7 @@ impl Qmp {
     ) -> anyhow::Result<(String, f64)> {
         loop {
             let found = self.events.iter().position(|e| {
-                e["event"] == "MIGRATION"
-                    && statuses.iter().any(|s| e["data"]["status"] == **s)
+                e["event"] == "MIGRATION" && statuses.iter().any(|s| e["data"]["status"] == **s)
             });
             if let Some(i) = found {
                 let e = self.events.remove(i);
@@ -252,7 +251,13 @@ fn free_port() -> anyhow::Result<u16> {
 /// the QMP sockets and logs.
 pub fn migrate_once(dir: &Path, image: &Path, size: u64) -> anyhow::Result<Migration> {
     std::fs::create_dir_all(dir)?;
-    let mut dst = Qemu::start(dir, "dst", size, "memory-backend-ram", &["-incoming", "defer"])?;
+    let mut dst = Qemu::start(
+        dir,
+        "dst",
+        size,
+        "memory-backend-ram",
+        &["-incoming", "defer"],
+    )?;
     let mut src = Qemu::start(
         dir,
         "src",
@@ -264,7 +269,8 @@ pub fn migrate_once(dir: &Path, image: &Path, size: u64) -> anyhow::Result<Migra
         { "capability": "postcopy-ram", "state": true },
         { "capability": "events", "state": true },
     ]});
-    dst.qmp.execute("migrate-set-capabilities", Some(caps.clone()))?;
+    dst.qmp
+        .execute("migrate-set-capabilities", Some(caps.clone()))?;
     src.qmp.execute("migrate-set-capabilities", Some(caps))?;
     src.qmp.execute(
         "migrate-set-parameters",
@@ -281,12 +287,18 @@ pub fn migrate_once(dir: &Path, image: &Path, size: u64) -> anyhow::Result<Migra
     src.qmp.execute("migrate-start-postcopy", None)?;
     let deadline = Instant::now() + MIGRATION_TIMEOUT;
     let (_, started) = src.qmp.migration_event(&["setup"], deadline)?;
-    let (status, ended) = dst.qmp.migration_event(&["completed", "failed"], deadline)?;
+    let (status, ended) = dst
+        .qmp
+        .migration_event(&["completed", "failed"], deadline)?;
     if status != "completed" {
-        bail!("the QEMU migration failed (destination status {status:?}); see the logs in {}", dir.display());
+        bail!(
+            "the QEMU migration failed (destination status {status:?}); see the logs in {}",
+            dir.display()
+        );
     }
     // The source may report completion a moment after the destination.
-    src.qmp.migration_event(&["completed", "failed"], deadline)?;
+    src.qmp
+        .migration_event(&["completed", "failed"], deadline)?;
     let info = src.qmp.execute("query-migrate", None)?;
     let ram = &info["ram"];
     let field = |k: &str| ram[k].as_u64().unwrap_or(0);
@@ -313,7 +325,9 @@ fn check_pages(qmp: &mut Qmp, dir: &Path, image: &Path, size: u64) -> anyhow::Re
         let page = (i * step + i * 7) % pages;
         qmp.execute(
             "pmemsave",
-            Some(json!({ "val": page * 4096, "size": 4096, "filename": out.display().to_string() })),
+            Some(
+                json!({ "val": page * 4096, "size": 4096, "filename": out.display().to_string() }),
+            ),
         )?;
         let got = std::fs::read(&out)?;
         image.read_exact_at(&mut want, page * 4096)?;

@@ -536,8 +536,8 @@ fn report(
 ) -> ScenarioReport {
     let memcpy = Summary::of(memcpy_gbps);
     let qemu_gbps = qemu.gbps(ctx.size);
-    let qemu_summary = (qemu.not_run.is_none() && !qemu_gbps.is_empty())
-        .then(|| Summary::of(&qemu_gbps));
+    let qemu_summary =
+        (qemu.not_run.is_none() && !qemu_gbps.is_empty()).then(|| Summary::of(&qemu_gbps));
     let mut table = Table::new(
         format!(
             "Full restore of a {} MiB random-then-zero snapshot (GB/s of image bytes; median (min–max) of {repeats})",

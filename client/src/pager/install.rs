@@ -22,11 +22,11 @@
 use faultline_proto::PageIndex;
 
 use super::Shared;
-use crate::backing::BackingKind;
 use super::error::InstallError;
 use super::pages::PageState;
 use super::region::{Caller, RegionState};
 use super::stats::Source;
+use crate::backing::BackingKind;
 
 /// How step 2 puts the bytes in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -239,7 +239,12 @@ impl RegionState {
 
     /// Writes `data` through the fill view at `offset` and maps it at the
     /// guest address `addr` with CONTINUE, without waking.
-    fn install_continue(&self, addr: usize, offset: usize, data: &[u8]) -> Result<(), InstallError> {
+    fn install_continue(
+        &self,
+        addr: usize,
+        offset: usize,
+        data: &[u8],
+    ) -> Result<(), InstallError> {
         let region = self.index;
         let uffd = self.uffd().ok_or(InstallError::Closed { region })?;
         let view = self.memory.fill_view().ok_or(InstallError::Write {
