@@ -77,3 +77,32 @@ pub fn write_random_then_zero_image(
     }
     file.into_inner().map_err(|e| e.into_error())?.sync_all()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The restore image is random up to the given byte and zeros after it.
+    #[test]
+    fn random_then_zero_image_is_random_then_zero() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("img");
+        write_random_then_zero_image(&path, 64 << 10, 48 << 10, 3).expect("writing the image");
+        let bytes = std::fs::read(&path).expect("reading it back");
+        assert_eq!(bytes.len(), 64 << 10);
+        assert!(bytes[48 << 10..].iter().all(|&b| b == 0));
+        // Every 4 KiB page of the random part has content.
+        assert!(
+            bytes[..48 << 10]
+                .chunks(4096)
+                .all(|p| p.iter().any(|&b| b != 0))
+        );
+        // The random part is what write_random_image writes.
+        let full = dir.path().join("full");
+        write_random_image(&full, 64 << 10, 3).expect("writing the random image");
+        assert_eq!(
+            bytes[..48 << 10],
+            std::fs::read(&full).expect("reading")[..48 << 10]
+        );
+    }
+}
