@@ -572,7 +572,12 @@ fn report(
         let q = (qemu_summary.is_some() && !over_qemu.is_empty()).then(|| Summary::of(&over_qemu));
         table.row(vec![
             row.kind.to_string(),
-            row.strategy.unwrap_or("?").to_string(),
+            // The region's strategy serves faults; bulk runs may differ.
+            match (row.kind, Bulk::default()) {
+                (BackingKind::Shmem, b) if b.shmem_copy => "continue (bulk: copy)".into(),
+                (BackingKind::Hugetlb, b) if b.hugetlb_copy => "continue (bulk: copy)".into(),
+                _ => row.strategy.unwrap_or("?").to_string(),
+            },
             f.fmt(2),
             qemu_summary.map_or_else(|| "not run".into(), |s| s.fmt(2)),
             e.fmt(2),
