@@ -26,6 +26,16 @@ use super::error::InstallError;
 use super::pages::PageState;
 use super::region::{Caller, RegionState};
 use super::stats::Source;
+use crate::backing::BackingKind;
+
+/// How step 2 puts the bytes in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Method {
+    /// As the region's strategy says ([`RegionState::install`]).
+    Strategy,
+    /// `UFFDIO_COPY` into a CONTINUE region ([`RegionState::install_bulk_copy`]).
+    BulkCopy,
+}
 
 impl Shared {
     /// Step 1: claims `page` for fetching and installing (`Missing ->
@@ -46,8 +56,48 @@ impl Shared {
         source: Source,
         fault: Option<PageIndex>,
     ) -> Result<(), InstallError> {
+        self.install_claimed_by(region, start, data, source, fault, Method::Strategy)
+    }
+
+    /// [`Self::install_claimed`] for the prefetcher's bulk runs: by
+    /// `UFFDIO_COPY` on shmem or hugetlbfs when [`super::Bulk::shmem_copy`]
+    /// or [`super::Bulk::hugetlb_copy`] says so and the registration offers
+    /// it ([`RegionState::install_bulk_copy`]), else as the region's
+    /// strategy says.
+    pub(super) fn install_claimed_bulk(
+        &self,
+        region: &RegionState,
+        start: PageIndex,
+        data: &[u8],
+        source: Source,
+    ) -> Result<(), InstallError> {
+        let wanted = match region.memory.kind() {
+            BackingKind::Shmem => self.config.bulk.shmem_copy,
+            BackingKind::Hugetlb => self.config.bulk.hugetlb_copy,
+            _ => false,
+        };
+        let method = if wanted && region.bulk_copy_offered() {
+            Method::BulkCopy
+        } else {
+            Method::Strategy
+        };
+        self.install_claimed_by(region, start, data, source, None, method)
+    }
+
+    fn install_claimed_by(
+        &self,
+        region: &RegionState,
+        start: PageIndex,
+        data: &[u8],
+        source: Source,
+        fault: Option<PageIndex>,
+        method: Method,
+    ) -> Result<(), InstallError> {
         let count = (data.len() / self.manifest.page_size.bytes_usize()) as u64;
-        region.install(start, data)?;
+        match method {
+            Method::Strategy => region.install(start, data)?,
+            Method::BulkCopy => region.install_bulk_copy(start, data)?,
+        }
         self.counters.bytes(data.len() as u64);
         let demand = u64::from(fault.is_some_and(|f| f.0 >= start.0 && f.0 < start.0 + count));
         if demand > 0 {

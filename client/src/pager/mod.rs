@@ -59,8 +59,8 @@ use faultline_proto::{Manifest, PageIndex, PageRange};
 use tokio::sync::{Notify, mpsc, watch};
 
 pub use config::{
-    DEFAULT_DEADLINE, MAX_READAHEAD_BYTES, MIN_READAHEAD_BYTES, NO_READAHEAD, OnFailure,
-    PagerConfig, PrefetchPolicy, Region,
+    Bulk, DEFAULT_DEADLINE, MAX_READAHEAD_BYTES, MIN_READAHEAD_BYTES, NO_READAHEAD, OnFailure,
+    PREFETCH_BATCH_BYTES, PREFETCH_STREAMS, PagerConfig, PrefetchPolicy, Region,
 };
 pub use error::{FaultError, InstallError, StartError};
 pub use faults::Readahead;
