@@ -46,8 +46,23 @@ impl Shared {
         source: Source,
         fault: Option<PageIndex>,
     ) -> Result<(), InstallError> {
+        self.install_claimed_as(region, start, data, source, fault, Caller::Other)
+    }
+
+    /// [`Self::install_claimed`] on behalf of `caller`: the demand link runs
+    /// on the fault thread, where EAGAIN comes back as
+    /// [`InstallError::Again`] (the pages stay claimed; the link retries).
+    pub(super) fn install_claimed_as(
+        &self,
+        region: &RegionState,
+        start: PageIndex,
+        data: &[u8],
+        source: Source,
+        fault: Option<PageIndex>,
+        caller: Caller,
+    ) -> Result<(), InstallError> {
         let count = (data.len() / self.manifest.page_size.bytes_usize()) as u64;
-        region.install(start, data)?;
+        region.install_as(start, data, caller)?;
         self.counters.bytes(data.len() as u64);
         let demand = u64::from(fault.is_some_and(|f| f.0 >= start.0 && f.0 < start.0 + count));
         if demand > 0 {
@@ -83,18 +98,32 @@ impl Shared {
 
     /// The failure policy gave up on claimed pages: poisons each one still
     /// in flight (a thread touching it gets SIGBUS) and marks it so.
+    ///
+    /// On behalf of `caller`: on the demand thread (the link runs there) a
+    /// page refused with EAGAIN stays in flight (not poisoned, not counted):
+    /// returns false then, and the caller tries again once the pending event
+    /// is read.
     pub(super) fn poison_claimed(
         &self,
         region: &RegionState,
         pages: impl Iterator<Item = PageIndex>,
-    ) {
+        caller: Caller,
+    ) -> bool {
+        let mut all = true;
         for p in pages {
             if self.table.get(p) != PageState::InFlight {
                 continue;
             }
-            if let Err(e) = region.poison(p, 1, Caller::Other) {
-                tracing::error!("poisoning page {} failed: {e}", p.0);
-                self.on_install_error(&e);
+            match region.poison(p, 1, caller) {
+                Ok(()) => {}
+                Err(InstallError::Again { .. }) => {
+                    all = false;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!("poisoning page {} failed: {e}", p.0);
+                    self.on_install_error(&e);
+                }
             }
             // Counted first: a waiter sees the page poisoned only once the
             // statistics say so.
@@ -102,5 +131,6 @@ impl Shared {
             self.table.poison(p);
         }
         self.progress.notify_waiters();
+        all
     }
 }

@@ -26,6 +26,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::error::InstallError;
 use super::pages::PageState;
+use super::region::Caller;
 use super::stats::Source;
 use super::{OnFailure, Shared};
 use crate::remote::{Remote, Transport, decode_batch};
@@ -137,12 +138,14 @@ fn fault_request(id: u64, range: PageRange) -> pb::FaultRequest {
 }
 
 /// An open `Fault` stream.
-struct Session {
+pub(crate) struct Session {
     tx: mpsc::UnboundedSender<pb::FaultRequest>,
     answers: tonic::Streaming<pb::FaultResponse>,
 }
 
-async fn open_session(shared: &Shared, url: &str) -> Result<Session, String> {
+/// Opens the `Fault` stream on `url` (a new connection, whose tasks run on
+/// the calling runtime).
+pub(crate) async fn open_session(shared: &Shared, url: &str) -> Result<Session, String> {
     let remote = Remote::connect_with(url, Transport::default())
         .await
         .map_err(|e| e.to_string())?;
@@ -177,8 +180,14 @@ struct Link {
     down_since: Option<Instant>,
 }
 
-/// Runs the demand link until the pager stops.
-pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Demand>) {
+/// Runs the demand link until the pager stops. `opened`: the stream opened
+/// by `Pager::start` (before the first fault), with the index of its server
+/// in the list.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    mut rx: mpsc::UnboundedReceiver<Demand>,
+    opened: Option<(Session, usize)>,
+) {
     let mut link = Link {
         shared,
         pending: HashMap::new(),
@@ -187,6 +196,14 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Dem
         connect: Backoff::new(INITIAL_BACKOFF, MAX_BACKOFF),
         down_since: None,
     };
+    if let Some((session, server)) = opened {
+        let servers = &link.shared.config.servers;
+        let url = servers[server % servers.len()].clone();
+        link.server = server + 1;
+        if !link.serve(session, &mut rx, &url).await {
+            return;
+        }
+    }
     loop {
         let servers = &link.shared.config.servers;
         let url = servers[link.server % servers.len()].clone();
@@ -380,7 +397,17 @@ impl Link {
                 continue;
             }
             let p = self.pending.remove(&id).expect("listed");
-            give_up(&self.shared, &p.demand, &p.demand.claimed, &why);
+            self.give_up(p, &why);
+        }
+    }
+
+    /// Applies the failure policy to `p` (not `wait`). If some of its pages
+    /// could not be poisoned yet (EAGAIN: this thread has an event to read
+    /// first), it is kept and tried again on a later tick.
+    fn give_up(&mut self, mut p: Pending, why: &str) {
+        if !give_up(&self.shared, &p.demand, &p.demand.claimed, why) {
+            p.retry_later(why.to_owned());
+            self.insert_retry(p);
         }
     }
 
@@ -404,6 +431,14 @@ impl Link {
         };
         let installed = install_batch(&shared, &p.demand, &batch);
         shared.progress.notify_waiters();
+        if installed.again {
+            // A memory-map event pending on the uffd, which this thread reads
+            // next: the pages stay claimed and are fetched again shortly.
+            p.demand.claimed = installed.left;
+            p.retry_later("a memory-map event was pending".into());
+            self.insert_retry(p);
+            return;
+        }
         if installed.left.iter().all(|c| !c) {
             if p.demand.fault.is_some() {
                 shared.counters.latency(p.demand.started.elapsed());
@@ -419,10 +454,8 @@ impl Link {
         }
         p.corrupt += 1;
         if p.corrupt > CORRUPT_RETRIES && shared.config.on_failure != OnFailure::Wait {
-            give_up(
-                &shared,
-                &p.demand,
-                &p.demand.claimed,
+            self.give_up(
+                p,
                 "pages keep failing their digest: the snapshot on the server is corrupt",
             );
             return;
@@ -441,7 +474,7 @@ impl Link {
     fn failed(&mut self, mut p: Pending, why: String) {
         let policy = self.shared.config.on_failure;
         if p.past(self.shared.config.deadline) && policy != OnFailure::Wait {
-            give_up(&self.shared, &p.demand, &p.demand.claimed, &why);
+            self.give_up(p, &why);
             return;
         }
         let pause = p.retry_later(why.clone());
@@ -462,11 +495,11 @@ impl Link {
 
 /// Gives up on the `which` pages of `demand`, per policy: poison them (the
 /// faulting thread gets SIGBUS) or abort the process. Never called for
-/// `wait`.
-fn give_up(shared: &Shared, demand: &Demand, which: &[bool], why: &str) {
+/// `wait`. False if some pages could not be poisoned yet (EAGAIN).
+fn give_up(shared: &Shared, demand: &Demand, which: &[bool], why: &str) -> bool {
     let region = &shared.regions[demand.region];
     match shared.config.on_failure {
-        OnFailure::Wait => {}
+        OnFailure::Wait => true,
         OnFailure::Abort => abort_process(&format!(
             "cannot fill {} of region {}: {why}",
             demand.range, demand.region
@@ -478,7 +511,7 @@ fn give_up(shared: &Shared, demand: &Demand, which: &[bool], why: &str) {
                 demand.region
             );
             let pages = demand.range.iter().zip(which).filter(|(_, c)| **c);
-            shared.poison_claimed(region, pages.map(|(p, _)| p));
+            shared.poison_claimed(region, pages.map(|(p, _)| p), Caller::FaultThread)
         }
     }
 }
@@ -498,6 +531,9 @@ struct Installed {
     left: Vec<bool>,
     /// Why an install failed, if one did (pages of that run are in `left`).
     failed: Option<String>,
+    /// An install met EAGAIN (a memory-map event pending; pages of that run
+    /// are in `left`).
+    again: bool,
 }
 
 /// Installs the claimed pages of `demand` found in `batch`, each verified
@@ -507,6 +543,7 @@ fn install_batch(shared: &Shared, demand: &Demand, batch: &PageBatch) -> Install
     let start = demand.range.start().0;
     let mut left = demand.claimed.clone();
     let mut failed = None;
+    let mut again = false;
     let ps = manifest.page_size.bytes_usize();
     for run in &batch.runs {
         // Consecutive pages of the run that are ours and verified, installed
@@ -521,7 +558,11 @@ fn install_batch(shared: &Shared, demand: &Demand, batch: &PageBatch) -> Install
                     for q in f..to {
                         left[(q - start) as usize] = true;
                     }
-                    failed = Some(e.to_string());
+                    if matches!(e, InstallError::Again { .. }) {
+                        again = true;
+                    } else {
+                        failed = Some(e.to_string());
+                    }
                 }
             }
         };
@@ -559,12 +600,18 @@ fn install_batch(shared: &Shared, demand: &Demand, batch: &PageBatch) -> Install
     // Pages the batch flagged zero were claimed because the manifest says
     // they are not: a server out of step with its manifest. They stay in
     // `left` and are treated as corrupt.
-    Installed { left, failed }
+    Installed {
+        left,
+        failed,
+        again,
+    }
 }
 
-/// Installs verified bytes for consecutive claimed pages and settles them.
-/// If that fails, the pages stay claimed (the request retries them after a
-/// backoff), and the pager ends if the error says it must.
+/// Installs verified bytes for consecutive claimed pages and settles them,
+/// on the fault thread (where the link runs): EAGAIN is not waited out but
+/// reported, since this thread reads the pending event. If that fails, the
+/// pages stay claimed (the request retries them after a backoff), and the
+/// pager ends if the error says it must.
 fn install_run(
     shared: &Shared,
     demand: &Demand,
@@ -572,7 +619,14 @@ fn install_run(
     data: &[u8],
 ) -> Result<(), InstallError> {
     let region = &shared.regions[demand.region];
-    let installed = shared.install_claimed(region, start, data, Source::Readahead, demand.fault);
+    let installed = shared.install_claimed_as(
+        region,
+        start,
+        data,
+        Source::Readahead,
+        demand.fault,
+        Caller::FaultThread,
+    );
     if let Err(e) = &installed {
         shared.on_install_error(e);
     }

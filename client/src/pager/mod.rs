@@ -3,13 +3,13 @@
 //! ```text
 //!  vCPU / guest thread faults
 //!        |
-//!        v
-//!  uffd --> fault thread (faults.rs, one per uffd) --+--> zero page, page-cache page: resolved here
-//!                                                    |
-//!                                                    +--> claim a read-ahead window --> demand link
-//!                                                                             (link.rs, Fault stream)
-//!  Pager::fault (VMM's own fault source) -------------'                                    |
-//!                                                        verify digest, install.rs <-------'
+//!        v                  demand thread (one OS thread, one tokio runtime)
+//!  uffd --> fault loop (faults.rs, one per uffd) --+--> zero page, page-cache page: resolved here
+//!                                                  |
+//!                                                  +--> claim a read-ahead window --> demand link
+//!                                                                 (link.rs, Fault stream)
+//!  Pager::fault (VMM's own fault source) ----------'                                     |
+//!                                                      verify digest, install.rs <-------'
 //!  prefetcher (prefetch.rs, Prefetch stream, own connection) --> verify, install.rs
 //! ```
 //!
@@ -27,10 +27,14 @@
 //! region's ioctls), `pages.rs` (page states), `recording.rs`, `stats.rs`,
 //! `error.rs`.
 //!
-//! Threads: fault threads are plain OS threads blocked on their uffd, never
-//! async workers. The demand link runs on a single-threaded tokio runtime on
-//! a thread of its own; the prefetcher and the watcher share a small
-//! multi-threaded runtime. Both runtimes belong to the pager.
+//! Threads: one demand thread (`faultline-fault`) runs a single-threaded
+//! tokio runtime holding the fault loop of every uffd, the demand link and
+//! the link's HTTP/2 connection: the thread that reads a fault sends its
+//! request and installs the answer, with no other thread woken on the way.
+//! Nothing on it blocks; its resolves report EAGAIN instead of waiting (it
+//! is the thread that reads the event the kernel waits for). The prefetcher
+//! and the watcher share a small multi-threaded runtime. Both runtimes
+//! belong to the pager.
 //!
 //! Ending: a pager ends once, with an [`Outcome`]: every page settled, the
 //! process owning the memory gone, stopped, or failed. An error on the
@@ -91,8 +95,8 @@ pub(crate) struct Shared {
     completed: OnceLock<Duration>,
     /// Set once the pager is ending: paths stop, errors are expected.
     stopping: AtomicBool,
-    /// Raised to stop the fault threads.
-    stop: StopSignal,
+    /// Raised to stop the fault loops (and with them the demand thread).
+    stop: Arc<StopSignal>,
     /// Why the pager ends: the first reason given wins.
     ending: OnceLock<Outcome>,
     /// Whether someone has taken on the teardown (it runs once).
