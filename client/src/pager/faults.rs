@@ -113,7 +113,7 @@ impl Shared {
                         self.counters
                             .pages(if minor { Source::Local } else { Source::Zero }, 1);
                     }
-                    self.progress.notify_waiters();
+                    self.demand_progress();
                     return Ok(());
                 }
                 PageState::InFlight => {

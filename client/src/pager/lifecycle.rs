@@ -9,7 +9,7 @@
 //! once, on the watcher or in `shutdown`, and then publishes the outcome.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -405,6 +405,7 @@ impl Pager {
             readahead,
             demand_tx,
             progress: Notify::new(),
+            fault_waiters: AtomicUsize::new(0),
             started: Instant::now(),
             completed: OnceLock::new(),
             stopping: AtomicBool::new(false),

@@ -430,7 +430,7 @@ impl Link {
             None => return self.failed(p, "the server sent an empty answer".into()),
         };
         let installed = install_batch(&shared, &p.demand, &batch);
-        shared.progress.notify_waiters();
+        shared.demand_progress();
         if installed.again {
             // A memory-map event pending on the uffd, which this thread reads
             // next: the pages stay claimed and are fetched again shortly.
