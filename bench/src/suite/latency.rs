@@ -140,6 +140,8 @@ struct PagerRun {
     stats: Stats,
     /// Context switches per fault over the timed loop: client, server.
     switches: (f64, f64),
+    /// The first touch after `Pager::start` returned, µs (not in `samples`).
+    first: f64,
 }
 
 /// Everything measured for one placement, over the repeats.
@@ -152,6 +154,8 @@ struct Measured {
     pager_stats: Vec<Vec<Stats>>,
     /// switches[read-ahead off][repeat]: (client, server) per fault.
     switches: Vec<Vec<(f64, f64)>>,
+    /// The first fault of every faultline run, µs.
+    first: Vec<f64>,
 }
 
 /// Runs the scenario.
@@ -177,7 +181,8 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
     let manifest = &snap.manifest;
     let count = ctx.pick(1000, 3000);
     // One more than measured: the first touch of each run warms the path up
-    // (connection, thread wake-ups) and is not counted.
+    // (thread wake-ups, and the demand connection if `Pager::start` did not
+    // open it) and is reported on its own.
     let sample = sample_pages(manifest.page_count, count + 1, SEED, |p| {
         !manifest.is_zero(PageIndex(p))
     });
@@ -215,6 +220,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
                         let run = faultline(ctx, &snap, &sample, &zeros, off, &image)?;
                         out.pager_stats[usize::from(off)].push(run.stats);
                         out.switches[usize::from(off)].push(run.switches);
+                        out.first.push(run.first);
                         if !off {
                             out.zero_samples.push(run.zero_samples);
                         }
@@ -417,6 +423,13 @@ fn placement_report(
             &zero_per_repeat,
         ));
     }
+    // One sample per run: the percentiles are over runs.
+    let first = Percentiles::of(&m.first);
+    table.row(row(
+        "faultline, first fault after Pager::start (one per run)",
+        &first,
+        &[first],
+    ));
     report.tables.push(table);
 
     // The pager's own view: from reading the fault to installing the page.
@@ -481,6 +494,7 @@ fn placement_report(
             "methods": method_data,
             "floor": { "median": floor, "repeats": floor_repeats },
             "faultline_zero_page": { "median": zero, "repeats": zero_per_repeat },
+            "faultline_first_fault": { "over_runs": first, "samples_us": m.first },
             "switches_per_fault": {
                 "faultline": m.switches[0],
                 "faultline_no_readahead": m.switches[1],
@@ -615,7 +629,7 @@ fn faultline(
     let base = pager.memory(0).host_addr();
     // SAFETY: the pages are inside the pager's region, mapped read-write
     // while `pager` lives; guest memory holds no Rust object.
-    unsafe { timed_touches(base, PAGE, &sample[..1], false) };
+    let first = unsafe { timed_touches(base, PAGE, &sample[..1], false) }[0];
     let (faults_before, before) = (pager.stats().faults, Switches::now()?);
     // SAFETY: as above.
     let samples = unsafe { timed_touches(base, PAGE, &sample[1..], false) };
@@ -645,6 +659,7 @@ fn faultline(
         zero_samples,
         stats,
         switches,
+        first,
     })
 }
 
