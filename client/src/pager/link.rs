@@ -59,6 +59,14 @@ pub const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 /// deadlines: the shortest backoff, so a retry is not late by more than one.
 const TICK: Duration = INITIAL_BACKOFF;
 
+/// Pause before installing again an answer refused with EAGAIN (a
+/// memory-map event pending on the uffd). The refusal ends once this
+/// thread's fault loop has read the event and the thread that caused it
+/// (in `madvise`) has resumed, so the pause must let both happen: the link
+/// sleeps (tokio's timer rounds it up to a millisecond) instead of
+/// spinning. Short, because the faulting thread waits meanwhile.
+const AGAIN_PAUSE: Duration = Duration::from_micros(50);
+
 /// A request for pages, from a fault (or `Pager::fault`).
 #[derive(Debug, Clone)]
 pub struct Demand {
@@ -178,6 +186,9 @@ struct Link {
     connect: Backoff,
     /// Since when no connection has answered (for the log).
     down_since: Option<Instant>,
+    /// Answers whose install met EAGAIN, kept to install again (see
+    /// [`Link::settle`]).
+    again: Vec<(Pending, PageBatch)>,
 }
 
 /// Runs the demand link until the pager stops. `opened`: the stream opened
@@ -195,6 +206,7 @@ pub(crate) async fn run(
         server: 0,
         connect: Backoff::new(INITIAL_BACKOFF, MAX_BACKOFF),
         down_since: None,
+        again: Vec::new(),
     };
     if let Some((session, server)) = opened {
         let servers = &link.shared.config.servers;
@@ -267,6 +279,9 @@ impl Link {
                     None => return false,
                 },
                 () = tokio::time::sleep_until(until) => return true,
+                () = tokio::time::sleep(AGAIN_PAUSE), if !self.again.is_empty() => {
+                    self.retry_installs();
+                }
             }
         }
     }
@@ -346,6 +361,9 @@ impl Link {
                         return self.wait_out(rx).await;
                     }
                 },
+                () = tokio::time::sleep(AGAIN_PAUSE), if !self.again.is_empty() => {
+                    self.retry_installs();
+                }
                 // Only while requests wait: an idle link sleeps.
                 _ = tick.tick(), if !self.pending.is_empty() => {
                     self.check_deadlines();
@@ -365,6 +383,13 @@ impl Link {
                     self.send_due(&session);
                 }
             }
+        }
+    }
+
+    /// Installs again the answers set aside for EAGAIN.
+    fn retry_installs(&mut self) {
+        for (p, batch) in std::mem::take(&mut self.again) {
+            self.settle(p, batch);
         }
     }
 
@@ -414,7 +439,7 @@ impl Link {
     /// Handles one answer.
     fn answer(&mut self, resp: pb::FaultResponse) {
         let shared = self.shared.clone();
-        let Some(mut p) = self.pending.remove(&resp.request_id) else {
+        let Some(p) = self.pending.remove(&resp.request_id) else {
             return;
         };
         let batch = match resp.result {
@@ -429,14 +454,27 @@ impl Link {
             }
             None => return self.failed(p, "the server sent an empty answer".into()),
         };
+        self.settle(p, batch);
+    }
+
+    /// Installs the verified pages of an answer and settles the request:
+    /// done, retried (corrupt or failed pages), given up (the policy), or
+    /// set aside with its batch while a memory-map event is pending.
+    fn settle(&mut self, mut p: Pending, batch: PageBatch) {
+        let shared = self.shared.clone();
         let installed = install_batch(&shared, &p.demand, &batch);
         shared.demand_progress();
         if installed.again {
-            // A memory-map event pending on the uffd, which this thread reads
-            // next: the pages stay claimed and are fetched again shortly.
+            // A memory-map event is pending on the uffd, and this thread is
+            // the one that reads it (the fault loop, a task beside this
+            // one): the pages stay claimed, the batch is kept (verified), and
+            // the install is tried again after `AGAIN_PAUSE`, once the event
+            // is read and its thread resumed.
             p.demand.claimed = installed.left;
-            p.retry_later("a memory-map event was pending".into());
-            self.insert_retry(p);
+            if p.past(shared.config.deadline) && shared.config.on_failure != OnFailure::Wait {
+                return self.failed(p, "memory-map events kept the install refused".into());
+            }
+            self.again.push((p, batch));
             return;
         }
         if installed.left.iter().all(|c| !c) {
