@@ -1,19 +1,21 @@
 # faultline: the two commands of the README, and what they need.
 #
 #   make demo   generate a snapshot, serve it, read it back through faultline
-#   make test   formatting, clippy (warnings are errors), every test, the deploy/ checks
+#   make test   formatting, clippy (warnings are errors), every test, the deploy/ checks, a bounded fuzz run
+#   make fuzz   the fuzz targets (fuzz/), FUZZ_SECONDS each, on stable Rust
 #   make bench  every benchmark against its baselines (~15-30 min; bench-quick: < 5 min),
 #               report in bench-out/ (BENCHMARKS.md, report.json, plots)
 #
 # The build needs libclang (bindgen, for the userfaultfd crate); the benchmark
-# plots need a TrueType font (DejaVu). Run as root,
+# plots need a TrueType font (DejaVu); the TLS tests talk to the server with a
+# stock gRPC client (Python grpcio). Run as root,
 # this Makefile installs what is missing with apt-get; otherwise it prints
 # the command to run.
 
 CARGO ?= cargo
-APT_PACKAGES := libclang-dev fonts-dejavu-core
+APT_PACKAGES := libclang-dev fonts-dejavu-core python3-grpcio
 
-.PHONY: all deps build demo test fmt clippy unit deploy-check bench bench-quick clean
+.PHONY: all deps build demo test fmt clippy unit deploy-check fuzz bench bench-quick clean
 
 all: build
 
@@ -41,6 +43,7 @@ demo: build
 
 fmt:
 	$(CARGO) fmt --all --check
+	$(CARGO) fmt --all --check --manifest-path fuzz/Cargo.toml
 
 clippy: deps
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
@@ -61,12 +64,41 @@ unit: deps
 	echo "tests skipped for lack of a kernel facility: $$n"; \
 	if [ "$$n" -gt 0 ]; then sed 's/^/  skipped: /' $(SKIP_LOG); fi
 
+# Fuzzing on stable Rust: libFuzzer (from the libfuzzer-sys crate) with the
+# coverage instrumentation cargo-fuzz would add (`cargo fuzz run -s none`
+# does the same where cargo-fuzz is installed). Each target starts from its
+# corpus in fuzz/corpus/ (kept small, in the repo) and writes what it finds
+# to a scratch directory; a crash leaves its input in fuzz/artifacts/ and
+# fails the run.
+FUZZ_SECONDS ?= 30
+FUZZ_TARGETS := batch_decode manifest handshake
+FUZZ_HOST := $(shell rustc -vV 2>/dev/null | sed -n 's/host: //p')
+FUZZ_TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/fuzz/target)
+FUZZ_RUSTFLAGS := -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
+  -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
+  -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks
+
+fuzz: deps
+	cd fuzz && RUSTFLAGS="$(FUZZ_RUSTFLAGS)" $(CARGO) build --release --bins \
+	  --target $(FUZZ_HOST) --target-dir $(FUZZ_TARGET_DIR)
+	@for t in $(FUZZ_TARGETS); do \
+	  scratch=$$(mktemp -d); mkdir -p fuzz/artifacts/$$t; \
+	  echo "fuzzing $$t for $(FUZZ_SECONDS)s"; \
+	  $(FUZZ_TARGET_DIR)/$(FUZZ_HOST)/release/$$t -max_total_time=$(FUZZ_SECONDS) \
+	    -rss_limit_mb=2048 -timeout=10 -max_len=65536 -print_final_stats=1 \
+	    -artifact_prefix=fuzz/artifacts/$$t/ $$scratch fuzz/corpus/$$t >$$scratch.log 2>&1; \
+	  status=$$?; \
+	  if [ $$status -ne 0 ]; then tail -n 40 $$scratch.log; else grep -E "DONE|^Done" $$scratch.log; fi; \
+	  rm -rf $$scratch $$scratch.log; \
+	  if [ $$status -ne 0 ]; then echo "fuzz target $$t failed; its input is in fuzz/artifacts/$$t/"; exit 1; fi; \
+	done
+
 # deploy/: hadolint, kubernetes-validate, compose config, shellcheck, systemd-analyze, and the
 # files' flags, environment and probes against the built binaries (deploy/README.md).
 deploy-check: deps
 	./scripts/check-deploy.sh
 
-test: deps fmt clippy unit deploy-check
+test: deps fmt clippy unit deploy-check fuzz
 
 bench: build
 	./target/release/faultline-bench all --out bench-out

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use faultline_client::remote::{Remote, Transport, decode_batch};
+use faultline_client::remote::{ConnectOptions, Remote, Transport, decode_batch};
 use faultline_proto::{Compression, PageSize, SnapshotId, pb};
 use faultline_server::store::SnapshotStore;
 use faultline_server::{LocalStore, import::import_file};
@@ -167,7 +167,9 @@ pub async fn run(
 
     let mut results = Vec::new();
     for (image, codec, label, transport, batch) in plan {
-        let remote = Remote::connect_with(&url, transport).await?;
+        let remote =
+            Remote::connect_with(&url, &ConnectOptions::default().with_transport(transport))
+                .await?;
         // Warm-up: page cache and connection.
         prefetch_once(&remote, image, codec, batch).await?;
         let mut gbps = Vec::new();

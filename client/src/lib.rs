@@ -16,7 +16,8 @@
 //!   kernel's answer, honouring a forced [`strategy::Mode`].
 //! - [`pager`]: the engine: fault threads, page states, the demand link with read-ahead and
 //!   reconnection, the prefetcher, installation, completion, failure policy, statistics.
-//! - [`remote`]: connections to a faultline server, the manifest, verified page batches.
+//! - [`remote`]: connections to a faultline server ([`remote::ConnectOptions`]: TLS for
+//!   `https://`, a client certificate, the bearer token), the manifest, verified page batches.
 //! - [`restore`]: a whole restore in one process (`faultline restore`): memory, pager, touching
 //!   threads, verification, summary.
 //! - [`firecracker`]: `faultline fc-handler`: Firecracker's UFFD snapshot-restore handshake on a

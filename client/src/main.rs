@@ -8,7 +8,7 @@ use faultline_client::backing::BackingKind;
 use faultline_client::fetch::fetch_to_file;
 use faultline_client::firecracker;
 use faultline_client::pager::{OnFailure, PagerConfig, PrefetchPolicy};
-use faultline_client::remote::Remote;
+use faultline_client::remote::{ConnectOptions, Remote};
 use faultline_client::restore::{RestoreOptions, Touch};
 use faultline_client::strategy::Mode;
 use faultline_proto::{Compression, SnapshotId};
@@ -42,9 +42,11 @@ enum Command {
         /// it as the handler's lock.
         #[arg(long)]
         socket: PathBuf,
-        /// The server, http://HOST:PORT; repeat to list fallbacks.
+        /// The server, http://HOST:PORT or https://HOST:PORT; repeat to list fallbacks.
         #[arg(long = "server", env = "FAULTLINE_SERVER", required = true)]
         servers: Vec<String>,
+        #[command(flatten)]
+        connect: ConnectArgs,
         /// The snapshot of Firecracker's memory file (imported with faultline-server import).
         #[arg(long)]
         snapshot: SnapshotId,
@@ -68,9 +70,11 @@ enum Command {
     },
     /// Download a whole snapshot into a raw memory file, every page verified.
     Fetch {
-        /// The server, http://HOST:PORT.
+        /// The server, http://HOST:PORT or https://HOST:PORT.
         #[arg(long, env = "FAULTLINE_SERVER")]
         server: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
         /// The snapshot.
         #[arg(long)]
         snapshot: SnapshotId,
@@ -86,12 +90,44 @@ enum Command {
     },
 }
 
+/// How to connect to a server: TLS and token.
+#[derive(clap::Args, Debug)]
+struct ConnectArgs {
+    /// CA certificates (PEM) an https:// server's certificate must chain to (default: the
+    /// system's roots).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Client certificate (PEM), for servers that require mutual TLS; needs --key.
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// The private key of --cert (PEM).
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// Bearer token, for servers that require one (made with `faultline-server token new`).
+    #[arg(long, env = "FAULTLINE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+impl ConnectArgs {
+    /// The library's options; reads the files now.
+    fn options(&self) -> anyhow::Result<ConnectOptions> {
+        Ok(ConnectOptions::from_files(
+            self.ca.as_deref(),
+            self.cert.as_deref(),
+            self.key.as_deref(),
+            self.token.as_deref(),
+        )?)
+    }
+}
+
 /// `faultline restore`'s arguments.
 #[derive(clap::Args, Debug)]
 struct RestoreArgs {
-    /// The server, http://HOST:PORT; repeat to list fallbacks.
+    /// The server, http://HOST:PORT or https://HOST:PORT; repeat to list fallbacks.
     #[arg(long = "server", env = "FAULTLINE_SERVER", required = true)]
     servers: Vec<String>,
+    #[command(flatten)]
+    connect: ConnectArgs,
     /// The snapshot.
     #[arg(long)]
     snapshot: SnapshotId,
@@ -131,8 +167,9 @@ struct RestoreArgs {
 
 impl RestoreArgs {
     /// The library's options for these arguments.
-    fn options(self) -> RestoreOptions {
-        RestoreOptions {
+    fn options(self) -> anyhow::Result<RestoreOptions> {
+        Ok(RestoreOptions {
+            connect: self.connect.options()?,
             servers: self.servers,
             snapshot: self.snapshot,
             backing: self.backing,
@@ -144,7 +181,7 @@ impl RestoreArgs {
             verify: self.verify,
             on_failure: self.on_failure,
             deadline: std::time::Duration::from_secs(self.deadline),
-        }
+        })
     }
 }
 
@@ -171,7 +208,7 @@ fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Restore(args) => {
             let json = args.json;
-            let opts = args.options();
+            let opts = args.options()?;
             let summary = faultline_client::restore::run(&opts)
                 .with_context(|| format!("restoring {}", opts.snapshot))?;
             if json {
@@ -192,6 +229,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::FcHandler {
             socket,
             servers,
+            connect,
             snapshot,
             prefetch,
             on_failure,
@@ -199,6 +237,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         } => {
             let mut config = PagerConfig::new(servers[0].clone(), snapshot);
             config.servers = servers;
+            config.connect = connect.options()?;
             config.prefetch = prefetch;
             config.on_failure = on_failure;
             config.deadline = std::time::Duration::from_secs(deadline);
@@ -231,14 +270,16 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Fetch {
             server,
+            connect,
             snapshot,
             out,
             compression,
             json,
         } => {
+            let opts = connect.options()?;
             let rt = tokio::runtime::Runtime::new()?;
             let stats = rt.block_on(async {
-                let remote = Remote::connect(&server).await?;
+                let remote = Remote::connect_with(&server, &opts).await?;
                 let mut last_pct = 0;
                 fetch_to_file(&remote, &snapshot, &out, compression, |done, total| {
                     let pct = done * 100 / total.max(1);

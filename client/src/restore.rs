@@ -13,7 +13,7 @@ use crate::backing::{BackingError, BackingKind, GuestMemory};
 use crate::pager::{
     Latency, OnFailure, PagerConfig, PagesBySource, PrefetchPolicy, Region, StartError, Stats,
 };
-use crate::remote::{Remote, RemoteError};
+use crate::remote::{ConnectOptions, Remote, RemoteError};
 use crate::strategy::Mode;
 
 /// Longest wait for the background prefetch to finish after touching.
@@ -55,6 +55,8 @@ impl std::str::FromStr for Touch {
 pub struct RestoreOptions {
     /// Server URLs.
     pub servers: Vec<String>,
+    /// How to connect to them: TLS, token.
+    pub connect: ConnectOptions,
     /// The snapshot.
     pub snapshot: SnapshotId,
     /// Backing type of the guest memory created.
@@ -150,7 +152,7 @@ async fn working_set_order(
     opts: &RestoreOptions,
     page_bytes: u64,
 ) -> Result<Vec<PageIndex>, RemoteError> {
-    let remote = Remote::connect(url).await?;
+    let remote = Remote::connect_with(url, &opts.connect).await?;
     let mut stream = remote
         .prefetch(pb::PrefetchRequest {
             snapshot: opts.snapshot.to_string(),
@@ -182,7 +184,7 @@ pub fn run(opts: &RestoreOptions) -> Result<RestoreSummary, RestoreError> {
         .build()
         .map_err(RestoreError::Runtime)?;
     let manifest = rt.block_on(async {
-        let remote = Remote::connect(&url).await?;
+        let remote = Remote::connect_with(&url, &opts.connect).await?;
         remote.manifest(&opts.snapshot).await
     })?;
     let page_bytes = manifest.page_size.bytes();
@@ -205,6 +207,7 @@ pub fn run(opts: &RestoreOptions) -> Result<RestoreSummary, RestoreError> {
     let memory = GuestMemory::new(opts.backing, size)?;
     let mut config = PagerConfig::new(url, opts.snapshot.clone());
     config.servers = opts.servers.clone();
+    config.connect = opts.connect.clone();
     config.mode = opts.mode;
     config.prefetch = opts.prefetch;
     config.record = opts.record;

@@ -13,7 +13,7 @@ use faultline_client::pager::{FaultError, Pager, PrefetchPolicy, Region, StartEr
 use faultline_client::strategy::{Decision, Mode, Strategy};
 use faultline_client::uffd::{RegisterModes, ResolveOps, Uffd};
 use faultline_proto::{Compression, PageSize, WorkingSetName};
-use faultline_server::store::SnapshotStore;
+use faultline_server::store::Snapshot as _;
 use faultline_server::store::local::WORKING_SET_PREFIX;
 
 /// 4 KiB pages in the images of the 4 KiB tests: 8 MiB.
@@ -715,7 +715,11 @@ fn recorded_working_set_is_prefetched() {
     drop(pager);
 
     // The server lists it, and stores the pages in first-touch order.
-    let manifest = server.store().open(&snap.id).expect("open").manifest();
+    let manifest = server
+        .store()
+        .open_blocking(&snap.id)
+        .expect("open")
+        .manifest();
     assert!(
         manifest.working_sets.iter().any(|w| w.as_str() == "boot"),
         "{:?}",

@@ -57,11 +57,54 @@ impl PageBitmap {
         self.words[(i / 64) as usize] |= 1 << (i % 64);
     }
 
-    /// Sets bits `start..start + count`.
+    /// Sets bits `start..start + count`, a word at a time. Panics if the
+    /// range reaches past `len`.
     pub fn set_range(&mut self, start: u64, count: u64) {
-        for i in start..start + count {
-            self.set(i);
+        let end = start.checked_add(count).expect("range overflows");
+        assert!(
+            end <= self.len,
+            "bits {start}..{end} out of a bitmap of {}",
+            self.len
+        );
+        let mut i = start;
+        while i < end {
+            let bit = i % 64;
+            let n = (64 - bit).min(end - i);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            self.words[(i / 64) as usize] |= mask;
+            i += n;
         }
+    }
+
+    /// The first clear bit in `from..end`, or `end` if there is none;
+    /// scans a word at a time. `end` is capped at `len`.
+    pub fn next_clear(&self, from: u64, end: u64) -> u64 {
+        self.scan(from, end, true)
+    }
+
+    /// The first set bit in `from..end`, or `end` if there is none.
+    pub fn next_set(&self, from: u64, end: u64) -> u64 {
+        self.scan(from, end, false)
+    }
+
+    /// The first bit in `from..end` that is clear (`want_clear`) or set.
+    fn scan(&self, from: u64, end: u64, want_clear: bool) -> u64 {
+        let end = end.min(self.len);
+        let mut i = from;
+        while i < end {
+            let word = self.words[(i / 64) as usize];
+            let word = if want_clear { !word } else { word };
+            let bits = word >> (i % 64);
+            if bits != 0 {
+                return (i + u64::from(bits.trailing_zeros())).min(end);
+            }
+            i = (i / 64 + 1) * 64;
+        }
+        end
     }
 
     /// Number of set bits.
@@ -158,6 +201,24 @@ mod tests {
         let mut b = vec![0; 9];
         b[8] = 0x80;
         assert!(PageBitmap::from_bytes("x", &b, 70).is_err());
+    }
+
+    /// Range sets and word-wise scans find the first clear or set bit,
+    /// across word boundaries and capped at the end.
+    #[test]
+    fn scans_and_ranges() {
+        let mut b = PageBitmap::new(300);
+        b.set_range(3, 200);
+        assert_eq!(b.count_ones(), 200);
+        assert!(!b.get(2) && b.get(3) && b.get(202) && !b.get(203));
+        assert_eq!(b.next_set(0, 300), 3);
+        assert_eq!(b.next_clear(3, 300), 203);
+        assert_eq!(b.next_clear(3, 100), 100);
+        assert_eq!(b.next_set(203, 300), 300);
+        assert_eq!(b.next_clear(0, 1000), 0);
+        let mut full = PageBitmap::new(128);
+        full.set_range(0, 128);
+        assert_eq!(full.next_clear(0, 128), 128);
     }
 
     /// Runs are maximal and ascending, across word boundaries.

@@ -12,6 +12,13 @@ use crate::{ProtocolError, pb};
 /// measurement).
 pub const ZSTD_LEVEL: i32 = 1;
 
+/// Most page bytes one batch may hold once decoded: 16 MiB, the most a
+/// server sends in one answer (a `ReadPages` call, a `Fault` request or a
+/// `Prefetch` batch). Decoding checks it before decompressing anything, so
+/// a batch whose runs claim more pages than they carry cannot make the
+/// receiver allocate them (a decompression bomb).
+pub const MAX_BATCH_BYTES: u64 = 16 << 20;
+
 /// Compression of a page run's data.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Compression {
@@ -144,7 +151,8 @@ pub struct PageBatch {
 
 impl PageBatch {
     /// Decodes a batch of a snapshot with `page_count` pages of `page_size`:
-    /// every run inside the snapshot and holding exactly its pages' bytes.
+    /// every run inside the snapshot and holding exactly its pages' bytes,
+    /// at most [`MAX_BATCH_BYTES`] of them in all.
     pub fn decode(
         batch: pb::PageBatch,
         page_size: PageSize,
@@ -158,11 +166,22 @@ impl PageBatch {
             Ok(range)
         };
         let mut runs = Vec::with_capacity(batch.runs.len());
+        let mut total = 0u64;
         for run in batch.runs {
             let range = check(pb::PageRange {
                 start: run.start,
                 count: run.count,
             })?;
+            total = total.saturating_add(range.count().saturating_mul(page_size.bytes()));
+            if total > MAX_BATCH_BYTES {
+                return Err(ProtocolError::invalid(
+                    "runs",
+                    format!(
+                        "the batch's runs hold more than {MAX_BATCH_BYTES} bytes of pages, the \
+                         most one answer carries"
+                    ),
+                ));
+            }
             let len = usize::try_from(range.count() * page_size.bytes())
                 .map_err(|_| ProtocolError::invalid("runs.count", "run too large"))?;
             let data = Compression::try_from(run.compression)?.decompress(run.data, len)?;
@@ -233,5 +252,8 @@ mod tests {
         assert!(PageBatch::decode(run(0, 2, 4096, 0), PageSize::Size4K, 4).is_err());
         assert!(PageBatch::decode(run(0, 1, 100, 2), PageSize::Size4K, 4).is_err());
         assert!(PageBatch::decode(run(0, 1, 100, 9), PageSize::Size4K, 4).is_err());
+        // A run claiming a terabyte of pages is refused before anything is
+        // allocated for it.
+        assert!(PageBatch::decode(run(0, 1 << 28, 100, 1), PageSize::Size4K, 1 << 30).is_err());
     }
 }

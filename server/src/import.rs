@@ -2,16 +2,20 @@
 //!
 //! A Firecracker or Cloud Hypervisor memory snapshot is the guest's regions
 //! back to back; so is QEMU's file-backed RAM. Import reads the file once, in
-//! large chunks, and feeds it to a [`SnapshotWriter`](crate::store::SnapshotWriter),
-//! which computes the zero map and digests and writes the sparse image.
+//! large chunks (on a blocking thread), and feeds it to the store's
+//! [`SnapshotWrite`](crate::store::SnapshotWrite), which computes the zero
+//! map and digests and stores the image. [`import`] is async, for any store;
+//! [`import_file`] is the same for callers without a runtime of their own.
 
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use bytes::BytesMut;
 use faultline_proto::{PageSize, ProtocolError, Region, SnapshotId};
 
+use crate::limits::Limits;
 use crate::store::{CreateError, SnapshotSpec, SnapshotStore, SnapshotSummary};
 
 /// Bytes read from the file at a time. Large enough that syscalls and
@@ -123,17 +127,23 @@ pub enum ImportError {
     /// Writing the snapshot failed.
     #[error(transparent)]
     Create(#[from] CreateError),
+    /// The runtime driving the import could not be started, or a reading
+    /// thread failed.
+    #[error("the import could not run: {0}")]
+    Runtime(String),
 }
 
 /// Imports the raw memory file `path` into `store` as snapshot `name`,
-/// calling `progress` with the bytes done so far.
-pub fn import_file(
+/// calling `progress` with the bytes done so far. Refuses images over
+/// `limits` before anything is written.
+pub async fn import(
     store: &dyn SnapshotStore,
+    limits: &Limits,
     name: SnapshotId,
     page_size: PageSize,
     regions: &[RegionArg],
     path: &Path,
-    mut progress: impl FnMut(u64),
+    mut progress: impl FnMut(u64) + Send,
 ) -> Result<SnapshotSummary, ImportError> {
     let read_err = |source| ImportError::Read {
         path: path.to_owned(),
@@ -151,19 +161,63 @@ pub fn import_file(
         });
     }
     let spec = SnapshotSpec::new(name, page_size, size, regions)?;
-    let mut writer = store.create(spec)?;
-    let mut buf = vec![0u8; IMPORT_CHUNK_BYTES];
+    limits.check_spec(&spec)?;
+    let mut writer = store.create(spec).await?;
     loop {
-        let n = match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(read_err(e)),
-        };
-        writer.write(&buf[..n])?;
+        let (back, chunk) = tokio::task::spawn_blocking(move || {
+            let mut buf = BytesMut::zeroed(IMPORT_CHUNK_BYTES);
+            let r = loop {
+                match file.read(&mut buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    r => break r,
+                }
+            };
+            (file, r.map(|n| buf.split_to(n).freeze()))
+        })
+        .await
+        .map_err(|e| ImportError::Runtime(e.to_string()))?;
+        file = back;
+        let chunk = chunk.map_err(read_err)?;
+        if chunk.is_empty() {
+            break;
+        }
+        writer.write(chunk).await?;
         progress(writer.received());
     }
-    Ok(writer.finish()?)
+    Ok(writer.finish().await?)
+}
+
+/// [`import`] with the default [`Limits`], for callers that are not async:
+/// it runs on a runtime of its own, on a thread of its own, so it may be
+/// called from inside another runtime too (tests, benchmarks).
+pub fn import_file(
+    store: &dyn SnapshotStore,
+    name: SnapshotId,
+    page_size: PageSize,
+    regions: &[RegionArg],
+    path: &Path,
+    progress: impl FnMut(u64) + Send,
+) -> Result<SnapshotSummary, ImportError> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| ImportError::Runtime(e.to_string()))?;
+                rt.block_on(import(
+                    store,
+                    &Limits::default(),
+                    name,
+                    page_size,
+                    regions,
+                    path,
+                    progress,
+                ))
+            })
+            .join()
+            .unwrap_or_else(|_| Err(ImportError::Runtime("the import thread panicked".into())))
+    })
 }
 
 #[cfg(test)]

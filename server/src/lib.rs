@@ -2,33 +2,46 @@
 //! (`faultline.v1.Faultline`), with health, reflection and Prometheus metrics.
 //!
 //! # Layout
-//! - [`store`]: where snapshots live. The [`store::SnapshotStore`] trait, the
-//!   local directory store, and the one-pass [`store::SnapshotWriter`] that
-//!   both import and upload use.
+//! - [`store`]: where snapshots live. The async [`store::SnapshotStore`],
+//!   [`store::Snapshot`] and [`store::SnapshotWrite`] traits, the local
+//!   directory store, and its one-pass [`store::SnapshotWriter`] that both
+//!   import and upload use.
+//! - [`limits`]: [`limits::Limits`], every limit on what a request, a client
+//!   or a snapshot may make the server hold, with its default and flag.
 //! - [`import`]: importing a raw memory file (Firecracker, Cloud Hypervisor)
 //!   into a store, with progress.
 //! - [`service`]: the gRPC service: validation at the edge, batches of pages,
 //!   the fault and prefetch streams, uploads.
 //! - [`error`]: the service's error and its one mapping to gRPC codes.
 //! - [`metrics`]: metric names and the Prometheus endpoint.
-//! - [`server`]: [`server::run`], the transport with its tuning, health,
-//!   reflection and graceful shutdown; [`server::spawn`] runs one on a
-//!   background task.
+//! - [`server`]: [`server::Server`], the transport with its tuning and
+//!   connection limits, its own accept loop (TLS handshakes, `TCP_NODELAY`),
+//!   health, reflection, reloading and graceful shutdown; [`server::spawn`]
+//!   runs one on a background task.
+//! - [`tls`]: the server's certificate, key and client CA from PEM files,
+//!   reloadable.
+//! - [`auth`]: bearer tokens (the tokens file, hashed), their rights on
+//!   snapshot patterns, the interceptor that authenticates, and the caller's
+//!   identity.
 //! - [`testing`]: deterministic synthetic memory images for tests, benchmarks
 //!   and the demo.
 //!
 //! The binary `faultline-server` (`src/main.rs`) only parses arguments and
 //! calls into these.
 
+pub mod auth;
 pub mod error;
 pub mod import;
+pub mod limits;
 pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod store;
 pub mod testing;
+pub mod tls;
 
 pub use error::Error;
-pub use server::{ServerHandle, run, spawn};
+pub use limits::Limits;
+pub use server::{ServeOptions, Server, ServerHandle, run, spawn, spawn_with, spawn_with_limits};
 pub use service::FaultlineService;
 pub use store::{LocalStore, SnapshotStore};

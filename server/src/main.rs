@@ -8,9 +8,12 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use faultline_proto::{PageIndex, PageRange, PageSize, SnapshotId};
-use faultline_server::import::{RegionArg, import_file};
+use faultline_server::auth::{self, Right, TokensFile};
+use faultline_server::import::{RegionArg, import};
+use faultline_server::server::{self, ServeOptions, Server};
 use faultline_server::store::SnapshotStore;
-use faultline_server::{LocalStore, metrics};
+use faultline_server::tls::TlsFiles;
+use faultline_server::{Limits, LocalStore, metrics};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// How long in-flight streams may take to finish after SIGINT/SIGTERM before
@@ -30,18 +33,12 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Serve the snapshots of a store over gRPC.
-    Serve {
-        /// Snapshot store directory.
-        #[arg(long, env = "FAULTLINE_STORE")]
-        store: PathBuf,
-        /// Address for gRPC.
-        #[arg(long, default_value = "127.0.0.1:7070")]
-        listen: SocketAddr,
-        /// Address for Prometheus metrics (GET /metrics); none if not given.
-        #[arg(long)]
-        metrics_listen: Option<SocketAddr>,
-    },
+    /// Serve the snapshots of a store over gRPC. Without TLS and tokens it serves loopback only.
+    /// SIGHUP reloads the TLS files and the tokens file (a bad file keeps the old one).
+    Serve(ServeArgs),
+    /// Make, list or revoke the bearer tokens of a tokens file.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Import a raw memory file (e.g. a Firecracker memory snapshot) as a snapshot.
     Import {
         /// Snapshot store directory (created if missing).
@@ -60,6 +57,8 @@ enum Command {
         /// one region "mem" covering the file at guest address 0.
         #[arg(long = "region")]
         regions: Vec<RegionArg>,
+        #[command(flatten)]
+        limits: Limits,
     },
     /// Show a snapshot's manifest.
     Inspect {
@@ -87,6 +86,148 @@ enum Command {
     },
 }
 
+/// `faultline-server serve`'s arguments.
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// Snapshot store directory.
+    #[arg(long, env = "FAULTLINE_STORE")]
+    store: PathBuf,
+    /// Address for gRPC.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Address for Prometheus metrics (GET /metrics); none if not given.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Serve TLS with this certificate chain (PEM, leaf first); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mutual TLS.
+    #[arg(long, requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
+    /// Require a bearer token from this file (made with `faultline-server token new`) on every
+    /// Faultline RPC; health (and reflection) stay open.
+    #[arg(long)]
+    tokens: Option<PathBuf>,
+    /// Serve gRPC reflection (the schema only), for grpcurl and similar tools.
+    #[arg(long)]
+    reflection: bool,
+    /// Allow plaintext on an address other than loopback (pages and tokens cross the network
+    /// unencrypted).
+    #[arg(long)]
+    insecure_plaintext: bool,
+    /// Allow serving without tokens on an address other than loopback (anyone who reaches it
+    /// may read every snapshot and upload new ones).
+    #[arg(long)]
+    insecure_no_auth: bool,
+    /// Most connections served at once; more are closed at once.
+    #[arg(long, default_value_t = server::MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Most concurrent streams on one connection.
+    #[arg(long, default_value_t = server::MAX_STREAMS_PER_CONNECTION)]
+    max_streams_per_connection: u32,
+    /// Seconds a new connection may take to finish TLS and send HTTP/2's preface.
+    #[arg(long, default_value_t = server::HANDSHAKE_TIMEOUT.as_secs())]
+    handshake_timeout: u64,
+    /// Seconds between HTTP/2 keepalive pings on a connection; a ping unanswered for as long
+    /// closes it.
+    #[arg(long, default_value_t = server::KEEPALIVE_INTERVAL.as_secs())]
+    keepalive: u64,
+    #[command(flatten)]
+    limits: Limits,
+}
+
+impl ServeArgs {
+    /// The library's options for these arguments.
+    fn options(&self) -> anyhow::Result<ServeOptions> {
+        for (flag, value) in [
+            ("--max-connections", self.max_connections as u64),
+            (
+                "--max-streams-per-connection",
+                u64::from(self.max_streams_per_connection),
+            ),
+            ("--handshake-timeout", self.handshake_timeout),
+            ("--keepalive", self.keepalive),
+        ] {
+            if value == 0 {
+                bail!("{flag} must be at least 1");
+            }
+        }
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.client_ca.clone(),
+            }),
+            _ => None,
+        };
+        Ok(ServeOptions {
+            tls,
+            tokens: self.tokens.clone(),
+            reflection: self.reflection,
+            insecure_plaintext: self.insecure_plaintext,
+            insecure_no_auth: self.insecure_no_auth,
+            limits: server::TransportLimits {
+                max_connections: self.max_connections,
+                max_streams_per_connection: self.max_streams_per_connection,
+                handshake_timeout: Duration::from_secs(self.handshake_timeout),
+                keepalive_interval: Duration::from_secs(self.keepalive),
+                keepalive_timeout: Duration::from_secs(self.keepalive),
+            },
+            service_limits: self.limits.clone(),
+        })
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Make a token: print it once (store it now) and keep only its SHA-256 in the tokens file.
+    /// A running server takes it on SIGHUP.
+    New {
+        /// The tokens file (created, readable by its owner only, if missing).
+        #[arg(long)]
+        tokens: PathBuf,
+        /// Snapshot name patterns it applies to (globs `*` and `?`), comma-separated or repeated.
+        #[arg(long, required = true)]
+        snapshots: Vec<String>,
+        /// Its rights: read (manifests, pages, faults, prefetch, list), record (working sets),
+        /// write (create snapshots); comma-separated.
+        #[arg(long, value_parser = parse_rights)]
+        rights: RightsArg,
+        /// A name for logs and `token list`.
+        #[arg(long, default_value = "token")]
+        name: String,
+    },
+    /// List the tokens of a tokens file (names, ids, patterns, rights; never the tokens).
+    List {
+        /// The tokens file.
+        #[arg(long)]
+        tokens: PathBuf,
+    },
+    /// Remove tokens by id (from `token list`) or name. A running server drops them on SIGHUP.
+    Revoke {
+        /// The tokens file.
+        #[arg(long)]
+        tokens: PathBuf,
+        /// The token's id, or a prefix of it.
+        #[arg(long, required_unless_present = "name", conflicts_with = "name")]
+        id: Option<String>,
+        /// Every token of this name.
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+/// `--rights`, parsed.
+#[derive(Clone, Debug)]
+struct RightsArg(Vec<Right>);
+
+fn parse_rights(s: &str) -> Result<RightsArg, String> {
+    auth::parse_rights(s).map(RightsArg)
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -108,18 +249,16 @@ fn main() -> std::process::ExitCode {
 
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Serve {
-            store,
-            listen,
-            metrics_listen,
-        } => serve(store, listen, metrics_listen),
+        Command::Serve(args) => serve(args),
+        Command::Token(cmd) => token(cmd),
         Command::Import {
             store,
             name,
             mem_file,
             page_size,
             regions,
-        } => import(store, name, mem_file, page_size, regions),
+            limits,
+        } => import_cmd(store, name, mem_file, page_size, regions, limits),
         Command::Inspect {
             store,
             name,
@@ -130,19 +269,26 @@ fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-fn open_store(dir: PathBuf) -> anyhow::Result<LocalStore> {
-    LocalStore::new(&dir)
+fn open_store(dir: PathBuf, limits: &Limits) -> anyhow::Result<LocalStore> {
+    LocalStore::with_limits(&dir, limits)
         .with_context(|| format!("cannot open the snapshot store {}", dir.display()))
 }
 
 #[tokio::main]
-async fn serve(
-    store: PathBuf,
-    listen: SocketAddr,
-    metrics_listen: Option<SocketAddr>,
-) -> anyhow::Result<()> {
-    let store: Arc<dyn SnapshotStore> = Arc::new(open_store(store)?);
-    let snapshots = store.list()?;
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let opts = args.options()?;
+    let listen = args.listen;
+    let metrics_listen = args.metrics_listen;
+    server::check_exposure(listen, &opts)?;
+    let dir = args.store.clone();
+    let store: Arc<dyn SnapshotStore> = Arc::new(open_store(args.store, &args.limits)?);
+    let snapshots = store
+        .list()
+        .await
+        .with_context(|| format!("in {}", dir.display()))?;
+    let server = Server::new(store, opts)?;
+    let security = server.describe_security();
+    reload_on_sighup(server.reloader())?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}; is another server running there?"))?;
@@ -168,7 +314,7 @@ async fn serve(
         metrics::install();
     }
     tracing::info!(
-        "serving {} snapshot(s) on {}",
+        "serving {} snapshot(s) on {} ({security})",
         snapshots.len(),
         listener.local_addr()?
     );
@@ -186,12 +332,114 @@ async fn serve(
         std::process::exit(1);
     });
     let mut stop = stop_rx;
-    faultline_server::run(listener, store, async move {
-        let _ = stop.wait_for(|s| *s).await;
-    })
-    .await?;
+    server
+        .run(listener, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Reloads certificates and tokens on every SIGHUP, saying what was taken.
+fn reload_on_sighup(reloader: server::Reloader) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match reloader.reload() {
+                Ok(r) if !r.tls && r.tokens.is_none() => {
+                    tracing::info!("SIGHUP: nothing to reload (no TLS, no tokens file)");
+                }
+                Ok(r) => tracing::info!(
+                    "SIGHUP: reloaded{}{}",
+                    if r.tls {
+                        " the TLS certificate and key"
+                    } else {
+                        ""
+                    },
+                    r.tokens
+                        .map(|n| format!(" {n} token(s)"))
+                        .unwrap_or_default()
+                ),
+                Err(e) => tracing::error!("SIGHUP: reload failed: {e}"),
+            }
+        }
+    });
+    Ok(())
+}
+
+fn token(cmd: TokenCommand) -> anyhow::Result<()> {
+    match cmd {
+        TokenCommand::New {
+            tokens,
+            snapshots,
+            rights,
+            name,
+        } => {
+            let patterns = auth::parse_patterns(&snapshots).map_err(anyhow::Error::msg)?;
+            let mut file = TokensFile::load(&tokens)?;
+            let (token, entry) = file.add_new(name, patterns, rights.0)?;
+            file.save(&tokens)?;
+            eprintln!(
+                "new token {:?} (id {}) for snapshots {} with rights {}; it is shown only now, \
+                 store it (clients take --token or FAULTLINE_TOKEN); a running server takes it \
+                 on SIGHUP",
+                entry.name,
+                entry.id(),
+                entry.snapshots.join(","),
+                rights_list(&entry.rights),
+            );
+            println!("{token}");
+            Ok(())
+        }
+        TokenCommand::List { tokens } => {
+            let file = TokensFile::load(&tokens)?;
+            if file.tokens.is_empty() {
+                println!("no tokens; make one with `faultline-server token new`");
+            }
+            for t in &file.tokens {
+                println!(
+                    "{:<14} {:<20} snapshots {:<24} rights {}",
+                    t.id(),
+                    t.name,
+                    t.snapshots.join(","),
+                    rights_list(&t.rights)
+                );
+            }
+            Ok(())
+        }
+        TokenCommand::Revoke { tokens, id, name } => {
+            if id.as_ref().is_some_and(|id| id.len() < 4) {
+                bail!("give at least 4 hex digits of the id (see `faultline-server token list`)");
+            }
+            let mut file = TokensFile::load(&tokens)?;
+            let before = file.tokens.len();
+            file.tokens.retain(|t| match (&id, &name) {
+                (Some(id), _) => !t.sha256.starts_with(id.as_str()),
+                (None, Some(name)) => &t.name != name,
+                (None, None) => true,
+            });
+            let removed = before - file.tokens.len();
+            if removed == 0 {
+                bail!(
+                    "no token in {} matches; see `faultline-server token list`",
+                    tokens.display()
+                );
+            }
+            file.save(&tokens)?;
+            println!("revoked {removed} token(s); send SIGHUP to a running server to drop them");
+            Ok(())
+        }
+    }
+}
+
+fn rights_list(rights: &[Right]) -> String {
+    rights
+        .iter()
+        .map(|r| r.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 async fn wait_for_signal() {
@@ -204,14 +452,16 @@ async fn wait_for_signal() {
     }
 }
 
-fn import(
+#[tokio::main]
+async fn import_cmd(
     store: PathBuf,
     name: SnapshotId,
     mem_file: PathBuf,
     page_size: PageSize,
     regions: Vec<RegionArg>,
+    limits: Limits,
 ) -> anyhow::Result<()> {
-    let store = open_store(store)?;
+    let store = open_store(store, &limits)?;
     let size = std::fs::metadata(&mem_file)
         .with_context(|| format!("cannot read the memory file {}", mem_file.display()))?
         .len();
@@ -224,9 +474,16 @@ fn import(
     );
     bar.set_message(format!("importing {name}"));
     let started = std::time::Instant::now();
-    let summary = import_file(&store, name, page_size, &regions, &mem_file, |done| {
-        bar.set_position(done)
-    });
+    let summary = import(
+        &store,
+        &limits,
+        name,
+        page_size,
+        &regions,
+        &mem_file,
+        |done| bar.set_position(done),
+    )
+    .await;
     bar.finish_and_clear();
     let summary = summary?;
     println!(
@@ -240,9 +497,10 @@ fn import(
     Ok(())
 }
 
-fn inspect(store: PathBuf, name: SnapshotId, verify: bool, json: bool) -> anyhow::Result<()> {
-    let store = open_store(store)?;
-    let snapshot = store.open(&name)?;
+#[tokio::main]
+async fn inspect(store: PathBuf, name: SnapshotId, verify: bool, json: bool) -> anyhow::Result<()> {
+    let store = open_store(store, &Limits::default())?;
+    let snapshot = store.open(&name).await?;
     let m = snapshot.manifest();
     let mismatches = if verify {
         let mut bad = Vec::new();
@@ -251,7 +509,7 @@ fn inspect(store: PathBuf, name: SnapshotId, verify: bool, json: bool) -> anyhow
         while start < m.page_count {
             let range = PageRange::new(PageIndex(start), chunk.min(m.page_count - start))
                 .expect("non-empty");
-            let data = snapshot.read(range);
+            let data = snapshot.read(range).await?;
             for (i, page) in data.chunks(m.page_size.bytes_usize()).enumerate() {
                 let p = PageIndex(start + i as u64);
                 if !m.verify(p, page) {
@@ -325,9 +583,14 @@ fn inspect(store: PathBuf, name: SnapshotId, verify: bool, json: bool) -> anyhow
     Ok(())
 }
 
-fn list(store: PathBuf, json: bool) -> anyhow::Result<()> {
-    let store = open_store(store)?;
-    let snapshots = store.list()?;
+#[tokio::main]
+async fn list(store: PathBuf, json: bool) -> anyhow::Result<()> {
+    let dir = store.clone();
+    let store = open_store(store, &Limits::default())?;
+    let snapshots = store
+        .list()
+        .await
+        .with_context(|| format!("in {}", dir.display()))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&snapshots)?);
         return Ok(());

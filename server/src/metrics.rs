@@ -1,13 +1,17 @@
 //! The server's metrics, all in one place, and the Prometheus endpoint.
 //!
-//! Names follow `faultline_server_<thing>_<unit>`; the only label is the RPC
-//! (and the status code on errors), so cardinality is bounded.
+//! Names follow `faultline_server_<thing>_<unit>`; labels are the RPC, the
+//! status code on errors, the reason of a rejection and the name of a
+//! limit, so cardinality is bounded. Every series is registered, with its
+//! `# HELP` text and a zero value, when the recorder is installed (and the
+//! limits' series when a service is built), so that a fresh server
+//! scraped by Prometheus shows them all.
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use metrics::{counter, gauge, histogram};
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::error::Error;
@@ -29,6 +33,45 @@ pub const BYTES_SERVED: &str = "faultline_server_bytes_served_total";
 pub const WIRE_BYTES: &str = "faultline_server_wire_bytes_total";
 /// Streams open now, by RPC.
 pub const ACTIVE_STREAMS: &str = "faultline_server_active_streams";
+/// Requests refused because they are over a limit, by reason.
+pub const REJECTED: &str = "faultline_server_rejected_total";
+/// Snapshots in the store (as of the last listing or upload).
+pub const SNAPSHOTS: &str = "faultline_server_snapshots";
+/// Each limit's configured value, by limit.
+pub const LIMIT: &str = "faultline_server_limit";
+/// How much of a limit is in use now, by limit (for the limits on things
+/// held at once).
+pub const LIMIT_USE: &str = "faultline_server_limit_use";
+
+/// The RPCs (and stream parts) that label series.
+pub const RPCS: &[&str] = &[
+    "list_snapshots",
+    "get_manifest",
+    "read_pages",
+    "fault_open",
+    "fault",
+    "prefetch",
+    "record_working_set",
+    "create_snapshot",
+];
+
+/// The streaming RPCs, for the open-streams gauge.
+pub const STREAMS: &[&str] = &["fault", "prefetch"];
+
+/// The codes errors are labelled with (the ones docs/protocol.md lists).
+pub const CODES: &[tonic::Code] = &[
+    tonic::Code::InvalidArgument,
+    tonic::Code::Unauthenticated,
+    tonic::Code::PermissionDenied,
+    tonic::Code::NotFound,
+    tonic::Code::AlreadyExists,
+    tonic::Code::OutOfRange,
+    tonic::Code::ResourceExhausted,
+    tonic::Code::DeadlineExceeded,
+    tonic::Code::DataLoss,
+    tonic::Code::Unavailable,
+    tonic::Code::Internal,
+];
 
 /// Latency buckets, in seconds: 10 us (a page-cache read) to 10 s (a huge
 /// upload chunk on a slow disk), about three per decade.
@@ -57,9 +100,105 @@ pub fn install() -> PrometheusHandle {
             if metrics::set_global_recorder(recorder).is_err() {
                 tracing::warn!("a metrics recorder was installed already; /metrics will be empty");
             }
+            register();
             handle
         })
         .clone()
+}
+
+/// Describes every series and gives each label set a zero value.
+fn register() {
+    describe_counter!(
+        REQUESTS,
+        "Requests received, by RPC (Fault: one per request on the stream)."
+    );
+    describe_counter!(
+        REQUEST_ERRORS,
+        "Requests that failed, by RPC and gRPC code."
+    );
+    describe_histogram!(
+        REQUEST_SECONDS,
+        metrics::Unit::Seconds,
+        "Time to answer a request (a fault answer; a prefetch stream's set-up), by RPC."
+    );
+    describe_counter!(PAGES_SERVED, "Pages answered, zero or not, by RPC.");
+    describe_counter!(
+        ZERO_PAGES_SKIPPED,
+        "Zero pages answered with a flag instead of bytes, by RPC."
+    );
+    describe_counter!(
+        BYTES_SERVED,
+        metrics::Unit::Bytes,
+        "Page bytes sent before compression, by RPC."
+    );
+    describe_counter!(
+        WIRE_BYTES,
+        metrics::Unit::Bytes,
+        "Page bytes on the wire after compression, by RPC."
+    );
+    describe_gauge!(ACTIVE_STREAMS, "Streams open now, by RPC.");
+    describe_counter!(
+        REJECTED,
+        "Requests refused for being over a limit, by reason."
+    );
+    describe_gauge!(
+        SNAPSHOTS,
+        "Snapshots in the store, as of the last listing or upload."
+    );
+    describe_gauge!(
+        LIMIT,
+        "Each limit's configured value (see docs/security.md), by limit."
+    );
+    describe_gauge!(
+        LIMIT_USE,
+        "How much of a limit on things held at once is in use, by limit."
+    );
+    for &rpc in RPCS {
+        counter!(REQUESTS, "rpc" => rpc).absolute(0);
+        for code in CODES {
+            counter!(REQUEST_ERRORS, "rpc" => rpc, "code" => format!("{code:?}")).absolute(0);
+        }
+        let _ = histogram!(REQUEST_SECONDS, "rpc" => rpc);
+    }
+    for rpc in ["read_pages", "fault", "prefetch"] {
+        counter!(PAGES_SERVED, "rpc" => rpc).absolute(0);
+        counter!(ZERO_PAGES_SKIPPED, "rpc" => rpc).absolute(0);
+        counter!(BYTES_SERVED, "rpc" => rpc).absolute(0);
+        counter!(WIRE_BYTES, "rpc" => rpc).absolute(0);
+    }
+    for &rpc in STREAMS {
+        gauge!(ACTIVE_STREAMS, "rpc" => rpc).increment(0.0);
+    }
+    for &reason in crate::error::REJECTION_REASONS {
+        counter!(REJECTED, "reason" => reason).absolute(0);
+    }
+    gauge!(SNAPSHOTS).increment(0.0);
+}
+
+/// Publishes the configured limits, and zero use of the limits on things
+/// held at once.
+pub fn register_limits(limits: &crate::limits::Limits) {
+    install();
+    for (name, value) in limits.named() {
+        gauge!(LIMIT, "limit" => name).set(value as f64);
+    }
+    gauge!(LIMIT_USE, "limit" => "max_prefetch_streams").increment(0.0);
+    gauge!(LIMIT_USE, "limit" => "max_open_snapshots").increment(0.0);
+}
+
+/// Sets how much of limit `name` is in use.
+pub fn limit_use(name: &'static str, value: u64) {
+    gauge!(LIMIT_USE, "limit" => name).set(value as f64);
+}
+
+/// Sets the number of snapshots.
+pub fn set_snapshots(n: u64) {
+    gauge!(SNAPSHOTS).set(n as f64);
+}
+
+/// Counts a new snapshot.
+pub fn snapshot_added() {
+    gauge!(SNAPSHOTS).increment(1.0);
 }
 
 /// Serves `GET /metrics` in Prometheus text format on `listener` until
@@ -115,7 +254,7 @@ impl Request {
 
     /// Records `err` and turns it into the status to return.
     pub fn fail(&self, err: Error) -> tonic::Status {
-        request_failed(self.rpc, err.code());
+        request_failed(self.rpc, &err);
         tracing::debug!(rpc = self.rpc, error = %err, "request failed");
         err.into()
     }
@@ -127,9 +266,14 @@ impl Drop for Request {
     }
 }
 
-/// Counts a failed request of `rpc`.
-pub fn request_failed(rpc: &'static str, code: tonic::Code) {
+/// Counts a failed request of `rpc`, and its rejection if it was over a
+/// limit.
+pub fn request_failed(rpc: &'static str, err: &Error) {
+    let code = err.code();
     counter!(REQUEST_ERRORS, "rpc" => rpc, "code" => format!("{code:?}")).increment(1);
+    if let Some(reason) = err.rejection() {
+        counter!(REJECTED, "reason" => reason).increment(1);
+    }
 }
 
 /// Counts one request of a stream and its latency.

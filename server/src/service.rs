@@ -1,10 +1,22 @@
 //! The `faultline.v1.Faultline` gRPC service.
 //!
 //! Every request is validated here, at the edge, into domain types before it
-//! touches the store. Unary RPCs fail with a status; the `Fault` stream
-//! answers errors in-band, per request, and stays open.
+//! touches the store, and checked against the server's [`Limits`]. Unary
+//! RPCs fail with a status; the `Fault` stream answers errors in-band, per
+//! request, and stays open, except for a message that cannot be read at all
+//! (it does not decode, or is over the size limit), which ends the stream
+//! with that error's status: a broken stream never ends with OK.
+//!
+//! No request holds a thread while it waits: store reads are async (cold
+//! reads on blocking threads inside the store), compression runs on
+//! blocking threads, and a stream whose reader stalls is parked on its
+//! bounded queue. A stream whose client has gone is dropped by the
+//! transport, which aborts its producer at its next await point; long scans
+//! yield every [`SCAN_YIELD_PAGES`] pages so that there is one.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use faultline_proto::codec::encode_run;
@@ -16,7 +28,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{Access, Right};
 use crate::error::Error;
+use crate::limits::Limits;
 use crate::metrics;
 use crate::store::{Snapshot, SnapshotSpec, SnapshotStore};
 
@@ -44,13 +58,29 @@ pub const MAX_PREFETCH_BATCH_BYTES: u64 = 16 << 20;
 /// reader busy while one is on the wire; more only hold memory.
 pub const PREFETCH_QUEUE_DEPTH: usize = 4;
 
+/// Pages a prefetch scan looks at between yields to the runtime: a scan
+/// over pages the client has sends nothing, so without yields it would
+/// neither share its worker nor notice that its client has gone. 64 Ki
+/// pages take well under a millisecond.
+pub const SCAN_YIELD_PAGES: u64 = 1 << 16;
+
 /// The answers of one `Fault` stream, produced as they are polled.
 pub type FaultAnswers =
     std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::FaultResponse, Status>> + Send>>;
 
-/// One open `Fault` stream: its requests and what answers them.
+/// The batches of one `Prefetch` stream.
+pub type PrefetchBatches =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::PageBatch, Status>> + Send>>;
+
+/// Who is asking, for per-client limits: the [`crate::auth::Identity`] the
+/// authentication layer put in the request's extensions (a token), else the
+/// peer's IP address (one client per host).
+pub fn client_identity<T>(req: &Request<T>) -> String {
+    crate::auth::identity(req).to_string()
+}
+
+/// One open `Fault` stream: what answers its requests.
 struct FaultSession {
-    inbound: Streaming<pb::FaultRequest>,
     snapshot: Arc<dyn Snapshot>,
     manifest: Arc<Manifest>,
     codec: Compression,
@@ -59,12 +89,12 @@ struct FaultSession {
 
 impl FaultSession {
     /// Answers one request (errors in-band).
-    fn answer(&self, msg: pb::FaultRequest) -> pb::FaultResponse {
+    async fn answer(&self, msg: pb::FaultRequest) -> pb::FaultResponse {
         let started = Instant::now();
         let (request_id, result) = match msg.kind {
             Some(pb::fault_request::Kind::Pages(p)) => (
                 p.request_id,
-                serve_fault(&*self.snapshot, &self.manifest, self.codec, p),
+                serve_fault(&*self.snapshot, &self.manifest, self.codec, p).await,
             ),
             Some(pb::fault_request::Kind::Open(_)) => (
                 0,
@@ -83,7 +113,7 @@ impl FaultSession {
                 pb::fault_response::Result::Pages(batch)
             }
             Err(e) => {
-                metrics::request_failed("fault", e.code());
+                metrics::request_failed("fault", &e);
                 pb::fault_response::Result::Error(e.to_pb())
             }
         };
@@ -95,27 +125,130 @@ impl FaultSession {
     }
 }
 
+/// Counts streams open at once, server-wide and per client.
+#[derive(Debug)]
+struct StreamSlots {
+    total_limit: usize,
+    per_client_limit: usize,
+    state: Mutex<SlotState>,
+}
+
+#[derive(Debug, Default)]
+struct SlotState {
+    total: usize,
+    per_client: HashMap<String, usize>,
+}
+
+/// One taken slot; given back when dropped.
+#[derive(Debug)]
+struct Slot {
+    slots: Arc<StreamSlots>,
+    client: String,
+}
+
+impl StreamSlots {
+    fn new(total_limit: usize, per_client_limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            total_limit,
+            per_client_limit,
+            state: Mutex::new(SlotState::default()),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state.lock().expect("slot lock poisoned")
+    }
+
+    /// Takes a slot for `client`, or says which limit is reached.
+    fn take(self: &Arc<Self>, client: String) -> Result<Slot, Error> {
+        let mut st = self.lock();
+        if st.total >= self.total_limit {
+            return Err(Error::Busy {
+                what: "Prefetch streams on this server",
+                limit: self.total_limit,
+                flag: "max-prefetch-streams",
+                reason: "prefetch_streams",
+            });
+        }
+        let mine = st.per_client.entry(client.clone()).or_default();
+        if *mine >= self.per_client_limit {
+            return Err(Error::Busy {
+                what: "Prefetch streams of this client",
+                limit: self.per_client_limit,
+                flag: "max-prefetch-streams-per-client",
+                reason: "prefetch_streams_per_client",
+            });
+        }
+        *mine += 1;
+        st.total += 1;
+        metrics::limit_use("max_prefetch_streams", st.total as u64);
+        Ok(Slot {
+            slots: self.clone(),
+            client,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut st = self.slots.lock();
+        st.total -= 1;
+        if let Some(n) = st.per_client.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                st.per_client.remove(&self.client);
+            }
+        }
+        metrics::limit_use("max_prefetch_streams", st.total as u64);
+    }
+}
+
 /// The service. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct FaultlineService {
     store: Arc<dyn SnapshotStore>,
+    limits: Arc<Limits>,
+    prefetch_slots: Arc<StreamSlots>,
 }
 
 impl FaultlineService {
-    /// A service exporting the snapshots of `store`.
+    /// A service exporting the snapshots of `store`, with the default
+    /// [`Limits`].
     pub fn new(store: Arc<dyn SnapshotStore>) -> Self {
-        Self { store }
+        Self::with_limits(store, Limits::default())
     }
 
-    /// Opens a snapshot off the async workers (the first open reads its
-    /// manifest and digests).
+    /// A service exporting the snapshots of `store` within `limits`. (The
+    /// limits a store enforces itself, such as the free-disk reserve, are
+    /// given to the store when it is opened.)
+    pub fn with_limits(store: Arc<dyn SnapshotStore>, limits: Limits) -> Self {
+        metrics::register_limits(&limits);
+        Self {
+            store,
+            prefetch_slots: StreamSlots::new(
+                limits.max_prefetch_streams,
+                limits.max_prefetch_streams_per_client,
+            ),
+            limits: Arc::new(limits),
+        }
+    }
+
+    /// The limits it serves within.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Counts the store's snapshots into the snapshots gauge.
+    pub async fn count_snapshots(&self) {
+        if let Ok(list) = self.store.list().await {
+            metrics::set_snapshots(list.len() as u64);
+        }
+    }
+
+    /// Opens a snapshot (the store keeps storage I/O off the async workers).
     async fn open(&self, name: String) -> Result<Arc<dyn Snapshot>, Error> {
         let id = SnapshotId::new(name)?;
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.open(&id))
-            .await
-            .map_err(|_| Error::Unavailable)?
-            .map_err(Error::from)
+        Ok(self.store.open(&id).await?)
     }
 }
 
@@ -134,7 +267,13 @@ fn check_read(ranges: Vec<pb::PageRange>, manifest: &Manifest) -> Result<Vec<Pag
         .into_iter()
         .map(PageRange::try_from)
         .collect::<Result<Vec<_>, _>>()?;
-    check_read_size(ranges.iter().map(PageRange::count).sum(), manifest)?;
+    check_read_size(
+        ranges
+            .iter()
+            .map(PageRange::count)
+            .fold(0, u64::saturating_add),
+        manifest,
+    )?;
     for r in &ranges {
         r.check_within(manifest.page_count)?;
     }
@@ -163,65 +302,53 @@ struct BatchStats {
     wire_bytes: u64,
 }
 
-/// Builds batches: splits ranges into runs of non-zero pages (read from the
-/// snapshot, compressed where asked and useful) and ranges of zero pages
-/// (flagged, not read).
-struct BatchBuilder<'a> {
-    snapshot: &'a dyn Snapshot,
-    manifest: &'a Manifest,
+/// Builds one batch of `ranges`: runs of non-zero pages (read from the
+/// snapshot, compressed where asked and useful, on a blocking thread) and
+/// ranges of zero pages (flagged, not read).
+async fn build_batch(
+    snapshot: &dyn Snapshot,
+    manifest: &Manifest,
     codec: Compression,
-    batch: pb::PageBatch,
-    stats: BatchStats,
-}
-
-impl<'a> BatchBuilder<'a> {
-    fn new(snapshot: &'a dyn Snapshot, manifest: &'a Manifest, codec: Compression) -> Self {
-        Self {
-            snapshot,
-            manifest,
-            codec,
-            batch: pb::PageBatch::default(),
-            stats: BatchStats::default(),
-        }
-    }
-
-    /// Adds every page of `range`.
-    fn add(&mut self, range: PageRange) {
+    ranges: &[PageRange],
+) -> Result<(pb::PageBatch, BatchStats), Error> {
+    let mut stats = BatchStats::default();
+    let mut zero = Vec::new();
+    let mut raw = Vec::new();
+    for range in ranges {
         let mut start = range.start().0;
         while start < range.end() {
-            let zero = self.manifest.zero_map.get(start);
+            let is_zero = manifest.zero_map.get(start);
             let mut end = start + 1;
-            while end < range.end() && self.manifest.zero_map.get(end) == zero {
+            while end < range.end() && manifest.zero_map.get(end) == is_zero {
                 end += 1;
             }
             let part = PageRange::new(PageIndex(start), end - start).expect("non-empty");
-            self.stats.pages += part.count();
-            if zero {
-                self.stats.zero_pages += part.count();
-                self.batch.zero.push(part.into());
+            stats.pages += part.count();
+            if is_zero {
+                stats.zero_pages += part.count();
+                zero.push(part.into());
             } else {
-                let data = self.snapshot.read(part);
-                self.stats.bytes += data.len() as u64;
-                let run = encode_run(part.start(), part.count(), data, self.codec);
-                self.stats.wire_bytes += run.data.len() as u64;
-                self.batch.runs.push(run);
+                let data = snapshot.read(part).await?;
+                stats.bytes += data.len() as u64;
+                raw.push((part, data));
             }
             start = end;
         }
     }
-
-    /// Page bytes added so far (zero pages count nothing).
-    fn bytes(&self) -> u64 {
-        self.stats.bytes
-    }
-
-    fn is_empty(&self) -> bool {
-        self.stats.pages == 0
-    }
-
-    fn finish(self) -> (pb::PageBatch, BatchStats) {
-        (self.batch, self.stats)
-    }
+    let encode = move || {
+        raw.into_iter()
+            .map(|(r, data)| encode_run(r.start(), r.count(), data, codec))
+            .collect::<Vec<_>>()
+    };
+    let runs = if codec == Compression::None {
+        encode()
+    } else {
+        tokio::task::spawn_blocking(encode)
+            .await
+            .map_err(|_| Error::Unavailable)?
+    };
+    stats.wire_bytes = runs.iter().map(|r| r.data.len() as u64).sum();
+    Ok((pb::PageBatch { runs, zero }, stats))
 }
 
 /// Records a served batch.
@@ -236,7 +363,7 @@ fn count_served(rpc: &'static str, stats: BatchStats) {
 }
 
 /// Answers one `Fault` request.
-fn serve_fault(
+async fn serve_fault(
     snapshot: &dyn Snapshot,
     manifest: &Manifest,
     codec: Compression,
@@ -245,11 +372,8 @@ fn serve_fault(
     let range = req
         .range
         .ok_or(faultline_proto::ProtocolError::Missing("range"))?;
-    let mut builder = BatchBuilder::new(snapshot, manifest, codec);
-    for range in check_read(vec![range], manifest)? {
-        builder.add(range);
-    }
-    Ok(builder.finish())
+    let ranges = check_read(vec![range], manifest)?;
+    build_batch(snapshot, manifest, codec, &ranges).await
 }
 
 /// What a validated `Prefetch` asks for.
@@ -268,10 +392,74 @@ struct PrefetchPlan {
     batch_bytes: u64,
 }
 
+/// The prefetch stream is over: its client went away, or it failed (and
+/// the error was sent).
+struct Stopped;
+
+/// Collects ranges into batches of at most `batch_pages` pages and sends
+/// each when full.
+struct Batcher {
+    snapshot: Arc<dyn Snapshot>,
+    manifest: Arc<Manifest>,
+    codec: Compression,
+    batch_pages: u64,
+    pending: Vec<PageRange>,
+    pending_pages: u64,
+    tx: mpsc::Sender<Result<pb::PageBatch, Status>>,
+}
+
+impl Batcher {
+    /// Adds `range`, sending batches as they fill.
+    async fn push(&mut self, range: PageRange) -> Result<(), Stopped> {
+        let mut start = range.start().0;
+        let end = range.end();
+        while start < end {
+            let room = self.batch_pages - self.pending_pages;
+            let take = room.min(end - start);
+            self.pending
+                .push(PageRange::new(PageIndex(start), take).expect("non-empty"));
+            self.pending_pages += take;
+            start += take;
+            if self.pending_pages >= self.batch_pages {
+                self.flush().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends what is pending.
+    async fn flush(&mut self) -> Result<(), Stopped> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let ranges = std::mem::take(&mut self.pending);
+        self.pending_pages = 0;
+        match build_batch(&*self.snapshot, &self.manifest, self.codec, &ranges).await {
+            Ok((batch, stats)) => {
+                count_served("prefetch", stats);
+                self.tx.send(Ok(batch)).await.map_err(|_| Stopped)
+            }
+            Err(e) => {
+                metrics::request_failed("prefetch", &e);
+                let _ = self.tx.send(Err(e.into())).await;
+                Err(Stopped)
+            }
+        }
+    }
+}
+
 impl PrefetchPlan {
-    /// Streams batches into `tx` until done or the client goes away. Runs on
-    /// a blocking thread: it reads (and possibly compresses) every page.
-    fn run(self, tx: mpsc::Sender<Result<pb::PageBatch, Status>>) {
+    /// Streams batches into `tx` until done, failed, or aborted (when the
+    /// client goes away, the stream and with it this task are dropped).
+    /// Sets `ended` before `tx` is dropped, so that a stream that ends
+    /// without it (the producer panicked) is reported as broken.
+    async fn run(self, tx: mpsc::Sender<Result<pb::PageBatch, Status>>, ended: Arc<AtomicBool>) {
+        let _ = self.stream(tx.clone()).await;
+        ended.store(true, Ordering::SeqCst);
+        drop(tx);
+    }
+
+    async fn stream(self, tx: mpsc::Sender<Result<pb::PageBatch, Status>>) -> Result<(), Stopped> {
         let Self {
             snapshot,
             manifest,
@@ -282,23 +470,25 @@ impl PrefetchPlan {
             codec,
             batch_bytes,
         } = self;
-        let page_bytes = manifest.page_size.bytes();
-        let all = if then_all {
-            0..manifest.page_count
-        } else {
-            0..0
+        let page_count = manifest.page_count;
+        let mut out = Batcher {
+            batch_pages: (batch_bytes / manifest.page_size.bytes()).max(1),
+            snapshot,
+            manifest,
+            codec,
+            pending: Vec::new(),
+            pending_pages: 0,
+            tx,
         };
-        let order = first
-            .iter()
-            .flat_map(|ws| ws.iter().copied())
-            .chain(ranges.iter().flat_map(PageRange::iter))
-            .chain(all.map(PageIndex));
-        let new_builder = || BatchBuilder::new(&*snapshot, &manifest, codec);
-        let mut builder = new_builder();
-        // Consecutive pages not yet added to the builder.
+        // The working set, page by page (first-touch order), in runs.
+        let mut scanned = 0u64;
         let mut run: Option<PageRange> = None;
-        for page in order {
-            if skip.get(page.0) {
+        for &page in first.iter().flat_map(|ws| ws.iter()) {
+            scanned += 1;
+            if scanned.is_multiple_of(SCAN_YIELD_PAGES) {
+                tokio::task::yield_now().await;
+            }
+            if page.0 >= page_count || skip.get(page.0) {
                 continue;
             }
             skip.set(page.0);
@@ -306,50 +496,77 @@ impl PrefetchPlan {
                 Some(r) if r.end() == page.0 => PageRange::new(r.start(), r.count() + 1),
                 pending => {
                     if let Some(r) = pending {
-                        builder.add(r);
+                        out.push(r).await?;
                     }
                     PageRange::new(page, 1)
                 }
             };
-            // Zero pages count as full pages here, which bounds the pages
-            // (and runs) of a batch as well as its bytes.
-            let pending = run.map_or(0, |r| r.count() * page_bytes);
-            if builder.bytes() + pending >= batch_bytes {
-                if let Some(r) = run.take() {
-                    builder.add(r);
-                }
-                let (batch, stats) = std::mem::replace(&mut builder, new_builder()).finish();
-                count_served("prefetch", stats);
-                if tx.blocking_send(Ok(batch)).is_err() {
-                    return;
-                }
-            }
         }
         if let Some(r) = run {
-            builder.add(r);
+            out.push(r).await?;
         }
-        if !builder.is_empty() {
-            let (batch, stats) = builder.finish();
-            count_served("prefetch", stats);
-            let _ = tx.blocking_send(Ok(batch));
+        // Then ranges, skipping what was sent or is held a word at a time.
+        let all = then_all.then(|| PageRange::new(PageIndex(0), page_count).expect("non-empty"));
+        for range in ranges.into_iter().chain(all) {
+            let mut pos = range.start().0;
+            while pos < range.end() {
+                let stop = range.end().min(pos.saturating_add(SCAN_YIELD_PAGES));
+                let from = skip.next_clear(pos, stop);
+                if from >= stop {
+                    pos = stop;
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+                let to = skip.next_set(from, stop);
+                skip.set_range(from, to - from);
+                out.push(PageRange::new(PageIndex(from), to - from).expect("non-empty"))
+                    .await?;
+                pos = to;
+            }
         }
+        out.flush().await
     }
+}
+
+/// Aborts a task when dropped: the producer of a stream whose consumer is
+/// gone.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A status for a request stream that broke: oversized or undecodable
+/// messages get their codes; a client that went away gets InvalidArgument
+/// (it is not there to read it).
+fn broken_stream(rpc: &'static str, status: &Status, broke: &'static str) -> Status {
+    let e = Error::from_stream(status, broke);
+    metrics::request_failed(rpc, &e);
+    e.into()
 }
 
 #[tonic::async_trait]
 impl pb::faultline_server::Faultline for FaultlineService {
     async fn list_snapshots(
         &self,
-        _req: Request<pb::ListSnapshotsRequest>,
+        req: Request<pb::ListSnapshotsRequest>,
     ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
-        let _t = metrics::Request::start("list_snapshots");
-        let store = self.store.clone();
-        let list = tokio::task::spawn_blocking(move || store.list())
+        let t = metrics::Request::start("list_snapshots");
+        let access = Access::of(&req).map_err(|e| t.fail(e.into()))?;
+        let list = self
+            .store
+            .list()
             .await
-            .map_err(|_| Error::Unavailable)?
-            .map_err(Error::from)?;
+            .map_err(|e| t.fail(Error::from(e)))?;
+        metrics::set_snapshots(list.len() as u64);
         Ok(Response::new(pb::ListSnapshotsResponse {
-            snapshots: list.into_iter().map(Into::into).collect(),
+            snapshots: list
+                .into_iter()
+                .filter(|s| access.allows(Right::Read, s.name.as_str()))
+                .map(Into::into)
+                .collect(),
         }))
     }
 
@@ -358,10 +575,12 @@ impl pb::faultline_server::Faultline for FaultlineService {
         req: Request<pb::GetManifestRequest>,
     ) -> Result<Response<pb::Manifest>, Status> {
         let t = metrics::Request::start("get_manifest");
-        let snapshot = self
-            .open(req.into_inner().snapshot)
-            .await
-            .map_err(|e| t.fail(e))?;
+        let access = Access::of(&req).map_err(|e| t.fail(e.into()))?;
+        let name = req.into_inner().snapshot;
+        access
+            .check(Right::Read, &name)
+            .map_err(|e| t.fail(e.into()))?;
+        let snapshot = self.open(name).await.map_err(|e| t.fail(e))?;
         Ok(Response::new(pb::Manifest::from(&*snapshot.manifest())))
     }
 
@@ -370,8 +589,10 @@ impl pb::faultline_server::Faultline for FaultlineService {
         req: Request<pb::ReadPagesRequest>,
     ) -> Result<Response<pb::PageBatch>, Status> {
         let t = metrics::Request::start("read_pages");
+        let access = Access::of(&req);
         let req = req.into_inner();
         let result = async {
+            access?.check(Right::Read, &req.snapshot)?;
             let codec = Compression::try_from(req.compression)?;
             if req.ranges.len() > MAX_READ_RANGES {
                 return Err(Error::TooLarge {
@@ -386,11 +607,7 @@ impl pb::faultline_server::Faultline for FaultlineService {
             let snapshot = self.open(req.snapshot).await?;
             let manifest = snapshot.manifest();
             let ranges = check_read(req.ranges, &manifest)?;
-            let mut builder = BatchBuilder::new(&*snapshot, &manifest, codec);
-            for r in ranges {
-                builder.add(r);
-            }
-            Ok(builder.finish())
+            build_batch(&*snapshot, &manifest, codec, &ranges).await
         }
         .await;
         let (batch, stats) = result.map_err(|e| t.fail(e))?;
@@ -405,12 +622,12 @@ impl pb::faultline_server::Faultline for FaultlineService {
         req: Request<Streaming<pb::FaultRequest>>,
     ) -> Result<Response<Self::FaultStream>, Status> {
         let t = metrics::Request::start("fault_open");
+        let access = Access::of(&req);
         let mut inbound = req.into_inner();
         let opened = async {
-            let first = inbound
-                .message()
-                .await
-                .map_err(|_| Error::Sequence("the stream broke before its `open` message"))?;
+            let first = inbound.message().await.map_err(|status| {
+                Error::from_stream(&status, "the stream broke before its `open` message")
+            })?;
             let Some(pb::FaultRequest {
                 kind: Some(pb::fault_request::Kind::Open(open)),
             }) = first
@@ -419,6 +636,7 @@ impl pb::faultline_server::Faultline for FaultlineService {
                     "the first message of a Fault stream must be `open`",
                 ));
             };
+            access?.check(Right::Read, &open.snapshot)?;
             let codec = Compression::try_from(open.compression)?;
             Ok((self.open(open.snapshot).await?, codec))
         }
@@ -427,40 +645,58 @@ impl pb::faultline_server::Faultline for FaultlineService {
         drop(t);
 
         // The answers are produced by the response stream itself, as hyper
-        // polls it for the next message: no task of our own, no channel.
-        // A spawned task feeding a channel cost a task wake and a channel
-        // wake per request; removing them measured no latency change on a
-        // loaded 2-core machine (docs/profile-notes.md), but it is simpler.
-        // The next request is read only once the previous answer is handed
-        // to HTTP/2, whose flow control holds back a client that does not
-        // read.
-        let state = FaultSession {
-            inbound,
+        // polls it: no task of our own. Up to `fault_concurrency` requests
+        // are answered at once and each answer goes out when ready, so a
+        // cold page does not hold up the vCPUs faulting behind it. Requests
+        // are read only while there is room, and answers only produced
+        // while hyper polls, whose flow control holds back a client that
+        // does not read: a stalled stream holds at most that many answers.
+        let session = Arc::new(FaultSession {
             manifest: snapshot.manifest(),
             snapshot,
             codec,
             _active: metrics::ActiveStream::new("fault"),
-        };
-        let answers = futures::stream::unfold(state, |mut st| async move {
-            // A broken inbound stream ends the answers, as the client has gone.
-            let Some(Ok(msg)) = st.inbound.next().await else {
-                return None;
-            };
-            let resp = st.answer(msg);
-            Some((Ok(resp), st))
         });
+        let answers = inbound
+            .map(move |msg| {
+                let session = session.clone();
+                async move {
+                    match msg {
+                        Ok(m) => Ok(session.answer(m).await),
+                        Err(status) => Err(broken_stream(
+                            "fault",
+                            &status,
+                            "the Fault stream broke off",
+                        )),
+                    }
+                }
+            })
+            .buffer_unordered(self.limits.fault_concurrency.max(1))
+            // A broken request stream ends the answers with its error.
+            .scan(false, |failed, item| {
+                let out = if *failed {
+                    None
+                } else {
+                    *failed = item.is_err();
+                    Some(item)
+                };
+                futures::future::ready(out)
+            });
         Ok(Response::new(Box::pin(answers)))
     }
 
-    type PrefetchStream = ReceiverStream<Result<pb::PageBatch, Status>>;
+    type PrefetchStream = PrefetchBatches;
 
     async fn prefetch(
         &self,
         req: Request<pb::PrefetchRequest>,
     ) -> Result<Response<Self::PrefetchStream>, Status> {
         let t = metrics::Request::start("prefetch");
+        let client = client_identity(&req);
+        let access = Access::of(&req);
         let req = req.into_inner();
         let plan = async {
+            access?.check(Right::Read, &req.snapshot)?;
             let codec = Compression::try_from(req.compression)?;
             let order = pb::PrefetchOrder::try_from(req.order).map_err(|_| {
                 faultline_proto::ProtocolError::invalid(
@@ -468,7 +704,15 @@ impl pb::faultline_server::Faultline for FaultlineService {
                     format!("{} is not a known prefetch order", req.order),
                 )
             })?;
+            if req.ranges.len() > self.limits.max_prefetch_ranges {
+                return Err(Error::TooLarge {
+                    what: "ranges in one Prefetch call (`--max-prefetch-ranges`)",
+                    got: req.ranges.len() as u64,
+                    limit: self.limits.max_prefetch_ranges as u64,
+                });
+            }
             let ws_name = WorkingSetName::from_wire(&req.working_set)?;
+            let slot = self.prefetch_slots.take(client)?;
             let snapshot = self.open(req.snapshot).await?;
             let manifest = snapshot.manifest();
             let skip = if req.have.is_empty() {
@@ -504,7 +748,7 @@ impl pb::faultline_server::Faultline for FaultlineService {
                 0 => DEFAULT_PREFETCH_BATCH_BYTES,
                 n => n.clamp(manifest.page_size.bytes(), MAX_PREFETCH_BATCH_BYTES),
             };
-            Ok(PrefetchPlan {
+            let plan = PrefetchPlan {
                 snapshot,
                 manifest,
                 skip,
@@ -513,18 +757,37 @@ impl pb::faultline_server::Faultline for FaultlineService {
                 then_all,
                 codec,
                 batch_bytes,
-            })
+            };
+            Ok((plan, slot))
         }
-        .await
-        .map_err(|e| t.fail(e))?;
+        .await;
+        let (plan, slot) = plan.map_err(|e| t.fail(e))?;
         drop(t);
 
         let (tx, rx) = mpsc::channel(PREFETCH_QUEUE_DEPTH);
-        tokio::task::spawn_blocking(move || {
+        let ended = Arc::new(AtomicBool::new(false));
+        let producer_ended = ended.clone();
+        let task = tokio::spawn(async move {
+            let _slot = slot;
             let _active = metrics::ActiveStream::new("prefetch");
-            plan.run(tx);
+            plan.run(tx, producer_ended).await;
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let abort = AbortOnDrop(task.abort_handle());
+        // A producer that died leaves the channel closed without `ended`:
+        // the stream then ends with Internal, never with OK.
+        let tail = futures::stream::once(async move {
+            (!ended.load(Ordering::SeqCst)).then(|| {
+                Err(Status::internal(
+                    "the server failed while streaming this prefetch; retry it",
+                ))
+            })
+        })
+        .filter_map(futures::future::ready);
+        let batches = ReceiverStream::new(rx).chain(tail).map(move |batch| {
+            let _producer = &abort;
+            batch
+        });
+        Ok(Response::new(Box::pin(batches)))
     }
 
     async fn record_working_set(
@@ -532,8 +795,10 @@ impl pb::faultline_server::Faultline for FaultlineService {
         req: Request<pb::RecordWorkingSetRequest>,
     ) -> Result<Response<pb::RecordWorkingSetResponse>, Status> {
         let t = metrics::Request::start("record_working_set");
+        let access = Access::of(&req);
         let req = req.into_inner();
         let result = async {
+            access?.check(Right::Record, &req.snapshot)?;
             let id = SnapshotId::new(req.snapshot)?;
             let name = WorkingSetName::from_wire(&req.name)?;
             let ranges = req
@@ -541,11 +806,7 @@ impl pb::faultline_server::Faultline for FaultlineService {
                 .into_iter()
                 .map(PageRange::try_from)
                 .collect::<Result<Vec<_>, _>>()?;
-            let store = self.store.clone();
-            tokio::task::spawn_blocking(move || store.record_working_set(&id, &name, &ranges))
-                .await
-                .map_err(|_| Error::Unavailable)?
-                .map_err(Error::from)
+            Ok::<_, Error>(self.store.record_working_set(&id, &name, &ranges).await?)
         }
         .await;
         let pages = result.map_err(|e| t.fail(e))?;
@@ -557,10 +818,16 @@ impl pb::faultline_server::Faultline for FaultlineService {
         req: Request<Streaming<pb::CreateSnapshotRequest>>,
     ) -> Result<Response<pb::CreateSnapshotResponse>, Status> {
         let t = metrics::Request::start("create_snapshot");
+        let access = Access::of(&req);
         let mut inbound = req.into_inner();
-        let store = self.store.clone();
-        let result = async move {
-            let header = match inbound.message().await {
+        let idle = self.limits.upload_idle_timeout;
+        let next = async |inbound: &mut Streaming<pb::CreateSnapshotRequest>| {
+            tokio::time::timeout(idle, inbound.message())
+                .await
+                .map_err(|_| Error::UploadIdle(idle.as_secs()))
+        };
+        let result = async {
+            let header = match next(&mut inbound).await? {
                 Ok(Some(pb::CreateSnapshotRequest {
                     kind: Some(pb::create_snapshot_request::Kind::Header(h)),
                 })) => h,
@@ -576,10 +843,13 @@ impl pb::faultline_server::Faultline for FaultlineService {
                     ));
                 }
             };
+            access?.check(Right::Write, &header.name)?;
             let spec = SnapshotSpec::try_from(header)?;
-            let mut writer = blocking(move || store.create(spec).map_err(Error::from)).await?;
+            // Before anything is allocated or created for it.
+            self.limits.check_spec(&spec)?;
+            let mut writer = self.store.create(spec).await?;
             loop {
-                let chunk = match inbound.message().await {
+                let chunk = match next(&mut inbound).await? {
                     Ok(Some(pb::CreateSnapshotRequest {
                         kind: Some(pb::create_snapshot_request::Kind::Chunk(c)),
                     })) => c,
@@ -598,28 +868,16 @@ impl pb::faultline_server::Faultline for FaultlineService {
                         ));
                     }
                 };
-                writer = blocking(move || {
-                    writer.write_at(chunk.offset, &chunk.data)?;
-                    Ok(writer)
-                })
-                .await?;
+                writer.write_at(chunk.offset, chunk.data).await?;
             }
-            blocking(move || writer.finish().map_err(Error::from)).await
+            Ok(writer.finish().await?)
         }
         .await;
         let summary = result.map_err(|e| t.fail(e))?;
+        metrics::snapshot_added();
         tracing::info!(snapshot = %summary.name, pages = summary.page_count, "snapshot uploaded");
         Ok(Response::new(pb::CreateSnapshotResponse {
             snapshot: Some(summary.into()),
         }))
     }
-}
-
-/// Runs store I/O on a blocking thread.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
-) -> Result<T, Error> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|_| Error::Unavailable)?
 }

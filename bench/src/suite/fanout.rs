@@ -139,6 +139,7 @@ pub fn server_main(args: &ServerArgs) -> anyhow::Result<()> {
 pub fn client_main(args: &ClientArgs) -> anyhow::Result<()> {
     let opts = RestoreOptions {
         servers: vec![args.server.clone()],
+        connect: Default::default(),
         snapshot: SnapshotId::new(&args.snapshot)?,
         backing: BackingKind::Anonymous,
         mode: Mode::Auto,

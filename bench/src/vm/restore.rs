@@ -576,7 +576,7 @@ pub fn run(config: &VmRestoreConfig) -> Result<VmRestoreReport, VmRestoreError> 
     import_file(&*store, id.clone(), page_size, &[], &files.memory, |_| {})?;
     // The memory file is not needed any more: the store holds its own sparse copy.
     let _ = std::fs::remove_file(&files.memory);
-    store.record_working_set(
+    store.record_working_set_blocking(
         &id,
         &WorkingSetName::default_name(),
         &touched_pages(&created.image.layout, &walk, page_size),

@@ -645,7 +645,10 @@ fn manifest(inner: &Inner) -> Result<Arc<Manifest>, ConnectionError> {
         for url in &config.servers {
             let attempt = rt.block_on(async {
                 tokio::time::timeout(MANIFEST_ATTEMPT_TIMEOUT, async {
-                    Remote::connect(url).await?.manifest(&config.snapshot).await
+                    Remote::connect_with(url, &config.connect)
+                        .await?
+                        .manifest(&config.snapshot)
+                        .await
                 })
                 .await
             });

@@ -5,6 +5,7 @@ use std::time::Duration;
 use faultline_proto::{Compression, SnapshotId, WorkingSetName};
 
 use crate::backing::GuestMemory;
+use crate::remote::ConnectOptions;
 use crate::strategy::Mode;
 
 /// Smallest read-ahead window: 16 KiB. A random fault fetches its page and
@@ -86,8 +87,11 @@ impl std::str::FromStr for OnFailure {
 /// How the pager runs.
 #[derive(Clone, Debug)]
 pub struct PagerConfig {
-    /// Server URLs (`http://HOST:PORT`), tried in order on failures.
+    /// Server URLs (`http://HOST:PORT` or `https://HOST:PORT`), tried in
+    /// order on failures.
     pub servers: Vec<String>,
+    /// How to connect to them: TLS, token, transport.
+    pub connect: ConnectOptions,
     /// The snapshot to restore.
     pub snapshot: SnapshotId,
     /// Resolve method: from the kernel's answer, or forced.
@@ -117,6 +121,7 @@ impl PagerConfig {
     pub fn new(server: impl Into<String>, snapshot: SnapshotId) -> Self {
         Self {
             servers: vec![server.into()],
+            connect: ConnectOptions::default(),
             snapshot,
             mode: Mode::Auto,
             prefetch: PrefetchPolicy::All,

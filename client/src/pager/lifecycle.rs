@@ -292,7 +292,7 @@ impl Pager {
             let mut last = None;
             for (server, url) in config.servers.iter().enumerate() {
                 let attempt = async {
-                    let remote = Remote::connect(url).await?;
+                    let remote = Remote::connect_with(url, &config.connect).await?;
                     remote.manifest(&config.snapshot).await
                 };
                 match tokio::time::timeout(manifest_wait, attempt).await {

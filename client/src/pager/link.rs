@@ -29,7 +29,7 @@ use super::pages::PageState;
 use super::region::Caller;
 use super::stats::Source;
 use super::{OnFailure, Shared};
-use crate::remote::{Remote, Transport, decode_batch};
+use crate::remote::{Remote, decode_batch};
 
 /// First pause before retrying (a connection or a request); doubled per
 /// failure up to [`MAX_BACKOFF`], with jitter. Short, because faulting vCPUs
@@ -154,7 +154,7 @@ pub(crate) struct Session {
 /// Opens the `Fault` stream on `url` (a new connection, whose tasks run on
 /// the calling runtime).
 pub(crate) async fn open_session(shared: &Shared, url: &str) -> Result<Session, String> {
-    let remote = Remote::connect_with(url, Transport::default())
+    let remote = Remote::connect_with(url, &shared.config.connect)
         .await
         .map_err(|e| e.to_string())?;
     let (tx, rx) = mpsc::unbounded_channel();

@@ -17,7 +17,7 @@ use super::link::{INITIAL_BACKOFF, MAX_BACKOFF, STALL_TIMEOUT};
 use super::region::RegionState;
 use super::stats::Source;
 use super::{PrefetchPolicy, Shared};
-use crate::remote::{Remote, RemoteError, Transport, decode_batch};
+use crate::remote::{Remote, RemoteError, decode_batch};
 
 /// Prefetching a stream failed (the pager retries).
 #[derive(Debug, thiserror::Error)]
@@ -44,7 +44,7 @@ pub(crate) async fn stream_into(
 ) -> Result<(), PrefetchError> {
     let stalled = || PrefetchError::Stalled(STALL_TIMEOUT);
     let opening = async {
-        let remote = Remote::connect_with(url, Transport::default()).await?;
+        let remote = Remote::connect_with(url, &shared.config.connect).await?;
         remote.prefetch(req).await
     };
     let mut stream = tokio::time::timeout(STALL_TIMEOUT, opening)

@@ -22,7 +22,7 @@ pub(super) async fn upload(shared: &Shared) -> Result<u64, RemoteError> {
         let rec = shared.recorded.lock().expect("record lock");
         rec.iter().map(|&r| r.into()).collect()
     };
-    let remote = Remote::connect(&shared.config.servers[0]).await?;
+    let remote = Remote::connect_with(&shared.config.servers[0], &shared.config.connect).await?;
     let resp = remote
         .client()
         .record_working_set(pb::RecordWorkingSetRequest {

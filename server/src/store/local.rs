@@ -8,16 +8,29 @@
 //!     digests               one little-endian CRC32C per page
 //!     workingset-WSNAME     recorded working set: little-endian u64 page
 //!                           indices in first-touch order
-//!   .tmp-NAME-...           a snapshot being written (never listed)
+//!     .tmp-workingset-...   a working set being written (renamed into
+//!                           place: a reader sees the old set or the new one)
+//!   .tmp-NAME-PID-N         a snapshot being written (never listed)
 //! ```
 //!
-//! Pages are read from a read-only shared mapping of `memory`: no syscall per
-//! read, and every client of a snapshot reads the same page-cache pages.
+//! Pages are read with `pread` into buffers, never through a memory
+//! mapping: an I/O error on a mapped file, or a file truncated under the
+//! server, is a SIGBUS that would end every restore the server serves,
+//! where a `pread` error fails one request with DataLoss. A read that the
+//! page cache can answer is copied on the calling worker (`preadv2` with
+//! `RWF_NOWAIT`, which fails instead of waiting for the disk); anything
+//! else, a cold read, runs on a blocking thread.
+//!
+//! Leftover temporary files of a process that died (`.tmp-*` whose PID is
+//! not running) are removed when a store is opened.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
@@ -26,13 +39,22 @@ use faultline_proto::{
     MANIFEST_FORMAT_VERSION, Manifest, PageBitmap, PageIndex, PageRange, PageSize, Region,
     SnapshotId, WorkingSetName,
 };
-use memmap2::Mmap;
 
 use super::writer::TMP_PREFIX;
 use super::{
-    CreateError, ListError, OpenError, RecordError, Snapshot, SnapshotSpec, SnapshotStore,
-    SnapshotSummary, SnapshotWriter, first_touch_order,
+    CreateError, ListError, OpenError, ReadError, RecordError, Snapshot, SnapshotSpec,
+    SnapshotStore, SnapshotSummary, SnapshotWrite, SnapshotWriter, first_touch_order,
 };
+use crate::limits::Limits;
+
+/// Largest read tried on the calling async worker when the page cache holds
+/// it (`RWF_NOWAIT`): 1 MiB, a pager's largest read-ahead window and the
+/// default prefetch batch. Copying it takes tens of microseconds; larger
+/// reads go to a blocking thread whatever the cache holds.
+pub const INLINE_READ_MAX_BYTES: usize = 1 << 20;
+
+/// Distinguishes temporary working-set files of concurrent writers.
+static NEXT_TMP_SET: AtomicU64 = AtomicU64::new(0);
 
 /// The manifest's file name.
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -82,49 +104,218 @@ impl ManifestFile {
     }
 }
 
-/// A directory of snapshots.
-#[derive(Debug)]
+/// A directory of snapshots. Cheap to clone: clones share the store.
+#[derive(Clone, Debug)]
 pub struct LocalStore {
+    inner: Arc<StoreInner>,
+}
+
+#[derive(Debug)]
+struct StoreInner {
     root: PathBuf,
     /// Snapshots opened so far, shared by every request that reads them.
-    open: Mutex<HashMap<SnapshotId, Arc<LocalSnapshot>>>,
+    open: Mutex<OpenCache>,
+    /// Serializes working-set recordings, so that the set served after
+    /// concurrent recordings is the one whose rename came last.
+    recording: Mutex<()>,
+    /// Free bytes a new snapshot must leave on the disk.
+    min_free_disk_bytes: u64,
+    max_working_sets: usize,
+    max_working_set_pages: u64,
+}
+
+/// What identifies one version of a snapshot on disk: its manifest file.
+/// A snapshot removed and imported again under its name has a new one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileIdentity {
+    dev: u64,
+    ino: u64,
+    mtime_ns: i128,
+}
+
+impl FileIdentity {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        }
+    }
+}
+
+/// A bounded cache of open snapshots, least recently used evicted first.
+#[derive(Debug)]
+struct OpenCache {
+    entries: HashMap<SnapshotId, Cached>,
+    capacity: usize,
+    clock: u64,
+}
+
+#[derive(Debug)]
+struct Cached {
+    snapshot: Arc<LocalSnapshot>,
+    identity: FileIdentity,
+    last_used: u64,
+}
+
+impl OpenCache {
+    fn get(&mut self, id: &SnapshotId, identity: FileIdentity) -> Option<Arc<LocalSnapshot>> {
+        self.clock += 1;
+        let clock = self.clock;
+        match self.entries.get_mut(id) {
+            Some(c) if c.identity == identity => {
+                c.last_used = clock;
+                Some(c.snapshot.clone())
+            }
+            Some(_) => {
+                self.remove(id);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn remove(&mut self, id: &SnapshotId) {
+        self.entries.remove(id);
+        crate::metrics::limit_use("max_open_snapshots", self.entries.len() as u64);
+    }
+
+    fn insert(&mut self, id: SnapshotId, snapshot: Arc<LocalSnapshot>, identity: FileIdentity) {
+        self.clock += 1;
+        while self.entries.len() >= self.capacity.max(1) && !self.entries.contains_key(&id) {
+            let Some(oldest) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, c)| c.last_used)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            self.entries.remove(&oldest);
+        }
+        self.entries.insert(
+            id,
+            Cached {
+                snapshot,
+                identity,
+                last_used: self.clock,
+            },
+        );
+        crate::metrics::limit_use("max_open_snapshots", self.entries.len() as u64);
+    }
 }
 
 impl LocalStore {
-    /// A store in `root`, created if missing.
+    /// A store in `root`, created if missing, with the default [`Limits`].
     pub fn new(root: impl Into<PathBuf>) -> std::io::Result<Self> {
+        Self::with_limits(root, &Limits::default())
+    }
+
+    /// A store in `root`, created if missing, keeping `limits`' free-disk
+    /// reserve, open-snapshot cache size and working-set limits. Removes
+    /// what dead processes left half-written.
+    pub fn with_limits(root: impl Into<PathBuf>, limits: &Limits) -> std::io::Result<Self> {
         let root = root.into();
         std::fs::create_dir_all(&root)?;
-        Ok(Self {
-            root,
-            open: Mutex::new(HashMap::new()),
-        })
+        let store = Self {
+            inner: Arc::new(StoreInner {
+                root,
+                open: Mutex::new(OpenCache {
+                    entries: HashMap::new(),
+                    capacity: limits.max_open_snapshots,
+                    clock: 0,
+                }),
+                recording: Mutex::new(()),
+                min_free_disk_bytes: limits.min_free_disk_bytes,
+                max_working_sets: limits.max_working_sets,
+                max_working_set_pages: limits.max_working_set_pages,
+            }),
+        };
+        let swept = store.sweep_leftovers();
+        if swept > 0 {
+            tracing::info!(swept, "removed temporary files left by processes that died");
+        }
+        Ok(store)
     }
 
     /// The store's directory.
     pub fn root(&self) -> &Path {
-        &self.root
+        &self.inner.root
     }
 
-    fn open_local(&self, id: &SnapshotId) -> Result<Arc<LocalSnapshot>, OpenError> {
-        let mut open = self.open.lock().expect("store lock poisoned");
-        if let Some(s) = open.get(id) {
-            return Ok(s.clone());
+    /// Removes `.tmp-*` snapshot directories and working-set files whose
+    /// writer process is gone. Returns how many were removed.
+    pub fn sweep_leftovers(&self) -> usize {
+        let mut swept = 0;
+        let Ok(entries) = std::fs::read_dir(&self.inner.root) else {
+            return 0;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let path = entry.path();
+            if name.starts_with(TMP_PREFIX) {
+                if writer_is_gone(name) && std::fs::remove_dir_all(&path).is_ok() {
+                    swept += 1;
+                }
+            } else if SnapshotId::new(name).is_ok() && path.is_dir() {
+                for inner in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+                    let inner_name = inner.file_name();
+                    if inner_name
+                        .to_str()
+                        .is_some_and(|n| n.starts_with(TMP_PREFIX) && writer_is_gone(n))
+                        && std::fs::remove_file(inner.path()).is_ok()
+                    {
+                        swept += 1;
+                    }
+                }
+            }
         }
-        let snapshot = Arc::new(LocalSnapshot::open(&self.root.join(id.as_str()), id)?);
-        open.insert(id.clone(), snapshot.clone());
+        swept
+    }
+
+    /// Opens snapshot `id`, from the cache if the snapshot on disk is the
+    /// one cached. Blocking: runs on a blocking thread in the service.
+    pub fn open_blocking(&self, id: &SnapshotId) -> Result<Arc<LocalSnapshot>, OpenError> {
+        let dir = self.inner.root.join(id.as_str());
+        let identity = match std::fs::metadata(dir.join(MANIFEST_FILE)) {
+            Ok(meta) => FileIdentity::of(&meta),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.cache().remove(id);
+                return Err(OpenError::NotFound(id.clone()));
+            }
+            Err(source) => {
+                return Err(OpenError::Read {
+                    snapshot: id.clone(),
+                    file: MANIFEST_FILE.into(),
+                    source,
+                });
+            }
+        };
+        if let Some(s) = self.cache().get(id, identity) {
+            return Ok(s);
+        }
+        let snapshot = Arc::new(LocalSnapshot::open(&dir, id)?);
+        self.cache().insert(id.clone(), snapshot.clone(), identity);
         Ok(snapshot)
     }
-}
 
-impl SnapshotStore for LocalStore {
-    fn list(&self) -> Result<Vec<SnapshotSummary>, ListError> {
-        let read_dir = |source| ListError::ReadDir {
-            path: self.root.clone(),
-            source,
-        };
+    fn cache(&self) -> std::sync::MutexGuard<'_, OpenCache> {
+        self.inner.open.lock().expect("store lock poisoned")
+    }
+
+    /// Snapshots held open now.
+    pub fn open_count(&self) -> usize {
+        self.cache().entries.len()
+    }
+
+    /// [`SnapshotStore::list`], blocking. Reads each snapshot's manifest
+    /// file only (not its digests); a snapshot whose manifest does not
+    /// parse is left out with a warning (opening it says why).
+    pub fn list_blocking(&self) -> Result<Vec<SnapshotSummary>, ListError> {
+        let read_dir = |source| ListError::ReadDir { source };
         let mut out = Vec::new();
-        for entry in std::fs::read_dir(&self.root).map_err(read_dir)? {
+        for entry in std::fs::read_dir(&self.inner.root).map_err(read_dir)? {
             let entry = entry.map_err(read_dir)?;
             let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
                 continue;
@@ -134,68 +325,251 @@ impl SnapshotStore for LocalStore {
             let Ok(id) = SnapshotId::new(name) else {
                 continue;
             };
-            if !entry.path().join(MANIFEST_FILE).is_file() {
+            let dir = entry.path();
+            let Ok(text) = std::fs::read(dir.join(MANIFEST_FILE)) else {
                 continue;
-            }
-            let m = self.open_local(&id)?.manifest();
+            };
+            let file: ManifestFile = match serde_json::from_slice(&text) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::warn!(snapshot = %id, "{MANIFEST_FILE} does not parse ({e}); not listed");
+                    continue;
+                }
+            };
+            let mut working_sets: Vec<WorkingSetName> = std::fs::read_dir(&dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_str()
+                        .and_then(|n| n.strip_prefix(WORKING_SET_PREFIX))
+                        .and_then(|n| WorkingSetName::new(n).ok())
+                })
+                .collect();
+            working_sets.sort();
             out.push(SnapshotSummary {
                 name: id,
-                page_size: m.page_size.bytes(),
-                page_count: m.page_count,
-                zero_pages: m.zero_map.count_ones(),
-                working_sets: m.working_sets.clone(),
+                page_size: file.page_size,
+                page_count: file.page_count,
+                zero_pages: file.zero_pages,
+                working_sets,
             });
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
 
-    fn open(&self, id: &SnapshotId) -> Result<Arc<dyn Snapshot>, OpenError> {
-        Ok(self.open_local(id)?)
+    /// Starts writing a snapshot, blocking; see [`SnapshotStore::create`].
+    pub fn create_blocking(&self, spec: SnapshotSpec) -> Result<SnapshotWriter, CreateError> {
+        SnapshotWriter::create(
+            self.inner.root.clone(),
+            spec,
+            self.inner.min_free_disk_bytes,
+        )
     }
 
-    fn create(&self, spec: SnapshotSpec) -> Result<SnapshotWriter, CreateError> {
-        SnapshotWriter::create(self.root.clone(), spec)
-    }
-
-    fn record_working_set(
+    /// [`SnapshotStore::record_working_set`], blocking.
+    pub fn record_working_set_blocking(
         &self,
         id: &SnapshotId,
         name: &WorkingSetName,
         ranges: &[PageRange],
     ) -> Result<u64, RecordError> {
-        let snapshot = self.open_local(id)?;
+        let listed: u64 = ranges
+            .iter()
+            .map(PageRange::count)
+            .fold(0, u64::saturating_add);
+        if listed > self.inner.max_working_set_pages {
+            return Err(RecordError::TooLarge {
+                listed,
+                limit: self.inner.max_working_set_pages,
+            });
+        }
+        let snapshot = self.open_blocking(id)?;
         let order = first_touch_order(ranges, snapshot.manifest().page_count)?;
-        let path = snapshot.dir.join(format!("{WORKING_SET_PREFIX}{name}"));
-        let tmp = snapshot
-            .dir
-            .join(format!("{TMP_PREFIX}{WORKING_SET_PREFIX}{name}"));
         let bytes: Vec<u8> = order.iter().flat_map(|p| p.0.to_le_bytes()).collect();
-        File::create(&tmp)
+        let write_err = |source| RecordError::Write {
+            snapshot: id.clone(),
+            name: name.clone(),
+            source,
+        };
+        let _serial = self
+            .inner
+            .recording
+            .lock()
+            .expect("recording lock poisoned");
+        // Under the lock: the snapshot as it is now (it may have been
+        // replaced or evicted since it was opened above).
+        let snapshot = self.open_blocking(id)?;
+        let manifest = snapshot.manifest();
+        if !manifest.working_sets.contains(name)
+            && manifest.working_sets.len() >= self.inner.max_working_sets
+        {
+            return Err(RecordError::TooManySets {
+                snapshot: id.clone(),
+                limit: self.inner.max_working_sets,
+            });
+        }
+        let path = snapshot.dir.join(format!("{WORKING_SET_PREFIX}{name}"));
+        let tmp = snapshot.dir.join(format!(
+            "{TMP_PREFIX}{WORKING_SET_PREFIX}{name}-{}-{}",
+            std::process::id(),
+            NEXT_TMP_SET.fetch_add(1, Ordering::Relaxed)
+        ));
+        let written = File::create(&tmp)
             .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()))
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|source| RecordError::Write {
-                path: path.clone(),
-                source,
-            })?;
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(write_err(e));
+        }
+        // Make the rename durable; failing that only risks the old set
+        // coming back after a crash.
+        let _ = File::open(&snapshot.dir).and_then(|d| d.sync_all());
         let pages = order.len() as u64;
         snapshot.add_working_set(name.clone(), order);
         Ok(pages)
     }
 }
 
-/// Owns a read-only mapping and hands out slices of it as `Bytes` without a
-/// copy: each slice keeps the mapping alive.
-#[derive(Debug)]
-struct MapSlice {
-    map: Arc<Mmap>,
-    start: usize,
-    len: usize,
+/// Whether the process that named a temporary file `.tmp-...-PID-N` is
+/// gone. Files of this process, of running processes and of names that do
+/// not parse are kept.
+fn writer_is_gone(name: &str) -> bool {
+    let mut parts = name.rsplitn(3, '-');
+    let (Some(n), Some(pid)) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    let (Ok(_), Ok(pid)) = (n.parse::<u64>(), pid.parse::<u32>()) else {
+        return false;
+    };
+    pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists()
 }
 
-impl AsRef<[u8]> for MapSlice {
-    fn as_ref(&self) -> &[u8] {
-        &self.map[self.start..self.start + self.len]
+/// Runs store work on a blocking thread.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| format!("a storage thread failed: {e}"))
+}
+
+#[async_trait::async_trait]
+impl SnapshotStore for LocalStore {
+    async fn list(&self) -> Result<Vec<SnapshotSummary>, ListError> {
+        let store = self.clone();
+        blocking(move || store.list_blocking())
+            .await
+            .map_err(|reason| ListError::Unavailable { reason })?
+    }
+
+    async fn open(&self, id: &SnapshotId) -> Result<Arc<dyn Snapshot>, OpenError> {
+        let store = self.clone();
+        let id2 = id.clone();
+        let s = blocking(move || store.open_blocking(&id2))
+            .await
+            .map_err(|reason| OpenError::Unavailable {
+                snapshot: id.clone(),
+                reason,
+            })??;
+        Ok(s)
+    }
+
+    async fn create(&self, spec: SnapshotSpec) -> Result<Box<dyn SnapshotWrite>, CreateError> {
+        let store = self.clone();
+        let writer = blocking(move || store.create_blocking(spec))
+            .await
+            .map_err(|reason| CreateError::Unavailable { reason })??;
+        Ok(Box::new(LocalWrite {
+            spec: writer.spec().clone(),
+            received: 0,
+            inner: Some(writer),
+        }))
+    }
+
+    async fn record_working_set(
+        &self,
+        id: &SnapshotId,
+        name: &WorkingSetName,
+        ranges: &[PageRange],
+    ) -> Result<u64, RecordError> {
+        let store = self.clone();
+        let (id, name, ranges) = (id.clone(), name.clone(), ranges.to_vec());
+        blocking(move || store.record_working_set_blocking(&id, &name, &ranges))
+            .await
+            .map_err(|reason| RecordError::Unavailable { reason })?
+    }
+}
+
+/// A [`SnapshotWriter`] driven from async code: each piece is scanned and
+/// written on a blocking thread.
+#[derive(Debug)]
+struct LocalWrite {
+    spec: SnapshotSpec,
+    received: u64,
+    /// `None` only while a piece is being written, or after a failure.
+    inner: Option<SnapshotWriter>,
+}
+
+impl LocalWrite {
+    fn take(&mut self) -> Result<SnapshotWriter, CreateError> {
+        self.inner.take().ok_or_else(|| CreateError::Unavailable {
+            reason: "an earlier write of this upload failed".into(),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl SnapshotWrite for LocalWrite {
+    fn spec(&self) -> &SnapshotSpec {
+        &self.spec
+    }
+
+    fn received(&self) -> u64 {
+        self.received
+    }
+
+    async fn write(&mut self, data: Bytes) -> Result<(), CreateError> {
+        let mut writer = self.take()?;
+        let (writer, result) = blocking(move || {
+            let r = writer.write(&data);
+            (writer, r)
+        })
+        .await
+        .map_err(|reason| CreateError::Unavailable { reason })?;
+        self.received = writer.received();
+        // A failed write leaves the writer unusable: dropping it removes
+        // the partial snapshot.
+        if result.is_ok() {
+            self.inner = Some(writer);
+        } else {
+            discard(writer);
+        }
+        result
+    }
+
+    async fn finish(mut self: Box<Self>) -> Result<SnapshotSummary, CreateError> {
+        let writer = self.take()?;
+        blocking(move || writer.finish())
+            .await
+            .map_err(|reason| CreateError::Unavailable { reason })?
+    }
+}
+
+impl Drop for LocalWrite {
+    fn drop(&mut self) {
+        if let Some(w) = self.inner.take() {
+            discard(w);
+        }
+    }
+}
+
+/// Drops an unfinished writer (removing its files) off the async workers
+/// when there is a runtime.
+fn discard(writer: SnapshotWriter) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => drop(rt.spawn_blocking(move || drop(writer))),
+        Err(_) => drop(writer),
     }
 }
 
@@ -208,8 +582,8 @@ pub struct LocalSnapshot {
     manifest: RwLock<Arc<Manifest>>,
     /// Cached from the manifest for the read path.
     page_size: PageSize,
-    /// The image. `Arc` so that `Bytes` slices handed out keep it mapped.
-    memory: Arc<Mmap>,
+    /// The image, read with `pread` (never mapped: see the module docs).
+    memory: Arc<File>,
     working_sets: RwLock<HashMap<WorkingSetName, Arc<Vec<PageIndex>>>>,
 }
 
@@ -223,7 +597,8 @@ impl LocalSnapshot {
                     OpenError::NotFound(id.clone())
                 } else {
                     OpenError::Read {
-                        path: path.to_owned(),
+                        snapshot: id.clone(),
+                        file: relative(path),
                         source,
                     }
                 }
@@ -258,6 +633,22 @@ impl LocalSnapshot {
             file.regions,
         )
         .map_err(|e| corrupt(e.to_string()))?;
+        let digest_bytes = read(&dir.join(DIGESTS_FILE))?;
+        // Checked before the zero map is allocated: a manifest claiming
+        // more pages than its digests hold must not size an allocation.
+        let need = file.page_count.saturating_mul(4);
+        if digest_bytes.len() as u64 != need {
+            return Err(corrupt(format!(
+                "{DIGESTS_FILE} has {} bytes, {} pages need {need}",
+                digest_bytes.len(),
+                file.page_count,
+            )));
+        }
+        let digests = digest_bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+
         let mut zero_map = PageBitmap::new(file.page_count);
         for [start, count] in file.zero_ranges {
             if start
@@ -271,50 +662,22 @@ impl LocalSnapshot {
             zero_map.set_range(start, count);
         }
 
-        let digest_bytes = read(&dir.join(DIGESTS_FILE))?;
-        if digest_bytes.len() as u64 != file.page_count * 4 {
-            return Err(corrupt(format!(
-                "{DIGESTS_FILE} has {} bytes, {} pages need {}",
-                digest_bytes.len(),
-                file.page_count,
-                file.page_count * 4
-            )));
-        }
-        let digests = digest_bytes
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-
         let memory_path = dir.join(MEMORY_FILE);
-        let memory = File::open(&memory_path).map_err(|source| OpenError::Read {
-            path: memory_path.clone(),
+        let read_err = |source| OpenError::Read {
+            snapshot: id.clone(),
+            file: MEMORY_FILE.into(),
             source,
-        })?;
-        let len = memory
-            .metadata()
-            .map_err(|source| OpenError::Read {
-                path: memory_path.clone(),
-                source,
-            })?
-            .len();
-        // A shorter file would turn reads past its end into SIGBUS.
+        };
+        let memory = File::open(&memory_path).map_err(read_err)?;
+        let len = memory.metadata().map_err(read_err)?.len();
+        // A shorter file would fail reads past its end with DataLoss; say
+        // so when opening instead.
         if len != spec.size {
             return Err(corrupt(format!(
                 "{MEMORY_FILE} has {len} bytes, the manifest says {}",
                 spec.size
             )));
         }
-        // SAFETY: the mapping is read-only and private to this process's
-        // view of an immutable snapshot file; the store never writes to a
-        // complete snapshot's image. Its length was checked above, so reads
-        // inside the manifest's bounds stay inside the file. (A third party
-        // truncating the file while it is served would raise SIGBUS; the
-        // store's directory belongs to the server.)
-        let map = unsafe { Mmap::map(&memory) }.map_err(|source| OpenError::Read {
-            path: memory_path,
-            source,
-        })?;
-
         let mut working_sets = HashMap::new();
         if let Ok(entries) = std::fs::read_dir(dir) {
             for entry in entries.flatten() {
@@ -356,7 +719,7 @@ impl LocalSnapshot {
                 digests,
                 working_sets: ws_names,
             })),
-            memory: Arc::new(map),
+            memory: Arc::new(memory),
             working_sets: RwLock::new(working_sets),
         })
     }
@@ -379,6 +742,7 @@ impl LocalSnapshot {
     }
 }
 
+#[async_trait::async_trait]
 impl Snapshot for LocalSnapshot {
     fn manifest(&self) -> Arc<Manifest> {
         self.manifest
@@ -387,13 +751,50 @@ impl Snapshot for LocalSnapshot {
             .clone()
     }
 
-    fn read(&self, range: PageRange) -> Bytes {
-        let ps = self.page_size.bytes_usize();
-        Bytes::from_owner(MapSlice {
-            map: self.memory.clone(),
-            start: range.start().0 as usize * ps,
-            len: range.count() as usize * ps,
-        })
+    async fn read(&self, range: PageRange) -> Result<Bytes, ReadError> {
+        let ps = self.page_size.bytes();
+        let len = usize::try_from(range.count() * ps).expect("a checked range fits in memory");
+        let offset = range.start().0 * ps;
+        let mut buf = Vec::with_capacity(len);
+        if len <= INLINE_READ_MAX_BYTES {
+            // What the page cache holds, without waiting for the disk.
+            while buf.len() < len {
+                match pread_append(&self.memory, &mut buf, len, offset, libc::RWF_NOWAIT) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        }
+        if buf.len() < len {
+            let file = self.memory.clone();
+            buf = tokio::task::spawn_blocking(move || {
+                while buf.len() < len {
+                    match pread_append(&file, &mut buf, len, offset, 0) {
+                        Ok(0) => {
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::UnexpectedEof,
+                                "the image file ends early (truncated?)",
+                            ));
+                        }
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(buf)
+            })
+            .await
+            .map_err(|e| ReadError::Unavailable {
+                snapshot: self.manifest().id.clone(),
+                reason: format!("a storage thread failed: {e}"),
+            })?
+            .map_err(|source| ReadError::Io {
+                snapshot: self.manifest().id.clone(),
+                range,
+                source,
+            })?;
+        }
+        Ok(Bytes::from(buf))
     }
 
     fn working_set(&self, name: &WorkingSetName) -> Option<Arc<Vec<PageIndex>>> {
@@ -403,4 +804,49 @@ impl Snapshot for LocalSnapshot {
             .get(name)
             .cloned()
     }
+}
+
+/// A file's name relative to its snapshot, for messages that go to
+/// clients (which must not learn the server's paths).
+fn relative(path: &Path) -> String {
+    path.file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+}
+
+/// Reads from byte `offset + buf.len()` of `file` into the spare capacity
+/// of `buf`, up to `want` bytes in all, with `preadv2` `flags`. Returns the
+/// bytes read (0 at the end of the file).
+fn pread_append(
+    file: &File,
+    buf: &mut Vec<u8>,
+    want: usize,
+    offset: u64,
+    flags: libc::c_int,
+) -> std::io::Result<usize> {
+    let done = buf.len();
+    let spare = buf.spare_capacity_mut();
+    let room = spare.len().min(want.saturating_sub(done));
+    if room == 0 {
+        return Ok(0);
+    }
+    let iov = libc::iovec {
+        iov_base: spare.as_mut_ptr().cast(),
+        iov_len: room,
+    };
+    let at = libc::off_t::try_from(offset + done as u64)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: `iov` describes `room` bytes of `buf`'s spare capacity,
+    // memory owned by `buf` and borrowed mutably for this call; the kernel
+    // writes at most `iov_len` bytes there and nothing else. The fd is
+    // open for the call (borrowed from `file`).
+    let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, at, flags) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let n = usize::try_from(n).expect("non-negative");
+    // SAFETY: the kernel initialised the first `n <= room` bytes of the
+    // spare capacity, so the first `done + n` bytes of `buf` are
+    // initialised and within its capacity.
+    unsafe { buf.set_len(done + n) };
+    Ok(n)
 }

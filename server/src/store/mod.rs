@@ -2,19 +2,45 @@
 //!
 //! [`SnapshotStore`] is the boundary between the service and storage: list,
 //! open, create, and record working sets. [`local::LocalStore`] keeps one
-//! directory per snapshot; an object-store backend (S3 API) is meant to sit
-//! beside it behind the same trait.
+//! directory per snapshot; an object-store backend (S3 API) sits beside it
+//! behind the same traits.
+//!
+//! # The boundary
+//! ```text
+//! SnapshotStore   list() / open(id) / create(spec) / record_working_set(..)
+//!    | open                     | create
+//!    v                          v
+//! Arc<dyn Snapshot>         Box<dyn SnapshotWrite>
+//!   manifest()  (cached)      write(bytes) ... in order
+//!   read(range) -> Bytes      finish() -> SnapshotSummary
+//!   working_set(name)         (dropped before finish: nothing is kept)
+//! ```
+//! Everything that may touch a disk or a network is `async` and fallible,
+//! so that:
+//! - no store I/O runs on the service's async workers (a local store reads
+//!   with `pread` on blocking threads, an object store awaits its client);
+//! - a failed read is an error for that request, never a crash. An image
+//!   read through a memory mapping would turn an I/O error or a file
+//!   truncated under the server into SIGBUS for the whole process, which is
+//!   why no backend maps its files. [`ReadError::Io`] and
+//!   [`ReadError::Corrupt`] become DataLoss, [`ReadError::Unavailable`]
+//!   (an object store that does not answer) Unavailable.
+//!
+//! `manifest()` and `working_set()` stay synchronous: a snapshot holds them
+//! in memory once opened, and the fault path reads them per request.
+//!
+//! Error messages name snapshots and files relative to the store, never the
+//! server's paths: they travel to clients.
 //!
 //! A snapshot, once created, is immutable except for its recorded working
 //! sets. Creating one (by import or upload) goes through a
-//! [`SnapshotWriter`](writer::SnapshotWriter), which computes the zero map and
-//! per-page digests in one pass and makes the snapshot visible only when it
-//! is complete.
+//! [`SnapshotWrite`]; the local one, [`SnapshotWriter`](writer::SnapshotWriter),
+//! computes the zero map and per-page digests in one pass and makes the
+//! snapshot visible only when it is complete.
 
 pub mod local;
 pub mod writer;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -122,35 +148,73 @@ impl TryFrom<pb::SnapshotHeader> for SnapshotSpec {
 }
 
 /// An open, immutable snapshot whose pages can be read.
+#[async_trait::async_trait]
 pub trait Snapshot: Send + Sync + std::fmt::Debug {
     /// The manifest, with the working sets recorded so far.
     fn manifest(&self) -> Arc<Manifest>;
 
     /// The bytes of `range`, `range.count() * page_size` of them. Zero pages
     /// read as zeros. The caller has checked the range against the manifest.
-    fn read(&self, range: PageRange) -> Bytes;
+    /// Never blocks the calling async worker on storage.
+    async fn read(&self, range: PageRange) -> Result<Bytes, ReadError>;
 
     /// A recorded working set, in first-touch order; `None` if there is no
     /// working set of that name.
     fn working_set(&self, name: &WorkingSetName) -> Option<Arc<Vec<PageIndex>>>;
 }
 
+/// A snapshot being written: the image arrives in order, in pieces of any
+/// size. Nothing is visible under its name until [`SnapshotWrite::finish`]
+/// succeeds; dropping the writer before that discards everything written.
+#[async_trait::async_trait]
+pub trait SnapshotWrite: Send + std::fmt::Debug {
+    /// The snapshot being written.
+    fn spec(&self) -> &SnapshotSpec;
+
+    /// Bytes of the image received so far.
+    fn received(&self) -> u64;
+
+    /// Appends `data` to the image.
+    async fn write(&mut self, data: Bytes) -> Result<(), CreateError>;
+
+    /// Appends `data`, which must start at byte `offset` of the image (the
+    /// number of bytes received so far).
+    async fn write_at(&mut self, offset: u64, data: Bytes) -> Result<(), CreateError> {
+        if offset != self.received() {
+            return Err(CreateError::OutOfOrder {
+                expected: self.received(),
+                got: offset,
+            });
+        }
+        self.write(data).await
+    }
+
+    /// Completes the snapshot: checks that the whole image arrived, makes
+    /// it durable and visible.
+    async fn finish(self: Box<Self>) -> Result<SnapshotSummary, CreateError>;
+}
+
 /// A place snapshots are kept.
+#[async_trait::async_trait]
 pub trait SnapshotStore: Send + Sync + std::fmt::Debug + 'static {
     /// Every complete snapshot, sorted by name.
-    fn list(&self) -> Result<Vec<SnapshotSummary>, ListError>;
+    async fn list(&self) -> Result<Vec<SnapshotSummary>, ListError>;
 
     /// Opens a snapshot for reading. Cheap after the first call: opened
-    /// snapshots are shared.
-    fn open(&self, id: &SnapshotId) -> Result<Arc<dyn Snapshot>, OpenError>;
+    /// snapshots are shared (in a bounded cache that notices a snapshot
+    /// replaced under the same name).
+    async fn open(&self, id: &SnapshotId) -> Result<Arc<dyn Snapshot>, OpenError>;
 
-    /// Starts writing a new snapshot. Nothing is visible under its name until
-    /// [`SnapshotWriter::finish`] succeeds; dropping the writer discards it.
-    fn create(&self, spec: SnapshotSpec) -> Result<SnapshotWriter, CreateError>;
+    /// Starts writing a new snapshot. The caller has checked `spec` against
+    /// the server's [`Limits`](crate::limits::Limits) (image size, page
+    /// count); the store checks its own room (free disk).
+    async fn create(&self, spec: SnapshotSpec) -> Result<Box<dyn SnapshotWrite>, CreateError>;
 
     /// Stores a working set of `id` (pages in first-touch order), replacing
-    /// one of the same name. Returns the number of distinct pages stored.
-    fn record_working_set(
+    /// one of the same name, atomically: concurrent calls leave one of them
+    /// stored, and that one is the one served. Returns the number of
+    /// distinct pages stored.
+    async fn record_working_set(
         &self,
         id: &SnapshotId,
         name: &WorkingSetName,
@@ -158,16 +222,54 @@ pub trait SnapshotStore: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<u64, RecordError>;
 }
 
+/// Reading pages of an open snapshot failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The storage returned an error, or the image ended early.
+    #[error(
+        "cannot read {range} of snapshot \"{snapshot}\": {source}; the store may be damaged \
+         (check it with `faultline-server inspect --verify`)"
+    )]
+    Io {
+        /// The snapshot.
+        snapshot: SnapshotId,
+        /// The pages.
+        range: PageRange,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The storage did not answer (an object store that is down).
+    #[error("the storage of snapshot \"{snapshot}\" is unavailable: {reason}; retry later")]
+    Unavailable {
+        /// The snapshot.
+        snapshot: SnapshotId,
+        /// Why.
+        reason: String,
+    },
+    /// The storage answered with something that cannot be the snapshot.
+    #[error("snapshot \"{snapshot}\" is corrupt: {reason}; re-import it")]
+    Corrupt {
+        /// The snapshot.
+        snapshot: SnapshotId,
+        /// What does not add up.
+        reason: String,
+    },
+}
+
 /// Listing the store failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ListError {
     /// The store's directory could not be read.
-    #[error("cannot read the snapshot store {path}: {source}")]
+    #[error("cannot read the snapshot store: {source}")]
     ReadDir {
-        /// The store.
-        path: PathBuf,
         /// Why.
         source: std::io::Error,
+    },
+    /// The storage did not answer.
+    #[error("the snapshot store is unavailable: {reason}; retry later")]
+    Unavailable {
+        /// Why.
+        reason: String,
     },
     /// A snapshot in the store could not be opened.
     #[error(transparent)]
@@ -181,12 +283,22 @@ pub enum OpenError {
     #[error("snapshot \"{0}\" does not exist; list the snapshots with `faultline-server list`")]
     NotFound(SnapshotId),
     /// A file of the snapshot could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {file} of snapshot \"{snapshot}\": {source}")]
     Read {
-        /// The file.
-        path: PathBuf,
+        /// The snapshot.
+        snapshot: SnapshotId,
+        /// The file, relative to the snapshot.
+        file: String,
         /// Why.
         source: std::io::Error,
+    },
+    /// The storage did not answer.
+    #[error("the storage of snapshot \"{snapshot}\" is unavailable: {reason}; retry later")]
+    Unavailable {
+        /// The snapshot.
+        snapshot: SnapshotId,
+        /// Why.
+        reason: String,
     },
     /// The snapshot's files do not agree with each other.
     #[error(
@@ -210,6 +322,32 @@ pub enum CreateError {
     /// The description of the new snapshot is not valid.
     #[error("invalid snapshot: {0}")]
     Invalid(#[from] ProtocolError),
+    /// The image is larger than this server accepts.
+    #[error(
+        "the image's {what} is {got}, more than this server's limit of {limit}; the operator \
+         can raise it with `--{flag}` (of `faultline-server serve` or `import`)"
+    )]
+    TooLarge {
+        /// What is too large ("size in bytes", "page count").
+        what: &'static str,
+        /// The image's.
+        got: u64,
+        /// The limit.
+        limit: u64,
+        /// The flag that sets the limit.
+        flag: &'static str,
+    },
+    /// Storing the image would eat into the store's free-space reserve.
+    #[error(
+        "the store's disk has {free} bytes free, and keeps a reserve of {reserve}; free space \
+         or lower `--min-free-disk`; nothing was kept"
+    )]
+    DiskFull {
+        /// Bytes free.
+        free: u64,
+        /// The reserve.
+        reserve: u64,
+    },
     /// Data arrived at an offset other than the next one expected.
     #[error(
         "data for offset {got} arrived, but the next byte expected is {expected}; send the image in order"
@@ -234,6 +372,12 @@ pub enum CreateError {
         /// Bytes received.
         got: u64,
     },
+    /// The storage did not answer.
+    #[error("the snapshot store is unavailable: {reason}; retry later")]
+    Unavailable {
+        /// Why.
+        reason: String,
+    },
     /// Writing to the store failed.
     #[error("cannot {stage} for snapshot \"{snapshot}\": {source}")]
     Io {
@@ -246,7 +390,7 @@ pub enum CreateError {
     },
 }
 
-/// Recording a working set failed.
+/// Recording a working set failed; the stored set (if any) is unchanged.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
     /// The snapshot could not be opened.
@@ -266,11 +410,41 @@ pub enum RecordError {
         /// Pages in the snapshot.
         page_count: u64,
     },
+    /// The working set is larger than the server keeps.
+    #[error(
+        "the working set lists {listed} pages, more than this server's limit of {limit}; \
+         record fewer pages (or the operator raises `--max-working-set-pages`)"
+    )]
+    TooLarge {
+        /// Pages listed.
+        listed: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The snapshot has as many working sets as the server keeps.
+    #[error(
+        "snapshot \"{snapshot}\" has {limit} working sets already, this server's limit; \
+         replace one of them (record under an existing name)"
+    )]
+    TooManySets {
+        /// The snapshot.
+        snapshot: SnapshotId,
+        /// The limit.
+        limit: usize,
+    },
+    /// The storage did not answer.
+    #[error("the snapshot store is unavailable: {reason}; retry later")]
+    Unavailable {
+        /// Why.
+        reason: String,
+    },
     /// Writing the working set failed.
-    #[error("cannot write working set {path}: {source}")]
+    #[error("cannot write working set \"{name}\" of snapshot \"{snapshot}\": {source}")]
     Write {
-        /// The file.
-        path: PathBuf,
+        /// The snapshot.
+        snapshot: SnapshotId,
+        /// The working set.
+        name: WorkingSetName,
         /// Why.
         source: std::io::Error,
     },

@@ -11,7 +11,7 @@
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use faultline_proto::PageBitmap;
@@ -46,16 +46,32 @@ pub struct SnapshotWriter {
     partial: Vec<u8>,
     /// Set by `finish`: the directory is no longer ours to remove.
     committed: bool,
+    /// Free bytes to leave on the disk.
+    min_free_disk_bytes: u64,
 }
 
 impl SnapshotWriter {
     /// Starts writing `spec` into a temporary directory of `root`, to be
     /// renamed to `root/<name>` when complete.
-    pub(crate) fn create(root: PathBuf, spec: SnapshotSpec) -> Result<Self, CreateError> {
+    /// Refuses to start if the disk has less than `min_free_disk_bytes`
+    /// free, and later writes that would eat into that reserve.
+    pub(crate) fn create(
+        root: PathBuf,
+        spec: SnapshotSpec,
+        min_free_disk_bytes: u64,
+    ) -> Result<Self, CreateError> {
         let dest = root.join(spec.name.as_str());
         if dest.exists() {
             return Err(CreateError::AlreadyExists(spec.name));
         }
+        check_free(&root, 0, min_free_disk_bytes).map_err(|e| match e {
+            Ok(full) => full,
+            Err(source) => CreateError::Io {
+                snapshot: spec.name.clone(),
+                stage: "check the store's free space",
+                source,
+            },
+        })?;
         let tmp = root.join(format!(
             "{TMP_PREFIX}{}-{}-{}",
             spec.name,
@@ -91,6 +107,7 @@ impl SnapshotWriter {
             memory,
             received: 0,
             committed: false,
+            min_free_disk_bytes,
         })
     }
 
@@ -123,6 +140,9 @@ impl SnapshotWriter {
                 size: self.spec.size,
             });
         }
+        check_free(&self.tmp, data.len() as u64, self.min_free_disk_bytes).map_err(|e| {
+            e.unwrap_or_else(|source| self.io("check the store's free space", source))
+        })?;
         let ps = self.spec.page_size.bytes_usize();
         if !self.partial.is_empty() {
             let take = (ps - self.partial.len()).min(data.len());
@@ -248,6 +268,42 @@ impl Drop for SnapshotWriter {
             let _ = std::fs::remove_dir_all(&self.tmp);
         }
     }
+}
+
+/// Checks that writing `more` bytes under `dir` leaves `reserve` bytes
+/// free: `Err(Ok(DiskFull))` if not, `Err(Err(io))` if the file system
+/// cannot say.
+fn check_free(
+    dir: &Path,
+    more: u64,
+    reserve: u64,
+) -> Result<(), Result<CreateError, std::io::Error>> {
+    if reserve == 0 {
+        return Ok(());
+    }
+    let free = free_bytes(dir).map_err(Err)?;
+    if free < reserve.saturating_add(more) {
+        return Err(Ok(CreateError::DiskFull { free, reserve }));
+    }
+    Ok(())
+}
+
+/// Bytes available to unprivileged writers on the file system of `path`.
+pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path that outlives the call; `st`
+    // points to writable memory of the size of a `statvfs`, which the call
+    // fills on success.
+    let r = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so it initialised `st`.
+    let st = unsafe { st.assume_init() };
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 /// Whether `page` is all zeros. Folding 64-byte blocks lets the compiler use

@@ -10,7 +10,7 @@ use faultline_proto::{PageSize, SnapshotId, pb};
 use faultline_server::import::import_file;
 use faultline_server::store::SnapshotStore;
 use faultline_server::testing::synthetic_image;
-use faultline_server::{LocalStore, ServerHandle};
+use faultline_server::{Limits, LocalStore, ServerHandle};
 use tonic::transport::Channel;
 
 /// Pages in the test image: 4 MiB of 4 KiB pages.
@@ -29,8 +29,13 @@ impl Fixture {
     /// A store holding snapshot `img` (the synthetic image with seed 7),
     /// served on an ephemeral loopback port.
     pub async fn start() -> Self {
+        Self::start_with(Limits::default()).await
+    }
+
+    /// [`Fixture::start`] with the server (and store) within `limits`.
+    pub async fn start_with(limits: Limits) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(LocalStore::new(dir.path().join("store")).unwrap());
+        let store = Arc::new(LocalStore::with_limits(dir.path().join("store"), &limits).unwrap());
         let image = synthetic_image(7, PAGES, PAGE);
         let file = dir.path().join("mem.img");
         std::fs::write(&file, &image).unwrap();
@@ -43,9 +48,10 @@ impl Fixture {
             |_| {},
         )
         .unwrap();
-        let server = faultline_server::spawn(
+        let server = faultline_server::spawn_with_limits(
             "127.0.0.1:0".parse().unwrap(),
             store.clone() as Arc<dyn SnapshotStore>,
+            limits,
         )
         .await
         .unwrap();

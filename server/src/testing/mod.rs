@@ -1,5 +1,6 @@
 //! Helpers for tests, benchmarks and the demo: deterministic synthetic
-//! memory images.
+//! memory images, and (feature `test-certs`) TLS certificates made on the
+//! spot.
 
 /// One page of a synthetic image: what kind of content it holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,3 +83,6 @@ pub fn synthetic_image(seed: u64, pages: u64, page_size: usize) -> Vec<u8> {
     }
     image
 }
+
+#[cfg(feature = "test-certs")]
+pub mod certs;
