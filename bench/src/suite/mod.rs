@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`report`]: the data model of `report.json` and `BENCHMARKS.md`.
 //! - [`render`]: writes the report's JSON, Markdown and PNG plots.
+//! - [`floor`]: pinning to one CPU and counting context switches (latency).
 //! - One module per scenario: [`latency`] (1), [`restore`] (2),
 //!   [`working_set`] (3), [`fanout`] (4), [`copy_continue`] (5),
 //!   [`microvm`] (6), [`compression`] (7).
@@ -20,6 +21,7 @@
 pub mod compression;
 pub mod copy_continue;
 pub mod fanout;
+pub mod floor;
 pub mod latency;
 pub mod microvm;
 pub mod qemu;

@@ -49,10 +49,12 @@ pub struct RegionState {
 /// since it is the one that reads events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Caller {
-    /// The region's fault thread: EAGAIN returns [`InstallError::Again`] and
-    /// the fault loop reads messages, then retries.
+    /// The pager's demand thread, which reads the uffd (its fault loops)
+    /// and runs the demand link: EAGAIN returns [`InstallError::Again`] and
+    /// the fault loop reads messages, then the fault or the request is
+    /// retried.
     FaultThread,
-    /// Any other thread (demand link, prefetcher, `Pager::fault`, teardown):
+    /// Any other thread (prefetcher, `Pager::fault`, teardown):
     /// EAGAIN is retried here for up to [`EAGAIN_TIMEOUT`].
     Other,
 }
@@ -149,9 +151,19 @@ impl RegionState {
     /// keeps through MADV_DONTNEED). Pages already present are skipped
     /// (EEXIST: another path won the race with the same content).
     pub fn install(&self, start: PageIndex, data: &[u8]) -> Result<(), InstallError> {
-        // Fetched pages are installed by the network paths, never by a fault
-        // thread, so EAGAIN is waited out here.
-        let caller = Caller::Other;
+        self.install_as(start, data, Caller::Other)
+    }
+
+    /// [`Self::install`] on behalf of `caller`: on the fault thread (the
+    /// demand link, which runs there) EAGAIN returns
+    /// [`InstallError::Again`] instead of being waited out, since that
+    /// thread is the one that reads the event the kernel waits for.
+    pub(crate) fn install_as(
+        &self,
+        start: PageIndex,
+        data: &[u8],
+        caller: Caller,
+    ) -> Result<(), InstallError> {
         let region = self.index;
         match self.strategy() {
             Strategy::Eager => self

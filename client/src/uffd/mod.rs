@@ -27,7 +27,7 @@ use serde::Serialize;
 pub use error::{
     OpenError, ReadError, RegisterError, ResolveError, ResolveOp, UnregisterError, WaitError,
 };
-pub use event::{Event, EventBuffer, FaultKind, Readiness, StopSignal};
+pub use event::{Event, EventBuffer, FaultKind, Readable, Readiness, StopSignal, readable};
 pub use flags::{Features, RegisterModes, ResolveOps};
 
 /// Flags for every uffd faultline opens: close on exec, and non-blocking, because `poll(2)` on a
