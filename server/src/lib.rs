@@ -5,7 +5,9 @@
 //! - [`store`]: where snapshots live. The async [`store::SnapshotStore`],
 //!   [`store::Snapshot`] and [`store::SnapshotWrite`] traits, the local
 //!   directory store, and its one-pass [`store::SnapshotWriter`] that both
-//!   import and upload use.
+//!   import and upload use; [`store::layers`]: diff snapshots and writable
+//!   volumes as chains of layers (journaled writes, seal, diff import,
+//!   flatten).
 //! - [`limits`]: [`limits::Limits`], every limit on what a request, a client
 //!   or a snapshot may make the server hold, with its default and flag.
 //! - [`import`]: importing a raw memory file (Firecracker, Cloud Hypervisor)
