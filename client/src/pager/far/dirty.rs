@@ -48,7 +48,7 @@ impl PageTable {
     }
 
     /// Pages in the region.
-    pub fn len(&self) -> usize {
+    pub fn page_count(&self) -> usize {
         self.states.len()
     }
 

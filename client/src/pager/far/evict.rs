@@ -24,7 +24,7 @@ impl Clock {
     /// referenced page loses its bit and is passed over once, an unreferenced one is taken.
     /// Two sweeps at most, so a table where every page is referenced still yields victims.
     pub fn choose(&mut self, pages: &mut PageTable, n: u64) -> Vec<usize> {
-        let len = pages.len();
+        let len = pages.page_count();
         let mut victims = Vec::new();
         if len == 0 {
             return victims;

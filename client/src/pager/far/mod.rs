@@ -246,7 +246,7 @@ impl FarPager {
 
     /// What the pager did so far.
     pub fn stats(&self) -> FarStats {
-        let pages = self.shared.lock().pages.len() as u64;
+        let pages = self.shared.lock().pages.page_count() as u64;
         self.shared.counters.snapshot(pages, self.shared.budget)
     }
 
