@@ -135,7 +135,7 @@ fn measure_async(
         }
         let scan = t.elapsed();
         assert_eq!(written, pages, "every page reported written");
-        if writes + scan < best.0 + best.1 {
+        if writes + scan < best.0.saturating_add(best.1) {
             best = (writes, scan);
         }
     }
