@@ -147,10 +147,10 @@ struct RestoreArgs {
     #[arg(long, default_value = "anon")]
     backing: BackingKind,
     /// Resolve method: auto (from what the kernel advertises), copy or continue.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "auto", conflicts_with = "volume")]
     mode: Mode,
     /// Background prefetch: none, working-set or all.
-    #[arg(long, default_value = "all")]
+    #[arg(long, default_value = "all", conflicts_with = "volume")]
     prefetch: PrefetchPolicy,
     /// Pages to touch: none, all, random:N or working-set; with --volume, write-from:FILE
     /// (every page of FILE written, in a random order, then flushed).
@@ -161,16 +161,16 @@ struct RestoreArgs {
     threads: usize,
     /// Record the first-touch order and store it on the server as the working set (read-ahead
     /// is off while recording, so that the set is exactly the pages touched).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "volume")]
     record: bool,
     /// Check every touched page against the manifest's digest.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "volume")]
     verify: bool,
     /// When pages cannot be fetched: wait, poison (SIGBUS on touch) or abort.
-    #[arg(long, default_value = "wait")]
+    #[arg(long, default_value = "wait", conflicts_with = "volume")]
     on_failure: OnFailure,
     /// Seconds without the server before --on-failure applies.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, conflicts_with = "volume")]
     deadline: u64,
     /// Print one JSON object instead of text.
     #[arg(long)]

@@ -146,7 +146,7 @@ pub(crate) struct Shared {
 /// ```no_run
 /// use std::sync::Arc;
 /// use faultline_client::backing::GuestMemory;
-/// use faultline_client::pager::far::{Budget, FarPager, RemoteStore};
+/// use faultline_client::pager::far::{Budget, FarPager, FarStore, RemoteStore};
 /// use faultline_client::remote::ConnectOptions;
 ///
 /// let volume = "scratch".parse().unwrap();
@@ -529,11 +529,22 @@ mod tests {
         round_trip(BackingKind::Shmem);
     }
 
-    /// Writes racing evictions and flushes are never lost: four threads rewrite pages of a
-    /// region eight times its budget (bounded: 2000 writes each, at most 20 s), a fifth
-    /// flushes meanwhile; then every page holds its last write, in memory and in the store.
+    /// Writes racing evictions and flushes on anonymous memory are never lost (see `hammer`).
     #[test]
     fn writes_racing_eviction_are_never_lost() {
+        hammer(BackingKind::Anonymous);
+    }
+
+    /// Writes racing evictions (holes punched) and flushes on shmem are never lost (see `hammer`).
+    #[test]
+    fn shmem_writes_racing_eviction_are_never_lost() {
+        hammer(BackingKind::Shmem);
+    }
+
+    /// Four threads rewrite pages of a region eight times its budget (bounded: 20000 writes
+    /// each, at most 20 s), a fifth flushes meanwhile; then every page holds its last write,
+    /// in memory and in the store.
+    fn hammer(kind: BackingKind) {
         if testutil::require_uffd().is_none() {
             return;
         }
@@ -541,7 +552,7 @@ mod tests {
         let pages = 128usize;
         const THREADS: usize = 4;
         let store = file_store(&dir, pages as u64);
-        let far = start(BackingKind::Anonymous, pages as u64, 16, store.clone());
+        let far = start(kind, pages as u64, 16, store.clone());
         let mem = far.memory().guest();
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         let done = AtomicBool::new(false);
@@ -553,7 +564,7 @@ mod tests {
                     s.spawn(move || {
                         let mut rounds = vec![0u64; pages];
                         let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ t as u64;
-                        for _ in 0..2000 {
+                        for _ in 0..20_000 {
                             if std::time::Instant::now() > deadline {
                                 break;
                             }
