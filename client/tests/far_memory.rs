@@ -132,3 +132,90 @@ fn anonymous_far_memory_round_trips_a_file() {
 fn shmem_far_memory_round_trips_a_file() {
     write_through_and_fetch("shmem");
 }
+
+/// A far-memory region on a copy-on-write child of a snapshot, through the library: untouched
+/// pages read the snapshot's bytes (verified against its digests), pages written and evicted
+/// come back with their new bytes (verified against what was written), and after shutdown
+/// another client fetching the volume sees the written pages over the snapshot's.
+#[test]
+fn copy_on_write_volume_through_the_library() {
+    use std::sync::Arc;
+
+    use faultline_client::backing::GuestMemory;
+    use faultline_client::pager::far::{Budget, FarPager, FarStore, RemoteStore};
+    use faultline_client::remote::{ConnectOptions, Remote};
+
+    if testutil::require_uffd().is_none() {
+        return;
+    }
+    let server = common::Server::start();
+    let pages = 512usize;
+    let snap = server.import(
+        "base",
+        PageSize::try_from(common::PAGE as u64).unwrap(),
+        common::image_4k(7, pages as u64),
+    );
+    let volume = SnapshotId::new("child").unwrap();
+    server
+        .store()
+        .create_volume_blocking(CreateVolume {
+            name: volume.clone(),
+            source: VolumeSource::Snapshot(snap.id.clone()),
+        })
+        .expect("create the volume");
+    let store = RemoteStore::open(&server.url(), &ConnectOptions::default(), volume.clone())
+        .expect("open the volume");
+    assert_eq!(store.page_count(), pages as u64);
+    let memory = GuestMemory::anonymous(pages * common::PAGE).unwrap();
+    let far = FarPager::start(memory, Budget::Pages(64), Arc::new(store)).unwrap();
+    let mem = far.memory().guest();
+    let written = |p: usize| p % 3 == 0;
+    let stamp = |p: usize| vec![(p % 251) as u8 + 1; common::PAGE];
+    // Write every third page, read every page: eight times the budget, twice over.
+    for round in 0..2 {
+        let mut page = vec![0u8; common::PAGE];
+        for p in 0..pages {
+            if round == 0 && written(p) {
+                mem.write(p * common::PAGE, &stamp(p)).unwrap();
+            }
+            mem.read(p * common::PAGE, &mut page).unwrap();
+            let want = if written(p) {
+                stamp(p)
+            } else {
+                snap.page(p).to_vec()
+            };
+            assert!(page == want, "page {p} in round {round}");
+        }
+    }
+    let stats = far.shutdown().unwrap();
+    assert!(stats.refaults > 0 && stats.evictions > 0, "{stats:?}");
+    assert_eq!(stats.store_errors, 0, "{stats:?}");
+    // Another client: the volume's newest bytes.
+    let out = tempfile::tempdir().unwrap();
+    let file = out.path().join("child.bin");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let remote = Remote::connect(&server.url()).await.unwrap();
+        faultline_client::fetch::fetch_to_file(
+            &remote,
+            &volume,
+            &file,
+            faultline_proto::Compression::None,
+            |_, _| {},
+        )
+        .await
+        .unwrap();
+    });
+    let fetched = std::fs::read(&file).unwrap();
+    for p in 0..pages {
+        let want = if written(p) {
+            stamp(p)
+        } else {
+            snap.page(p).to_vec()
+        };
+        assert!(
+            fetched[p * common::PAGE..(p + 1) * common::PAGE] == want[..],
+            "page {p} fetched"
+        );
+    }
+}

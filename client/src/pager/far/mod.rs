@@ -136,6 +136,8 @@ pub(crate) struct Shared {
     engine: Mutex<Engine>,
     counters: Counters,
     page_size: usize,
+    /// Pages in the region.
+    pages: u64,
     budget: u64,
     /// Set when the fault thread stops on an error.
     failure: Mutex<Option<String>>,
@@ -220,6 +222,7 @@ impl FarPager {
             }),
             counters: Counters::default(),
             page_size,
+            pages,
             budget,
             failure: Mutex::new(None),
         });
@@ -246,8 +249,9 @@ impl FarPager {
 
     /// What the pager did so far.
     pub fn stats(&self) -> FarStats {
-        let pages = self.shared.lock().pages.page_count() as u64;
-        self.shared.counters.snapshot(pages, self.shared.budget)
+        self.shared
+            .counters
+            .snapshot(self.shared.pages, self.shared.budget)
     }
 
     /// Makes every dirty page durable in the store; returns how many pages were written.
@@ -359,7 +363,12 @@ impl Shared {
     /// Resolves one fault at `address`.
     fn on_fault(&self, address: usize, kind: FaultKind, write: bool) -> Result<(), FarError> {
         let ps = self.page_size;
-        let page = (address - self.memory.host_addr()) / ps;
+        let page = address.wrapping_sub(self.memory.host_addr()) / ps;
+        if page as u64 >= self.pages {
+            // Not this region's: the kernel reports faults of registered ranges only.
+            tracing::warn!("far memory: a fault at {address:#x}, outside the region");
+            return Ok(());
+        }
         let addr = self.addr(page);
         let mut eng = self.lock();
         let wake = || self.uffd.wake(addr, ps).map_err(FarError::Resolve);
