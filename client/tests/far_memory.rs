@@ -169,7 +169,7 @@ fn copy_on_write_volume_through_the_library() {
     let memory = GuestMemory::anonymous(pages * common::PAGE).unwrap();
     let far = FarPager::start(memory, Budget::Pages(64), Arc::new(store)).unwrap();
     let mem = far.memory().guest();
-    let written = |p: usize| p % 3 == 0;
+    let written = |p: usize| p.is_multiple_of(3);
     let stamp = |p: usize| vec![(p % 251) as u8 + 1; common::PAGE];
     // Write every third page, read every page: eight times the budget, twice over.
     for round in 0..2 {
