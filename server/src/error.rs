@@ -142,7 +142,6 @@ impl Error {
                 RecordError::Open(e) => open_code(e),
                 RecordError::OutOfRange(_) => Code::OutOfRange,
                 RecordError::TooManyPages { .. } => Code::InvalidArgument,
-                RecordError::Layered(_) => Code::FailedPrecondition,
                 RecordError::TooLarge { .. } | RecordError::TooManySets { .. } => {
                     Code::ResourceExhausted
                 }

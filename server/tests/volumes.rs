@@ -693,3 +693,54 @@ async fn fault_stream_sees_pages_written_since_it_opened() {
     assert_eq!(acked(&acks[0]), Some((5, 1)));
     assert!(fault(2).await == data, "a written page was served stale");
 }
+
+/// A working set recorded on a volume is listed in its manifest, served by
+/// Prefetch first, and carried into the snapshot it is sealed as.
+#[tokio::test]
+async fn working_sets_of_a_volume() {
+    let f = Fixture::start().await;
+    let mut c = f.client().await;
+    c.create_volume(from_snapshot("vol", SNAPSHOT))
+        .await
+        .unwrap();
+    let recorded = c
+        .record_working_set(pb::RecordWorkingSetRequest {
+            snapshot: "vol".into(),
+            name: String::new(),
+            ranges: vec![range(900, 2), range(3, 1)],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(recorded.pages, 3);
+    c.seal_volume(pb::SealVolumeRequest {
+        volume: "vol".into(),
+        snapshot: "sealed".into(),
+    })
+    .await
+    .unwrap();
+    let m = c
+        .get_manifest(pb::GetManifestRequest {
+            snapshot: "sealed".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(m.working_sets, ["default"]);
+    let mut stream = c
+        .prefetch(pb::PrefetchRequest {
+            snapshot: "sealed".into(),
+            order: pb::PrefetchOrder::WorkingSetOnly as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = vec![0xAAu8; PAGES as usize * PAGE];
+    let mut seen = Vec::new();
+    while let Some(batch) = stream.next().await {
+        apply(batch.unwrap(), &mut out, &mut seen);
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, [3, 900, 901]);
+}

@@ -166,6 +166,8 @@ struct ChainInner {
     writer: Option<Mutex<WriteState>>,
     /// Inode of `manifest.json` when opened.
     manifest_ino: u64,
+    /// Recorded working sets (in the top layer's directory).
+    working_sets: RwLock<std::collections::HashMap<WorkingSetName, Arc<Vec<PageIndex>>>>,
     /// Bytes a write must leave free on the disk.
     min_free_disk: u64,
 }
@@ -420,6 +422,7 @@ impl Chain {
             layers.push(layer);
         }
         let resolved = resolve(&layers, plan.top.page_count);
+        let working_sets = load_working_sets(&dir, id, plan.top.page_count)?;
         Ok(Self {
             inner: Arc::new(ChainInner {
                 id: id.clone(),
@@ -435,6 +438,7 @@ impl Chain {
                 writer,
                 manifest_ino,
                 min_free_disk,
+                working_sets: RwLock::new(working_sets),
             }),
         })
     }
@@ -501,8 +505,9 @@ impl Chain {
             name: self.inner.id.clone(),
             page_size: self.inner.page_size.bytes(),
             page_count: self.inner.page_count,
-            zero_pages: r.zero.count_ones(),
-            working_sets: Vec::new(),
+            zero_pages: r.zero.count_ones()
+                + r.owner.iter().filter(|&&o| o == NO_OWNER).count() as u64,
+            working_sets: self.inner.working_set_names(),
             layer: LayerInfo {
                 kind: self.inner.kind,
                 parent: self.inner.parent.clone(),
@@ -548,6 +553,20 @@ impl Chain {
     fn still_in_place(&self) -> bool {
         std::fs::metadata(self.inner.dir.join(MANIFEST_FILE))
             .is_ok_and(|m| m.ino() == self.inner.manifest_ino)
+    }
+
+    /// Serves a working set just recorded in the top layer's directory.
+    pub(crate) fn add_working_set(&self, name: WorkingSetName, order: Vec<PageIndex>) {
+        self.inner
+            .working_sets
+            .write()
+            .expect("working set lock poisoned")
+            .insert(name, Arc::new(order));
+        self.inner
+            .resolved
+            .write()
+            .expect("chain lock poisoned")
+            .manifest = None;
     }
 
     /// Reads `range` of the resolved image, blocking.
@@ -780,6 +799,39 @@ fn replay_journal(w: &WriteState, page_size: PageSize, page_count: u64) -> std::
     w.journal.sync_data()
 }
 
+/// The working sets recorded in a layer's directory.
+fn load_working_sets(
+    dir: &Path,
+    id: &SnapshotId,
+    page_count: u64,
+) -> Result<std::collections::HashMap<WorkingSetName, Arc<Vec<PageIndex>>>, OpenError> {
+    let mut sets = std::collections::HashMap::new();
+    let entries = std::fs::read_dir(dir).map_err(io_open(id, "its directory"))?;
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(ws) = file
+            .to_str()
+            .and_then(|n| n.strip_prefix(super::local::WORKING_SET_PREFIX))
+            .and_then(|n| WorkingSetName::new(n).ok())
+        else {
+            continue;
+        };
+        let bytes = std::fs::read(entry.path()).map_err(io_open(id, &file.to_string_lossy()))?;
+        let pages: Vec<PageIndex> = bytes
+            .chunks_exact(8)
+            .map(|c| PageIndex(u64::from_le_bytes(c.try_into().expect("8 bytes"))))
+            .collect();
+        if bytes.len() % 8 != 0 || pages.iter().any(|p| p.0 >= page_count) {
+            return Err(corrupt(
+                id,
+                format!("working set {ws} lists pages past the end"),
+            ));
+        }
+        sets.insert(ws, Arc::new(pages));
+    }
+    Ok(sets)
+}
+
 /// Each page's owner, digest and zero bit.
 fn resolve(layers: &[Layer], page_count: u64) -> Resolved {
     let n = page_count as usize;
@@ -815,6 +867,18 @@ fn resolve(layers: &[Layer], page_count: u64) -> Resolved {
 }
 
 impl ChainInner {
+    fn working_set_names(&self) -> Vec<WorkingSetName> {
+        let mut names: Vec<_> = self
+            .working_sets
+            .read()
+            .expect("working set lock poisoned")
+            .keys()
+            .cloned()
+            .collect();
+        names.sort();
+        names
+    }
+
     /// Fills in the digests of pages held by no layer (zeros).
     fn manifest(&self) -> Arc<Manifest> {
         if let Some(m) = &self.resolved.read().expect("chain lock poisoned").manifest {
@@ -842,7 +906,7 @@ impl ChainInner {
             zero_map: zero,
             digest_algorithm: DigestAlgorithm::Crc32c,
             digests,
-            working_sets: Vec::new(),
+            working_sets: self.working_set_names(),
         });
         r.manifest = Some(m.clone());
         m
@@ -866,8 +930,13 @@ impl Snapshot for Chain {
             .map(Bytes::from)
     }
 
-    fn working_set(&self, _name: &WorkingSetName) -> Option<Arc<Vec<PageIndex>>> {
-        None
+    fn working_set(&self, name: &WorkingSetName) -> Option<Arc<Vec<PageIndex>>> {
+        self.inner
+            .working_sets
+            .read()
+            .expect("working set lock poisoned")
+            .get(name)
+            .cloned()
     }
 
     fn zero_runs(&self, range: PageRange) -> Vec<(PageRange, bool)> {

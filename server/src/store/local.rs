@@ -414,12 +414,7 @@ impl LocalStore {
                 limit: self.inner.max_working_set_pages,
             });
         }
-        if let Ok(text) = std::fs::read(self.inner.root.join(id.as_str()).join(MANIFEST_FILE))
-            && layers::format_version(&text) == Some(LAYER_FORMAT_VERSION)
-        {
-            return Err(RecordError::Layered(id.clone()));
-        }
-        let snapshot = self.open_blocking(id)?;
+        let snapshot = self.recordable(id)?;
         let order = first_touch_order(ranges, snapshot.manifest().page_count)?;
         let bytes: Vec<u8> = order.iter().flat_map(|p| p.0.to_le_bytes()).collect();
         let write_err = |source| RecordError::Write {
@@ -434,7 +429,7 @@ impl LocalStore {
             .expect("recording lock poisoned");
         // Under the lock: the snapshot as it is now (it may have been
         // replaced or evicted since it was opened above).
-        let snapshot = self.open_blocking(id)?;
+        let snapshot = self.recordable(id)?;
         let manifest = snapshot.manifest();
         if !manifest.working_sets.contains(name)
             && manifest.working_sets.len() >= self.inner.max_working_sets
@@ -444,8 +439,8 @@ impl LocalStore {
                 limit: self.inner.max_working_sets,
             });
         }
-        let path = snapshot.dir.join(format!("{WORKING_SET_PREFIX}{name}"));
-        let tmp = snapshot.dir.join(format!(
+        let path = snapshot.dir().join(format!("{WORKING_SET_PREFIX}{name}"));
+        let tmp = snapshot.dir().join(format!(
             "{TMP_PREFIX}{WORKING_SET_PREFIX}{name}-{}-{}",
             std::process::id(),
             NEXT_TMP_SET.fetch_add(1, Ordering::Relaxed)
@@ -459,7 +454,7 @@ impl LocalStore {
         }
         // Make the rename durable; failing that only risks the old set
         // coming back after a crash.
-        let _ = File::open(&snapshot.dir).and_then(|d| d.sync_all());
+        let _ = File::open(snapshot.dir()).and_then(|d| d.sync_all());
         let pages = order.len() as u64;
         snapshot.add_working_set(name.clone(), order);
         Ok(pages)
@@ -864,6 +859,48 @@ impl LocalStore {
             progress(p * ps, m.image_size());
         }
         writer.finish().map_err(VolumeError::Limit)
+    }
+}
+
+/// A snapshot whose working sets can be recorded.
+enum Recordable {
+    Standalone(Arc<LocalSnapshot>),
+    Layered(Chain),
+}
+
+impl Recordable {
+    fn manifest(&self) -> Arc<Manifest> {
+        match self {
+            Self::Standalone(s) => s.manifest(),
+            Self::Layered(c) => c.manifest(),
+        }
+    }
+
+    fn dir(&self) -> &Path {
+        match self {
+            Self::Standalone(s) => &s.dir,
+            Self::Layered(c) => c.dir(),
+        }
+    }
+
+    fn add_working_set(&self, name: WorkingSetName, order: Vec<PageIndex>) {
+        match self {
+            Self::Standalone(s) => s.add_working_set(name, order),
+            Self::Layered(c) => c.add_working_set(name, order),
+        }
+    }
+}
+
+impl LocalStore {
+    fn recordable(&self, id: &SnapshotId) -> Result<Recordable, OpenError> {
+        let text = std::fs::read(self.inner.root.join(id.as_str()).join(MANIFEST_FILE));
+        if let Ok(text) = text
+            && layers::format_version(&text) == Some(LAYER_FORMAT_VERSION)
+        {
+            Ok(Recordable::Layered(self.open_chain_blocking(id)?))
+        } else {
+            Ok(Recordable::Standalone(self.open_blocking(id)?))
+        }
     }
 }
 

@@ -553,12 +553,6 @@ pub enum RecordError {
         /// Why.
         reason: String,
     },
-    /// The name is a diff snapshot or a volume, which keep no working sets.
-    #[error(
-        "\"{0}\" is a diff snapshot or a volume, which keep no working sets yet; record on a \
-         standalone copy (`faultline-server flatten --name {0} --as NEW`)"
-    )]
-    Layered(SnapshotId),
     /// Writing the working set failed.
     #[error("cannot write working set \"{name}\" of snapshot \"{snapshot}\": {source}")]
     Write {
