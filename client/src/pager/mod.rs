@@ -45,6 +45,7 @@
 
 mod config;
 mod error;
+pub mod far;
 mod faults;
 mod install;
 mod lifecycle;
