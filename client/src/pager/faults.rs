@@ -106,10 +106,13 @@ impl Shared {
                     // Part of the working set like any page the guest
                     // touches: a replay then maps it ahead of the guest.
                     self.record(PageRange::new(page, 1).expect("one page"));
-                    region.install_zero(page, minor, caller)?;
-                    // Counted once: `Pager::fault` and a fault thread may
-                    // both resolve the page (the second gets EEXIST).
-                    if self.table.zero_installed(page) {
+                    let mapped = region.install_zero(page, minor, caller)?;
+                    self.table.zero_installed(page);
+                    // Counted once, by the path that mapped it: `Pager::fault`,
+                    // a fault thread and the prefetcher's zero runs (which
+                    // leave the page ZeroOnFault) may all resolve it; the
+                    // later ones get EEXIST.
+                    if mapped {
                         self.counters
                             .pages(if minor { Source::Local } else { Source::Zero }, 1);
                     }
@@ -222,16 +225,18 @@ impl Shared {
             }
             match region.install_zero_run(PageIndex(from), p - from, caller) {
                 Ok(Some(mapped)) => {
-                    // Counted once: a fault (or `Pager::fault`) that got
-                    // there first counted its page itself.
-                    let n = if fault_thread {
-                        (from..p)
-                            .filter(|&q| self.table.zero_installed(PageIndex(q)))
-                            .count() as u64
-                    } else {
-                        mapped
-                    };
-                    self.counters.pages(Source::Zero, n);
+                    // Counted by what this ioctl mapped: a page some other
+                    // path mapped first (a fault, `Pager::fault`, or the
+                    // prefetcher, which leaves its zero pages ZeroOnFault)
+                    // answered EEXIST here and was counted by that path.
+                    // Counting the state changes instead counted a page the
+                    // prefetcher had mapped a second time.
+                    if fault_thread {
+                        for q in from..p {
+                            self.table.zero_installed(PageIndex(q));
+                        }
+                    }
+                    self.counters.pages(Source::Zero, mapped);
                 }
                 // No ZEROPAGE for this memory: nothing to gain here.
                 Ok(None) => return,

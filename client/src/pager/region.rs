@@ -275,13 +275,15 @@ impl RegionState {
     /// Resolves a fault on a page whose content is zeros, without the
     /// network. `minor`: the page cache holds the page already (a shmem page
     /// the guest dropped with MADV_DONTNEED keeps its content), so it is
-    /// mapped as it is.
+    /// mapped as it is. Returns whether this call mapped it: false if it was
+    /// mapped already (EEXIST: the fault message was stale, another path
+    /// mapped the page after the fault was queued).
     pub fn install_zero(
         &self,
         page: PageIndex,
         minor: bool,
         caller: Caller,
-    ) -> Result<(), InstallError> {
+    ) -> Result<bool, InstallError> {
         let region = self.index;
         let uffd = self.uffd().ok_or(InstallError::Closed { region })?;
         let addr = self.addr_of(page);
@@ -290,22 +292,22 @@ impl RegionState {
             .decision
             .registered
             .map_or(ResolveOps::empty(), |(_, ops)| ops);
-        if minor {
-            return self.resolve(caller, addr, len, |at, done| {
+        let skipped = if minor {
+            self.resolve_skipping(caller, addr, len, |at, done| {
                 uffd.continue_(at, len - done, false)
-            });
-        }
-        if ops.contains(ResolveOps::ZEROPAGE) {
-            self.resolve(caller, addr, len, |at, done| {
+            })?
+        } else if ops.contains(ResolveOps::ZEROPAGE) {
+            self.resolve_skipping(caller, addr, len, |at, done| {
                 uffd.zeropage(at, len - done, false)
-            })
+            })?
         } else {
             // hugetlbfs has no ZEROPAGE: copy a buffer of zeros.
             let zeros = zero_buffer(len);
-            self.resolve(caller, addr, len, |at, done| {
+            self.resolve_skipping(caller, addr, len, |at, done| {
                 uffd.copy(at, &zeros[done..], false)
-            })
-        }
+            })?
+        };
+        Ok(skipped == 0)
     }
 
     /// Resolves a MISSING fault on a page the table says is present. Either
