@@ -241,7 +241,7 @@ impl Pager {
     }
 
     pub(super) fn launch(
-        config: PagerConfig,
+        mut config: PagerConfig,
         regions: Vec<Region>,
         peer: Option<Arc<Uffd>>,
     ) -> Result<Self, StartError> {
@@ -258,6 +258,14 @@ impl Pager {
         // `MIN_MANIFEST_WAIT`): a server that accepts and never answers must
         // not hang the start.
         let manifest_wait = config.deadline.max(MIN_MANIFEST_WAIT);
+        // The snapshot's home server first, then the fail-over order, the
+        // servers not ready last (crate::fleet).
+        let plan = runtime.block_on(crate::fleet::plan(
+            &config.servers,
+            &mut config.connect,
+            &config.snapshot,
+        ))?;
+        config.servers = plan.servers;
         let manifest = runtime.block_on(async {
             let mut last = None;
             for url in &config.servers {
@@ -266,7 +274,7 @@ impl Pager {
                     remote.manifest(&config.snapshot).await
                 };
                 match tokio::time::timeout(manifest_wait, attempt).await {
-                    Ok(Ok(m)) => return Ok(m),
+                    Ok(Ok(m)) => return Ok((m, url.clone())),
                     Ok(Err(source)) => {
                         last = Some(StartError::Manifest {
                             snapshot: config.snapshot.clone(),
@@ -287,7 +295,8 @@ impl Pager {
             }
             Err(last.expect("at least one server"))
         });
-        let manifest = Arc::new(manifest?);
+        let (manifest, origin) = manifest?;
+        let manifest = Arc::new(manifest);
 
         // Check the layout, then register each region.
         let ps = manifest.page_size.bytes();
@@ -383,6 +392,7 @@ impl Pager {
             ended: watch::channel(None).0,
             tasks: Mutex::new(Vec::new()),
             recorded: Mutex::new(Vec::new()),
+            fleet: crate::fleet::Consistency::new(&origin),
             config,
         });
         let mut pager = Pager {
