@@ -176,6 +176,24 @@ async fn health(url: &str, opts: &ConnectOptions) -> Health {
 /// `https://` URLs are expanded only while they are all one name, since one
 /// connection option carries the TLS name.
 pub async fn expand(urls: &[String], opts: &mut ConnectOptions) -> Result<Vec<String>, PlanError> {
+    expand_with(urls, opts, |host, port| async move {
+        tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .map(Iterator::collect)
+    })
+    .await
+}
+
+/// [`expand`] with the resolver given (the system's, or a table in tests).
+async fn expand_with<F, Fut>(
+    urls: &[String],
+    opts: &mut ConnectOptions,
+    mut resolve: F,
+) -> Result<Vec<String>, PlanError>
+where
+    F: FnMut(String, u16) -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<Vec<SocketAddr>>>,
+{
     if urls.is_empty() {
         return Err(PlanError::NoServer);
     }
@@ -205,14 +223,13 @@ pub async fn expand(urls: &[String], opts: &mut ConnectOptions) -> Result<Vec<St
             push(url.clone(), &mut out);
             continue;
         }
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((p.host.as_str(), p.port))
+        let addrs = resolve(p.host.clone(), p.port)
             .await
             .map_err(|source| PlanError::Resolve {
                 host: p.host.clone(),
                 url: url.clone(),
                 source,
-            })?
-            .collect();
+            })?;
         let mut unique: Vec<SocketAddr> = Vec::new();
         for a in addrs {
             if !unique.contains(&a) {
@@ -468,6 +485,45 @@ mod tests {
             assert_eq!(out, urls, "one address: the name is kept");
         }
         assert_eq!(opts.tls.domain, None, "plain http sets no TLS name");
+    }
+
+    /// A name with several addresses (from a resolver table: this machine's hosts file gives
+    /// `localhost` one) becomes a URL per address, duplicates dropped, the TLS name kept.
+    #[tokio::test]
+    async fn expand_with_a_resolver_of_several_addresses() {
+        let table = |host: String, port: u16| async move {
+            match host.as_str() {
+                "fleet.test" => Ok(vec![
+                    SocketAddr::from(([127, 0, 0, 2], port)),
+                    SocketAddr::from(([127, 0, 0, 3], port)),
+                    SocketAddr::from(([127, 0, 0, 2], port)),
+                    SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
+                ]),
+                "one.test" => Ok(vec![SocketAddr::from(([127, 0, 0, 9], port))]),
+                _ => Err(std::io::Error::other("no such name")),
+            }
+        };
+        let mut opts = ConnectOptions::default();
+        let urls = vec![
+            "https://fleet.test:7443".to_owned(),
+            "https://127.0.0.3:7443".to_owned(),
+            "http://one.test:7070".to_owned(),
+        ];
+        let out = expand_with(&urls, &mut opts, table).await.expect("expands");
+        assert_eq!(
+            out,
+            [
+                "https://127.0.0.2:7443",
+                "https://127.0.0.3:7443",
+                "https://[::1]:7443",
+                "http://one.test:7070",
+            ]
+        );
+        assert_eq!(opts.tls.domain.as_deref(), Some("fleet.test"));
+        let err = expand_with(&["http://nowhere.test:1".to_owned()], &mut opts, table)
+            .await
+            .expect_err("unresolvable");
+        assert!(err.to_string().contains("nowhere.test"), "{err}");
     }
 
     /// An https name expanded keeps the name for TLS; bad URLs are refused with the fix.

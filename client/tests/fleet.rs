@@ -263,3 +263,101 @@ fn pager_never_fails_over_to_another_snapshot() {
     check_all(mem, &snap, 2);
     complete(&pager);
 }
+
+/// A real gRPC server on 127.0.0.1 with only the health service, reporting
+/// the Faultline service NOT_SERVING (as a server whose store does not
+/// answer yet does). Stops when dropped.
+struct NotServing {
+    url: String,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl NotServing {
+    fn start() -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let url = rt.block_on(async {
+            let (reporter, service) = tonic_health::server::health_reporter();
+            reporter
+                .set_service_status(fleet::SERVICE, tonic_health::ServingStatus::NotServing)
+                .await;
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            );
+            format!("http://{addr}")
+        });
+        Self { url, _rt: rt }
+    }
+}
+
+/// The plan orders by rendezvous and moves the servers that are NOT_SERVING or down to the end.
+#[test]
+fn plan_puts_servers_not_ready_last() {
+    let good = [Server::start(), Server::start()];
+    let not_serving = NotServing::start();
+    let down = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        format!("http://{}", l.local_addr().expect("addr"))
+    };
+    let rt = common::runtime();
+    let mut seen_unready_home = false;
+    for i in 0..8 {
+        let id = SnapshotId::new(format!("s-{i}")).expect("id");
+        let all = vec![
+            down.clone(),
+            good[0].url(),
+            not_serving.url.clone(),
+            good[1].url(),
+        ];
+        let order = fleet::rendezvous(&all, &id);
+        seen_unready_home |= order[0] == down || order[0] == not_serving.url;
+        let mut opts = faultline_client::remote::ConnectOptions::default();
+        let plan =
+            common::block_on(&rt, "planning", fleet::plan(&all, &mut opts, &id)).expect("plan");
+        let ready: Vec<String> = order
+            .iter()
+            .filter(|u| **u != down && **u != not_serving.url)
+            .cloned()
+            .collect();
+        let unready: Vec<String> = order
+            .iter()
+            .filter(|u| **u == down || **u == not_serving.url)
+            .cloned()
+            .collect();
+        assert_eq!(plan.servers[..2], ready[..], "{plan:?}");
+        assert_eq!(plan.servers[2..], unready[..], "{plan:?}");
+        assert_eq!(plan.unhealthy, unready);
+    }
+    assert!(
+        seen_unready_home,
+        "some snapshot's first choice was not ready"
+    );
+}
+
+/// `faultline fetch` with a fleet of two: the file is the image, every page verified.
+#[test]
+fn fetch_command_takes_several_servers() {
+    let a = Server::start();
+    let snap = a.import("fetched", PageSize::Size4K, image_4k(12, 512));
+    let b = Server::start();
+    b.import("fetched", PageSize::Size4K, image_4k(12, 512));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("copy.raw");
+    let status = Command::new(env!("CARGO_BIN_EXE_faultline"))
+        .args(["fetch", "--server", &a.url(), "--server", &b.url()])
+        .args(["--snapshot", "fetched", "--out"])
+        .arg(&out)
+        .status()
+        .expect("run faultline fetch");
+    assert!(status.success());
+    assert_eq!(std::fs::read(&out).expect("read copy"), *snap.image);
+}
