@@ -88,6 +88,9 @@ pub struct RestoreSummary {
     pub snapshot: String,
     /// Backing type.
     pub backing: String,
+    /// The servers in the order the pager used them: the snapshot's home
+    /// server first, then the fail-over order (those not ready last).
+    pub servers: Vec<String>,
     /// Strategy chosen.
     pub strategy: String,
     /// Why.
@@ -310,6 +313,7 @@ pub fn run(opts: &RestoreOptions) -> Result<RestoreSummary, RestoreError> {
     Ok(RestoreSummary {
         snapshot: opts.snapshot.to_string(),
         backing: opts.backing.to_string(),
+        servers: plan.servers.clone(),
         strategy: decision.strategy().to_string(),
         strategy_reason: decision.choice.reason.clone(),
         pages_total: stats.pages_total,
@@ -331,6 +335,14 @@ impl std::fmt::Display for RestoreSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let s = &self.pages_by_source;
         writeln!(f, "restored {} into {} memory", self.snapshot, self.backing)?;
+        if self.servers.len() > 1 {
+            writeln!(
+                f,
+                "  servers    {} (home), then {}",
+                self.servers[0],
+                self.servers[1..].join(", ")
+            )?;
+        }
         writeln!(
             f,
             "  strategy   {}: {}",

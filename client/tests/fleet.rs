@@ -361,3 +361,43 @@ fn fetch_command_takes_several_servers() {
     assert!(status.success());
     assert_eq!(std::fs::read(&out).expect("read copy"), *snap.image);
 }
+
+/// `faultline restore` with two servers restores from the snapshot's home server first, every
+/// touched page verified, and says which servers it used.
+#[test]
+fn restore_command_uses_the_home_server_first() {
+    let a = Server::start();
+    let snap = a.import("cli-fleet", PageSize::Size4K, image_4k(14, 512));
+    let b = Server::start();
+    b.import("cli-fleet", PageSize::Size4K, image_4k(14, 512));
+    let out = Command::new(env!("CARGO_BIN_EXE_faultline"))
+        .args(["restore", "--server", &a.url(), "--server", &b.url()])
+        .args([
+            "--snapshot",
+            "cli-fleet",
+            "--verify",
+            "--json",
+            "--threads",
+            "2",
+        ])
+        .output()
+        .expect("run faultline restore");
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        if err.contains("userfaultfd") && std::env::var_os("FAULTLINE_REQUIRE_KERNEL").is_none() {
+            eprintln!("skipped: {err}");
+            return;
+        }
+        panic!("faultline restore failed: {err}");
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let servers: Vec<String> = v["servers"]
+        .as_array()
+        .expect("servers listed")
+        .iter()
+        .map(|s| s.as_str().expect("a URL").to_owned())
+        .collect();
+    assert_eq!(servers, fleet::rendezvous(&[a.url(), b.url()], &snap.id));
+    assert_eq!(v["verified"], serde_json::Value::Bool(true), "{v}");
+    assert_eq!(v["mismatches"], 0, "{v}");
+}
