@@ -1,7 +1,9 @@
 # faultline: the two commands of the README, and what they need.
 #
 #   make demo   generate a snapshot, serve it, read it back through faultline
-#   make test   formatting, clippy (warnings are errors), every test, the deploy/ checks, a bounded fuzz run
+#   make test   formatting, clippy (warnings are errors), every test (building
+#               Garage, the S3 server the object-store tests run against, once),
+#               the deploy/ checks, a bounded fuzz run
 #   make fuzz   the fuzz targets (fuzz/), FUZZ_SECONDS each, on stable Rust
 #   make bench  every benchmark against its baselines (~15-30 min; bench-quick: < 5 min),
 #               report in bench-out/ (BENCHMARKS.md, report.json, plots)
@@ -15,7 +17,7 @@
 CARGO ?= cargo
 APT_PACKAGES := libclang-dev fonts-dejavu-core python3-grpcio
 
-.PHONY: all deps build demo test fmt clippy unit deploy-check fuzz bench bench-quick clean
+.PHONY: all deps build demo test fmt clippy unit garage deploy-check fuzz bench bench-quick clean
 
 all: build
 
@@ -49,13 +51,19 @@ clippy: deps
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy -p faultline-client --all-targets --features vm-memory -- -D warnings
 
+# Garage, the real S3 server of the object-store tests (server/tests/s3_*.rs):
+# built once from crates.io into ~/.cache/faultline (about 8-25 minutes on 2
+# cores), reused afterwards; each test starts its own single node on 127.0.0.1.
+garage:
+	./scripts/garage.sh install >/dev/null
+
 # Kernel-dependent tests fail where this machine lacks what they need;
 # FAULTLINE_ALLOW_SKIP=1 lets them skip instead. Each skip appends a line to
 # SKIP_LOG, and the count is printed at the end.
 SKIP_LOG := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)/skipped-tests.log
 export FAULTLINE_SKIP_LOG := $(SKIP_LOG)
 
-unit: deps
+unit: deps garage
 	@mkdir -p $(dir $(SKIP_LOG)) && rm -f $(SKIP_LOG)
 	$(CARGO) test --workspace
 	$(CARGO) test -p faultline-client --features vm-memory --lib

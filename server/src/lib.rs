@@ -5,7 +5,10 @@
 //! - [`store`]: where snapshots live. The async [`store::SnapshotStore`],
 //!   [`store::Snapshot`] and [`store::SnapshotWrite`] traits, the local
 //!   directory store, and its one-pass [`store::SnapshotWriter`] that both
-//!   import and upload use.
+//!   import and upload use; [`store::object`], the S3 object store
+//!   (content-addressed chunks, a manifest written last).
+//! - [`chunk_cache`]: the bounded in-memory chunk cache with single-flight
+//!   misses that object-store reads go through.
 //! - [`limits`]: [`limits::Limits`], every limit on what a request, a client
 //!   or a snapshot may make the server hold, with its default and flag.
 //! - [`import`]: importing a raw memory file (Firecracker, Cloud Hypervisor)
@@ -23,6 +26,10 @@
 //! - [`auth`]: bearer tokens (the tokens file, hashed), their rights on
 //!   snapshot patterns, the interceptor that authenticates, and the caller's
 //!   identity.
+//! - [`readiness`]: liveness and readiness (`/livez`, `/readyz`, gRPC
+//!   health NOT_SERVING until the store answers).
+//! - [`garage`]: a single-node Garage (a real S3 server) for tests and
+//!   benchmarks, through `scripts/garage.sh`.
 //! - [`testing`]: deterministic synthetic memory images for tests, benchmarks
 //!   and the demo.
 //!
@@ -30,10 +37,13 @@
 //! calls into these.
 
 pub mod auth;
+pub mod chunk_cache;
 pub mod error;
+pub mod garage;
 pub mod import;
 pub mod limits;
 pub mod metrics;
+pub mod readiness;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -2,18 +2,18 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use faultline_proto::{PageIndex, PageRange, PageSize, SnapshotId};
 use faultline_server::auth::{self, Right, TokensFile};
-use faultline_server::import::{RegionArg, import};
+use faultline_server::import::{RegionArg, import, parse_size};
+use faultline_server::readiness::Readiness;
 use faultline_server::server::{self, ServeOptions, Server};
-use faultline_server::store::SnapshotStore;
+use faultline_server::store::object::{DiskCache, ObjectStoreOptions, OpenedStore, StoreLocation};
 use faultline_server::tls::TlsFiles;
-use faultline_server::{Limits, LocalStore, metrics};
+use faultline_server::{Limits, metrics};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// How long in-flight streams may take to finish after SIGINT/SIGTERM before
@@ -41,9 +41,11 @@ enum Command {
     Token(TokenCommand),
     /// Import a raw memory file (e.g. a Firecracker memory snapshot) as a snapshot.
     Import {
-        /// Snapshot store directory (created if missing).
+        /// Snapshot store: a directory (created if missing), or
+        /// s3://BUCKET/PREFIX (credentials, region and endpoint from the
+        /// AWS_* variables).
         #[arg(long, env = "FAULTLINE_STORE")]
-        store: PathBuf,
+        store: StoreLocation,
         /// Name of the new snapshot: letters, digits, '.', '_', '-'.
         #[arg(long)]
         name: SnapshotId,
@@ -62,9 +64,10 @@ enum Command {
     },
     /// Show a snapshot's manifest.
     Inspect {
-        /// Snapshot store directory.
+        /// Snapshot store: a directory, or s3://BUCKET/PREFIX (credentials,
+        /// region and endpoint from the AWS_* variables).
         #[arg(long, env = "FAULTLINE_STORE")]
-        store: PathBuf,
+        store: StoreLocation,
         /// The snapshot.
         #[arg(long)]
         name: SnapshotId,
@@ -77,9 +80,10 @@ enum Command {
     },
     /// List the snapshots of a store.
     List {
-        /// Snapshot store directory.
+        /// Snapshot store: a directory, or s3://BUCKET/PREFIX (credentials,
+        /// region and endpoint from the AWS_* variables).
         #[arg(long, env = "FAULTLINE_STORE")]
-        store: PathBuf,
+        store: StoreLocation,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -89,15 +93,27 @@ enum Command {
 /// `faultline-server serve`'s arguments.
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
-    /// Snapshot store directory.
+    /// Snapshot store: a directory, or s3://BUCKET/PREFIX (credentials, region and endpoint
+    /// from the AWS_* variables).
     #[arg(long, env = "FAULTLINE_STORE")]
-    store: PathBuf,
+    store: StoreLocation,
     /// Address for gRPC.
     #[arg(long, default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
-    /// Address for Prometheus metrics (GET /metrics); none if not given.
+    /// Address for Prometheus metrics (GET /metrics) and the liveness and readiness probes
+    /// (GET /livez, /readyz); none if not given.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// Memory for chunks read from an object store (K/M/G suffixes).
+    #[arg(long = "chunk-cache", value_name = "BYTES", default_value = "1G", value_parser = parse_size)]
+    chunk_cache: u64,
+    /// Also keep chunks read from an object store as files in this directory (created mode
+    /// 0700: they hold guest memory).
+    #[arg(long = "chunk-cache-dir", value_name = "DIR")]
+    chunk_cache_dir: Option<PathBuf>,
+    /// Most bytes of chunks kept in --chunk-cache-dir (K/M/G/T suffixes).
+    #[arg(long = "chunk-cache-disk", value_name = "BYTES", default_value = "10G", value_parser = parse_size)]
+    chunk_cache_disk: u64,
     /// Serve TLS with this certificate chain (PEM, leaf first); needs --tls-key.
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -269,9 +285,8 @@ fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-fn open_store(dir: PathBuf, limits: &Limits) -> anyhow::Result<LocalStore> {
-    LocalStore::with_limits(&dir, limits)
-        .with_context(|| format!("cannot open the snapshot store {}", dir.display()))
+fn open_store(store: &StoreLocation, limits: &Limits) -> anyhow::Result<OpenedStore> {
+    Ok(store.open(limits, ObjectStoreOptions::with_limits(limits))?)
 }
 
 #[tokio::main]
@@ -280,13 +295,38 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listen = args.listen;
     let metrics_listen = args.metrics_listen;
     server::check_exposure(listen, &opts)?;
-    let dir = args.store.clone();
-    let store: Arc<dyn SnapshotStore> = Arc::new(open_store(args.store, &args.limits)?);
-    let snapshots = store
-        .list()
-        .await
-        .with_context(|| format!("in {}", dir.display()))?;
-    let server = Server::new(store, opts)?;
+    // Before the store, whose cache reports its capacity as it starts, and
+    // before the metrics endpoint answers: every series is there from its
+    // first scrape.
+    metrics::install();
+    metrics::register_limits(&args.limits);
+    let options = ObjectStoreOptions {
+        cache_bytes: args.chunk_cache,
+        ..ObjectStoreOptions::with_limits(&args.limits)
+    };
+    let disk = match &args.chunk_cache_dir {
+        Some(dir) => Some(
+            DiskCache::open(dir, args.chunk_cache_disk)
+                .with_context(|| format!("cannot use {} as the chunk cache", dir.display()))?,
+        ),
+        None => None,
+    };
+    let location = args.store.clone();
+    let opened = location.open_with(&args.limits, options, disk)?;
+    let store = opened.store.clone();
+    // A directory must be readable now; an object store may come up later
+    // (until it answers, the server is live but not ready), and listing a
+    // large one is work for no one.
+    let snapshots = if opened.object.is_some() {
+        "the".to_owned()
+    } else {
+        let list = store.list().await;
+        list.with_context(|| format!("in {location}"))?
+            .len()
+            .to_string()
+    };
+    let readiness = Readiness::spawn(opened.probe());
+    let server = Server::new(store, opts)?.with_readiness(readiness.clone());
     let security = server.describe_security();
     reload_on_sighup(server.reloader())?;
     let listener = tokio::net::TcpListener::bind(listen)
@@ -298,6 +338,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen for metrics on {addr}"))?;
         let mut stop = stop_rx.clone();
+        let routes = readiness.routes();
         tracing::info!(
             "metrics at {}",
             metrics::describe(metrics_listener.local_addr()?)
@@ -306,16 +347,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let shutdown = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
-            if let Err(e) = metrics::serve(metrics_listener, shutdown).await {
+            if let Err(e) = metrics::serve_with(metrics_listener, routes, shutdown).await {
                 tracing::error!("metrics endpoint failed: {e}");
             }
         });
-    } else {
-        metrics::install();
     }
     tracing::info!(
-        "serving {} snapshot(s) on {} ({security})",
-        snapshots.len(),
+        "serving {snapshots} snapshot(s) of {location} on {} ({security})",
         listener.local_addr()?
     );
     tokio::spawn(async move {
@@ -454,14 +492,14 @@ async fn wait_for_signal() {
 
 #[tokio::main]
 async fn import_cmd(
-    store: PathBuf,
+    location: StoreLocation,
     name: SnapshotId,
     mem_file: PathBuf,
     page_size: PageSize,
     regions: Vec<RegionArg>,
     limits: Limits,
 ) -> anyhow::Result<()> {
-    let store = open_store(store, &limits)?;
+    let opened = open_store(&location, &limits)?;
     let size = std::fs::metadata(&mem_file)
         .with_context(|| format!("cannot read the memory file {}", mem_file.display()))?
         .len();
@@ -475,7 +513,7 @@ async fn import_cmd(
     bar.set_message(format!("importing {name}"));
     let started = std::time::Instant::now();
     let summary = import(
-        &store,
+        &*opened.store,
         &limits,
         name,
         page_size,
@@ -494,14 +532,29 @@ async fn import_cmd(
         summary.zero_pages,
         started.elapsed().as_secs_f64()
     );
+    if let Some((_, c)) = opened.object.as_ref().and_then(|o| o.last_write()) {
+        println!(
+            "chunks   {} : {} uploaded ({} bytes), {} already in {location} (not uploaded), {} zero (not stored)",
+            c.chunks, c.uploaded, c.uploaded_bytes, c.reused, c.zero
+        );
+    }
     Ok(())
 }
 
 #[tokio::main]
-async fn inspect(store: PathBuf, name: SnapshotId, verify: bool, json: bool) -> anyhow::Result<()> {
-    let store = open_store(store, &Limits::default())?;
-    let snapshot = store.open(&name).await?;
+async fn inspect(
+    location: StoreLocation,
+    name: SnapshotId,
+    verify: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let opened = open_store(&location, &Limits::default())?;
+    let snapshot = opened.store.open(&name).await?;
     let m = snapshot.manifest();
+    let chunks = match &opened.object {
+        Some(object) => Some(object.open(&name).await?.chunk_layout()),
+        None => None,
+    };
     let mismatches = if verify {
         let mut bad = Vec::new();
         let chunk = (8 << 20) / m.page_size.bytes();
@@ -544,6 +597,7 @@ async fn inspect(store: PathBuf, name: SnapshotId, verify: bool, json: bool) -> 
             "working_sets": working_sets,
             "verified": mismatches.as_ref().map(Vec::is_empty),
             "mismatched_pages": mismatches,
+            "chunks": chunks,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
@@ -556,6 +610,15 @@ async fn inspect(store: PathBuf, name: SnapshotId, verify: bool, json: bool) -> 
             100.0 * zero_pages as f64 / m.page_count as f64
         );
         println!("digests      {:?}", m.digest_algorithm);
+        if let Some(c) = chunks {
+            println!(
+                "chunks       {} of {} bytes, {} stored ({} all zeros, not stored)",
+                c.chunks,
+                c.chunk_bytes,
+                c.stored,
+                c.chunks - c.stored
+            );
+        }
         for r in &m.regions {
             println!(
                 "region       {:<12} guest {:#x} offset {:#x} size {:#x}",
@@ -584,13 +647,12 @@ async fn inspect(store: PathBuf, name: SnapshotId, verify: bool, json: bool) -> 
 }
 
 #[tokio::main]
-async fn list(store: PathBuf, json: bool) -> anyhow::Result<()> {
-    let dir = store.clone();
-    let store = open_store(store, &Limits::default())?;
+async fn list(location: StoreLocation, json: bool) -> anyhow::Result<()> {
+    let store = open_store(&location, &Limits::default())?.store;
     let snapshots = store
         .list()
         .await
-        .with_context(|| format!("in {}", dir.display()))?;
+        .with_context(|| format!("in {location}"))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&snapshots)?);
         return Ok(());

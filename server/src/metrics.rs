@@ -207,6 +207,15 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with(listener, axum::Router::new(), shutdown).await
+}
+
+/// [`serve`], with `routes` (such as `/livez` and `/readyz`) beside `/metrics`.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    routes: axum::Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let handle = install();
     let upkeep = handle.clone();
     let upkeep = tokio::spawn(async move {
@@ -216,13 +225,15 @@ pub async fn serve(
             upkeep.run_upkeep();
         }
     });
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let handle = handle.clone();
-            async move { handle.render() }
-        }),
-    );
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let handle = handle.clone();
+                async move { handle.render() }
+            }),
+        )
+        .merge(routes);
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;

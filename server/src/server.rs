@@ -24,6 +24,7 @@ use tonic::service::interceptor::InterceptedService;
 
 use crate::auth::{AuthInterceptor, Authenticator, TokensError};
 use crate::limits::Limits;
+use crate::readiness::Readiness;
 use crate::service::FaultlineService;
 use crate::store::SnapshotStore;
 use crate::tls::{TlsError, TlsFiles, TlsReloader};
@@ -284,6 +285,8 @@ pub struct Server {
     opts: ServeOptions,
     tls: Option<Arc<TlsReloader>>,
     auth: Arc<Authenticator>,
+    /// gRPC health follows it (always ready unless [`Server::with_readiness`]).
+    readiness: Readiness,
 }
 
 impl Server {
@@ -305,7 +308,15 @@ impl Server {
             opts,
             tls,
             auth,
+            readiness: Readiness::always(),
         })
+    }
+
+    /// Reports gRPC health NOT_SERVING while `readiness` is not ready (see
+    /// [`crate::readiness`]).
+    pub fn with_readiness(mut self, readiness: Readiness) -> Self {
+        self.readiness = readiness;
+        self
     }
 
     /// The handle that reloads certificates and tokens.
@@ -366,9 +377,8 @@ impl Server {
         }
 
         let (health, health_service) = tonic_health::server::health_reporter();
-        health
-            .set_serving::<FaultlineServer<FaultlineService>>()
-            .await;
+        self.readiness
+            .drive_health::<FaultlineServer<FaultlineService>>(health);
         let reflection = if self.opts.reflection {
             Some(
                 tonic_reflection::server::Builder::configure()
@@ -380,7 +390,12 @@ impl Server {
             None
         };
         let service = FaultlineService::with_limits(self.store, self.opts.service_limits.clone());
-        service.count_snapshots().await;
+        // In the background: a store that does not answer yet (an object
+        // store starting) must not hold up serving health and readiness.
+        tokio::spawn({
+            let service = service.clone();
+            async move { service.count_snapshots().await }
+        });
         let faultline = InterceptedService::new(
             FaultlineServer::new(service)
                 .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES)

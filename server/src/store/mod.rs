@@ -39,6 +39,7 @@
 //! snapshot visible only when it is complete.
 
 pub mod local;
+pub mod object;
 pub mod writer;
 
 use std::sync::Arc;
