@@ -67,9 +67,15 @@ struct ServeProcess {
 
 impl ServeProcess {
     fn start(store: &Path) -> Self {
+        Self::start_with(store.as_os_str(), &[])
+    }
+
+    /// `serve --store STORE` (a directory or `s3://...`) with `env` set.
+    fn start_with(store: &std::ffi::OsStr, env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(server_bin())
             .args(["serve", "--listen", "127.0.0.1:0", "--store"])
             .arg(store)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stderr(Stdio::piped())
@@ -82,9 +88,14 @@ impl ServeProcess {
                 .lines()
                 .map_while(Result::ok)
             {
-                if let Some(rest) = line.split(" snapshot(s) on ").nth(1) {
-                    let addr = rest.split_whitespace().next().unwrap_or_default();
-                    let _ = tx.send(format!("http://{addr}"));
+                // "serving N snapshot(s) of STORE on 127.0.0.1:PORT (...)"
+                if let Some((_, rest)) = line
+                    .contains("snapshot(s)")
+                    .then(|| line.split_once(" on 127.0.0.1:"))
+                    .flatten()
+                {
+                    let port = rest.split_whitespace().next().unwrap_or_default();
+                    let _ = tx.send(format!("http://127.0.0.1:{port}"));
                 }
                 eprintln!("[server] {line}");
             }
@@ -264,46 +275,29 @@ fn pager_never_fails_over_to_another_snapshot() {
     complete(&pager);
 }
 
-/// A real gRPC server on 127.0.0.1 with only the health service, reporting
-/// the Faultline service NOT_SERVING (as a server whose store does not
-/// answer yet does). Stops when dropped.
-struct NotServing {
-    url: String,
-    _rt: tokio::runtime::Runtime,
-}
-
-impl NotServing {
-    fn start() -> Self {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let url = rt.block_on(async {
-            let (reporter, service) = tonic_health::server::health_reporter();
-            reporter
-                .set_service_status(fleet::SERVICE, tonic_health::ServingStatus::NotServing)
-                .await;
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("bind");
-            let addr = listener.local_addr().expect("addr");
-            tokio::spawn(
-                tonic::transport::Server::builder()
-                    .add_service(service)
-                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-            );
-            format!("http://{addr}")
-        });
-        Self { url, _rt: rt }
-    }
+/// A `faultline-server serve` process whose object store does not answer (its S3 endpoint
+/// is a closed port on 127.0.0.1): live, but its gRPC health says NOT_SERVING.
+fn not_ready_server() -> ServeProcess {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let endpoint = format!("http://{}", closed.local_addr().expect("addr"));
+    drop(closed);
+    ServeProcess::start_with(
+        std::ffi::OsStr::new("s3://fleet-nowhere/snapshots"),
+        &[
+            ("AWS_ENDPOINT", &endpoint),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("AWS_ACCESS_KEY_ID", "fleet-test"),
+            ("AWS_SECRET_ACCESS_KEY", "fleet-test"),
+            ("AWS_REGION", "garage"),
+        ],
+    )
 }
 
 /// The plan orders by rendezvous and moves the servers that are NOT_SERVING or down to the end.
 #[test]
 fn plan_puts_servers_not_ready_last() {
     let good = [Server::start(), Server::start()];
-    let not_serving = NotServing::start();
+    let not_serving = not_ready_server();
     let down = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         format!("http://{}", l.local_addr().expect("addr"))
