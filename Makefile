@@ -10,32 +10,43 @@
 #
 # The build needs libclang (bindgen, for the userfaultfd crate); the benchmark
 # plots need a TrueType font (DejaVu); the TLS tests talk to the server with a
-# stock gRPC client (Python grpcio). Run as root,
+# stock gRPC client (Python grpcio); `make bench` needs QEMU (its postcopy
+# migration is a baseline; `make test` does not install it). Run as root,
 # this Makefile installs what is missing with apt-get; otherwise it prints
 # the command to run.
 
 CARGO ?= cargo
 APT_PACKAGES := libclang-dev fonts-dejavu-core python3-grpcio
+# Only for `make bench`: QEMU, whose postcopy migration is the restore scenario's baseline.
+BENCH_APT_PACKAGES := qemu-system-x86
 
-.PHONY: all deps build demo test fmt clippy unit garage deploy-check fuzz bench bench-quick clean
-
-all: build
-
-deps:
-	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs"; exit 1; }
-	@missing=""; for p in $(APT_PACKAGES); do \
+# $(call apt_install,PACKAGES,APT-OPTIONS): installs the missing ones as root, else says how.
+define apt_install
+	@missing=""; for p in $(1); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing:$$missing"; \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null || exit 1; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) $$missing >/dev/null || exit 1; \
 	  else \
 	    echo "missing packages:$$missing"; \
 	    echo "run: sudo apt-get install -y$$missing"; exit 1; \
 	  fi; \
 	fi
+endef
+
+.PHONY: all deps bench-deps build demo test fmt clippy unit garage deploy-check fuzz bench bench-quick clean
+
+all: build
+
+deps:
+	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs"; exit 1; }
+	$(call apt_install,$(APT_PACKAGES),)
+
+bench-deps: deps
+	$(call apt_install,$(BENCH_APT_PACKAGES),--no-install-recommends)
 
 build: deps
 	$(CARGO) build --release --workspace
@@ -108,10 +119,10 @@ deploy-check: deps
 
 test: deps fmt clippy unit deploy-check fuzz
 
-bench: build
+bench: build bench-deps
 	./target/release/faultline-bench all --out bench-out
 
-bench-quick: build
+bench-quick: build bench-deps
 	./target/release/faultline-bench all --quick --out bench-out
 
 clean:

@@ -9,9 +9,6 @@
 3. Interfaces: every flag and environment variable that the unit, its env file, the
    Deployment, the compose file, up.sh and deploy/README.md's commands give a binary is one
    that binary accepts (its --help), and every probe path answers 200 on a real server.
-
-Items that other branches bring are listed once, in PENDING: while missing from the binaries
-they are reported as skipped (FAULTLINE_DEPLOY_STRICT=1 makes them failures).
 """
 
 import argparse
@@ -32,32 +29,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
-
-# What deploy/ uses that lands on other branches (issue 11: branch `net` brings TLS and
-# tokens, branch `s3` the object store and the readiness/liveness endpoints). Keyed by
-# (command, flag | environment variable | HTTP path). Once both are merged this table should
-# be empty: run with FAULTLINE_DEPLOY_STRICT=1 and delete what it no longer reports.
-PENDING = {
-    ("serve", "--tls-cert"): "net",
-    ("serve", "--tls-key"): "net",
-    ("serve", "--client-ca"): "net",
-    ("serve", "--tokens"): "net",
-    ("token new", "--tokens"): "net",
-    ("token new", "--snapshots"): "net",
-    ("token new", "--rights"): "net",
-    ("restore", "--ca"): "net",
-    ("restore", "--cert"): "net",
-    ("restore", "--key"): "net",
-    ("restore", "--token"): "net",
-    ("probe", "/livez"): "s3",
-    ("probe", "/readyz"): "s3",
-}
-PENDING.update({
-    (command, name): "s3"
-    for command in ("serve", "import")
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL",
-                 "AWS_ALLOW_HTTP")
-})
 
 # Environment variables a binary reads through a library rather than clap (so --help need
 # not list them), with the library and a pattern in the binary's crate sources that shows it
@@ -88,13 +59,9 @@ PROBE_START_TIMEOUT_S = 20
 class Report:
     """Counts and prints results."""
 
-    def __init__(self, strict):
-        self.strict = strict
+    def __init__(self):
         self.passed = 0
         self.failed = 0
-        self.skipped = 0
-        self.pending_seen = set()
-        self.pending_present = set()
 
     def ok(self, what):
         self.passed += 1
@@ -104,18 +71,6 @@ class Report:
         self.failed += 1
         print(f"  FAIL  {what}{': ' + why if why else ''}")
 
-    def pending(self, key, what, why):
-        self.pending_seen.add(key)
-        if self.strict:
-            self.fail(what, f"{why} (pending on branch {PENDING[key]}; strict mode)")
-        else:
-            self.skipped += 1
-            print(f"  skip  {what}: {why} (pending on branch {PENDING[key]})")
-
-    def present(self, key, what):
-        if key in PENDING:
-            self.pending_present.add(key)
-        self.ok(what)
 
     def check(self, cond, what, why=""):
         if cond:
@@ -314,24 +269,18 @@ class Binaries:
 
 def check_flags(r, bins, command, flags, where):
     for flag in flags:
-        key = (command, flag)
         what = f"{where}: {bins.binary_of(command)} {command} {flag}"
         if bins.has_flag(command, flag):
-            r.present(key, what)
-        elif key in PENDING:
-            r.pending(key, what, "not in --help yet")
+            r.ok(what)
         else:
             r.fail(what, f"`{bins.binary_of(command)} {command} --help` has no {flag}")
 
 
 def check_env(r, bins, command, names, where):
     for name in sorted(set(names)):
-        key = (command, name)
         what = f"{where}: env {name} for {bins.binary_of(command)} {command}"
         if bins.has_env(command, name):
-            r.present(key, what)
-        elif key in PENDING:
-            r.pending(key, what, "not named by --help yet")
+            r.ok(what)
         else:
             r.fail(what, "no such environment variable in --help, nor read through a "
                    "library this script knows (LIBRARY_ENV)")
@@ -476,11 +425,8 @@ def probes(r, bin_dir, deployment):
             for path in sorted(paths):
                 status = http_status(port, path)
                 what = f"GET {path} -> {status}"
-                key = ("probe", path)
                 if status == 200:
-                    r.present(key, what)
-                elif key in PENDING:
-                    r.pending(key, what, "not served yet")
+                    r.ok(what)
                 else:
                     r.fail(what, "a probe or scrape path of deploy/kubernetes must answer 200")
         finally:
@@ -509,15 +455,11 @@ def make_pki(tmp):
 
 
 def flags_ready(r, bins, label, args):
-    """Whether every flag of `args` is in --help; a missing one is reported (pending or not)."""
+    """Whether every flag of `args` is in --help; a missing one is a failure."""
     command, flags = split_invocation(args)
     missing = [f for f in flags if not bins.has_flag(command, f)]
     if missing:
-        key = (command, missing[0])
-        if key in PENDING:
-            r.pending(key, label, f"{', '.join(missing)} missing")
-        else:
-            r.fail(label, f"{', '.join(missing)} missing")
+        r.fail(label, f"{', '.join(missing)} missing")
     return not missing
 
 
@@ -567,12 +509,9 @@ def serve_as_configured(r, bin_dir, label, args, files, ca, hostnames, readiness
                 r.check(refuses_without_certificate(grpc, ca, hostnames[0]),
                         f"{label}: a client without a certificate is refused (mutual TLS)")
             status = http_status(metrics, readiness)
-            key = ("probe", readiness)
             what = f"{label}: GET {readiness} -> {status}"
             if status == 200:
-                r.present(key, what)
-            elif key in PENDING:
-                r.pending(key, what, "not served yet")
+                r.ok(what)
             else:
                 r.fail(what)
         finally:
@@ -725,7 +664,7 @@ def main():
     ap.add_argument("--bin-dir", type=Path, required=True, help="where the built binaries are")
     ap.add_argument("--tools", type=Path, required=True, help="the checkers' bin directory")
     args = ap.parse_args()
-    r = Report(strict=os.environ.get("FAULTLINE_DEPLOY_STRICT") == "1")
+    r = Report()
     global BIN_DIR
     BIN_DIR = args.bin_dir
 
@@ -744,11 +683,7 @@ def main():
     compose_secrets_start_a_server(r, Binaries(args.bin_dir), args.bin_dir, compose)
     unit_starts_a_server(r, Binaries(args.bin_dir), args.bin_dir)
 
-    stale = sorted(r.pending_present - r.pending_seen)
-    if stale:
-        print("  note  PENDING items the binaries now accept (delete them from PENDING): "
-              + ", ".join(f"{c} {x}" for c, x in stale))
-    print(f"deploy: {r.passed} passed, {r.failed} failed, {r.skipped} skipped")
+    print(f"deploy: {r.passed} passed, {r.failed} failed")
     sys.exit(1 if r.failed else 0)
 
 

@@ -6,9 +6,6 @@
 #
 # The tools come from PyPI (pinned in deploy/check-requirements.txt) into a virtualenv under
 # the cargo target directory; systemd-analyze from the system (Debian's systemd).
-#
-# FAULTLINE_DEPLOY_STRICT=1 turns the items still pending on other branches (the PENDING
-# table of scripts/check-deploy.py) into failures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

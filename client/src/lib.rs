@@ -8,18 +8,21 @@
 //!
 //! - [`uffd`]: the only module with userfaultfd calls: open (syscall or `/dev/userfaultfd`),
 //!   the `UFFDIO_API` handshake ([`uffd::Features`]), register ([`uffd::ResolveOps`]), resolve
-//!   (COPY, ZEROPAGE, CONTINUE, WAKE, POISON), typed [`uffd::Event`]s, waiting with a stop signal.
+//!   (COPY, ZEROPAGE, CONTINUE, WAKE, POISON, WRITEPROTECT), typed [`uffd::Event`]s, waiting
+//!   with a stop signal; `PAGEMAP_SCAN` ([`uffd::Pagemap`]).
 //! - [`backing`]: guest memory of each [`backing::BackingKind`] (anonymous, shmem, hugetlbfs,
 //!   guest_memfd) with its fd and fill view, or a VMM's mapping wrapped; KVM calls fenced in
 //!   [`backing::kvm`].
 //! - [`strategy`]: registering a region and choosing CONTINUE, COPY or eager filling from the
 //!   kernel's answer, honouring a forced [`strategy::Mode`].
 //! - [`pager`]: the engine: fault threads, page states, the demand link with read-ahead and
-//!   reconnection, the prefetcher, installation, completion, failure policy, statistics.
+//!   reconnection, the prefetcher, installation, completion, failure policy, statistics;
+//!   [`pager::far`]: far memory, a region larger than its local budget backed by a volume
+//!   (write-protect dirty tracking, CLOCK eviction, write-back, flush).
 //! - [`remote`]: connections to a faultline server ([`remote::ConnectOptions`]: TLS for
 //!   `https://`, a client certificate, the bearer token), the manifest, verified page batches.
 //! - [`restore`]: a whole restore in one process (`faultline restore`): memory, pager, touching
-//!   threads, verification, summary.
+//!   threads, verification, summary; and its far-memory form (`--volume --budget`).
 //! - [`firecracker`]: `faultline fc-handler`: Firecracker's UFFD snapshot-restore handshake on a
 //!   Unix socket (the pure parser in `handshake`, the socket side in `receive`, `validate`
 //!   against the manifest, one handler per path in `socket`), one pager per connected VM on the

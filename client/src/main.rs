@@ -7,9 +7,10 @@ use clap::{Parser, Subcommand};
 use faultline_client::backing::BackingKind;
 use faultline_client::fetch::fetch_from_servers;
 use faultline_client::firecracker;
+use faultline_client::pager::far::Budget;
 use faultline_client::pager::{OnFailure, PagerConfig, PrefetchPolicy};
 use faultline_client::remote::ConnectOptions;
-use faultline_client::restore::{RestoreOptions, Touch};
+use faultline_client::restore::{FarRestoreOptions, RestoreOptions, Touch};
 use faultline_client::strategy::Mode;
 use faultline_proto::{Compression, SnapshotId};
 
@@ -27,7 +28,10 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Restore a snapshot lazily into memory of a backing type, touch pages from
-    /// threads like a guest, verify them, and print a summary.
+    /// threads like a guest, verify them, and print a summary. With --volume and --budget:
+    /// far memory, a region larger than the budget backed by a volume on the server; with
+    /// --touch write-from:FILE the threads write FILE's pages into it in a random order
+    /// (evicting and writing back on the way) and a final flush makes them durable.
     Restore(RestoreArgs),
     /// Serve Firecracker VMs restoring a snapshot: listen on a Unix socket for Firecracker's UFFD
     /// handshake (snapshot load with mem_backend {backend_type: "Uffd", backend_path: SOCKET}) and
@@ -79,8 +83,8 @@ enum Command {
         servers: Vec<String>,
         #[command(flatten)]
         connect: ConnectArgs,
-        /// The snapshot.
-        #[arg(long)]
+        /// The snapshot, or (--volume) a volume: its newest acknowledged writes.
+        #[arg(long, visible_alias = "volume")]
         snapshot: SnapshotId,
         /// Output file (zero pages become holes).
         #[arg(long)]
@@ -135,36 +139,44 @@ struct RestoreArgs {
     #[command(flatten)]
     connect: ConnectArgs,
     /// The snapshot.
-    #[arg(long)]
-    snapshot: SnapshotId,
+    #[arg(long, required_unless_present = "volume", conflicts_with = "volume")]
+    snapshot: Option<SnapshotId>,
+    /// Far memory: a volume on the server (faultline-server volume create) backing a region
+    /// of its size, of which at most --budget is resident; needs --budget.
+    #[arg(long, requires = "budget")]
+    volume: Option<SnapshotId>,
+    /// The local memory budget of --volume: bytes (64M, 1GiB) or pages (16384pages).
+    #[arg(long, requires = "volume")]
+    budget: Option<Budget>,
     /// Memory to create: anon, shmem, hugetlb (2 MiB pages; the snapshot must be
-    /// imported with --page-size 2M) or guest-memfd.
+    /// imported with --page-size 2M) or guest-memfd. Far memory: anon or shmem.
     #[arg(long, default_value = "anon")]
     backing: BackingKind,
     /// Resolve method: auto (from what the kernel advertises), copy or continue.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "auto", conflicts_with = "volume")]
     mode: Mode,
     /// Background prefetch: none, working-set or all.
-    #[arg(long, default_value = "all")]
+    #[arg(long, default_value = "all", conflicts_with = "volume")]
     prefetch: PrefetchPolicy,
-    /// Pages to touch: none, all, random:N or working-set.
+    /// Pages to touch: none, all, random:N or working-set; with --volume, write-from:FILE
+    /// (every page of FILE written, in a random order, then flushed).
     #[arg(long, default_value = "all")]
-    touch: Touch,
+    touch: String,
     /// Touching threads.
     #[arg(long, default_value_t = 4)]
     threads: usize,
     /// Record the first-touch order and store it on the server as the working set (read-ahead
     /// is off while recording, so that the set is exactly the pages touched).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "volume")]
     record: bool,
     /// Check every touched page against the manifest's digest.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "volume")]
     verify: bool,
     /// When pages cannot be fetched: wait, poison (SIGBUS on touch) or abort.
-    #[arg(long, default_value = "wait")]
+    #[arg(long, default_value = "wait", conflicts_with = "volume")]
     on_failure: OnFailure,
     /// Seconds without the server before --on-failure applies.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, conflicts_with = "volume")]
     deadline: u64,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -172,16 +184,46 @@ struct RestoreArgs {
 }
 
 impl RestoreArgs {
+    /// The far-memory options, if --volume was given.
+    fn far_options(&self) -> anyhow::Result<Option<FarRestoreOptions>> {
+        let (Some(volume), Some(budget)) = (&self.volume, self.budget) else {
+            return Ok(None);
+        };
+        let source = self.touch.strip_prefix("write-from:").with_context(|| {
+            format!(
+                "--volume takes --touch write-from:FILE, not {:?}",
+                self.touch
+            )
+        })?;
+        if self.servers.len() > 1 {
+            anyhow::bail!("--volume takes one --server");
+        }
+        Ok(Some(FarRestoreOptions {
+            server: self.servers[0].clone(),
+            connect: self.connect.options()?,
+            volume: volume.clone(),
+            backing: self.backing,
+            budget,
+            source: source.into(),
+            threads: self.threads,
+        }))
+    }
+
     /// The library's options for these arguments.
     fn options(self) -> anyhow::Result<RestoreOptions> {
+        if self.touch.starts_with("write-from:") {
+            anyhow::bail!("--touch write-from:FILE needs --volume and --budget (far memory)");
+        }
         Ok(RestoreOptions {
             connect: self.connect.options()?,
             servers: self.servers,
-            snapshot: self.snapshot,
+            snapshot: self
+                .snapshot
+                .context("--snapshot or --volume is required")?,
             backing: self.backing,
             mode: self.mode,
             prefetch: self.prefetch,
-            touch: self.touch,
+            touch: self.touch.parse::<Touch>().map_err(anyhow::Error::msg)?,
             threads: self.threads,
             record: self.record,
             verify: self.verify,
@@ -214,6 +256,21 @@ fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Restore(args) => {
             let json = args.json;
+            if let Some(far) = args.far_options()? {
+                let summary = faultline_client::restore::run_far(&far).with_context(|| {
+                    format!(
+                        "writing {} into volume {}",
+                        far.source.display(),
+                        far.volume
+                    )
+                })?;
+                if json {
+                    println!("{}", serde_json::to_value(&summary)?);
+                } else {
+                    println!("{summary}");
+                }
+                return Ok(());
+            }
             let opts = args.options()?;
             let summary = faultline_client::restore::run(&opts)
                 .with_context(|| format!("restoring {}", opts.snapshot))?;

@@ -2,14 +2,23 @@
 //! run it: create guest memory of a backing type, start the pager on it,
 //! touch pages from several threads the way a guest would, verify every
 //! touched page against the manifest's digests, and summarise.
+//!
+//! With a volume and a budget ([`run_far`]), the same in far memory: the touching threads write
+//! a file's pages into a region larger than the budget, evicting and writing back on the way,
+//! and a final flush makes all of it durable on the server.
 
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use faultline_proto::{PageIndex, SnapshotId, pb};
 use futures::StreamExt;
 
-use crate::backing::{BackingError, BackingKind, GuestMemory};
+use crate::backing::{AccessError, BackingError, BackingKind, GuestMemory};
+use crate::pager::far::{Budget, FarError, FarPager, FarStats, FarStore, RemoteStore, StoreError};
 use crate::pager::{
     Latency, OnFailure, PagerConfig, PagesBySource, PrefetchPolicy, Region, StartError, Stats,
 };
@@ -395,5 +404,185 @@ impl std::fmt::Display for RestoreSummary {
             ),
             None => write!(f, "  verified   not checked (pass --verify)"),
         }
+    }
+}
+/// What `faultline restore --volume V --budget B --touch write-from:FILE` does: far memory.
+#[derive(Clone, Debug)]
+pub struct FarRestoreOptions {
+    /// The server URL.
+    pub server: String,
+    /// How to connect to it.
+    pub connect: ConnectOptions,
+    /// The volume.
+    pub volume: SnapshotId,
+    /// Backing type of the memory: anonymous or shmem.
+    pub backing: BackingKind,
+    /// Local memory budget.
+    pub budget: Budget,
+    /// The file whose pages the touching threads write into the region, in a random order.
+    pub source: PathBuf,
+    /// Touching threads.
+    pub threads: usize,
+}
+
+/// The outcome of a far-memory restore, as printed by `faultline restore --json`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct FarRestoreSummary {
+    /// The volume.
+    pub volume: String,
+    /// Backing type.
+    pub backing: String,
+    /// Pages of the file written into the region.
+    pub pages_written: u64,
+    /// Seconds the touching threads took (evictions and write-backs included).
+    pub touch_s: f64,
+    /// Seconds the final flush took.
+    pub flush_s: f64,
+    /// Pages the final flush wrote back.
+    pub flushed_pages: u64,
+    /// Seconds in all.
+    pub elapsed_s: f64,
+    /// The far-memory pager's statistics.
+    pub stats: FarStats,
+}
+
+/// A far-memory restore failed. Nothing written since the last flush is durable.
+#[derive(Debug, thiserror::Error)]
+pub enum FarRestoreError {
+    /// The volume could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Source {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file does not fit the volume.
+    #[error(
+        "{} is {file} bytes, larger than volume {volume} ({size} bytes); create a larger \
+         volume (faultline-server volume create --size)", path.display()
+    )]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        file: u64,
+        /// The volume.
+        volume: String,
+        /// The volume's size.
+        size: u64,
+    },
+    /// The memory could not be created.
+    #[error(transparent)]
+    Backing(#[from] BackingError),
+    /// The far-memory pager failed.
+    #[error(transparent)]
+    Far(#[from] FarError),
+    /// Writing into the region failed.
+    #[error("writing into the region: {0}")]
+    Access(#[from] AccessError),
+}
+
+/// Runs a far-memory restore; see [`FarRestoreOptions`]. Blocking.
+pub fn run_far(opts: &FarRestoreOptions) -> Result<FarRestoreSummary, FarRestoreError> {
+    let started = Instant::now();
+    let source_err = |source| FarRestoreError::Source {
+        path: opts.source.clone(),
+        source,
+    };
+    let file = File::open(&opts.source).map_err(source_err)?;
+    let file_len = file.metadata().map_err(source_err)?.len();
+    let store = RemoteStore::open(&opts.server, &opts.connect, opts.volume.clone())?;
+    let page_bytes = store.page_size();
+    let size = store.page_count() * page_bytes;
+    if file_len > size {
+        return Err(FarRestoreError::TooLarge {
+            path: opts.source.clone(),
+            file: file_len,
+            volume: opts.volume.to_string(),
+            size,
+        });
+    }
+    let memory = GuestMemory::new(opts.backing, size as usize)?;
+    let far = FarPager::start(memory, opts.budget, Arc::new(store))?;
+    // Every page of the file once, in a random order (Fisher-Yates, fixed seed).
+    let mut order: Vec<u64> = (0..file_len.div_ceil(page_bytes)).collect();
+    let mut seed = 0x2545_f491_4f6c_dd1d;
+    for i in (1..order.len()).rev() {
+        order.swap(i, (xorshift(&mut seed) % (i as u64 + 1)) as usize);
+    }
+    let touch_started = Instant::now();
+    let threads = opts.threads.max(1);
+    let progress = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let (order, far, file, progress) = (&order, &far, &file, &progress);
+                s.spawn(move || -> Result<(), FarRestoreError> {
+                    let mut buf = vec![0u8; page_bytes as usize];
+                    for &p in order.iter().skip(t).step_by(threads) {
+                        let offset = p * page_bytes;
+                        let len = (file_len - offset).min(page_bytes) as usize;
+                        file.read_exact_at(&mut buf[..len], offset)
+                            .map_err(source_err)?;
+                        // Faults the page in (evicting others on the way) and dirties it.
+                        far.memory().guest().write(offset as usize, &buf[..len])?;
+                        let done = progress.fetch_add(1, Ordering::Relaxed) + 1;
+                        if done % (order.len() as u64 / 10).max(1) == 0 {
+                            tracing::info!("written {done}/{} pages", order.len());
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .try_for_each(|w| w.join().expect("a touching thread panicked"))
+    })?;
+    let touch_s = touch_started.elapsed().as_secs_f64();
+    let flush_started = Instant::now();
+    let flushed_pages = far.flush()?;
+    let flush_s = flush_started.elapsed().as_secs_f64();
+    let stats = far.shutdown()?;
+    Ok(FarRestoreSummary {
+        volume: opts.volume.to_string(),
+        backing: opts.backing.to_string(),
+        pages_written: order.len() as u64,
+        touch_s,
+        flush_s,
+        flushed_pages,
+        elapsed_s: started.elapsed().as_secs_f64(),
+        stats,
+    })
+}
+
+impl std::fmt::Display for FarRestoreSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = &self.stats;
+        writeln!(
+            f,
+            "wrote {} pages into volume {} through {} memory with a budget of {} of {} pages",
+            self.pages_written, self.volume, self.backing, s.budget_pages, s.pages
+        )?;
+        writeln!(
+            f,
+            "  touching: {:.2}s; {} fetches ({} refaults), {} evictions, {} write-protect faults",
+            self.touch_s, s.fetches, s.refaults, s.evictions, s.wp_faults
+        )?;
+        writeln!(
+            f,
+            "  written back: {} pages ({:.1} MiB), acknowledged durable by the server",
+            s.writeback_pages,
+            s.writeback_bytes as f64 / (1 << 20) as f64
+        )?;
+        write!(
+            f,
+            "  final flush: {} pages in {:.2}s; every write is durable on the server ({:.2}s in all)",
+            self.flushed_pages, self.flush_s, self.elapsed_s
+        )
     }
 }

@@ -637,11 +637,26 @@ fn shutdown_poisons_unfilled_pages() {
 /// The image of `remove_events_while_resolving_zero_pages`.
 const REMOVE_SEED: u64 = 47;
 
+/// Which pages a REMOVE-storm child faults.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StormPages {
+    /// Every zero page (each resolved by the fault loop itself).
+    Zero,
+    /// Every page with content but the victim (each fetched, and installed
+    /// by the demand link on the thread that reads the uffd).
+    Data,
+}
+
 /// The child: one thread faults every zero page (each resolved by the fault
 /// thread itself) while another keeps discarding a page (REMOVE events,
 /// which make resolve operations fail with EAGAIN until the fault thread
 /// reads them).
 fn remove_storm_child(url: String, victim: usize) {
+    remove_storm(url, victim, StormPages::Zero);
+}
+
+/// [`remove_storm_child`], faulting `which` pages.
+fn remove_storm(url: String, victim: usize, which: StormPages) {
     let snap = Snapshot {
         id: SnapshotId::new("img").expect("name"),
         image: std::sync::Arc::new(image_4k(REMOVE_SEED, 4 * PAGES)),
@@ -677,6 +692,29 @@ fn remove_storm_child(url: String, victim: usize) {
             n
         })
     };
+    if which == StormPages::Data {
+        let data: Vec<usize> = snap
+            .data_pages()
+            .into_iter()
+            .filter(|&p| p != victim)
+            .collect();
+        let wrong = touch_and_check(mem, &snap, vec![data.clone()]);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let discards = storm.join().expect("storm");
+        assert!(
+            wrong.is_empty(),
+            "fetched pages differ from the image: {wrong:?}"
+        );
+        let s = pager.stats();
+        say(&format!(
+            "CHILD: {} fetched pages faulted during {discards} discards; {} REMOVE pages, {} \
+             reconnects",
+            data.len(),
+            s.removed_pages,
+            s.reconnects
+        ));
+        return;
+    }
     let zeros: Vec<usize> = snap.zero_pages();
     let wrong = touch_and_check(mem, &snap, vec![zeros.clone()]);
     done.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -690,6 +728,29 @@ fn remove_storm_child(url: String, victim: usize) {
         zeros.len(),
         s.removed_pages
     ));
+}
+
+/// REMOVE events arriving while fetched pages are installed on the thread that reads the uffd (EAGAIN there is retried, never waited out) leave every page right.
+#[test]
+fn remove_events_while_installing_fetched_pages() {
+    if let Some((url, victim)) = child_args() {
+        remove_storm(url, victim, StormPages::Data);
+        return;
+    }
+    if testutil::require_uffd().is_none() {
+        return;
+    }
+    let server = Server::start();
+    let snap = server.import("img", PageSize::Size4K, image_4k(REMOVE_SEED, 4 * PAGES));
+    let victim = *snap.data_pages().last().expect("a page with content");
+    let (status, report) = run_child(
+        "remove_events_while_installing_fetched_pages",
+        &server,
+        victim,
+    );
+    assert!(status.success(), "{report}");
+    assert!(report.contains("fetched pages faulted during"), "{report}");
+    eprintln!("{report}");
 }
 
 /// REMOVE events arriving while the fault thread resolves zero pages do not stall or abort it.

@@ -57,6 +57,12 @@ impl PageBitmap {
         self.words[(i / 64) as usize] |= 1 << (i % 64);
     }
 
+    /// Clears bit `i`. Panics if `i >= len`.
+    pub fn clear(&mut self, i: u64) {
+        assert!(i < self.len, "bit {i} out of a bitmap of {}", self.len);
+        self.words[(i / 64) as usize] &= !(1 << (i % 64));
+    }
+
     /// Sets bits `start..start + count`, a word at a time. Panics if the
     /// range reaches past `len`.
     pub fn set_range(&mut self, start: u64, count: u64) {

@@ -130,6 +130,39 @@ pub struct PageRun {
 }
 
 impl PageRun {
+    /// Decodes one run sent by the other side (a page written back to a
+    /// volume): inside `page_count` pages of `page_size`, holding exactly
+    /// its pages' bytes, at most [`MAX_BATCH_BYTES`] of them. The size is
+    /// checked before anything is decompressed.
+    pub fn decode(
+        run: pb::PageRun,
+        page_size: PageSize,
+        page_count: u64,
+    ) -> Result<Self, ProtocolError> {
+        let range = PageRange::try_from(pb::PageRange {
+            start: run.start,
+            count: run.count,
+        })?;
+        range
+            .check_within(page_count)
+            .map_err(|e| ProtocolError::invalid("range", e.to_string()))?;
+        let bytes = range.count().saturating_mul(page_size.bytes());
+        if bytes > MAX_BATCH_BYTES {
+            return Err(ProtocolError::invalid(
+                "count",
+                format!(
+                    "a run of {} pages holds {bytes} bytes, more than the {MAX_BATCH_BYTES} one \
+                     message may carry; split it",
+                    range.count()
+                ),
+            ));
+        }
+        let len =
+            usize::try_from(bytes).map_err(|_| ProtocolError::invalid("count", "run too large"))?;
+        let data = Compression::try_from(run.compression)?.decompress(run.data, len)?;
+        Ok(Self { range, data })
+    }
+
     /// The bytes of each page, with its index.
     pub fn pages(&self, page_size: PageSize) -> impl Iterator<Item = (PageIndex, Bytes)> + '_ {
         let ps = page_size.bytes_usize();

@@ -25,7 +25,8 @@ pub use bitmap::PageBitmap;
 pub use codec::Compression;
 pub use error::ProtocolError;
 pub use model::{
-    GuestAddress, Manifest, PageIndex, PageRange, PageSize, Region, SnapshotId, WorkingSetName,
+    ChainDepth, CreateVolume, GuestAddress, LayerKind, Manifest, PageIndex, PageRange, PageSize,
+    Region, RequestId, SealVolume, SnapshotId, VolumeSource, WorkingSetName, WriteRun,
 };
 
 /// Generated protocol code, package `faultline.v1`.

@@ -527,6 +527,258 @@ impl From<&Manifest> for pb::Manifest {
     }
 }
 
+/// What a name in the store is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerKind {
+    /// Immutable: standalone, or a diff over a parent snapshot.
+    Snapshot,
+    /// Writable memory.
+    Volume,
+}
+
+impl fmt::Display for LayerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Snapshot => "snapshot",
+            Self::Volume => "volume",
+        })
+    }
+}
+
+impl From<LayerKind> for pb::LayerKind {
+    fn from(k: LayerKind) -> Self {
+        match k {
+            LayerKind::Snapshot => Self::Snapshot,
+            LayerKind::Volume => Self::Volume,
+        }
+    }
+}
+
+impl From<pb::LayerKind> for LayerKind {
+    fn from(k: pb::LayerKind) -> Self {
+        match k {
+            pb::LayerKind::Snapshot => Self::Snapshot,
+            pb::LayerKind::Volume => Self::Volume,
+        }
+    }
+}
+
+/// Layers in a chain, the layer itself included: 1 for a standalone
+/// snapshot or an empty volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(transparent)]
+pub struct ChainDepth(pub u32);
+
+impl fmt::Display for ChainDepth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// What a new volume starts as.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VolumeSource {
+    /// A copy-on-write child of a snapshot.
+    Snapshot(SnapshotId),
+    /// Every page zero.
+    Empty {
+        /// Its page size.
+        page_size: PageSize,
+        /// Bytes; a positive multiple of the page size.
+        size: u64,
+    },
+}
+
+/// A validated `CreateVolumeRequest`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CreateVolume {
+    /// The new volume.
+    pub name: SnapshotId,
+    /// What it starts as.
+    pub source: VolumeSource,
+}
+
+/// Checks that `size` is a positive multiple of `page_size`.
+pub fn check_image_size(size: u64, page_size: PageSize) -> Result<(), ProtocolError> {
+    if size == 0 || !size.is_multiple_of(page_size.bytes()) {
+        return Err(ProtocolError::invalid(
+            "size",
+            format!(
+                "{size} bytes is not a positive multiple of the page size {page_size} ({} bytes)",
+                page_size.bytes()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl TryFrom<pb::CreateVolumeRequest> for CreateVolume {
+    type Error = ProtocolError;
+    fn try_from(r: pb::CreateVolumeRequest) -> Result<Self, ProtocolError> {
+        let name = SnapshotId::new(r.name)?;
+        let source = match r.source {
+            None => return Err(ProtocolError::Missing("source")),
+            Some(pb::create_volume_request::Source::FromSnapshot(s)) => {
+                VolumeSource::Snapshot(SnapshotId::new(s)?)
+            }
+            Some(pb::create_volume_request::Source::Empty(e)) => {
+                let page_size = PageSize::try_from(e.page_size)?;
+                check_image_size(e.size, page_size)?;
+                VolumeSource::Empty {
+                    page_size,
+                    size: e.size,
+                }
+            }
+        };
+        Ok(Self { name, source })
+    }
+}
+
+impl From<CreateVolume> for pb::CreateVolumeRequest {
+    fn from(c: CreateVolume) -> Self {
+        Self {
+            name: c.name.to_string(),
+            source: Some(match c.source {
+                VolumeSource::Snapshot(s) => {
+                    pb::create_volume_request::Source::FromSnapshot(s.to_string())
+                }
+                VolumeSource::Empty { page_size, size } => {
+                    pb::create_volume_request::Source::Empty(pb::EmptyVolume {
+                        page_size: page_size.bytes(),
+                        size,
+                    })
+                }
+            }),
+        }
+    }
+}
+
+/// A validated `SealVolumeRequest`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SealVolume {
+    /// The volume to seal.
+    pub volume: SnapshotId,
+    /// The snapshot it becomes.
+    pub snapshot: SnapshotId,
+}
+
+impl TryFrom<pb::SealVolumeRequest> for SealVolume {
+    type Error = ProtocolError;
+    fn try_from(r: pb::SealVolumeRequest) -> Result<Self, ProtocolError> {
+        let volume = SnapshotId::new(r.volume).map_err(|e| rename(e, "volume"))?;
+        let snapshot = SnapshotId::new(r.snapshot)?;
+        Ok(Self { volume, snapshot })
+    }
+}
+
+impl From<SealVolume> for pb::SealVolumeRequest {
+    fn from(s: SealVolume) -> Self {
+        Self {
+            volume: s.volume.to_string(),
+            snapshot: s.snapshot.to_string(),
+        }
+    }
+}
+
+/// Names the right field in an error of a name validated as a snapshot.
+fn rename(e: ProtocolError, field: &'static str) -> ProtocolError {
+    match e {
+        ProtocolError::Missing(_) => ProtocolError::Missing(field),
+        ProtocolError::Invalid { reason, .. } => ProtocolError::Invalid { field, reason },
+    }
+}
+
+/// The id a client gives a request on a stream (`Fault`, `WritePages`),
+/// echoed in the answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestId(pub u64);
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "request {}", self.0)
+    }
+}
+
+/// A validated `WriteRun`: pages of a volume and their bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriteRun {
+    /// The client's id, echoed in the ack.
+    pub id: RequestId,
+    /// The pages, decompressed and checked against the volume.
+    pub run: crate::codec::PageRun,
+}
+
+impl WriteRun {
+    /// Validates a run for a volume of `page_count` pages of `page_size`.
+    pub fn decode(
+        r: pb::WriteRun,
+        page_size: PageSize,
+        page_count: u64,
+    ) -> Result<Self, ProtocolError> {
+        let pages = r.pages.ok_or(ProtocolError::Missing("pages"))?;
+        Ok(Self {
+            id: RequestId(r.request_id),
+            run: crate::codec::PageRun::decode(pages, page_size, page_count)?,
+        })
+    }
+}
+
+/// Builds the wire form of a write of `data` (whole pages from `start`),
+/// compressed with `codec` where that shrinks it.
+pub fn write_run(
+    id: RequestId,
+    start: PageIndex,
+    count: u64,
+    data: Bytes,
+    codec: crate::Compression,
+) -> pb::WriteRun {
+    pb::WriteRun {
+        request_id: id.0,
+        pages: Some(crate::codec::encode_run(start, count, data, codec)),
+    }
+}
+
+/// A validated `WritePagesResponse`, as a client sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WriteAnswer {
+    /// The pages of `id` are durable.
+    Ack {
+        /// The request.
+        id: RequestId,
+        /// Its pages.
+        range: PageRange,
+    },
+    /// Nothing of request `id` was written.
+    Error {
+        /// The request.
+        id: RequestId,
+        /// A google.rpc.Code value.
+        code: i32,
+        /// Why.
+        message: String,
+    },
+}
+
+impl TryFrom<pb::WritePagesResponse> for WriteAnswer {
+    type Error = ProtocolError;
+    fn try_from(r: pb::WritePagesResponse) -> Result<Self, ProtocolError> {
+        let id = RequestId(r.request_id);
+        match r.result {
+            Some(pb::write_pages_response::Result::Ack(a)) => Ok(Self::Ack {
+                id,
+                range: PageRange::try_from(a.range.ok_or(ProtocolError::Missing("ack.range"))?)?,
+            }),
+            Some(pb::write_pages_response::Result::Error(e)) => Ok(Self::Error {
+                id,
+                code: e.code,
+                message: e.message,
+            }),
+            None => Err(ProtocolError::Missing("result")),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -582,6 +834,62 @@ mod tests {
         assert!(validate_regions(&[r(0, 8192), r(4096, 4096)], ps, 12288).is_err());
         assert!(validate_regions(&[r(0, 100)], ps, 12288).is_err());
         assert!(validate_regions(&[r(0, 16384)], ps, 12288).is_err());
+    }
+
+    /// Volume requests are validated: a size that is not whole pages, a bad
+    /// name or no source is refused; a valid one survives the wire.
+    #[test]
+    fn volume_requests_are_validated() {
+        let ok = CreateVolume {
+            name: SnapshotId::new("v").unwrap(),
+            source: VolumeSource::Empty {
+                page_size: PageSize::Size4K,
+                size: 8192,
+            },
+        };
+        assert_eq!(
+            CreateVolume::try_from(pb::CreateVolumeRequest::from(ok.clone())).unwrap(),
+            ok
+        );
+        let mut bad = pb::CreateVolumeRequest::from(ok);
+        bad.source = Some(pb::create_volume_request::Source::Empty(pb::EmptyVolume {
+            page_size: 4096,
+            size: 100,
+        }));
+        assert!(CreateVolume::try_from(bad.clone()).is_err());
+        bad.source = None;
+        assert!(CreateVolume::try_from(bad).is_err());
+        let seal = pb::SealVolumeRequest {
+            volume: "a/b".into(),
+            snapshot: "s".into(),
+        };
+        assert!(matches!(
+            SealVolume::try_from(seal),
+            Err(ProtocolError::Invalid {
+                field: "volume",
+                ..
+            })
+        ));
+    }
+
+    /// A write run must hold exactly its pages' bytes inside the volume.
+    #[test]
+    fn write_runs_are_validated() {
+        let ps = PageSize::Size4K;
+        let run = |start, count, len: usize| {
+            write_run(
+                RequestId(7),
+                PageIndex(start),
+                count,
+                Bytes::from(vec![1u8; len]),
+                crate::Compression::None,
+            )
+        };
+        let w = WriteRun::decode(run(1, 2, 8192), ps, 4).unwrap();
+        assert_eq!((w.id, w.run.range.end()), (RequestId(7), 3));
+        assert!(WriteRun::decode(run(3, 2, 8192), ps, 4).is_err());
+        assert!(WriteRun::decode(run(0, 2, 4096), ps, 4).is_err());
+        assert!(WriteRun::decode(run(0, 5000, 5000 * 4096), ps, 1 << 20).is_err());
     }
 
     /// A manifest survives the wire, and a truncated digest list is refused.

@@ -3,7 +3,9 @@
 use faultline_proto::model::OutOfRange;
 use faultline_proto::{ProtocolError, pb};
 
-use crate::store::{CreateError, ListError, OpenError, ReadError, RecordError};
+use crate::store::{
+    CreateError, ListError, OpenError, ReadError, RecordError, VolumeError, WriteError,
+};
 
 /// Why a request failed. Every variant has one gRPC code (see the
 /// `From<Error> for tonic::Status` impl); messages say what was wrong and the
@@ -85,6 +87,12 @@ pub enum Error {
     #[error(transparent)]
     Denied(#[from] crate::auth::Denied),
     /// The server is shutting down or a worker went away.
+    /// Creating, sealing or opening a volume failed.
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+    /// Writing pages to a volume failed.
+    #[error(transparent)]
+    Write(#[from] WriteError),
     #[error("the server is shutting down; retry on another server or later")]
     Unavailable,
 }
@@ -101,26 +109,34 @@ impl Error {
                 Code::ResourceExhausted
             }
             Self::UploadIdle(_) => Code::DeadlineExceeded,
-            Self::Read(e) => match e {
-                ReadError::Io { .. } | ReadError::Corrupt { .. } => Code::DataLoss,
-                ReadError::Unavailable { .. } => Code::Unavailable,
-            },
+            Self::Read(e) => read_code(e),
             Self::Open(e) | Self::List(ListError::Open(e)) | Self::Record(RecordError::Open(e)) => {
                 open_code(e)
             }
             Self::List(ListError::ReadDir { .. }) => Code::Internal,
             Self::List(ListError::Unavailable { .. }) => Code::Unavailable,
-            Self::Create(e) => match e {
-                CreateError::AlreadyExists(_) => Code::AlreadyExists,
-                CreateError::Invalid(_)
-                | CreateError::OutOfOrder { .. }
-                | CreateError::TooLong { .. }
-                | CreateError::Incomplete { .. } => Code::InvalidArgument,
-                CreateError::TooLarge { .. } | CreateError::DiskFull { .. } => {
-                    Code::ResourceExhausted
+            Self::Create(e) => create_code(e),
+            Self::Volume(e) => match e {
+                VolumeError::Unsupported { .. } => Code::Unimplemented,
+                VolumeError::AlreadyExists(_) => Code::AlreadyExists,
+                VolumeError::NotFound(_) => Code::NotFound,
+                VolumeError::NotAVolume(_) | VolumeError::TooDeep { .. } => {
+                    Code::FailedPrecondition
                 }
-                CreateError::Unavailable { .. } => Code::Unavailable,
-                CreateError::Io { .. } => Code::Internal,
+                VolumeError::Parent(e) | VolumeError::Open(e) => open_code(e),
+                VolumeError::Invalid(_) | VolumeError::Mismatch(_) => Code::InvalidArgument,
+                VolumeError::Limit(e) => create_code(e),
+                VolumeError::Read(e) => read_code(e),
+                VolumeError::Unavailable { .. } => Code::Unavailable,
+                VolumeError::Io { .. } => Code::Internal,
+            },
+            Self::Write(e) => match e {
+                WriteError::NotAVolume(_) | WriteError::Sealed(_) => Code::FailedPrecondition,
+                WriteError::OutOfRange(_) => Code::OutOfRange,
+                WriteError::WrongSize { .. } => Code::InvalidArgument,
+                WriteError::DiskFull { .. } => Code::ResourceExhausted,
+                WriteError::Unavailable { .. } => Code::Unavailable,
+                WriteError::Io { .. } => Code::Internal,
             },
             Self::Record(e) => match e {
                 RecordError::Open(e) => open_code(e),
@@ -179,7 +195,8 @@ impl Error {
                     "image_size"
                 })
             }
-            Self::Create(CreateError::DiskFull { .. }) => Some("disk_reserve"),
+            Self::Create(CreateError::DiskFull { .. })
+            | Self::Write(WriteError::DiskFull { .. }) => Some("disk_reserve"),
             Self::Record(RecordError::TooLarge { .. }) => Some("working_set_pages"),
             Self::Record(RecordError::TooManySets { .. }) => Some("working_sets"),
             _ => None,
@@ -211,6 +228,27 @@ fn is_too_large(message: &str) -> bool {
 /// Whether a transport status message is prost's decode error.
 fn is_decode_error(message: &str) -> bool {
     message.starts_with("failed to decode Protobuf message")
+}
+
+fn read_code(e: &ReadError) -> tonic::Code {
+    match e {
+        ReadError::Io { .. } | ReadError::Corrupt { .. } => tonic::Code::DataLoss,
+        ReadError::Unavailable { .. } => tonic::Code::Unavailable,
+    }
+}
+
+fn create_code(e: &CreateError) -> tonic::Code {
+    use tonic::Code;
+    match e {
+        CreateError::AlreadyExists(_) => Code::AlreadyExists,
+        CreateError::Invalid(_)
+        | CreateError::OutOfOrder { .. }
+        | CreateError::TooLong { .. }
+        | CreateError::Incomplete { .. } => Code::InvalidArgument,
+        CreateError::TooLarge { .. } | CreateError::DiskFull { .. } => Code::ResourceExhausted,
+        CreateError::Unavailable { .. } => Code::Unavailable,
+        CreateError::Io { .. } => Code::Internal,
+    }
 }
 
 fn open_code(e: &OpenError) -> tonic::Code {

@@ -5,8 +5,10 @@
 //! - [`store`]: where snapshots live. The async [`store::SnapshotStore`],
 //!   [`store::Snapshot`] and [`store::SnapshotWrite`] traits, the local
 //!   directory store, and its one-pass [`store::SnapshotWriter`] that both
-//!   import and upload use; [`store::object`], the S3 object store
-//!   (content-addressed chunks, a manifest written last).
+//!   import and upload use; [`store::layers`]: diff snapshots and writable
+//!   volumes as chains of layers (journaled writes, seal, diff import,
+//!   flatten); [`store::object`], the S3 object store (content-addressed
+//!   chunks, a manifest written last).
 //! - [`chunk_cache`]: the bounded in-memory chunk cache with single-flight
 //!   misses that object-store reads go through.
 //! - [`limits`]: [`limits::Limits`], every limit on what a request, a client

@@ -6,12 +6,15 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use faultline_proto::{PageIndex, PageRange, PageSize, SnapshotId};
+use faultline_proto::{
+    CreateVolume, PageIndex, PageRange, PageSize, SealVolume, SnapshotId, VolumeSource,
+};
 use faultline_server::auth::{self, Right, TokensFile};
 use faultline_server::import::{RegionArg, import, parse_size};
 use faultline_server::readiness::Readiness;
 use faultline_server::server::{self, ServeOptions, Server};
 use faultline_server::store::object::{DiskCache, ObjectStoreOptions, OpenedStore, StoreLocation};
+use faultline_server::store::{LayerInfo, LocalStore};
 use faultline_server::tls::TlsFiles;
 use faultline_server::{Limits, metrics};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -59,6 +62,28 @@ enum Command {
         /// one region "mem" covering the file at guest address 0.
         #[arg(long = "region")]
         regions: Vec<RegionArg>,
+        /// Import a diff memory file (a sparse file whose holes are the pages unchanged since
+        /// the snapshot PARENT, as Firecracker writes diff snapshots) as a child of PARENT.
+        /// Page size and layout are PARENT's.
+        #[arg(long, conflicts_with_all = ["page_size", "regions"])]
+        parent: Option<SnapshotId>,
+        #[command(flatten)]
+        limits: Limits,
+    },
+    /// Create or seal writable volumes.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Write the resolved image of a diff snapshot (or a volume) as a standalone snapshot.
+    Flatten {
+        /// Snapshot store directory.
+        #[arg(long, env = "FAULTLINE_STORE")]
+        store: PathBuf,
+        /// The diff snapshot or volume.
+        #[arg(long)]
+        name: SnapshotId,
+        /// Name of the new standalone snapshot.
+        #[arg(long = "as")]
+        as_name: SnapshotId,
         #[command(flatten)]
         limits: Limits,
     },
@@ -88,6 +113,69 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `faultline-server volume ...`.
+#[derive(Subcommand, Debug)]
+enum VolumeCommand {
+    /// Create a volume: empty (`--size`) or a copy-on-write child of a snapshot (`--from`).
+    Create {
+        /// Snapshot store directory (created if missing).
+        #[arg(long, env = "FAULTLINE_STORE")]
+        store: PathBuf,
+        /// Name of the new volume.
+        #[arg(long)]
+        name: SnapshotId,
+        /// Start as this snapshot's pages.
+        #[arg(long, required_unless_present = "size", conflicts_with = "size")]
+        from: Option<SnapshotId>,
+        /// Start empty, of this many bytes (suffixes K, M, G, T: powers of 1024).
+        #[arg(long, value_parser = parse_bytes)]
+        size: Option<u64>,
+        /// Page size of an empty volume: 4K or 2M.
+        #[arg(long, default_value = "4K", conflicts_with = "from")]
+        page_size: PageSize,
+        #[command(flatten)]
+        limits: Limits,
+    },
+    /// Seal a volume into an immutable diff snapshot (the volume's name is gone afterwards).
+    Seal {
+        /// Snapshot store directory.
+        #[arg(long, env = "FAULTLINE_STORE")]
+        store: PathBuf,
+        /// The volume.
+        #[arg(long)]
+        name: SnapshotId,
+        /// Name of the snapshot it becomes.
+        #[arg(long = "as")]
+        as_name: SnapshotId,
+    },
+}
+
+/// Parses a byte count with an optional K/M/G/T suffix (powers of 1024).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => {
+                    return Err(format!(
+                        "{s:?}: use a number of bytes, or a suffix K, M, G or T"
+                    ));
+                }
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1u64 << shift))
+        .ok_or_else(|| format!("{s:?} is not a byte count (e.g. 4096, 64M, 1G)"))
 }
 
 /// `faultline-server serve`'s arguments.
@@ -273,8 +361,34 @@ fn run(command: Command) -> anyhow::Result<()> {
             mem_file,
             page_size,
             regions,
+            parent: Some(parent),
+            limits,
+        } => {
+            let _ = (page_size, regions);
+            let StoreLocation::Local(dir) = store else {
+                bail!(
+                    "--parent needs a local store directory: diff snapshots are kept by the \
+                     local store only (the object store holds standalone snapshots)"
+                );
+            };
+            import_diff_cmd(dir, name, parent, mem_file, limits)
+        }
+        Command::Import {
+            store,
+            name,
+            mem_file,
+            page_size,
+            regions,
+            parent: None,
             limits,
         } => import_cmd(store, name, mem_file, page_size, regions, limits),
+        Command::Volume(cmd) => volume(cmd),
+        Command::Flatten {
+            store,
+            name,
+            as_name,
+            limits,
+        } => flatten(store, name, as_name, limits),
         Command::Inspect {
             store,
             name,
@@ -287,6 +401,13 @@ fn run(command: Command) -> anyhow::Result<()> {
 
 fn open_store(store: &StoreLocation, limits: &Limits) -> anyhow::Result<OpenedStore> {
     Ok(store.open(limits, ObjectStoreOptions::with_limits(limits))?)
+}
+
+/// A local store directory: volumes, diff imports and flattening are features of the local
+/// store (docs/store.md).
+fn open_local(dir: PathBuf, limits: &Limits) -> anyhow::Result<LocalStore> {
+    LocalStore::with_limits(&dir, limits)
+        .with_context(|| format!("cannot open the snapshot store {}", dir.display()))
 }
 
 #[tokio::main]
@@ -541,6 +662,124 @@ async fn import_cmd(
     Ok(())
 }
 
+fn bar(total: u64, msg: String) -> ProgressBar {
+    let bar = ProgressBar::new(total).with_style(
+        ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(msg);
+    bar
+}
+
+fn import_diff_cmd(
+    store: PathBuf,
+    name: SnapshotId,
+    parent: SnapshotId,
+    mem_file: PathBuf,
+    limits: Limits,
+) -> anyhow::Result<()> {
+    let store = open_local(store, &limits)?;
+    let bar = bar(0, format!("importing {name} over {parent}"));
+    let summary = store.import_diff_blocking(&name, &parent, &mem_file, |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    });
+    bar.finish_and_clear();
+    let s = summary?;
+    println!(
+        "imported {} : a diff over {parent} holding {} of {} pages, chain depth {}",
+        s.name, s.layer.own_pages, s.page_count, s.layer.depth
+    );
+    Ok(())
+}
+
+fn volume(cmd: VolumeCommand) -> anyhow::Result<()> {
+    match cmd {
+        VolumeCommand::Create {
+            store,
+            name,
+            from,
+            size,
+            page_size,
+            limits,
+        } => {
+            let store = open_local(store, &limits)?;
+            let source = match (from, size) {
+                (Some(p), _) => VolumeSource::Snapshot(p),
+                (None, Some(size)) => {
+                    let spec = faultline_server::store::SnapshotSpec::new(
+                        name.clone(),
+                        page_size,
+                        size,
+                        Vec::new(),
+                    )?;
+                    limits.check_spec(&spec)?;
+                    VolumeSource::Empty { page_size, size }
+                }
+                (None, None) => bail!("give --from SNAPSHOT or --size BYTES"),
+            };
+            let s = store.create_volume_blocking(CreateVolume { name, source })?;
+            println!(
+                "created volume {} : {} pages of {}{}",
+                s.name,
+                s.page_count,
+                PageSize::try_from(s.page_size)
+                    .map_or_else(|_| s.page_size.to_string(), |p| p.to_string()),
+                s.layer
+                    .parent
+                    .map(|p| format!(", copy-on-write over {p}"))
+                    .unwrap_or_default()
+            );
+        }
+        VolumeCommand::Seal {
+            store,
+            name,
+            as_name,
+        } => {
+            let store = open_local(store, &Limits::default())?;
+            let s = store.seal_blocking(&SealVolume {
+                volume: name,
+                snapshot: as_name,
+            })?;
+            println!(
+                "sealed into snapshot {} : {} of {} pages its own{}",
+                s.name,
+                s.layer.own_pages,
+                s.page_count,
+                s.layer
+                    .parent
+                    .map(|p| format!(", a diff over {p}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn flatten(
+    store: PathBuf,
+    name: SnapshotId,
+    as_name: SnapshotId,
+    limits: Limits,
+) -> anyhow::Result<()> {
+    let store = open_local(store, &limits)?;
+    let bar = bar(0, format!("flattening {name}"));
+    let summary = store.flatten_blocking(&name, &as_name, |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    });
+    bar.finish_and_clear();
+    let s = summary?;
+    println!(
+        "flattened {name} into {} : {} pages, standalone",
+        s.name, s.page_count
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn inspect(
     location: StoreLocation,
@@ -584,9 +823,17 @@ async fn inspect(
         })
         .collect();
     let zero_pages = m.zero_map.count_ones();
+    let layer = match opened.local() {
+        Some(local) => local.layer_info_blocking(&name)?,
+        None => LayerInfo::standalone(m.page_count),
+    };
     if json {
         let out = serde_json::json!({
             "name": m.id,
+            "kind": layer.kind,
+            "parent": layer.parent,
+            "depth": layer.depth,
+            "own_pages": layer.own_pages,
             "format_version": m.format_version,
             "page_size": m.page_size.bytes(),
             "page_count": m.page_count,
@@ -601,7 +848,13 @@ async fn inspect(
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        println!("snapshot     {}", m.id);
+        println!("{:<12} {}", layer.kind.to_string(), m.id);
+        if let Some(p) = &layer.parent {
+            println!(
+                "parent       {p} (chain depth {}, {} pages its own)",
+                layer.depth, layer.own_pages
+            );
+        }
         println!("page size    {}", m.page_size);
         println!("pages        {} ({} bytes)", m.page_count, m.image_size());
         println!(
@@ -662,12 +915,17 @@ async fn list(location: StoreLocation, json: bool) -> anyhow::Result<()> {
     }
     for s in snapshots {
         println!(
-            "{:<32} {:>10} pages of {:>7}  {:>5.1}% zero  working sets: {}",
+            "{:<32} {:<8} {:>10} pages of {:>7}  {:>5.1}% zero  {}  working sets: {}",
             s.name.as_str(),
+            s.layer.kind.to_string(),
             s.page_count,
             PageSize::try_from(s.page_size)
                 .map_or_else(|_| s.page_size.to_string(), |p| p.to_string()),
             100.0 * s.zero_pages as f64 / s.page_count as f64,
+            match &s.layer.parent {
+                Some(p) => format!("over {p} (depth {})", s.layer.depth),
+                None => "standalone".to_owned(),
+            },
             if s.working_sets.is_empty() {
                 "none".to_owned()
             } else {

@@ -53,10 +53,14 @@ pub const RPCS: &[&str] = &[
     "prefetch",
     "record_working_set",
     "create_snapshot",
+    "create_volume",
+    "write_pages_open",
+    "write_pages",
+    "seal_volume",
 ];
 
 /// The streaming RPCs, for the open-streams gauge.
-pub const STREAMS: &[&str] = &["fault", "prefetch"];
+pub const STREAMS: &[&str] = &["fault", "prefetch", "write_pages"];
 
 /// The codes errors are labelled with (the ones docs/protocol.md lists).
 pub const CODES: &[tonic::Code] = &[
@@ -66,6 +70,8 @@ pub const CODES: &[tonic::Code] = &[
     tonic::Code::NotFound,
     tonic::Code::AlreadyExists,
     tonic::Code::OutOfRange,
+    tonic::Code::FailedPrecondition,
+    tonic::Code::Unimplemented,
     tonic::Code::ResourceExhausted,
     tonic::Code::DeadlineExceeded,
     tonic::Code::DataLoss,

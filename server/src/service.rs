@@ -21,7 +21,8 @@ use std::time::Instant;
 
 use faultline_proto::codec::encode_run;
 use faultline_proto::{
-    Compression, Manifest, PageBitmap, PageIndex, PageRange, SnapshotId, WorkingSetName, pb,
+    Compression, CreateVolume, Manifest, PageBitmap, PageIndex, PageRange, SealVolume, SnapshotId,
+    VolumeSource, WorkingSetName, WriteRun, pb,
 };
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -32,7 +33,7 @@ use crate::auth::{Access, Right};
 use crate::error::Error;
 use crate::limits::Limits;
 use crate::metrics;
-use crate::store::{Snapshot, SnapshotSpec, SnapshotStore};
+use crate::store::{Snapshot, SnapshotSpec, SnapshotStore, Volume};
 
 /// Most page bytes one `ReadPages` call or one `Fault` request may ask for:
 /// 4096 pages of 4 KiB, or 8 huge pages. A fault's read-ahead window is far
@@ -305,9 +306,12 @@ struct BatchStats {
 /// Builds one batch of `ranges`: runs of non-zero pages (read from the
 /// snapshot, compressed where asked and useful, on a blocking thread) and
 /// ranges of zero pages (flagged, not read).
+///
+/// The zero map is the snapshot's current one ([`Snapshot::zero_runs`]),
+/// not the one a stream started with: a volume's pages change while a stream is open, and a page
+/// written since must never be answered as zeros.
 async fn build_batch(
     snapshot: &dyn Snapshot,
-    manifest: &Manifest,
     codec: Compression,
     ranges: &[PageRange],
 ) -> Result<(pb::PageBatch, BatchStats), Error> {
@@ -315,14 +319,7 @@ async fn build_batch(
     let mut zero = Vec::new();
     let mut raw = Vec::new();
     for range in ranges {
-        let mut start = range.start().0;
-        while start < range.end() {
-            let is_zero = manifest.zero_map.get(start);
-            let mut end = start + 1;
-            while end < range.end() && manifest.zero_map.get(end) == is_zero {
-                end += 1;
-            }
-            let part = PageRange::new(PageIndex(start), end - start).expect("non-empty");
+        for (part, is_zero) in snapshot.zero_runs(*range) {
             stats.pages += part.count();
             if is_zero {
                 stats.zero_pages += part.count();
@@ -332,7 +329,6 @@ async fn build_batch(
                 stats.bytes += data.len() as u64;
                 raw.push((part, data));
             }
-            start = end;
         }
     }
     let encode = move || {
@@ -349,6 +345,63 @@ async fn build_batch(
     };
     stats.wire_bytes = runs.iter().map(|r| r.data.len() as u64).sum();
     Ok((pb::PageBatch { runs, zero }, stats))
+}
+
+/// Answers queued on a `WritePages` stream before the server stops reading
+/// runs: a few, so that a client's pipeline of write-backs keeps the disk
+/// busy, while a client that does not read its acks holds little.
+const WRITE_ACKS_QUEUED: usize = 8;
+
+/// The answers of a `WritePages` stream.
+pub type WriteAcks =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::WritePagesResponse, Status>> + Send>>;
+
+/// Applies one message of a `WritePages` stream; errors in-band.
+async fn write_one(volume: &dyn Volume, msg: pb::WritePagesRequest) -> pb::WritePagesResponse {
+    let _timer = metrics::Request::start("write_pages");
+    let (request_id, result) = match msg.kind {
+        Some(pb::write_pages_request::Kind::Run(r)) => {
+            let id = r.request_id;
+            let result = async {
+                // A range past the end is OutOfRange, as on reads.
+                if let Some(p) = &r.pages {
+                    PageRange::try_from(pb::PageRange {
+                        start: p.start,
+                        count: p.count,
+                    })?
+                    .check_within(volume.page_count())?;
+                }
+                let run = WriteRun::decode(r, volume.page_size(), volume.page_count())?;
+                let range = run.run.range;
+                volume.write(run.run).await?;
+                Ok::<_, Error>(range)
+            }
+            .await;
+            (id, result)
+        }
+        Some(pb::write_pages_request::Kind::Open(_)) => (
+            0,
+            Err(Error::Sequence(
+                "a WritePages stream is opened once; `open` may only be its first message",
+            )),
+        ),
+        None => (
+            0,
+            Err(Error::Sequence("a WritePages message without a kind")),
+        ),
+    };
+    pb::WritePagesResponse {
+        request_id,
+        result: Some(match result {
+            Ok(range) => pb::write_pages_response::Result::Ack(pb::WriteAck {
+                range: Some(range.into()),
+            }),
+            Err(e) => {
+                metrics::request_failed("write_pages", &e);
+                pb::write_pages_response::Result::Error(e.to_pb())
+            }
+        }),
+    }
 }
 
 /// Records a served batch.
@@ -373,7 +426,7 @@ async fn serve_fault(
         .range
         .ok_or(faultline_proto::ProtocolError::Missing("range"))?;
     let ranges = check_read(vec![range], manifest)?;
-    build_batch(snapshot, manifest, codec, &ranges).await
+    build_batch(snapshot, codec, &ranges).await
 }
 
 /// What a validated `Prefetch` asks for.
@@ -400,7 +453,6 @@ struct Stopped;
 /// each when full.
 struct Batcher {
     snapshot: Arc<dyn Snapshot>,
-    manifest: Arc<Manifest>,
     codec: Compression,
     batch_pages: u64,
     pending: Vec<PageRange>,
@@ -434,7 +486,7 @@ impl Batcher {
         }
         let ranges = std::mem::take(&mut self.pending);
         self.pending_pages = 0;
-        match build_batch(&*self.snapshot, &self.manifest, self.codec, &ranges).await {
+        match build_batch(&*self.snapshot, self.codec, &ranges).await {
             Ok((batch, stats)) => {
                 count_served("prefetch", stats);
                 self.tx.send(Ok(batch)).await.map_err(|_| Stopped)
@@ -474,7 +526,6 @@ impl PrefetchPlan {
         let mut out = Batcher {
             batch_pages: (batch_bytes / manifest.page_size.bytes()).max(1),
             snapshot,
-            manifest,
             codec,
             pending: Vec::new(),
             pending_pages: 0,
@@ -607,7 +658,7 @@ impl pb::faultline_server::Faultline for FaultlineService {
             let snapshot = self.open(req.snapshot).await?;
             let manifest = snapshot.manifest();
             let ranges = check_read(req.ranges, &manifest)?;
-            build_batch(&*snapshot, &manifest, codec, &ranges).await
+            build_batch(&*snapshot, codec, &ranges).await
         }
         .await;
         let (batch, stats) = result.map_err(|e| t.fail(e))?;
@@ -877,6 +928,113 @@ impl pb::faultline_server::Faultline for FaultlineService {
         metrics::snapshot_added();
         tracing::info!(snapshot = %summary.name, pages = summary.page_count, "snapshot uploaded");
         Ok(Response::new(pb::CreateSnapshotResponse {
+            snapshot: Some(summary.into()),
+        }))
+    }
+
+    async fn create_volume(
+        &self,
+        req: Request<pb::CreateVolumeRequest>,
+    ) -> Result<Response<pb::CreateVolumeResponse>, Status> {
+        let t = metrics::Request::start("create_volume");
+        let access = Access::of(&req);
+        let req = req.into_inner();
+        let result = async {
+            let access = access?;
+            access.check(Right::Write, &req.name)?;
+            let request = CreateVolume::try_from(req)?;
+            match &request.source {
+                VolumeSource::Snapshot(parent) => access.check(Right::Read, parent.as_str())?,
+                VolumeSource::Empty { page_size, size } => {
+                    // Before anything is created for it.
+                    let spec =
+                        SnapshotSpec::new(request.name.clone(), *page_size, *size, Vec::new())?;
+                    self.limits.check_spec(&spec)?;
+                }
+            }
+            Ok::<_, Error>(self.store.create_volume(request).await?)
+        }
+        .await;
+        let summary = result.map_err(|e| t.fail(e))?;
+        tracing::info!(volume = %summary.name, pages = summary.page_count, "volume created");
+        Ok(Response::new(pb::CreateVolumeResponse {
+            volume: Some(summary.into()),
+        }))
+    }
+
+    type WritePagesStream = WriteAcks;
+
+    async fn write_pages(
+        &self,
+        req: Request<Streaming<pb::WritePagesRequest>>,
+    ) -> Result<Response<Self::WritePagesStream>, Status> {
+        let t = metrics::Request::start("write_pages_open");
+        let access = Access::of(&req);
+        let mut inbound = req.into_inner();
+        let opened = async {
+            let first = inbound.message().await.map_err(|status| {
+                Error::from_stream(&status, "the stream broke before its `open` message")
+            })?;
+            let Some(pb::WritePagesRequest {
+                kind: Some(pb::write_pages_request::Kind::Open(open)),
+            }) = first
+            else {
+                return Err(Error::Sequence(
+                    "the first message of a WritePages stream must be `open`",
+                ));
+            };
+            access?.check(Right::Write, &open.volume)?;
+            let id = SnapshotId::new(open.volume)?;
+            Ok(self.store.open_volume(&id).await?)
+        }
+        .await;
+        let volume = opened.map_err(|e| t.fail(e))?;
+        drop(t);
+        // Runs are applied one at a time, in the order they arrive, and
+        // each is answered once durable: acks come in request order. The
+        // channel holds a few answers; a client that does not read them
+        // stops the loop (and with it the reading of its runs).
+        let (tx, rx) = mpsc::channel(WRITE_ACKS_QUEUED);
+        tokio::spawn(async move {
+            let _active = metrics::ActiveStream::new("write_pages");
+            loop {
+                let msg = match inbound.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(status) => {
+                        let status = broken_stream("write_pages", &status, "the stream broke");
+                        let _ = tx.send(Err(status)).await;
+                        break;
+                    }
+                };
+                let answer = write_one(&*volume, msg).await;
+                if tx.send(Ok(answer)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn seal_volume(
+        &self,
+        req: Request<pb::SealVolumeRequest>,
+    ) -> Result<Response<pb::SealVolumeResponse>, Status> {
+        let t = metrics::Request::start("seal_volume");
+        let access = Access::of(&req);
+        let req = req.into_inner();
+        let result = async {
+            let access = access?;
+            access.check(Right::Write, &req.volume)?;
+            access.check(Right::Write, &req.snapshot)?;
+            let request = SealVolume::try_from(req)?;
+            Ok::<_, Error>(self.store.seal_volume(request).await?)
+        }
+        .await;
+        let summary = result.map_err(|e| t.fail(e))?;
+        metrics::snapshot_added();
+        tracing::info!(snapshot = %summary.name, own_pages = summary.layer.own_pages, "volume sealed");
+        Ok(Response::new(pb::SealVolumeResponse {
             snapshot: Some(summary.into()),
         }))
     }

@@ -69,6 +69,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
         let image = match content {
             Content::Realistic => "realistic",
             Content::Random => "random",
+            Content::RandomThenZero => "random, then zeros",
         };
         let mut gbps = vec![Vec::new(); CODECS.len()];
         for _ in 0..repeats {

@@ -1,4 +1,5 @@
-//! Scenario 1: demand-fault latency.
+//! Scenario 1: demand-fault latency, against the floor a remote fault
+//! cannot beat, pinned to one CPU and unpinned.
 //!
 //! One page at a time, in a fixed random order, the touching thread times
 //! each touch (an [`Instant`] before and after a volatile read of one byte)
@@ -6,17 +7,24 @@
 //!
 //! - faultline over gRPC from the in-process server (default read-ahead, and
 //!   read-ahead off);
-//! - an in-process local handler, as Firecracker's example handler: the
-//!   image in local memory, one `UFFDIO_COPY` per fault;
+//! - the floor's two halves, written here: a local userfaultfd handler (a
+//!   thread polling the uffd, one `UFFDIO_COPY` of 4 KiB per fault, the
+//!   image in local memory) and a bare loopback TCP ping-pong (64 B out, 4 KiB
+//!   back). A remote fault needs both, so their sum is *the floor*;
 //! - a plain page fault: first read of a page of a fresh private mapping of
 //!   the (page-cache-warm) image file, and first write of fresh anonymous
-//!   memory (zero fill);
-//! - the floor of any network fetch: a 16-byte request and a 4 KiB reply
-//!   over loopback TCP.
+//!   memory (zero fill).
 //!
-//! Methods are interleaved repeat by repeat on fresh memory, so a noisy
-//! neighbour hits them all.
+//! Every repeat runs every method twice: with every thread of the process
+//! (client, pager, in-process server, probes) pinned to one CPU, which
+//! measures the software path (a wake-up is a plain context switch), and
+//! unpinned, what a user sees (a wake-up crossing to an idle vCPU costs
+//! 35-80 µs here). Methods are interleaved repeat by repeat on fresh memory,
+//! so a noisy neighbour hits them all. faultline's runs also count the
+//! context switches of the client's and the server's threads over the timed
+//! loop (`/proc`), per fault.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
@@ -30,6 +38,7 @@ use faultline_client::uffd::{Event, Readiness, RegisterModes, ResolveError, Stop
 use faultline_proto::PageIndex;
 use serde_json::json;
 
+use super::floor::{Placement, Side, Switches};
 use super::report::{Plot, ratio};
 use super::sample::sample_pages;
 use super::{
@@ -40,13 +49,21 @@ use super::{
 /// touches the same pages in the same order.
 const SEED: u64 = 0x5eed_0001;
 
-/// The issue's goal: faultline's p50 at most this many times the local
-/// handler's.
-const GOAL_RATIO: f64 = 3.0;
+/// The issue's goal, pinned: faultline's p50 at most this many times the
+/// floor's (local uffd handler + TCP ping-pong).
+const GOAL_P50: f64 = 1.5;
 
-/// Request bytes of the TCP floor: about what a page request carries (an
-/// address and a length).
-const TCP_REQUEST: usize = 16;
+/// The issue's goal, pinned: faultline's p99 at most this many times the
+/// floor's p99.
+const GOAL_P99: f64 = 3.0;
+
+/// The issue's goal, unpinned: faultline's p50 at most this many times the
+/// unpinned floor's.
+const GOAL_UNPINNED_P50: f64 = 1.5;
+
+/// Request bytes of the TCP floor: a little more than a `Fault` request for
+/// one window carries (its framing included).
+const TCP_REQUEST: usize = 64;
 
 /// Reply bytes of the TCP floor: one 4 KiB page.
 const TCP_REPLY: usize = 4096;
@@ -61,28 +78,28 @@ enum Method {
     Faultline,
     /// faultline, read-ahead off.
     FaultlineNoReadahead,
-    /// In-process `UFFDIO_COPY` handler from a local buffer.
+    /// The floor's local half: a `UFFDIO_COPY` handler from a local buffer.
     LocalHandler,
+    /// The floor's network half: a loopback TCP ping-pong of a page.
+    Tcp,
     /// First read of a private file mapping (page cache warm).
     FileFault,
     /// First read of a one-page private file mapping (no fault-around).
     FilePageFault,
     /// First write of fresh anonymous memory.
     ZeroFill,
-    /// Loopback TCP round trip of a page.
-    Tcp,
 }
 
 impl Method {
     /// Every method, in the order each repeat runs them.
     const ALL: [Method; 7] = [
         Self::Faultline,
-        Self::FaultlineNoReadahead,
         Self::LocalHandler,
+        Self::Tcp,
+        Self::FaultlineNoReadahead,
         Self::FileFault,
         Self::FilePageFault,
         Self::ZeroFill,
-        Self::Tcp,
     ];
 
     /// Label in the table and plot.
@@ -90,11 +107,11 @@ impl Method {
         match self {
             Self::Faultline => "faultline (gRPC, loopback)",
             Self::FaultlineNoReadahead => "faultline, read-ahead off",
-            Self::LocalHandler => "in-process UFFDIO_COPY handler",
+            Self::LocalHandler => "local uffd handler (poll thread, one UFFDIO_COPY)",
+            Self::Tcp => "TCP ping-pong, 64 B -> 4 KiB",
             Self::FileFault => "plain fault, file mapping (page cache)",
             Self::FilePageFault => "plain fault, one-page file mapping",
             Self::ZeroFill => "plain fault, anonymous zero fill (write)",
-            Self::Tcp => "TCP round trip, 16 B -> 4 KiB",
         }
     }
 
@@ -104,10 +121,10 @@ impl Method {
             Self::Faultline => "faultline",
             Self::FaultlineNoReadahead => "faultline_no_readahead",
             Self::LocalHandler => "local_handler",
+            Self::Tcp => "tcp",
             Self::FileFault => "file_fault",
             Self::FilePageFault => "file_page_fault",
             Self::ZeroFill => "zero_fill",
-            Self::Tcp => "tcp",
         }
     }
 }
@@ -121,6 +138,24 @@ struct PagerRun {
     zero_samples: Vec<f64>,
     /// The pager's statistics at the end.
     stats: Stats,
+    /// Context switches per fault over the timed loop: client, server.
+    switches: (f64, f64),
+    /// The first touch after `Pager::start` returned, µs (not in `samples`).
+    first: f64,
+}
+
+/// Everything measured for one placement, over the repeats.
+#[derive(Default)]
+struct Measured {
+    /// samples[method][repeat]
+    samples: Vec<Vec<Vec<f64>>>,
+    zero_samples: Vec<Vec<f64>>,
+    /// pager_stats[read-ahead off][repeat]
+    pager_stats: Vec<Vec<Stats>>,
+    /// switches[read-ahead off][repeat]: (client, server) per fault.
+    switches: Vec<Vec<(f64, f64)>>,
+    /// The first fault of every faultline run, µs.
+    first: Vec<f64>,
 }
 
 /// Runs the scenario.
@@ -131,7 +166,10 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
         method: "Random single-page touches of distinct non-zero pages, one at a time, each timed \
                  by the touching thread (Instant around a volatile one-byte read); the same pages \
                  in the same order for every method, methods interleaved over repeats on fresh \
-                 memory. p50/p90/p99/max are medians over repeats."
+                 memory, each repeat once with every thread of the process (client, pager, \
+                 in-process server, probes) pinned to CPU 0 and once unpinned. p50/p90/p99/max \
+                 are medians over repeats. The floor is the sum of a local userfaultfd handler's \
+                 fault and a bare TCP ping-pong (64 B out, 4 KiB back), measured the same way."
             .into(),
         ..Default::default()
     };
@@ -143,7 +181,8 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
     let manifest = &snap.manifest;
     let count = ctx.pick(1000, 3000);
     // One more than measured: the first touch of each run warms the path up
-    // (connection, thread wake-ups) and is not counted.
+    // (thread wake-ups, and the demand connection if `Pager::start` did not
+    // open it) and is reported on its own.
     let sample = sample_pages(manifest.page_count, count + 1, SEED, |p| {
         !manifest.is_zero(PageIndex(p))
     });
@@ -154,46 +193,189 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
     let file = File::open(&snap.image).context("opening the image")?;
 
     let repeats = ctx.repeats();
-    // samples[method][repeat]
-    let mut samples: Vec<Vec<Vec<f64>>> = vec![Vec::new(); Method::ALL.len()];
-    let mut zero_samples = Vec::new();
-    let mut pager_stats: Vec<Vec<Stats>> = vec![Vec::new(); 2];
-    let bar = ctx.bar("latency", (repeats * Method::ALL.len()) as u64);
-    for _ in 0..repeats {
-        for (m, method) in Method::ALL.into_iter().enumerate() {
-            let s = match method {
-                Method::Faultline | Method::FaultlineNoReadahead => {
-                    let off = method == Method::FaultlineNoReadahead;
-                    let run = faultline(ctx, &snap, &sample, &zeros, off, &image)?;
-                    pager_stats[usize::from(off)].push(run.stats);
-                    if !off {
-                        zero_samples.push(run.zero_samples);
-                    }
-                    run.samples
-                }
-                Method::LocalHandler => local_handler(&image, &sample)?,
-                Method::FileFault => file_fault(&file, image.len(), &sample)?,
-                Method::FilePageFault => file_page_fault(&file, &sample)?,
-                Method::ZeroFill => zero_fill(image.len(), &sample)?,
-                Method::Tcp => tcp(sample.len())?,
+    let mut measured: HashMap<Placement, Measured> = Placement::ALL
+        .into_iter()
+        .map(|p| {
+            let m = Measured {
+                samples: vec![Vec::new(); Method::ALL.len()],
+                pager_stats: vec![Vec::new(); 2],
+                switches: vec![Vec::new(); 2],
+                ..Default::default()
             };
-            samples[m].push(s);
-            bar.inc(1);
+            (p, m)
+        })
+        .collect();
+    let bar = ctx.bar(
+        "latency",
+        (repeats * Method::ALL.len() * Placement::ALL.len()) as u64,
+    );
+    for _ in 0..repeats {
+        for placement in Placement::ALL {
+            let _pinned = placement.apply()?;
+            let out = measured.get_mut(&placement).expect("every placement");
+            for (m, method) in Method::ALL.into_iter().enumerate() {
+                let s = match method {
+                    Method::Faultline | Method::FaultlineNoReadahead => {
+                        let off = method == Method::FaultlineNoReadahead;
+                        let run = faultline(ctx, &snap, &sample, &zeros, off, &image)?;
+                        out.pager_stats[usize::from(off)].push(run.stats);
+                        out.switches[usize::from(off)].push(run.switches);
+                        out.first.push(run.first);
+                        if !off {
+                            out.zero_samples.push(run.zero_samples);
+                        }
+                        run.samples
+                    }
+                    Method::LocalHandler => local_handler(&image, &sample)?,
+                    Method::FileFault => file_fault(&file, image.len(), &sample)?,
+                    Method::FilePageFault => file_page_fault(&file, &sample)?,
+                    Method::ZeroFill => zero_fill(image.len(), &sample)?,
+                    Method::Tcp => tcp(sample.len())?,
+                };
+                out.samples[m].push(s);
+                bar.inc(1);
+            }
         }
     }
     bar.finish_and_clear();
 
+    let mut data = serde_json::Map::new();
+    let mut floors = HashMap::new();
+    let mut faultlines = HashMap::new();
+    for placement in Placement::ALL {
+        let m = &measured[&placement];
+        let (floor, faultline) = placement_report(
+            &mut report,
+            &mut data,
+            placement,
+            m,
+            &snap,
+            count,
+            zeros.len(),
+        );
+        floors.insert(placement, floor);
+        faultlines.insert(placement, faultline);
+    }
+
+    // Context switches per fault, by side.
+    let mut table = Table::new(
+        "Context switches per demand fault over the timed loop (voluntary + involuntary, \
+         from /proc/self/task/*/status), median (min–max) over repeats"
+            .to_string(),
+        &["method", "placement", "client", "server"],
+    );
+    for placement in Placement::ALL {
+        let m = &measured[&placement];
+        for (off, method) in [Method::Faultline, Method::FaultlineNoReadahead]
+            .into_iter()
+            .enumerate()
+        {
+            let client: Vec<f64> = m.switches[off].iter().map(|s| s.0).collect();
+            let server: Vec<f64> = m.switches[off].iter().map(|s| s.1).collect();
+            table.row(vec![
+                method.label().into(),
+                placement.label().into(),
+                Summary::of(&client).fmt(1),
+                Summary::of(&server).fmt(1),
+            ]);
+        }
+    }
+    report.tables.push(table);
+
+    let (floor_p, fl_p) = (&floors[&Placement::Pinned], &faultlines[&Placement::Pinned]);
+    report.targets.push(Target {
+        name: "demand-fault p50 vs the floor (local uffd + TCP), pinned".into(),
+        goal: format!("<= {GOAL_P50}x"),
+        value: ratio(fl_p.p50, floor_p.p50),
+        met: floor_p.p50 > 0.0 && fl_p.p50 <= GOAL_P50 * floor_p.p50,
+    });
+    report.targets.push(Target {
+        name: "demand-fault p99 vs the floor's p99, pinned".into(),
+        goal: format!("<= {GOAL_P99}x"),
+        value: ratio(fl_p.p99, floor_p.p99),
+        met: floor_p.p99 > 0.0 && fl_p.p99 <= GOAL_P99 * floor_p.p99,
+    });
+    let (floor_u, fl_u) = (
+        &floors[&Placement::Unpinned],
+        &faultlines[&Placement::Unpinned],
+    );
+    report.targets.push(Target {
+        name: "demand-fault p50 vs the floor, unpinned".into(),
+        goal: format!("<= {GOAL_UNPINNED_P50}x"),
+        value: ratio(fl_u.p50, floor_u.p50),
+        met: floor_u.p50 > 0.0 && fl_u.p50 <= GOAL_UNPINNED_P50 * floor_u.p50,
+    });
+
+    let pinned = &measured[&Placement::Pinned];
+    let series: Vec<(String, Vec<f64>)> = Method::ALL
+        .into_iter()
+        .zip(&pinned.samples)
+        .take(4)
+        .map(|(method, reps)| (method.label().to_string(), reps.concat()))
+        .collect();
+    report.plots.push(Plot::Cdf {
+        file: "latency-cdf.png".into(),
+        title: "Demand-fault latency pinned to one CPU, every touch of every repeat".into(),
+        x_label: "µs".into(),
+        log_x: true,
+        series,
+    });
+
+    report.data = json!({
+        "image_bytes": snap.spec.size,
+        "page_bytes": PAGE,
+        "pages_sampled": count,
+        "repeats": repeats,
+        "seed": SEED,
+        "placements": data,
+    });
+    Ok(report)
+}
+
+/// The floor: the local handler's and the TCP ping-pong's percentiles added.
+fn floor_of(local: &Percentiles, tcp: &Percentiles) -> Percentiles {
+    Percentiles {
+        n: local.n.min(tcp.n),
+        p50: local.p50 + tcp.p50,
+        p90: local.p90 + tcp.p90,
+        p99: local.p99 + tcp.p99,
+        max: local.max + tcp.max,
+    }
+}
+
+/// One placement's table, notes and data; returns its floor and faultline's
+/// medians.
+fn placement_report(
+    report: &mut ScenarioReport,
+    data: &mut serde_json::Map<String, serde_json::Value>,
+    placement: Placement,
+    m: &Measured,
+    snap: &Snapshot,
+    count: usize,
+    zero_count: usize,
+) -> (Percentiles, Percentiles) {
     // Per method: percentiles of each repeat, and their medians.
-    let per_repeat: Vec<Vec<Percentiles>> = samples
+    let per_repeat: Vec<Vec<Percentiles>> = m
+        .samples
         .iter()
         .map(|reps| reps.iter().map(|s| Percentiles::of(s)).collect())
         .collect();
     let medians: Vec<Percentiles> = per_repeat.iter().map(|p| median_of(p)).collect();
-    let local_p50 = medians[index(Method::LocalHandler)].p50;
+    let floor_repeats: Vec<Percentiles> = per_repeat[index(Method::LocalHandler)]
+        .iter()
+        .zip(&per_repeat[index(Method::Tcp)])
+        .map(|(l, t)| floor_of(l, t))
+        .collect();
+    let floor = floor_of(
+        &medians[index(Method::LocalHandler)],
+        &medians[index(Method::Tcp)],
+    );
+    let repeats = m.samples[0].len();
     let mut table = Table::new(
         format!(
-            "Demand-fault latency, µs ({count} random non-zero 4 KiB pages of a {} MiB image, \
+            "Demand-fault latency {}, µs ({count} random non-zero 4 KiB pages of a {} MiB image, \
              {repeats} repeats)",
+            placement.label(),
             snap.spec.size >> 20
         ),
         &[
@@ -203,7 +385,8 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
             "p99",
             "max",
             "p50 over repeats (min–max)",
-            "p50 vs local handler",
+            "p50 vs the floor",
+            "p99 vs the floor's p99",
         ],
     );
     // One row: percentiles (medians over repeats) and the spread of p50.
@@ -216,14 +399,22 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
             us(p.p99),
             us(p.max),
             Summary::of(&p50s).fmt(1),
-            ratio(p.p50, local_p50),
+            ratio(p.p50, floor.p50),
+            ratio(p.p99, floor.p99),
         ]
     };
-    for (m, method) in Method::ALL.into_iter().enumerate() {
-        table.row(row(method.label(), &medians[m], &per_repeat[m]));
+    for (i, method) in Method::ALL.into_iter().enumerate() {
+        table.row(row(method.label(), &medians[i], &per_repeat[i]));
+        if method == Method::Tcp {
+            table.row(row(
+                "the floor (local uffd handler + TCP ping-pong)",
+                &floor,
+                &floor_repeats,
+            ));
+        }
     }
     let zero_per_repeat: Vec<Percentiles> =
-        zero_samples.iter().map(|s| Percentiles::of(s)).collect();
+        m.zero_samples.iter().map(|s| Percentiles::of(s)).collect();
     let zero = median_of(&zero_per_repeat);
     if zero.n > 0 {
         table.row(row(
@@ -232,34 +423,14 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
             &zero_per_repeat,
         ));
     }
+    // One sample per run: the percentiles are over runs.
+    let first = Percentiles::of(&m.first);
+    table.row(row(
+        "faultline, first fault after Pager::start (one per run)",
+        &first,
+        &[first],
+    ));
     report.tables.push(table);
-
-    let faultline_p50 = medians[index(Method::Faultline)].p50;
-    report.targets.push(Target {
-        name: "demand-fault p50 vs in-process local UFFDIO_COPY handler".into(),
-        goal: format!("<= {GOAL_RATIO:.0}x"),
-        value: ratio(faultline_p50, local_p50),
-        met: local_p50 > 0.0 && faultline_p50 <= GOAL_RATIO * local_p50,
-    });
-
-    let mut series: Vec<(String, Vec<f64>)> = Method::ALL
-        .into_iter()
-        .zip(&samples)
-        .map(|(method, reps)| (method.label().to_string(), reps.concat()))
-        .collect();
-    if zero.n > 0 {
-        series.push((
-            "faultline, zero page (no network)".into(),
-            zero_samples.concat(),
-        ));
-    }
-    report.plots.push(Plot::Cdf {
-        file: "latency-cdf.png".into(),
-        title: "Demand-fault latency, every touch of every repeat".into(),
-        x_label: "µs".into(),
-        log_x: true,
-        series,
-    });
 
     // The pager's own view: from reading the fault to installing the page.
     let pager_view = |stats: &[Stats]| {
@@ -273,78 +444,70 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
             .collect();
         (Summary::of(&p50).median, Summary::of(&p99).median)
     };
-    let (own_p50, own_p99) = pager_view(&pager_stats[0]);
-    let (own_off_p50, own_off_p99) = pager_view(&pager_stats[1]);
-    let readahead_hits: u64 = pager_stats[0]
-        .iter()
-        .map(|s| s.pages_by_source.readahead)
-        .sum();
+    let faultline = medians[index(Method::Faultline)];
+    let (own_p50, own_p99) = pager_view(&m.pager_stats[0]);
+    let (own_off_p50, own_off_p99) = pager_view(&m.pager_stats[1]);
     report.notes.push(format!(
-        "The pager's own view (Stats::fault_latency_us, from reading the fault message to \
+        "{}: the pager's own view (Stats::fault_latency_us, from reading the fault message to \
          installing the page, network faults only): p50 {own_p50:.0} µs, p99 {own_p99:.0} µs \
          with read-ahead ({own_off_p50:.0} / {own_off_p99:.0} µs without), against {} / {} µs \
          timed by the touching thread; the difference is the kernel's fault entry, the wake-up \
-         of the pager's fault thread and of the faulting thread.",
-        us(faultline_p50),
-        us(medians[index(Method::Faultline)].p99),
+         of the pager's thread and of the faulting thread.",
+        placement.label(),
+        us(faultline.p50),
+        us(faultline.p99),
     ));
-    report.notes.push(format!(
-        "Zero pages (about 40% of a realistic image) never touch the network: the manifest marks \
-         them and the pager resolves them with UFFDIO_ZEROPAGE on the spot (p50 {} µs over \
-         {} touches per repeat). The sample above holds only non-zero pages; read-ahead also \
-         skips over zero pages without installing them.",
-        us(zero.p50),
-        zeros.len(),
-    ));
-    report.notes.push(format!(
-        "With default read-ahead each fault also fetched up to 3 neighbours ({readahead_hits} \
-         read-ahead pages over all repeats); a sampled page that a previous fault's read-ahead \
-         had installed costs a plain memory read, which pulls the low percentiles of that line \
-         down slightly."
-    ));
-    report.notes.push(format!(
-        "On a mapping of the whole file one read fault maps more than its page (fault-around, \
-         and whole large folios where the file system caches the file in them), so later \
-         touches often find their page mapped already (p50 {} µs); mapping each page on its own \
-         leaves one fault per touch (p50 {} µs), the cost of a plain minor fault here.",
-        us(medians[index(Method::FileFault)].p50),
-        us(medians[index(Method::FilePageFault)].p50),
-    ));
+    if placement == Placement::Pinned {
+        let readahead_hits: u64 = m.pager_stats[0]
+            .iter()
+            .map(|s| s.pages_by_source.readahead)
+            .sum();
+        report.notes.push(format!(
+            "Zero pages (about 40% of a realistic image) never touch the network: the manifest \
+             marks them and the pager resolves them with UFFDIO_ZEROPAGE on the spot (pinned p50 \
+             {} µs over {zero_count} touches per repeat). The sample holds only non-zero pages; \
+             with default read-ahead each fault also fetched up to 3 neighbours \
+             ({readahead_hits} read-ahead pages over the pinned repeats), so a sampled page a \
+             previous fault's read-ahead installed costs a plain memory read.",
+            us(zero.p50),
+        ));
+    }
 
     let method_data: serde_json::Map<String, serde_json::Value> = Method::ALL
         .into_iter()
         .enumerate()
-        .map(|(m, method)| {
+        .map(|(i, method)| {
             (
                 method.key().to_string(),
                 json!({
                     "label": method.label(),
-                    "median": medians[m],
-                    "repeats": per_repeat[m],
-                    "samples_us": samples[m],
+                    "median": medians[i],
+                    "repeats": per_repeat[i],
+                    "samples_us": m.samples[i],
                 }),
             )
         })
         .collect();
-    report.data = json!({
-        "image_bytes": snap.spec.size,
-        "page_bytes": PAGE,
-        "pages_sampled": count,
-        "repeats": repeats,
-        "seed": SEED,
-        "methods": method_data,
-        "faultline_zero_page": {
-            "median": zero,
-            "repeats": zero_per_repeat,
-            "samples_us": zero_samples,
-        },
-        "pager_stats": {
-            "faultline": pager_stats[0],
-            "faultline_no_readahead": pager_stats[1],
-        },
-        "ratio_p50_vs_local_handler": if local_p50 > 0.0 { faultline_p50 / local_p50 } else { 0.0 },
-    });
-    Ok(report)
+    data.insert(
+        placement.key().into(),
+        json!({
+            "methods": method_data,
+            "floor": { "median": floor, "repeats": floor_repeats },
+            "faultline_zero_page": { "median": zero, "repeats": zero_per_repeat },
+            "faultline_first_fault": { "over_runs": first, "samples_us": m.first },
+            "switches_per_fault": {
+                "faultline": m.switches[0],
+                "faultline_no_readahead": m.switches[1],
+            },
+            "pager_stats": {
+                "faultline": m.pager_stats[0],
+                "faultline_no_readahead": m.pager_stats[1],
+            },
+            "ratio_p50_vs_floor": if floor.p50 > 0.0 { faultline.p50 / floor.p50 } else { 0.0 },
+            "ratio_p99_vs_floor": if floor.p99 > 0.0 { faultline.p99 / floor.p99 } else { 0.0 },
+        }),
+    );
+    (floor, faultline)
 }
 
 /// Position of `method` in [`Method::ALL`].
@@ -466,8 +629,15 @@ fn faultline(
     let base = pager.memory(0).host_addr();
     // SAFETY: the pages are inside the pager's region, mapped read-write
     // while `pager` lives; guest memory holds no Rust object.
-    let mut samples = unsafe { timed_touches(base, PAGE, sample, false) };
-    samples.remove(0);
+    let first = unsafe { timed_touches(base, PAGE, &sample[..1], false) }[0];
+    let (faults_before, before) = (pager.stats().faults, Switches::now()?);
+    // SAFETY: as above.
+    let samples = unsafe { timed_touches(base, PAGE, &sample[1..], false) };
+    let (faults_after, after) = (pager.stats().faults, Switches::now()?);
+    let switched = after.since(&before);
+    let faults = (faults_after - faults_before).max(1) as f64;
+    let per_fault = |side| switched.get(&side).copied().unwrap_or(0) as f64 / faults;
+    let switches = (per_fault(Side::Client), per_fault(Side::Server));
     let zero_samples = if readahead_off {
         Vec::new()
     } else {
@@ -488,6 +658,8 @@ fn faultline(
         samples,
         zero_samples,
         stats,
+        switches,
+        first,
     })
 }
 
@@ -656,7 +828,7 @@ fn zero_fill(len: usize, sample: &[u64]) -> anyhow::Result<Vec<f64>> {
     Ok(samples)
 }
 
-/// `count` loopback TCP round trips (TCP_NODELAY): a 16-byte request, a
+/// `count` loopback TCP round trips (TCP_NODELAY): a 64-byte request, a
 /// 4 KiB reply from a server thread; µs each, the first left out.
 fn tcp(count: usize) -> anyhow::Result<Vec<f64>> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
@@ -683,7 +855,7 @@ fn tcp(count: usize) -> anyhow::Result<Vec<f64>> {
         for i in 0..count {
             let mut request = [0u8; TCP_REQUEST];
             request[..8].copy_from_slice(&(i as u64 * PAGE as u64).to_le_bytes());
-            request[8..].copy_from_slice(&(PAGE as u64).to_le_bytes());
+            request[8..16].copy_from_slice(&(PAGE as u64).to_le_bytes());
             let t = Instant::now();
             client.write_all(&request)?;
             client.read_exact(&mut reply)?;

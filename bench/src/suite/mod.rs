@@ -4,9 +4,11 @@
 //! # Layout
 //! - [`report`]: the data model of `report.json` and `BENCHMARKS.md`.
 //! - [`render`]: writes the report's JSON, Markdown and PNG plots.
+//! - [`floor`]: pinning to one CPU and counting context switches (latency).
 //! - One module per scenario: [`latency`] (1), [`restore`] (2),
 //!   [`working_set`] (3), [`fanout`] (4), [`copy_continue`] (5),
 //!   [`microvm`] (6), [`compression`] (7).
+//! - [`qemu`]: QEMU's postcopy migration, the restore scenario's baseline.
 //! - `sample`: deterministic page choices shared by the scenarios.
 //!
 //! A [`Ctx`] is shared by the scenarios: it owns the work directory, the
@@ -19,8 +21,10 @@
 pub mod compression;
 pub mod copy_continue;
 pub mod fanout;
+pub mod floor;
 pub mod latency;
 pub mod microvm;
+pub mod qemu;
 pub mod render;
 pub mod report;
 pub mod restore;
@@ -136,6 +140,10 @@ pub enum Content {
     Realistic,
     /// Every byte random: incompressible, no zero pages.
     Random,
+    /// The first three quarters random, the rest zeros: the restore
+    /// scenario's image (of 2 GiB: 1.5 GiB random, 0.5 GiB zero), the one
+    /// QEMU's postcopy baseline migrates too.
+    RandomThenZero,
 }
 
 /// A snapshot to generate (once) and serve.
@@ -164,6 +172,7 @@ impl ImageSpec {
         let content = match self.content {
             Content::Realistic => "realistic",
             Content::Random => "random",
+            Content::RandomThenZero => "random-zero",
         };
         format!(
             "{content}-{}m-{}k",
@@ -308,6 +317,12 @@ impl Ctx {
         match spec.content {
             Content::Realistic => crate::image::write_image(&image, spec.size, 1),
             Content::Random => crate::image::write_random_image(&image, spec.size, 1),
+            Content::RandomThenZero => crate::image::write_random_then_zero_image(
+                &image,
+                spec.size,
+                spec.size / 4 * 3 / 4096 * 4096,
+                1,
+            ),
         }
         .with_context(|| format!("writing {}", image.display()))?;
         bar.inc(1);

@@ -24,6 +24,21 @@ pub const MAX_READAHEAD_BYTES: u64 = 1 << 20;
 /// replay then moves.
 pub const NO_READAHEAD: (u64, u64) = (0, 0);
 
+/// Prefetch streams run in parallel, each on its own connection, for the
+/// bulk of a restore (after the recorded working set, which one stream
+/// sends first, in order). One: on the 2-core machines measured, where the
+/// server and the client share the cores, 2 and 4 streams were no faster
+/// than one (docs/BENCHMARKS.md, "Bulk restore"); more streams pay where
+/// there are cores to spare.
+pub const PREFETCH_STREAMS: usize = 1;
+
+/// Page bytes per prefetch batch asked of the server: 1 MiB. Larger
+/// batches (4 and 16 MiB) measured slower here, not faster: a batch is
+/// copied into the decode buffer, checked and installed while the next one
+/// waits, and 1 MiB of it stays in the CPU's cache for those three passes
+/// (docs/BENCHMARKS.md, "Bulk restore").
+pub const PREFETCH_BATCH_BYTES: u64 = 1 << 20;
+
 /// Default time the server may be unreachable (or a page keep failing its
 /// digest) before the failure policy applies.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
@@ -51,6 +66,40 @@ impl std::str::FromStr for PrefetchPolicy {
             _ => Err(format!(
                 "unknown prefetch policy {s:?}; use none, working-set or all"
             )),
+        }
+    }
+}
+
+/// How the prefetcher moves the bulk of a restore. The defaults are the
+/// measured best on the machines described in docs/BENCHMARKS.md; the
+/// benchmarks vary them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Bulk {
+    /// Parallel prefetch streams (at least 1; 1 sends everything on one
+    /// stream, working set first).
+    pub streams: usize,
+    /// Page bytes per batch asked of the server (0: the server's default;
+    /// the server caps it at 16 MiB).
+    pub batch_bytes: u64,
+    /// Install prefetched pages of shmem memory with `UFFDIO_COPY` rather
+    /// than writing the fill view and `UFFDIO_CONTINUE` (one ioctl and one
+    /// copy per run instead of a copy and an ioctl). A page the page cache
+    /// already holds (COPY answers EEXIST) still goes the CONTINUE way, so
+    /// the guest sees the same bytes either way.
+    pub shmem_copy: bool,
+    /// The same for hugetlbfs memory: `UFFDIO_COPY` fills a new huge page
+    /// straight from the received buffer, where writing the fill view first
+    /// has the kernel zero the 2 MiB page, then copies into it.
+    pub hugetlb_copy: bool,
+}
+
+impl Default for Bulk {
+    fn default() -> Self {
+        Self {
+            streams: PREFETCH_STREAMS,
+            batch_bytes: PREFETCH_BATCH_BYTES,
+            shmem_copy: true,
+            hugetlb_copy: false,
         }
     }
 }
@@ -117,6 +166,8 @@ pub struct PagerConfig {
     pub on_failure: OnFailure,
     /// Compression asked of the server.
     pub compression: Compression,
+    /// How the prefetcher moves bulk data.
+    pub bulk: Bulk,
 }
 
 impl PagerConfig {
@@ -134,6 +185,7 @@ impl PagerConfig {
             deadline: DEFAULT_DEADLINE,
             on_failure: OnFailure::Wait,
             compression: Compression::None,
+            bulk: Bulk::default(),
         }
     }
 }

@@ -13,7 +13,7 @@ use super::region::RegionState;
 use super::stats::Source;
 use super::{Outcome, Shared};
 use crate::strategy::Strategy;
-use crate::uffd::{Event, EventBuffer, FaultKind, Readiness};
+use crate::uffd::{Event, EventBuffer, FaultKind, Readable, StopSignal};
 
 /// Messages read from a uffd with one `read(2)`. Faults from many vCPUs
 /// arrive together; 64 covers a burst without a large buffer.
@@ -113,7 +113,7 @@ impl Shared {
                         self.counters
                             .pages(if minor { Source::Local } else { Source::Zero }, 1);
                     }
-                    self.progress.notify_waiters();
+                    self.demand_progress();
                     return Ok(());
                 }
                 PageState::InFlight => {
@@ -303,89 +303,123 @@ impl Shared {
     }
 }
 
-/// The body of a fault thread: serves `regions` (all registered on one
-/// uffd: its own for a region the pager registered, or a peer's shared by
-/// every region it registered), reading messages until stopped,
-/// memory-map events first (so faults see their effect), then faults.
+/// A fault thread's loop: serves `regions` (all registered on one uffd: its
+/// own for a region the pager registered, or a peer's shared by every region
+/// it registered), reading messages until stopped, memory-map events first
+/// (so faults see their effect), then faults.
+///
+/// It runs as a task on the demand thread's single-threaded runtime, beside
+/// the demand link and its HTTP/2 connection: the thread that reads a fault
+/// is the one that sends its request and installs the answer, with no
+/// wake-up of another thread in between (docs/BENCHMARKS.md measures it).
+/// It never awaits anything but the uffd, the stop signal and the EAGAIN
+/// retry timer; every resolve it does is synchronous, and an installer on
+/// this thread never waits out an EAGAIN (it is the thread that reads the
+/// event the kernel waits for: see [`Caller`]).
 ///
 /// An error on the uffd ends the pager (see [`Shared::on_install_error`]),
 /// never the process: the teardown then poisons what is unfilled.
-pub(crate) fn fault_loop(shared: &Shared, regions: &[usize]) {
-    let caller = Caller::FaultThread;
+pub(crate) async fn fault_loop(shared: &Shared, regions: &[usize], stop: &Readable<StopSignal>) {
     let first = &shared.regions[regions[0]];
+    let Some(uffd) = first.uffd() else { return };
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        shared.end(Outcome::Failed {
+            reason: format!("{what} the uffd of regions {regions:?} failed: {e}"),
+        });
+    };
+    // The registration holds the uffd for the loop's life.
+    let ready = match crate::uffd::readable(uffd) {
+        Ok(r) => r,
+        Err(e) => return fail("watching", &e),
+    };
+    let uffd = ready.get_ref();
     let mut buf = EventBuffer::new(EVENT_BATCH);
     let mut events = Vec::with_capacity(EVENT_BATCH);
     let mut deferred: Vec<(usize, PageIndex, bool)> = Vec::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.readable() => {
+                drain(shared, regions, uffd);
+                return;
+            }
+            guard = ready.readable() => {
+                let mut guard = match guard {
+                    Ok(g) => g,
+                    Err(e) => return fail("waiting on", &e),
+                };
+                events.clear();
+                match uffd.read_events(&mut buf, &mut events) {
+                    // Fewer than asked for: the queue is empty (the readiness is
+                    // edge-triggered; a message arriving since re-arms it).
+                    Ok(n) if n < EVENT_BATCH => guard.clear_ready(),
+                    Ok(_) => {}
+                    Err(e) => return fail("reading", &e),
+                }
+            }
+            // With faults set aside, retry soon: the refusal ends when the
+            // thread that caused the event resumes, which brings no message.
+            () = tokio::time::sleep(DEFERRED_RETRY), if !deferred.is_empty() => {
+                events.clear();
+            }
+        }
+        handle_messages(shared, regions, &events, &mut deferred);
+    }
+}
+
+/// Handles what one read of a uffd brought (and the faults set aside
+/// earlier): memory-map events first, then faults. A fault whose resolve met
+/// EAGAIN is set aside in `deferred` for the next round.
+fn handle_messages(
+    shared: &Shared,
+    regions: &[usize],
+    events: &[Event],
+    deferred: &mut Vec<(usize, PageIndex, bool)>,
+) {
+    let caller = Caller::FaultThread;
     let region_of = |address: usize| {
         regions.iter().find_map(|&i| {
             let r = &shared.regions[i];
             r.page_of(address).map(|p| (r, p))
         })
     };
-    loop {
-        let Some(uffd) = first.uffd() else { return };
-        // With faults set aside, wait briefly: the refusal ends when the
-        // thread that caused the event resumes, which brings no message.
-        let timeout = (!deferred.is_empty()).then_some(DEFERRED_RETRY);
-        match uffd.wait(timeout, Some(&shared.stop)) {
-            Ok(Readiness::Stopped) => {
-                drain(shared, regions, &uffd);
-                return;
-            }
-            Ok(Readiness::TimedOut | Readiness::Events) => {}
-            Err(e) => {
-                shared.end(Outcome::Failed {
-                    reason: format!("waiting on the uffd of regions {regions:?} failed: {e}"),
-                });
-                return;
-            }
+    for e in events
+        .iter()
+        .filter(|e| !matches!(e, Event::Pagefault { .. }))
+    {
+        // An event's range may span regions; each takes its part.
+        for &i in regions {
+            shared.on_event(&shared.regions[i], *e);
         }
-        events.clear();
-        if let Err(e) = uffd.read_events(&mut buf, &mut events) {
-            shared.end(Outcome::Failed {
-                reason: format!("reading the uffd of regions {regions:?} failed: {e}"),
-            });
-            return;
-        }
-        drop(uffd);
-        for e in events
-            .iter()
-            .filter(|e| !matches!(e, Event::Pagefault { .. }))
-        {
-            // An event's range may span regions; each takes its part.
-            for &i in regions {
-                shared.on_event(&shared.regions[i], *e);
+    }
+    let retries = std::mem::take(deferred)
+        .into_iter()
+        .map(|(i, p, minor)| ((&shared.regions[i], p, minor), true));
+    let faults = events.iter().filter_map(|e| match *e {
+        Event::Pagefault { address, kind, .. } => match region_of(address) {
+            Some((r, page)) => Some(((r, page, kind == FaultKind::Minor), false)),
+            None => {
+                tracing::error!("fault at {address:#x} outside regions {regions:?}");
+                None
             }
-        }
-        let retries = std::mem::take(&mut deferred)
-            .into_iter()
-            .map(|(i, p, minor)| ((&shared.regions[i], p, minor), true));
-        let faults = events.iter().filter_map(|e| match *e {
-            Event::Pagefault { address, kind, .. } => match region_of(address) {
-                Some((r, page)) => Some(((r, page, kind == FaultKind::Minor), false)),
-                None => {
-                    tracing::error!("fault at {address:#x} outside regions {regions:?}");
-                    None
-                }
-            },
-            _ => None,
-        });
-        for ((r, page, minor), retry) in retries.chain(faults).collect::<Vec<_>>() {
-            let result = if retry {
-                shared.serve_fault(r, page, minor, caller)
-            } else {
-                shared.on_fault(r, page, minor, caller)
-            };
-            match result {
-                Ok(()) => {}
-                Err(InstallError::Again { .. }) => deferred.push((r.index, page, minor)),
-                // Stopping: the range may be unregistered already. Wake the
-                // thread; its retry is served by the kernel or the teardown.
-                Err(_) if shared.is_stopping() => r.wake(page),
-                // The owner gone, or the uffd failing: the pager ends, and
-                // its teardown answers this fault (poison) where it still can.
-                Err(e) => shared.on_install_error(&e),
-            }
+        },
+        _ => None,
+    });
+    for ((r, page, minor), retry) in retries.chain(faults).collect::<Vec<_>>() {
+        let result = if retry {
+            shared.serve_fault(r, page, minor, caller)
+        } else {
+            shared.on_fault(r, page, minor, caller)
+        };
+        match result {
+            Ok(()) => {}
+            Err(InstallError::Again { .. }) => deferred.push((r.index, page, minor)),
+            // Stopping: the range may be unregistered already. Wake the
+            // thread; its retry is served by the kernel or the teardown.
+            Err(_) if shared.is_stopping() => r.wake(page),
+            // The owner gone, or the uffd failing: the pager ends, and
+            // its teardown answers this fault (poison) where it still can.
+            Err(e) => shared.on_install_error(&e),
         }
     }
 }

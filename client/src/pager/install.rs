@@ -26,6 +26,17 @@ use super::error::InstallError;
 use super::pages::PageState;
 use super::region::{Caller, RegionState};
 use super::stats::Source;
+use crate::backing::BackingKind;
+
+/// How step 2 puts the bytes in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Method {
+    /// As the region's strategy says, on behalf of a caller
+    /// ([`RegionState::install_as`]).
+    Strategy(Caller),
+    /// `UFFDIO_COPY` into a CONTINUE region ([`RegionState::install_bulk_copy`]).
+    BulkCopy,
+}
 
 impl Shared {
     /// Step 1: claims `page` for fetching and installing (`Missing ->
@@ -38,6 +49,8 @@ impl Shared {
     /// caller claimed, with their verified bytes: `fault`, if among them, is
     /// counted as demand, the rest as `source`. On failure the pages stay
     /// claimed: the caller retries them or [`Self::release_claimed`]s them.
+    /// On behalf of `caller`: the demand link runs on the fault thread, where
+    /// EAGAIN comes back as [`InstallError::Again`] (the link retries).
     pub(super) fn install_claimed(
         &self,
         region: &RegionState,
@@ -45,9 +58,50 @@ impl Shared {
         data: &[u8],
         source: Source,
         fault: Option<PageIndex>,
+        caller: Caller,
+    ) -> Result<(), InstallError> {
+        self.install_claimed_by(region, start, data, source, fault, Method::Strategy(caller))
+    }
+
+    /// [`Self::install_claimed`] for the prefetcher's bulk runs: by
+    /// `UFFDIO_COPY` on shmem or hugetlbfs when [`super::Bulk::shmem_copy`]
+    /// or [`super::Bulk::hugetlb_copy`] says so and the registration offers
+    /// it ([`RegionState::install_bulk_copy`]), else as the region's
+    /// strategy says.
+    pub(super) fn install_claimed_bulk(
+        &self,
+        region: &RegionState,
+        start: PageIndex,
+        data: &[u8],
+        source: Source,
+    ) -> Result<(), InstallError> {
+        let wanted = match region.memory.kind() {
+            BackingKind::Shmem => self.config.bulk.shmem_copy,
+            BackingKind::Hugetlb => self.config.bulk.hugetlb_copy,
+            _ => false,
+        };
+        let method = if wanted && region.bulk_copy_offered() {
+            Method::BulkCopy
+        } else {
+            Method::Strategy(Caller::Other)
+        };
+        self.install_claimed_by(region, start, data, source, None, method)
+    }
+
+    fn install_claimed_by(
+        &self,
+        region: &RegionState,
+        start: PageIndex,
+        data: &[u8],
+        source: Source,
+        fault: Option<PageIndex>,
+        method: Method,
     ) -> Result<(), InstallError> {
         let count = (data.len() / self.manifest.page_size.bytes_usize()) as u64;
-        region.install(start, data)?;
+        match method {
+            Method::Strategy(caller) => region.install_as(start, data, caller)?,
+            Method::BulkCopy => region.install_bulk_copy(start, data)?,
+        }
         self.counters.bytes(data.len() as u64);
         let demand = u64::from(fault.is_some_and(|f| f.0 >= start.0 && f.0 < start.0 + count));
         if demand > 0 {
@@ -83,18 +137,32 @@ impl Shared {
 
     /// The failure policy gave up on claimed pages: poisons each one still
     /// in flight (a thread touching it gets SIGBUS) and marks it so.
+    ///
+    /// On behalf of `caller`: on the demand thread (the link runs there) a
+    /// page refused with EAGAIN stays in flight (not poisoned, not counted):
+    /// returns false then, and the caller tries again once the pending event
+    /// is read.
     pub(super) fn poison_claimed(
         &self,
         region: &RegionState,
         pages: impl Iterator<Item = PageIndex>,
-    ) {
+        caller: Caller,
+    ) -> bool {
+        let mut all = true;
         for p in pages {
             if self.table.get(p) != PageState::InFlight {
                 continue;
             }
-            if let Err(e) = region.poison(p, 1, Caller::Other) {
-                tracing::error!("poisoning page {} failed: {e}", p.0);
-                self.on_install_error(&e);
+            match region.poison(p, 1, caller) {
+                Ok(()) => {}
+                Err(InstallError::Again { .. }) => {
+                    all = false;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!("poisoning page {} failed: {e}", p.0);
+                    self.on_install_error(&e);
+                }
             }
             // Counted first: a waiter sees the page poisoned only once the
             // statistics say so.
@@ -102,5 +170,6 @@ impl Shared {
             self.table.poison(p);
         }
         self.progress.notify_waiters();
+        all
     }
 }

@@ -9,7 +9,7 @@
 //! once, on the watcher or in `shutdown`, and then publishes the outcome.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -33,8 +33,8 @@ use crate::uffd::{RegisterModes, ResolveError, ResolveOps, StopSignal, Uffd};
 const POISON_RETRIES: u32 = 3;
 
 /// Worker threads of the pager's shared network runtime (prefetcher,
-/// watcher). The demand link has a thread of its own
-/// ([`spawn_demand_link`]).
+/// watcher). The fault loops and the demand link have a thread of their own
+/// ([`spawn_demand_thread`]).
 const RUNTIME_THREADS: usize = 2;
 
 /// How long [`Pager::shutdown`] waits for a teardown the watcher is already
@@ -154,39 +154,69 @@ fn guarded(
     })
 }
 
-/// Starts the demand link alone on a single-threaded tokio runtime on its
-/// own OS thread ("faultline-demand"); returns the task's abort handle.
-/// Aborting the task (completion, teardown) ends the thread. The thread is
-/// not joined: an install it is running may be retrying EAGAIN (up to
-/// `EAGAIN_TIMEOUT`) when the pager stops, and stopping must not wait for
-/// that; it ends by itself, as the shared runtime's workers do after
-/// `shutdown_background`.
+/// Starts the pager's demand thread ("faultline-fault"): one OS thread with
+/// a single-threaded tokio runtime that runs the fault loop of every uffd
+/// (`groups`), the demand link and the link's HTTP/2 connection. Returns the
+/// thread (joined at teardown) and the link task's abort handle. `runtime`
+/// is where `Pager::start` opened the demand stream (`opened`), so the
+/// connection's tasks already live on it.
 ///
-/// Why: on the shared runtime the link, its HTTP/2 connection task and
-/// hyper's request-body task share two workers with the prefetcher, which
-/// holds a worker for each 1 MiB batch it verifies and installs; a fault
-/// answer could wait behind that. Here every task of the demand connection
-/// (tonic's `Channel` spawns its tasks on the runtime that connects, which
-/// is this one) runs on this thread. Measured (docs/profile-notes.md): fault
-/// p99 during a full prefetch ~4.7 ms instead of 9-13 ms; p50 unchanged,
-/// and no change without prefetch.
-fn spawn_demand_link(
+/// Why one thread: a demand fault then costs no wake-up of another thread
+/// on the client between reading the fault and the request leaving, nor
+/// between the answer arriving and the install that wakes the guest (the
+/// thread reading the uffd used to hand each fault to a demand thread over a
+/// channel). Measured in docs/BENCHMARKS.md (context switches per fault, and
+/// latency pinned and unpinned). The link keeps a thread of its own, away
+/// from the prefetcher's runtime, for the reason measured before
+/// (docs/profile-notes.md): fault answers must not wait for a worker busy
+/// installing a 1 MiB prefetch batch.
+///
+/// Nothing on this thread blocks: installs and poisons it does return EAGAIN
+/// instead of waiting it out (it is the thread that reads the event), and
+/// the fault loops end on the stop signal, so the thread ends promptly once
+/// the pager stops.
+fn spawn_demand_thread(
     shared: Arc<Shared>,
+    runtime: tokio::runtime::Runtime,
     rx: mpsc::UnboundedReceiver<Demand>,
-) -> std::io::Result<tokio::task::AbortHandle> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let task = runtime.spawn(guarded(shared.clone(), link::run(shared, rx)));
+    opened: Option<(link::Session, usize)>,
+    groups: Vec<Vec<usize>>,
+) -> std::io::Result<(std::thread::JoinHandle<()>, tokio::task::AbortHandle)> {
+    let task = runtime.spawn(guarded(
+        shared.clone(),
+        link::run(shared.clone(), rx, opened),
+    ));
     let abort = task.abort_handle();
-    std::thread::Builder::new()
-        .name("faultline-demand".into())
+    let thread = std::thread::Builder::new()
+        .name("faultline-fault".into())
         .spawn(move || {
-            // Runs the link (and the connection's tasks) until the link task
-            // is aborted; dropping the runtime then drops the connection.
-            let _ = runtime.block_on(task);
+            let loops = async {
+                let stop = match crate::uffd::readable(shared.stop.clone()) {
+                    Ok(stop) => stop,
+                    Err(e) => {
+                        return shared.end(Outcome::Failed {
+                            reason: format!("watching the pager's stop signal failed: {e}"),
+                        });
+                    }
+                };
+                if groups.is_empty() {
+                    // Nothing to read (every region filled eagerly): wait for
+                    // the stop like the loops would.
+                    let _ = stop.readable().await;
+                    return;
+                }
+                let loops = groups.iter().map(|g| faults::fault_loop(&shared, g, &stop));
+                futures::future::join_all(loops).await;
+            };
+            let body = AssertUnwindSafe(|| runtime.block_on(loops));
+            if std::panic::catch_unwind(body).is_err() {
+                shared.end(Outcome::Failed {
+                    reason: "the pager's fault thread panicked".into(),
+                });
+            }
+            // Dropping the runtime drops the link and its connection.
         })?;
-    Ok(abort)
+    Ok((thread, abort))
 }
 
 impl Pager {
@@ -268,13 +298,13 @@ impl Pager {
         config.servers = plan.servers;
         let manifest = runtime.block_on(async {
             let mut last = None;
-            for url in &config.servers {
+            for (server, url) in config.servers.iter().enumerate() {
                 let attempt = async {
                     let remote = Remote::connect_with(url, &config.connect).await?;
                     remote.manifest(&config.snapshot).await
                 };
                 match tokio::time::timeout(manifest_wait, attempt).await {
-                    Ok(Ok(m)) => return Ok((m, url.clone())),
+                    Ok(Ok(m)) => return Ok((m, server)),
                     Ok(Err(source)) => {
                         last = Some(StartError::Manifest {
                             snapshot: config.snapshot.clone(),
@@ -295,7 +325,8 @@ impl Pager {
             }
             Err(last.expect("at least one server"))
         });
-        let (manifest, origin) = manifest?;
+        let (manifest, answered) = manifest?;
+        let origin = config.servers[answered].clone();
         let manifest = Arc::new(manifest);
 
         // Check the layout, then register each region.
@@ -383,10 +414,11 @@ impl Pager {
             readahead,
             demand_tx,
             progress: Notify::new(),
+            fault_waiters: AtomicUsize::new(0),
             started: Instant::now(),
             completed: OnceLock::new(),
             stopping: AtomicBool::new(false),
-            stop: StopSignal::new()?,
+            stop: Arc::new(StopSignal::new()?),
             ending: OnceLock::new(),
             tearing_down: AtomicBool::new(false),
             ended: watch::channel(None).0,
@@ -438,22 +470,34 @@ impl Pager {
             Some(_) if !lazy.is_empty() => vec![lazy],
             _ => lazy.into_iter().map(|i| vec![i]).collect(),
         };
-        for group in groups {
-            let shared = shared.clone();
-            let handle = std::thread::Builder::new()
-                .name(format!("faultline-fault-{}", group[0]))
-                .spawn(move || {
-                    let body = AssertUnwindSafe(|| faults::fault_loop(&shared, &group));
-                    if std::panic::catch_unwind(body).is_err() {
-                        shared.end(Outcome::Failed {
-                            reason: format!("the fault thread of regions {group:?} panicked"),
-                        });
-                    }
-                })
+        // The demand stream, opened now on the server that gave the manifest,
+        // so that the first fault does not wait for a connection. If that
+        // fails the link connects (and retries) by itself.
+        let demand_rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(StartError::Runtime)?;
+        let url = shared.config.servers[answered].clone();
+        let limit = link::OPEN_TIMEOUT.min(manifest_wait);
+        let open = async { tokio::time::timeout(limit, link::open_session(&shared, &url)).await };
+        let opened = match demand_rt.block_on(open) {
+            Ok(Ok(session)) => Some((session, answered)),
+            Ok(Err(e)) => {
+                tracing::warn!("demand link: {e}; connecting again when faults come");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "demand link: {url} did not open the Fault stream within {limit:?}; \
+                     connecting again when faults come"
+                );
+                None
+            }
+        };
+        let (thread, link) =
+            spawn_demand_thread(shared.clone(), demand_rt, demand_rx, opened, groups)
                 .map_err(StartError::Runtime)?;
-            pager.threads.push(handle);
-        }
-        let link = spawn_demand_link(shared.clone(), demand_rx).map_err(StartError::Runtime)?;
+        pager.threads.push(thread);
         let prefetch = runtime.spawn(guarded(shared.clone(), prefetch::run(shared.clone())));
         *shared
             .tasks

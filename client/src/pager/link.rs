@@ -26,6 +26,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::error::InstallError;
 use super::pages::PageState;
+use super::region::Caller;
 use super::stats::Source;
 use super::{OnFailure, Shared};
 use crate::remote::{Remote, decode_batch};
@@ -57,6 +58,14 @@ pub const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the link looks at its requests for retries due, stalls and
 /// deadlines: the shortest backoff, so a retry is not late by more than one.
 const TICK: Duration = INITIAL_BACKOFF;
+
+/// Pause before installing again an answer refused with EAGAIN (a
+/// memory-map event pending on the uffd). The refusal ends once this
+/// thread's fault loop has read the event and the thread that caused it
+/// (in `madvise`) has resumed, so the pause must let both happen: the link
+/// sleeps (tokio's timer rounds it up to a millisecond) instead of
+/// spinning. Short, because the faulting thread waits meanwhile.
+const AGAIN_PAUSE: Duration = Duration::from_micros(50);
 
 /// A request for pages, from a fault (or `Pager::fault`).
 #[derive(Debug, Clone)]
@@ -137,12 +146,14 @@ fn fault_request(id: u64, range: PageRange) -> pb::FaultRequest {
 }
 
 /// An open `Fault` stream.
-struct Session {
+pub(crate) struct Session {
     tx: mpsc::UnboundedSender<pb::FaultRequest>,
     answers: tonic::Streaming<pb::FaultResponse>,
 }
 
-async fn open_session(shared: &Shared, url: &str) -> Result<Session, String> {
+/// Opens the `Fault` stream on `url` (a new connection, whose tasks run on
+/// the calling runtime).
+pub(crate) async fn open_session(shared: &Shared, url: &str) -> Result<Session, String> {
     let remote = Remote::connect_with(url, &shared.config.connect)
         .await
         .map_err(|e| e.to_string())?;
@@ -181,10 +192,19 @@ struct Link {
     connect: Backoff,
     /// Since when no connection has answered (for the log).
     down_since: Option<Instant>,
+    /// Answers whose install met EAGAIN, kept to install again (see
+    /// [`Link::settle`]).
+    again: Vec<(Pending, PageBatch)>,
 }
 
-/// Runs the demand link until the pager stops.
-pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Demand>) {
+/// Runs the demand link until the pager stops. `opened`: the stream opened
+/// by `Pager::start` (before the first fault), with the index of its server
+/// in the list.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    mut rx: mpsc::UnboundedReceiver<Demand>,
+    opened: Option<(Session, usize)>,
+) {
     let mut link = Link {
         shared,
         pending: HashMap::new(),
@@ -192,7 +212,16 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Dem
         server: 0,
         connect: Backoff::new(INITIAL_BACKOFF, MAX_BACKOFF),
         down_since: None,
+        again: Vec::new(),
     };
+    if let Some((session, server)) = opened {
+        let servers = &link.shared.config.servers;
+        let url = servers[server % servers.len()].clone();
+        link.server = server + 1;
+        if !link.serve(session, &mut rx, &url).await {
+            return;
+        }
+    }
     loop {
         let servers = &link.shared.config.servers;
         let url = servers[link.server % servers.len()].clone();
@@ -256,6 +285,9 @@ impl Link {
                     None => return false,
                 },
                 () = tokio::time::sleep_until(until) => return true,
+                () = tokio::time::sleep(AGAIN_PAUSE), if !self.again.is_empty() => {
+                    self.retry_installs();
+                }
             }
         }
     }
@@ -335,6 +367,9 @@ impl Link {
                         return self.wait_out(rx).await;
                     }
                 },
+                () = tokio::time::sleep(AGAIN_PAUSE), if !self.again.is_empty() => {
+                    self.retry_installs();
+                }
                 // Only while requests wait: an idle link sleeps.
                 _ = tick.tick(), if !self.pending.is_empty() => {
                     self.check_deadlines();
@@ -354,6 +389,13 @@ impl Link {
                     self.send_due(&session);
                 }
             }
+        }
+    }
+
+    /// Installs again the answers set aside for EAGAIN.
+    fn retry_installs(&mut self) {
+        for (p, batch) in std::mem::take(&mut self.again) {
+            self.settle(p, batch);
         }
     }
 
@@ -386,14 +428,24 @@ impl Link {
                 continue;
             }
             let p = self.pending.remove(&id).expect("listed");
-            give_up(&self.shared, &p.demand, &p.demand.claimed, &why);
+            self.give_up(p, &why);
+        }
+    }
+
+    /// Applies the failure policy to `p` (not `wait`). If some of its pages
+    /// could not be poisoned yet (EAGAIN: this thread has an event to read
+    /// first), it is kept and tried again on a later tick.
+    fn give_up(&mut self, mut p: Pending, why: &str) {
+        if !give_up(&self.shared, &p.demand, &p.demand.claimed, why) {
+            p.retry_later(why.to_owned());
+            self.insert_retry(p);
         }
     }
 
     /// Handles one answer.
     fn answer(&mut self, resp: pb::FaultResponse) {
         let shared = self.shared.clone();
-        let Some(mut p) = self.pending.remove(&resp.request_id) else {
+        let Some(p) = self.pending.remove(&resp.request_id) else {
             return;
         };
         let batch = match resp.result {
@@ -408,8 +460,29 @@ impl Link {
             }
             None => return self.failed(p, "the server sent an empty answer".into()),
         };
+        self.settle(p, batch);
+    }
+
+    /// Installs the verified pages of an answer and settles the request:
+    /// done, retried (corrupt or failed pages), given up (the policy), or
+    /// set aside with its batch while a memory-map event is pending.
+    fn settle(&mut self, mut p: Pending, batch: PageBatch) {
+        let shared = self.shared.clone();
         let installed = install_batch(&shared, &p.demand, &batch);
-        shared.progress.notify_waiters();
+        shared.demand_progress();
+        if installed.again {
+            // A memory-map event is pending on the uffd, and this thread is
+            // the one that reads it (the fault loop, a task beside this
+            // one): the pages stay claimed, the batch is kept (verified), and
+            // the install is tried again after `AGAIN_PAUSE`, once the event
+            // is read and its thread resumed.
+            p.demand.claimed = installed.left;
+            if p.past(shared.config.deadline) && shared.config.on_failure != OnFailure::Wait {
+                return self.failed(p, "memory-map events kept the install refused".into());
+            }
+            self.again.push((p, batch));
+            return;
+        }
         if installed.left.iter().all(|c| !c) {
             if p.demand.fault.is_some() {
                 shared.counters.latency(p.demand.started.elapsed());
@@ -425,10 +498,8 @@ impl Link {
         }
         p.corrupt += 1;
         if p.corrupt > CORRUPT_RETRIES && shared.config.on_failure != OnFailure::Wait {
-            give_up(
-                &shared,
-                &p.demand,
-                &p.demand.claimed,
+            self.give_up(
+                p,
                 "pages keep failing their digest: the snapshot on the server is corrupt",
             );
             return;
@@ -447,7 +518,7 @@ impl Link {
     fn failed(&mut self, mut p: Pending, why: String) {
         let policy = self.shared.config.on_failure;
         if p.past(self.shared.config.deadline) && policy != OnFailure::Wait {
-            give_up(&self.shared, &p.demand, &p.demand.claimed, &why);
+            self.give_up(p, &why);
             return;
         }
         let pause = p.retry_later(why.clone());
@@ -468,11 +539,11 @@ impl Link {
 
 /// Gives up on the `which` pages of `demand`, per policy: poison them (the
 /// faulting thread gets SIGBUS) or abort the process. Never called for
-/// `wait`.
-fn give_up(shared: &Shared, demand: &Demand, which: &[bool], why: &str) {
+/// `wait`. False if some pages could not be poisoned yet (EAGAIN).
+fn give_up(shared: &Shared, demand: &Demand, which: &[bool], why: &str) -> bool {
     let region = &shared.regions[demand.region];
     match shared.config.on_failure {
-        OnFailure::Wait => {}
+        OnFailure::Wait => true,
         OnFailure::Abort => abort_process(&format!(
             "cannot fill {} of region {}: {why}",
             demand.range, demand.region
@@ -484,7 +555,7 @@ fn give_up(shared: &Shared, demand: &Demand, which: &[bool], why: &str) {
                 demand.region
             );
             let pages = demand.range.iter().zip(which).filter(|(_, c)| **c);
-            shared.poison_claimed(region, pages.map(|(p, _)| p));
+            shared.poison_claimed(region, pages.map(|(p, _)| p), Caller::FaultThread)
         }
     }
 }
@@ -504,6 +575,9 @@ struct Installed {
     left: Vec<bool>,
     /// Why an install failed, if one did (pages of that run are in `left`).
     failed: Option<String>,
+    /// An install met EAGAIN (a memory-map event pending; pages of that run
+    /// are in `left`).
+    again: bool,
 }
 
 /// Installs the claimed pages of `demand` found in `batch`, each verified
@@ -513,6 +587,7 @@ fn install_batch(shared: &Shared, demand: &Demand, batch: &PageBatch) -> Install
     let start = demand.range.start().0;
     let mut left = demand.claimed.clone();
     let mut failed = None;
+    let mut again = false;
     let ps = manifest.page_size.bytes_usize();
     for run in &batch.runs {
         // Consecutive pages of the run that are ours and verified, installed
@@ -527,7 +602,11 @@ fn install_batch(shared: &Shared, demand: &Demand, batch: &PageBatch) -> Install
                     for q in f..to {
                         left[(q - start) as usize] = true;
                     }
-                    failed = Some(e.to_string());
+                    if matches!(e, InstallError::Again { .. }) {
+                        again = true;
+                    } else {
+                        failed = Some(e.to_string());
+                    }
                 }
             }
         };
@@ -565,12 +644,18 @@ fn install_batch(shared: &Shared, demand: &Demand, batch: &PageBatch) -> Install
     // Pages the batch flagged zero were claimed because the manifest says
     // they are not: a server out of step with its manifest. They stay in
     // `left` and are treated as corrupt.
-    Installed { left, failed }
+    Installed {
+        left,
+        failed,
+        again,
+    }
 }
 
-/// Installs verified bytes for consecutive claimed pages and settles them.
-/// If that fails, the pages stay claimed (the request retries them after a
-/// backoff), and the pager ends if the error says it must.
+/// Installs verified bytes for consecutive claimed pages and settles them,
+/// on the fault thread (where the link runs): EAGAIN is not waited out but
+/// reported, since this thread reads the pending event. If that fails, the
+/// pages stay claimed (the request retries them after a backoff), and the
+/// pager ends if the error says it must.
 fn install_run(
     shared: &Shared,
     demand: &Demand,
@@ -578,7 +663,14 @@ fn install_run(
     data: &[u8],
 ) -> Result<(), InstallError> {
     let region = &shared.regions[demand.region];
-    let installed = shared.install_claimed(region, start, data, Source::Readahead, demand.fault);
+    let installed = shared.install_claimed(
+        region,
+        start,
+        data,
+        Source::Readahead,
+        demand.fault,
+        Caller::FaultThread,
+    );
     if let Err(e) = &installed {
         shared.on_install_error(e);
     }

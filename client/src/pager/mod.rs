@@ -3,13 +3,13 @@
 //! ```text
 //!  vCPU / guest thread faults
 //!        |
-//!        v
-//!  uffd --> fault thread (faults.rs, one per uffd) --+--> zero page, page-cache page: resolved here
-//!                                                    |
-//!                                                    +--> claim a read-ahead window --> demand link
-//!                                                                             (link.rs, Fault stream)
-//!  Pager::fault (VMM's own fault source) -------------'                                    |
-//!                                                        verify digest, install.rs <-------'
+//!        v                  demand thread (one OS thread, one tokio runtime)
+//!  uffd --> fault loop (faults.rs, one per uffd) --+--> zero page, page-cache page: resolved here
+//!                                                  |
+//!                                                  +--> claim a read-ahead window --> demand link
+//!                                                                 (link.rs, Fault stream)
+//!  Pager::fault (VMM's own fault source) ----------'                                     |
+//!                                                      verify digest, install.rs <-------'
 //!  prefetcher (prefetch.rs, Prefetch stream, own connection) --> verify, install.rs
 //! ```
 //!
@@ -27,10 +27,14 @@
 //! region's ioctls), `pages.rs` (page states), `recording.rs`, `stats.rs`,
 //! `error.rs`.
 //!
-//! Threads: fault threads are plain OS threads blocked on their uffd, never
-//! async workers. The demand link runs on a single-threaded tokio runtime on
-//! a thread of its own; the prefetcher and the watcher share a small
-//! multi-threaded runtime. Both runtimes belong to the pager.
+//! Threads: one demand thread (`faultline-fault`) runs a single-threaded
+//! tokio runtime holding the fault loop of every uffd, the demand link and
+//! the link's HTTP/2 connection: the thread that reads a fault sends its
+//! request and installs the answer, with no other thread woken on the way.
+//! Nothing on it blocks; its resolves report EAGAIN instead of waiting (it
+//! is the thread that reads the event the kernel waits for). The prefetcher
+//! and the watcher share a small multi-threaded runtime. Both runtimes
+//! belong to the pager.
 //!
 //! Ending: a pager ends once, with an [`Outcome`]: every page settled, the
 //! process owning the memory gone, stopped, or failed. An error on the
@@ -41,6 +45,7 @@
 
 mod config;
 mod error;
+pub mod far;
 mod faults;
 mod install;
 mod lifecycle;
@@ -51,7 +56,7 @@ mod recording;
 mod region;
 mod stats;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -59,8 +64,8 @@ use faultline_proto::{Manifest, PageIndex, PageRange};
 use tokio::sync::{Notify, mpsc, watch};
 
 pub use config::{
-    DEFAULT_DEADLINE, MAX_READAHEAD_BYTES, MIN_READAHEAD_BYTES, NO_READAHEAD, OnFailure,
-    PagerConfig, PrefetchPolicy, Region,
+    Bulk, DEFAULT_DEADLINE, MAX_READAHEAD_BYTES, MIN_READAHEAD_BYTES, NO_READAHEAD, OnFailure,
+    PREFETCH_BATCH_BYTES, PREFETCH_STREAMS, PagerConfig, PrefetchPolicy, Region,
 };
 pub use error::{FaultError, InstallError, StartError};
 pub use faults::Readahead;
@@ -85,14 +90,18 @@ pub(crate) struct Shared {
     counters: stats::Counters,
     readahead: Vec<Mutex<Readahead>>,
     demand_tx: mpsc::UnboundedSender<Demand>,
-    /// Notified after installs and state changes; waiters re-check.
+    /// Notified after installs and state changes; waiters re-check. The
+    /// demand path notifies only when someone needs it (see
+    /// [`Shared::demand_progress`]).
     progress: Notify,
+    /// `Pager::fault` calls waiting on `progress` now.
+    fault_waiters: AtomicUsize,
     started: Instant,
     completed: OnceLock<Duration>,
     /// Set once the pager is ending: paths stop, errors are expected.
     stopping: AtomicBool,
-    /// Raised to stop the fault threads.
-    stop: StopSignal,
+    /// Raised to stop the fault loops (and with them the demand thread).
+    stop: Arc<StopSignal>,
     /// Why the pager ends: the first reason given wins.
     ending: OnceLock<Outcome>,
     /// Whether someone has taken on the teardown (it runs once).
@@ -113,6 +122,22 @@ impl Shared {
         // The link lives as long as the pager; a send fails only while
         // stopping, when nothing waits for the answer.
         let _ = self.demand_tx.send(d);
+    }
+
+    /// The demand path settled pages (a fault's answer installed, a zero
+    /// page mapped): notifies `progress` if someone needs to hear it now, a
+    /// `Pager::fault` call waiting, or the watcher once no page is left
+    /// unsettled. Otherwise nobody is woken: the watcher would only count
+    /// and sleep again, and on a demand fault that wake-up of a worker of the
+    /// shared runtime cost the client one or two context switches per fault
+    /// (docs/BENCHMARKS.md). The watcher also looks every `WATCH_INTERVAL`.
+    fn demand_progress(&self) {
+        // Pairs with the fence in `Pager::fault`: either it sees the page
+        // settled, or this sees it waiting.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.table.unsettled() == 0 || self.fault_waiters.load(Ordering::SeqCst) > 0 {
+            self.progress.notify_waiters();
+        }
     }
 
     fn is_stopping(&self) -> bool {
@@ -253,6 +278,17 @@ impl Pager {
             .ok_or(FaultError::Outside { addr, len })?;
         let first = region.page_of(addr).expect("checked");
         let last = region.page_of(addr + len.max(1) - 1).expect("checked");
+        // Counted as waiting for as long as this call lives (a dropped future
+        // included), so that the demand path notifies `progress`.
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        shared.fault_waiters.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&shared.fault_waiters);
+        std::sync::atomic::fence(Ordering::SeqCst);
         loop {
             let progress = shared.progress.notified();
             let mut waiting = false;

@@ -1,10 +1,22 @@
 //! The prefetcher: streams the recorded working set, then everything else,
-//! on its own connection, installing in large runs the pages nobody has
+//! on connections of its own, installing in large runs the pages nobody has
 //! claimed yet. It also fills regions that have no lazy method (EAGER)
 //! before the guest runs.
+//!
+//! The bulk (everything after the working set) is split into
+//! [`super::Bulk::streams`] contiguous parts of the snapshot, each streamed
+//! on its own connection by a task of its own, so that on two cores one
+//! stream receives while another verifies and installs, and the server
+//! reads and sends on as many threads. The working set goes first, on one
+//! stream, in its recorded order: a replay needs its order more than its
+//! speed. On shmem, bulk runs are installed by `UFFDIO_COPY`
+//! ([`super::Bulk::shmem_copy`]). docs/BENCHMARKS.md has the measurements
+//! behind each choice.
 
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::task::JoinSet;
 
 use faultline_proto::backoff::Backoff;
 use faultline_proto::codec::PageRun;
@@ -94,7 +106,7 @@ fn install_unclaimed(shared: &Shared, run: &PageRun, source: Source) -> Result<(
         };
         let off = (from - run.range.start().0) as usize * ps;
         let data = &run.data[off..off + (to - from) as usize * ps];
-        let installed = shared.install_claimed(region, PageIndex(from), data, source, None);
+        let installed = shared.install_claimed_bulk(region, PageIndex(from), data, source);
         if installed.is_err() {
             // No page stays claimed: a fault on one now goes through the
             // demand link, with its retries and failure policy.
@@ -132,53 +144,103 @@ fn install_unclaimed(shared: &Shared, run: &PageRun, source: Source) -> Result<(
     flush(&mut pending, run.range.end())
 }
 
-/// Runs the background prefetcher until every page is settled, the stream
-/// ends, or the pager stops. Connection failures are retried with backoff;
-/// the demand path works regardless.
+/// Runs the background prefetcher until every page is settled, the streams
+/// end, or the pager stops. Connection failures are retried with backoff,
+/// stream by stream; the demand path works regardless.
 pub(crate) async fn run(shared: Arc<Shared>) {
-    let order = match shared.config.prefetch {
-        PrefetchPolicy::None => return,
+    let has_working_set = shared
+        .manifest
+        .working_sets
+        .contains(&shared.config.working_set);
+    let streams = shared.config.bulk.streams.max(1);
+    match shared.config.prefetch {
+        PrefetchPolicy::None => {}
+        PrefetchPolicy::WorkingSet if !has_working_set => {
+            tracing::info!(
+                "prefetch: snapshot {} has no working set {:?}; nothing to prefetch",
+                shared.manifest.id,
+                shared.config.working_set.as_str()
+            );
+        }
         PrefetchPolicy::WorkingSet => {
-            if !shared
-                .manifest
-                .working_sets
-                .contains(&shared.config.working_set)
+            retrying(&shared, pb::PrefetchOrder::WorkingSetOnly, Vec::new()).await;
+        }
+        PrefetchPolicy::All if streams == 1 => {
+            retrying(&shared, pb::PrefetchOrder::WorkingSetThenRest, Vec::new()).await;
+        }
+        PrefetchPolicy::All => {
+            if has_working_set
+                && !retrying(&shared, pb::PrefetchOrder::WorkingSetOnly, Vec::new()).await
             {
-                tracing::info!(
-                    "prefetch: snapshot {} has no working set {:?}; nothing to prefetch",
-                    shared.manifest.id,
-                    shared.config.working_set.as_str()
-                );
                 return;
             }
-            pb::PrefetchOrder::WorkingSetOnly
+            let mut tasks = JoinSet::new();
+            for part in split(shared.manifest.page_count, streams) {
+                let shared = shared.clone();
+                tasks.spawn(async move {
+                    retrying(&shared, pb::PrefetchOrder::Ranges, vec![part]).await;
+                });
+            }
+            // Dropping the set (the prefetcher aborted at the end) aborts
+            // the streams; a stream's panic is this task's, which ends the
+            // pager.
+            while let Some(done) = tasks.join_next().await {
+                if let Err(e) = done
+                    && e.is_panic()
+                {
+                    std::panic::resume_unwind(e.into_panic());
+                }
+            }
         }
-        PrefetchPolicy::All => pb::PrefetchOrder::WorkingSetThenRest,
-    };
-    let servers = shared.config.servers.clone();
+    }
+}
+
+/// `count` pages split into at most `parts` contiguous ranges of nearly
+/// equal size.
+fn split(count: u64, parts: usize) -> Vec<PageRange> {
+    let parts = (parts as u64).clamp(1, count.max(1));
+    let mut ranges = Vec::new();
+    let mut start = 0;
+    for i in 0..parts {
+        let end = count * (i + 1) / parts;
+        if let Some(r) = PageRange::new(PageIndex(start), end - start) {
+            ranges.push(r);
+        }
+        start = end;
+    }
+    ranges
+}
+
+/// Streams one prefetch request (`order` over `ranges`) to its end,
+/// retrying on failures with backoff through the listed servers, each
+/// retry naming the pages settled since. False if the pager should stop
+/// prefetching (it is stopping, or the memory's owner is gone).
+async fn retrying(shared: &Shared, order: pb::PrefetchOrder, ranges: Vec<PageRange>) -> bool {
+    let servers = &shared.config.servers;
     let mut backoff = Backoff::new(INITIAL_BACKOFF, MAX_BACKOFF);
     for attempt in 0.. {
         if shared.table.unsettled() == 0 || shared.is_stopping() {
-            return;
+            return !shared.is_stopping();
         }
         let req = pb::PrefetchRequest {
             snapshot: shared.config.snapshot.to_string(),
             order: order as i32,
             working_set: shared.config.working_set.to_string(),
+            ranges: ranges.iter().map(|&r| r.into()).collect(),
             have: shared.table.fetched_bitmap().to_bytes().into(),
             compression: shared.config.compression.into(),
-            ..Default::default()
+            max_batch_bytes: shared.config.bulk.batch_bytes,
         };
         let url = &servers[attempt % servers.len()];
-        match stream_into(&shared, url, req, Source::Prefetch).await {
-            Ok(()) => return,
+        match stream_into(shared, url, req, Source::Prefetch).await {
+            Ok(()) => return true,
             Err(PrefetchError::Install(e @ InstallError::OwnerGone { .. })) => {
                 shared.on_install_error(&e);
-                return;
+                return false;
             }
             Err(e) => {
                 if shared.is_stopping() {
-                    return;
+                    return false;
                 }
                 let pause = backoff.next_delay();
                 tracing::warn!("prefetch: {e}; retrying in {pause:?}");
@@ -186,6 +248,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             }
         }
     }
+    unreachable!("the loop returns")
 }
 
 /// Fills `ranges` (pages of EAGER regions) before the guest runs: streams
@@ -205,6 +268,7 @@ pub(crate) async fn fill_eager(
             ranges: ranges.iter().map(|&r| r.into()).collect(),
             have: shared.table.fetched_bitmap().to_bytes().into(),
             compression: shared.config.compression.into(),
+            max_batch_bytes: shared.config.bulk.batch_bytes,
             ..Default::default()
         };
         let url = &shared.config.servers[attempt % shared.config.servers.len()];
@@ -219,4 +283,24 @@ pub(crate) async fn fill_eager(
         }
     }
     unreachable!("the loop returns")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bulk is split into contiguous parts covering every page once.
+    #[test]
+    fn split_covers_every_page_once() {
+        for (count, parts) in [(10, 1), (10, 3), (524_288, 4), (3, 8), (1, 2)] {
+            let ranges = split(count, parts);
+            assert!(ranges.len() <= parts && !ranges.is_empty());
+            let mut next = 0;
+            for r in &ranges {
+                assert_eq!(r.start().0, next);
+                next = r.end();
+            }
+            assert_eq!(next, count, "{count} pages in {parts} parts");
+        }
+    }
 }

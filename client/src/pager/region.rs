@@ -49,10 +49,12 @@ pub struct RegionState {
 /// since it is the one that reads events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Caller {
-    /// The region's fault thread: EAGAIN returns [`InstallError::Again`] and
-    /// the fault loop reads messages, then retries.
+    /// The pager's demand thread, which reads the uffd (its fault loops)
+    /// and runs the demand link: EAGAIN returns [`InstallError::Again`] and
+    /// the fault loop reads messages, then the fault or the request is
+    /// retried.
     FaultThread,
-    /// Any other thread (demand link, prefetcher, `Pager::fault`, teardown):
+    /// Any other thread (prefetcher, `Pager::fault`, teardown):
     /// EAGAIN is retried here for up to [`EAGAIN_TIMEOUT`].
     Other,
 }
@@ -149,9 +151,19 @@ impl RegionState {
     /// keeps through MADV_DONTNEED). Pages already present are skipped
     /// (EEXIST: another path won the race with the same content).
     pub fn install(&self, start: PageIndex, data: &[u8]) -> Result<(), InstallError> {
-        // Fetched pages are installed by the network paths, never by a fault
-        // thread, so EAGAIN is waited out here.
-        let caller = Caller::Other;
+        self.install_as(start, data, Caller::Other)
+    }
+
+    /// [`Self::install`] on behalf of `caller`: on the fault thread (the
+    /// demand link, which runs there) EAGAIN returns
+    /// [`InstallError::Again`] instead of being waited out, since that
+    /// thread is the one that reads the event the kernel waits for.
+    pub(crate) fn install_as(
+        &self,
+        start: PageIndex,
+        data: &[u8],
+        caller: Caller,
+    ) -> Result<(), InstallError> {
         let region = self.index;
         match self.strategy() {
             Strategy::Eager => self
@@ -188,6 +200,76 @@ impl RegionState {
                 })
             }
         }
+    }
+
+    /// Whether [`Self::install_bulk_copy`] may be used: a CONTINUE region
+    /// (shmem, hugetlbfs) whose registration also offers COPY.
+    pub fn bulk_copy_offered(&self) -> bool {
+        self.strategy() == Strategy::Continue
+            && self
+                .decision
+                .registered
+                .is_some_and(|(_, ops)| ops.contains(ResolveOps::COPY))
+    }
+
+    /// [`Self::install`] for a CONTINUE region by `UFFDIO_COPY` (the
+    /// prefetcher's bulk path on shmem, see [`Self::bulk_copy_offered`]):
+    /// one copy and one ioctl per run, where CONTINUE writes the fill view
+    /// (faulting each page-cache page in) and then maps the run. A page
+    /// that COPY finds present (EEXIST) may be in the page cache without
+    /// being mapped (written through another mapping of the file): it goes
+    /// the CONTINUE way (written through the fill view, then mapped), so
+    /// the result is the same bytes as [`Self::install`]'s. Does not wake.
+    pub fn install_bulk_copy(&self, start: PageIndex, data: &[u8]) -> Result<(), InstallError> {
+        let region = self.index;
+        let uffd = self.uffd().ok_or(InstallError::Closed { region })?;
+        let ps = self.memory.page_size();
+        let (addr, offset) = (self.addr_of(start), self.offset_of(start));
+        let mut done = 0;
+        let started = Instant::now();
+        while done < data.len() {
+            match uffd.copy(addr + done, &data[done..], true) {
+                Ok(n) => done += n.max(1),
+                Err(ResolveError::Exists { done: d, .. }) => {
+                    done += d;
+                    let page = &data[done..done + ps];
+                    self.install_continue(addr + done, offset + done, page)?;
+                    done += ps;
+                }
+                Err(ResolveError::Again { done: d, .. }) => {
+                    done += d;
+                    if started.elapsed() > EAGAIN_TIMEOUT {
+                        return Err(InstallError::Stuck { region });
+                    }
+                    std::thread::sleep(EAGAIN_PAUSE);
+                }
+                Err(source) => return Err(self.failed(source)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `data` through the fill view at `offset` and maps it at the
+    /// guest address `addr` with CONTINUE, without waking.
+    fn install_continue(
+        &self,
+        addr: usize,
+        offset: usize,
+        data: &[u8],
+    ) -> Result<(), InstallError> {
+        let region = self.index;
+        let uffd = self.uffd().ok_or(InstallError::Closed { region })?;
+        let view = self.memory.fill_view().ok_or(InstallError::Write {
+            region,
+            reason: "the region has no fill view".into(),
+        })?;
+        view.write(offset, data).map_err(|e| InstallError::Write {
+            region,
+            reason: e.to_string(),
+        })?;
+        self.resolve(Caller::Other, addr, data.len(), |at, done| {
+            uffd.continue_(at, data.len() - done, true)
+        })
     }
 
     /// Resolves a fault on a page whose content is zeros, without the
@@ -415,18 +497,25 @@ impl RegionState {
                     }
                     std::thread::sleep(EAGAIN_PAUSE);
                 }
-                // ENOENT on memory of this process means the range was unmapped under the
-                // install (an UNMAP the fault thread is about to read), not that we are gone.
-                Err(source)
-                    if source.is_owner_gone()
-                        && (self.memory.is_in_peer() || errno(&source) == Some(libc::ESRCH)) =>
-                {
-                    return Err(InstallError::OwnerGone { region, source });
-                }
-                Err(source) => return Err(InstallError::Resolve { region, source }),
+                Err(source) => return Err(self.failed(source)),
             }
         }
         Ok(skipped)
+    }
+
+    /// The install error for a resolve operation that failed otherwise
+    /// than EEXIST or EAGAIN.
+    fn failed(&self, source: ResolveError) -> InstallError {
+        let region = self.index;
+        // ENOENT on memory of this process means the range was unmapped under the
+        // install (an UNMAP the fault thread is about to read), not that we are gone.
+        if source.is_owner_gone()
+            && (self.memory.is_in_peer() || errno(&source) == Some(libc::ESRCH))
+        {
+            InstallError::OwnerGone { region, source }
+        } else {
+            InstallError::Resolve { region, source }
+        }
     }
 }
 

@@ -126,6 +126,8 @@ pub enum ResolveOp {
     Wake,
     /// `UFFDIO_POISON`.
     Poison,
+    /// `UFFDIO_WRITEPROTECT`.
+    Writeprotect,
 }
 
 impl fmt::Display for ResolveOp {
@@ -136,6 +138,7 @@ impl fmt::Display for ResolveOp {
             Self::Continue => "UFFDIO_CONTINUE",
             Self::Wake => "UFFDIO_WAKE",
             Self::Poison => "UFFDIO_POISON",
+            Self::Writeprotect => "UFFDIO_WRITEPROTECT",
         })
     }
 }

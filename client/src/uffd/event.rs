@@ -1,8 +1,12 @@
 //! Messages read from a uffd, and waiting for them (or for a stop request).
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 
 use super::error::{ReadError, WaitError};
 
@@ -203,6 +207,12 @@ impl StopSignal {
     }
 }
 
+impl AsRawFd for StopSignal {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
 impl AsFd for StopSignal {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
@@ -263,4 +273,19 @@ pub(crate) fn wait(
             return Ok(Readiness::TimedOut);
         }
     }
+}
+
+/// A uffd or a stop signal watched for readability by the current tokio runtime (its epoll,
+/// edge-triggered): for a pager thread that runs async code beside its uffd.
+pub type Readable<T> = AsyncFd<Arc<T>>;
+
+/// Registers `fd` (a [`super::Uffd`] or a [`StopSignal`]) with the current tokio runtime for
+/// readability. Must be called within a runtime. The registration holds a reference, so the fd
+/// stays open while it is registered. An fd can be registered once per runtime (EEXIST
+/// otherwise): share the result among the tasks that wait on it.
+pub fn readable<T: AsRawFd>(fd: Arc<T>) -> io::Result<Readable<T>> {
+    // SAFETY: the `Arc` owns the object whose fd is registered (a `Uffd` or a `StopSignal`,
+    // both closing their fd only on drop), so the fd stays open and names the same file for as
+    // long as the `AsyncFd` holds it, and `as_raw_fd` returns that same fd every time.
+    unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(io::Error::from)
 }

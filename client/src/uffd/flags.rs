@@ -188,6 +188,22 @@ impl Features {
     );
 }
 
+impl Features {
+    /// What a far-memory region asks for: MISSING on shmem and WP on shmem (anonymous memory
+    /// needs no feature for either), THREAD_ID and EXACT_ADDRESS.
+    ///
+    /// No memory-map events: the far-memory pager drops pages itself (`MADV_DONTNEED`, or
+    /// `MADV_REMOVE` on shmem) from the thread that serves faults, and with `EVENT_REMOVE` that
+    /// `madvise` would sleep until the same thread read its own REMOVE message. The memory is the
+    /// pager's own, mapped and unmapped by it, so no other discard or unmap needs reporting.
+    pub const FAR_MEMORY: Self = Self(
+        Self::MISSING_SHMEM.0
+            | Self::WP_HUGETLBFS_SHMEM.0
+            | Self::THREAD_ID.0
+            | Self::EXACT_ADDRESS.0,
+    );
+}
+
 bitset! {
     /// The ioctls `UFFDIO_REGISTER` reports as usable on a range: bit n is `_UFFDIO_*` number n.
     /// This, not the kernel version, says how a range may be resolved.

@@ -27,8 +27,9 @@ use serde::Serialize;
 pub use error::{
     OpenError, ReadError, RegisterError, ResolveError, ResolveOp, UnregisterError, WaitError,
 };
-pub use event::{Event, EventBuffer, FaultKind, Readiness, StopSignal};
+pub use event::{Event, EventBuffer, FaultKind, Readable, Readiness, StopSignal, readable};
 pub use flags::{Features, RegisterModes, ResolveOps};
+pub use sys::{PAGE_IS_PRESENT, PAGE_IS_WRITTEN, PageRegion};
 
 /// Flags for every uffd faultline opens: close on exec, and non-blocking, because `poll(2)` on a
 /// blocking uffd reports POLLERR and a pager thread must be able to wait on its uffd and a stop
@@ -380,6 +381,61 @@ impl Uffd {
         finish(ResolveOp::Poison, start, len, result, done)
     }
 
+    /// `UFFDIO_COPY` with a mode: as [`Uffd::copy`], and with `protect` the pages are mapped
+    /// write-protected in the same step (`UFFDIO_COPY_MODE_WP`), so the first write to them
+    /// raises a WP fault: far memory's dirty tracking, where no write may slip in between
+    /// mapping a page and protecting it. `protect` needs a WP registration. Returns `src.len()`.
+    pub fn copy_mode(
+        &self,
+        dst: usize,
+        src: &[u8],
+        dontwake: bool,
+        protect: bool,
+    ) -> Result<usize, ResolveError> {
+        let mut mode = 0;
+        if protect {
+            mode |= sys::COPY_MODE_WP;
+        }
+        if dontwake {
+            mode |= sys::COPY_MODE_DONTWAKE;
+        }
+        // SAFETY: `src` is a live slice, readable for the duration of the call.
+        let (result, done) = unsafe {
+            sys::copy(
+                self.as_fd(),
+                dst as u64,
+                src.as_ptr(),
+                src.len() as u64,
+                mode,
+            )
+        };
+        finish(ResolveOp::Copy, dst, src.len(), result, done)
+    }
+
+    /// `UFFDIO_WRITEPROTECT`: `protect` write-protects the present pages of `start..start+len`
+    /// (a thread writing there then sleeps in a WP fault until unprotected); `!protect` removes
+    /// the protection and, unless `dontwake`, wakes the threads waiting in WP faults there.
+    /// Needs a WP registration. The kernel refuses `protect` with `dontwake` (EINVAL): waking
+    /// means nothing when protecting.
+    pub fn writeprotect(
+        &self,
+        start: usize,
+        len: usize,
+        protect: bool,
+        dontwake: bool,
+    ) -> Result<(), ResolveError> {
+        let mut mode = 0;
+        if protect {
+            mode |= sys::WRITEPROTECT_MODE_WP;
+        } else if dontwake {
+            mode |= sys::WRITEPROTECT_MODE_DONTWAKE;
+        }
+        sys::writeprotect(self.as_fd(), start as u64, len as u64, mode).map_err(|err| {
+            let errno = err.raw_os_error().unwrap_or(libc::EIO);
+            ResolveError::from_kernel(ResolveOp::Writeprotect, start, len, errno, -1)
+        })
+    }
+
     /// Reads at most one message without blocking; `None` when there is none.
     pub fn read_event(&self) -> Result<Option<Event>, ReadError> {
         match self.inner.read_event() {
@@ -433,6 +489,42 @@ impl AsFd for Uffd {
 impl AsRawFd for Uffd {
     fn as_raw_fd(&self) -> i32 {
         self.inner.as_raw_fd()
+    }
+}
+
+/// `/proc/self/pagemap`, open for `PAGEMAP_SCAN` (Linux 6.7): which pages of a range were
+/// written since they were last write-protected, for ranges registered WP on a uffd with
+/// `UFFD_FEATURE_WP_ASYNC` (writes then never fault: the kernel clears the protection itself and
+/// the scan reports it).
+#[derive(Debug)]
+pub struct Pagemap(std::fs::File);
+
+impl Pagemap {
+    /// Opens this process's pagemap.
+    pub fn open() -> io::Result<Self> {
+        std::fs::File::open("/proc/self/pagemap").map(Self)
+    }
+
+    /// Fills `out` with the regions of `start..end` whose pages are present and written, and
+    /// write-protects them again (`PM_SCAN_WP_MATCHING`; the range must be WP_ASYNC, or the
+    /// kernel refuses with EPERM). Returns how many regions were filled and the address where the
+    /// walk stopped (`end` unless `out` filled up first: call again from there).
+    pub fn take_written(
+        &self,
+        start: usize,
+        end: usize,
+        out: &mut [PageRegion],
+    ) -> io::Result<(usize, usize)> {
+        let (n, walk_end) = sys::pagemap_scan(
+            self.0.as_fd(),
+            start as u64,
+            end as u64,
+            PAGE_IS_WRITTEN,
+            PAGE_IS_WRITTEN,
+            true,
+            out,
+        )?;
+        Ok((n, walk_end as usize))
     }
 }
 

@@ -28,7 +28,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -40,12 +40,15 @@ use faultline_proto::{
     SnapshotId, WorkingSetName,
 };
 
+use super::layers::{self, Chain, LAYER_FORMAT_VERSION, LayerFile, MAX_CHAIN_DEPTH, WeakChain};
 use super::writer::TMP_PREFIX;
 use super::{
     CreateError, ListError, OpenError, ReadError, RecordError, Snapshot, SnapshotSpec,
-    SnapshotStore, SnapshotSummary, SnapshotWrite, SnapshotWriter, first_touch_order,
+    SnapshotStore, SnapshotSummary, SnapshotWrite, SnapshotWriter, Volume, VolumeError,
+    first_touch_order,
 };
 use crate::limits::Limits;
+use faultline_proto::{CreateVolume, LayerKind, SealVolume, VolumeSource};
 
 /// Largest read tried on the calling async worker when the page cache holds
 /// it (`RWF_NOWAIT`): 1 MiB, a pager's largest read-ahead window and the
@@ -118,6 +121,12 @@ struct StoreInner {
     /// Serializes working-set recordings, so that the set served after
     /// concurrent recordings is the one whose rename came last.
     recording: Mutex<()>,
+    /// Diff snapshots and volumes opened so far: one [`Chain`] per name
+    /// while any request holds it (a volume's writes are serialized by its
+    /// one `Chain`), the most recent kept open.
+    chains: Mutex<ChainCache>,
+    /// Serializes creating and sealing volumes, which claim names.
+    naming: Mutex<()>,
     /// Free bytes a new snapshot must leave on the disk.
     min_free_disk_bytes: u64,
     max_working_sets: usize,
@@ -226,6 +235,12 @@ impl LocalStore {
                     clock: 0,
                 }),
                 recording: Mutex::new(()),
+                chains: Mutex::new(ChainCache {
+                    entries: HashMap::new(),
+                    recent: std::collections::VecDeque::new(),
+                    capacity: limits.max_open_snapshots.max(1),
+                }),
+                naming: Mutex::new(()),
                 min_free_disk_bytes: limits.min_free_disk_bytes,
                 max_working_sets: limits.max_working_sets,
                 max_working_set_pages: limits.max_working_set_pages,
@@ -258,7 +273,12 @@ impl LocalStore {
                 if writer_is_gone(name) && std::fs::remove_dir_all(&path).is_ok() {
                     swept += 1;
                 }
-            } else if SnapshotId::new(name).is_ok() && path.is_dir() {
+            } else if let Ok(id) = SnapshotId::new(name)
+                && path.is_dir()
+            {
+                if self.finish_interrupted_seal(&id) {
+                    swept += 1;
+                }
                 for inner in std::fs::read_dir(&path).into_iter().flatten().flatten() {
                     let inner_name = inner.file_name();
                     if inner_name
@@ -329,6 +349,13 @@ impl LocalStore {
             let Ok(text) = std::fs::read(dir.join(MANIFEST_FILE)) else {
                 continue;
             };
+            if layers::format_version(&text) == Some(LAYER_FORMAT_VERSION) {
+                match self.open_chain_blocking(&id) {
+                    Ok(c) => out.push(c.summary()),
+                    Err(e) => tracing::warn!(snapshot = %id, "not listed: {e}"),
+                }
+                continue;
+            }
             let file: ManifestFile = match serde_json::from_slice(&text) {
                 Ok(f) => f,
                 Err(e) => {
@@ -354,6 +381,7 @@ impl LocalStore {
                 page_count: file.page_count,
                 zero_pages: file.zero_pages,
                 working_sets,
+                layer: super::LayerInfo::standalone(file.page_count),
             });
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -386,7 +414,7 @@ impl LocalStore {
                 limit: self.inner.max_working_set_pages,
             });
         }
-        let snapshot = self.open_blocking(id)?;
+        let snapshot = self.recordable(id)?;
         let order = first_touch_order(ranges, snapshot.manifest().page_count)?;
         let bytes: Vec<u8> = order.iter().flat_map(|p| p.0.to_le_bytes()).collect();
         let write_err = |source| RecordError::Write {
@@ -401,7 +429,7 @@ impl LocalStore {
             .expect("recording lock poisoned");
         // Under the lock: the snapshot as it is now (it may have been
         // replaced or evicted since it was opened above).
-        let snapshot = self.open_blocking(id)?;
+        let snapshot = self.recordable(id)?;
         let manifest = snapshot.manifest();
         if !manifest.working_sets.contains(name)
             && manifest.working_sets.len() >= self.inner.max_working_sets
@@ -411,8 +439,8 @@ impl LocalStore {
                 limit: self.inner.max_working_sets,
             });
         }
-        let path = snapshot.dir.join(format!("{WORKING_SET_PREFIX}{name}"));
-        let tmp = snapshot.dir.join(format!(
+        let path = snapshot.dir().join(format!("{WORKING_SET_PREFIX}{name}"));
+        let tmp = snapshot.dir().join(format!(
             "{TMP_PREFIX}{WORKING_SET_PREFIX}{name}-{}-{}",
             std::process::id(),
             NEXT_TMP_SET.fetch_add(1, Ordering::Relaxed)
@@ -426,7 +454,7 @@ impl LocalStore {
         }
         // Make the rename durable; failing that only risks the old set
         // coming back after a crash.
-        let _ = File::open(&snapshot.dir).and_then(|d| d.sync_all());
+        let _ = File::open(snapshot.dir()).and_then(|d| d.sync_all());
         let pages = order.len() as u64;
         snapshot.add_working_set(name.clone(), order);
         Ok(pages)
@@ -436,6 +464,446 @@ impl LocalStore {
 /// Whether the process that named a temporary file `.tmp-...-PID-N` is
 /// gone. Files of this process, of running processes and of names that do
 /// not parse are kept.
+/// Diff snapshots and volumes opened so far.
+#[derive(Debug)]
+struct ChainCache {
+    /// Every chain opened and still held somewhere, by name.
+    entries: HashMap<SnapshotId, (FileIdentity, WeakChain)>,
+    /// The most recently opened, kept open.
+    recent: std::collections::VecDeque<Chain>,
+    capacity: usize,
+}
+
+/// Bytes read at a time when flattening or importing.
+const COPY_CHUNK_BYTES: u64 = 1 << 20;
+
+impl LocalStore {
+    fn chain_cache(&self) -> std::sync::MutexGuard<'_, ChainCache> {
+        self.inner.chains.lock().expect("store lock poisoned")
+    }
+
+    /// Opens any snapshot or volume: a standalone snapshot as a
+    /// [`LocalSnapshot`], a diff snapshot or a volume as a [`Chain`].
+    pub fn open_any_blocking(&self, id: &SnapshotId) -> Result<Arc<dyn Snapshot>, OpenError> {
+        let path = self.inner.root.join(id.as_str()).join(MANIFEST_FILE);
+        let text = match std::fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.forget(id);
+                return Err(OpenError::NotFound(id.clone()));
+            }
+            Err(source) => {
+                return Err(OpenError::Read {
+                    snapshot: id.clone(),
+                    file: MANIFEST_FILE.into(),
+                    source,
+                });
+            }
+        };
+        if layers::format_version(&text) == Some(LAYER_FORMAT_VERSION) {
+            Ok(Arc::new(self.open_chain_blocking(id)?))
+        } else {
+            Ok(self.open_blocking(id)?)
+        }
+    }
+
+    fn forget(&self, id: &SnapshotId) {
+        self.cache().remove(id);
+        let mut c = self.chain_cache();
+        c.entries.remove(id);
+        c.recent.retain(|ch| ch.id() != id);
+    }
+
+    /// Opens a diff snapshot or a volume (format 2).
+    pub fn open_chain_blocking(&self, id: &SnapshotId) -> Result<Chain, OpenError> {
+        let dir = self.inner.root.join(id.as_str());
+        let path = dir.join(MANIFEST_FILE);
+        // The cache lock is held while opening, so that two requests never
+        // open two `Chain`s of one volume (whose writes it serializes).
+        let mut cache = self.chain_cache();
+        let identity = match std::fs::metadata(&path) {
+            Ok(m) => FileIdentity::of(&m),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                cache.entries.remove(id);
+                return Err(OpenError::NotFound(id.clone()));
+            }
+            Err(source) => {
+                return Err(OpenError::Read {
+                    snapshot: id.clone(),
+                    file: MANIFEST_FILE.into(),
+                    source,
+                });
+            }
+        };
+        if let Some((ident, weak)) = cache.entries.get(id)
+            && *ident == identity
+            && let Some(chain) = Chain::upgrade(weak)
+        {
+            return Ok(chain);
+        }
+        let text = std::fs::read(&path).map_err(|source| OpenError::Read {
+            snapshot: id.clone(),
+            file: MANIFEST_FILE.into(),
+            source,
+        })?;
+        let chain = Chain::open(&self.inner.root, id, &text, self.inner.min_free_disk_bytes)?;
+        cache
+            .entries
+            .insert(id.clone(), (identity, chain.downgrade()));
+        cache.recent.retain(|c| c.id() != id);
+        cache.recent.push_back(chain.clone());
+        while cache.recent.len() > cache.capacity {
+            cache.recent.pop_front();
+        }
+        cache
+            .entries
+            .retain(|_, (_, w)| Chain::upgrade(w).is_some());
+        Ok(chain)
+    }
+
+    /// Where `id` sits in its chain: a diff snapshot's or a volume's layer,
+    /// or a standalone snapshot.
+    pub fn layer_info_blocking(&self, id: &SnapshotId) -> Result<super::LayerInfo, OpenError> {
+        let snap = self.open_any_blocking(id)?;
+        match self.open_chain_blocking(id) {
+            Ok(c) => Ok(c.layer_info()),
+            Err(_) => Ok(super::LayerInfo::standalone(snap.manifest().page_count)),
+        }
+    }
+
+    /// Opens a volume for writing.
+    pub fn open_volume_blocking(&self, id: &SnapshotId) -> Result<Chain, VolumeError> {
+        let open_err = |e| match e {
+            OpenError::NotFound(id) => VolumeError::NotFound(id),
+            e => VolumeError::Open(e),
+        };
+        let path = self.inner.root.join(id.as_str()).join(MANIFEST_FILE);
+        let text = std::fs::read(&path).map_err(|source| {
+            open_err(if source.kind() == std::io::ErrorKind::NotFound {
+                OpenError::NotFound(id.clone())
+            } else {
+                OpenError::Read {
+                    snapshot: id.clone(),
+                    file: MANIFEST_FILE.into(),
+                    source,
+                }
+            })
+        })?;
+        // A standalone snapshot (format 1) is never a volume.
+        if layers::format_version(&text) != Some(LAYER_FORMAT_VERSION) {
+            return Err(VolumeError::NotAVolume(id.clone()));
+        }
+        let chain = self.open_chain_blocking(id).map_err(open_err)?;
+        if chain.kind() != LayerKind::Volume {
+            return Err(VolumeError::NotAVolume(id.clone()));
+        }
+        Ok(chain)
+    }
+
+    /// A parent for a new layer: its manifest and depth.
+    fn parent_of(&self, parent: &SnapshotId) -> Result<(Arc<Manifest>, u32), VolumeError> {
+        let snap = self
+            .open_any_blocking(parent)
+            .map_err(VolumeError::Parent)?;
+        let manifest = snap.manifest();
+        let depth = match self.open_chain_blocking(parent) {
+            Ok(c) if c.kind() == LayerKind::Volume => {
+                return Err(VolumeError::Mismatch(format!(
+                    "\"{parent}\" is a volume, which cannot be a parent; seal it into a \
+                     snapshot first (`faultline-server volume seal --name {parent} --as NAME`)"
+                )));
+            }
+            Ok(c) => c.depth().0,
+            Err(_) => 1,
+        };
+        if depth + 1 > MAX_CHAIN_DEPTH {
+            return Err(VolumeError::TooDeep {
+                parent: parent.clone(),
+                depth,
+                max: MAX_CHAIN_DEPTH,
+            });
+        }
+        Ok((manifest, depth))
+    }
+
+    /// Creates a volume.
+    pub fn create_volume_blocking(
+        &self,
+        request: CreateVolume,
+    ) -> Result<SnapshotSummary, VolumeError> {
+        let _naming = self.inner.naming.lock().expect("naming lock poisoned");
+        let (parent, page_size, page_count, regions) = match &request.source {
+            VolumeSource::Snapshot(p) => {
+                let (m, _) = self.parent_of(p)?;
+                (
+                    Some(p.clone()),
+                    m.page_size,
+                    m.page_count,
+                    m.regions.clone(),
+                )
+            }
+            VolumeSource::Empty { page_size, size } => {
+                let spec = SnapshotSpec::new(request.name.clone(), *page_size, *size, Vec::new())?;
+                (None, *page_size, spec.page_count(), spec.regions)
+            }
+        };
+        let file = LayerFile {
+            format_version: LAYER_FORMAT_VERSION,
+            name: request.name.clone(),
+            kind: LayerKind::Volume,
+            parent,
+            page_size: page_size.bytes(),
+            page_count,
+            digest_algorithm: DigestAlgorithm::Crc32c,
+            regions,
+            zero_pages: 0,
+            zero_ranges: Vec::new(),
+        };
+        layers::NewLayer::create(&self.inner.root, file)?.commit()?;
+        Ok(self
+            .open_chain_blocking(&request.name)
+            .map_err(VolumeError::Open)?
+            .summary())
+    }
+
+    /// Seals a volume into a snapshot: the volume's directory is renamed to
+    /// the snapshot's, then its manifest rewritten as a snapshot's. A crash
+    /// between the two is finished when the store is next opened
+    /// ([`Self::finish_interrupted_seal`]).
+    pub fn seal_blocking(&self, request: &SealVolume) -> Result<SnapshotSummary, VolumeError> {
+        let _naming = self.inner.naming.lock().expect("naming lock poisoned");
+        let chain = self.open_volume_blocking(&request.volume)?;
+        let dest = self.inner.root.join(request.snapshot.as_str());
+        if dest.exists() {
+            return Err(VolumeError::AlreadyExists(request.snapshot.clone()));
+        }
+        let io = |stage| {
+            let name = request.volume.clone();
+            move |source| VolumeError::Io {
+                name: name.clone(),
+                stage,
+                source,
+            }
+        };
+        chain.seal_with(|| {
+            std::fs::rename(chain.dir(), &dest).map_err(io("move it to its snapshot name"))?;
+            // From here the seal is done: a crash before the manifest is
+            // rewritten is finished when the store is next opened.
+            if let Err(e) = self.rewrite_as_snapshot(&request.snapshot) {
+                tracing::warn!(snapshot = %request.snapshot, "sealed, but: {e}; finished when the store is next opened");
+            }
+            Ok(())
+        })?;
+        self.forget(&request.volume);
+        self.open_chain_blocking(&request.snapshot)
+            .map(|c| c.summary())
+            .map_err(VolumeError::Open)
+    }
+
+    /// Rewrites the manifest of the volume moved to `id` as a snapshot's.
+    fn rewrite_as_snapshot(&self, id: &SnapshotId) -> std::io::Result<()> {
+        let dir = self.inner.root.join(id.as_str());
+        let text = std::fs::read(dir.join(MANIFEST_FILE))?;
+        let mut file: LayerFile = serde_json::from_slice(&text)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        file.name = id.clone();
+        file.kind = LayerKind::Snapshot;
+        let tmp = dir.join(format!(
+            "{TMP_PREFIX}{MANIFEST_FILE}-{}-0",
+            std::process::id()
+        ));
+        {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&serde_json::to_vec_pretty(&file).expect("a manifest serializes"))?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, dir.join(MANIFEST_FILE))?;
+        let _ = std::fs::remove_file(dir.join(layers::JOURNAL_FILE));
+        layers::sync_dir(&dir)
+    }
+
+    /// A layer whose manifest names a volume other than its directory is
+    /// a seal a crash interrupted after the rename: finishes it.
+    fn finish_interrupted_seal(&self, id: &SnapshotId) -> bool {
+        let dir = self.inner.root.join(id.as_str());
+        let Ok(text) = std::fs::read(dir.join(MANIFEST_FILE)) else {
+            return false;
+        };
+        if layers::format_version(&text) != Some(LAYER_FORMAT_VERSION) {
+            return false;
+        }
+        let Ok(file) = serde_json::from_slice::<LayerFile>(&text) else {
+            return false;
+        };
+        if file.kind != LayerKind::Volume || &file.name == id {
+            return false;
+        }
+        match self.rewrite_as_snapshot(id) {
+            Ok(()) => {
+                tracing::info!(snapshot = %id, "finished sealing a volume interrupted by a crash");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(snapshot = %id, "cannot finish an interrupted seal: {e}");
+                false
+            }
+        }
+    }
+
+    /// Imports a diff memory file (a sparse file whose holes are the pages
+    /// unchanged from `parent`) as snapshot `name`, a child of `parent`.
+    /// `progress` is called with bytes copied so far.
+    pub fn import_diff_blocking(
+        &self,
+        name: &SnapshotId,
+        parent: &SnapshotId,
+        mem_file: &Path,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<SnapshotSummary, VolumeError> {
+        let (m, _) = self.parent_of(parent)?;
+        let io = |stage| {
+            let name = name.clone();
+            move |source| VolumeError::Io {
+                name: name.clone(),
+                stage,
+                source,
+            }
+        };
+        let src = File::open(mem_file).map_err(io("open the diff memory file"))?;
+        let len = src
+            .metadata()
+            .map_err(io("read the diff memory file"))?
+            .len();
+        if len != m.image_size() {
+            return Err(VolumeError::Mismatch(format!(
+                "the diff memory file has {len} bytes, but parent \"{parent}\" has {}; a diff \
+                 snapshot has the size of the memory it was taken of",
+                m.image_size()
+            )));
+        }
+        let ranges = layers::data_pages(&src, m.page_size).map_err(io("find the data extents"))?;
+        let file = LayerFile {
+            format_version: LAYER_FORMAT_VERSION,
+            name: name.clone(),
+            kind: LayerKind::Snapshot,
+            parent: Some(parent.clone()),
+            page_size: m.page_size.bytes(),
+            page_count: m.page_count,
+            digest_algorithm: DigestAlgorithm::Crc32c,
+            regions: m.regions.clone(),
+            zero_pages: 0,
+            zero_ranges: Vec::new(),
+        };
+        let mut layer = layers::NewLayer::create(&self.inner.root, file)?;
+        let ps = m.page_size.bytes();
+        let per_chunk = (COPY_CHUNK_BYTES / ps).max(1);
+        let total: u64 = ranges.iter().map(|r| r.count() * ps).sum();
+        let mut done = 0;
+        for r in &ranges {
+            let mut p = r.start().0;
+            while p < r.end() {
+                let n = per_chunk.min(r.end() - p);
+                let mut buf = vec![0u8; (n * ps) as usize];
+                src.read_exact_at(&mut buf, p * ps)
+                    .map_err(io("read the diff memory file"))?;
+                layer.put(p, &buf)?;
+                p += n;
+                done += n * ps;
+                progress(done, total);
+            }
+        }
+        layer.commit()?;
+        Ok(self
+            .open_chain_blocking(name)
+            .map_err(VolumeError::Open)?
+            .summary())
+    }
+
+    /// Writes the resolved image of the chain `name` as a standalone
+    /// snapshot `new`.
+    pub fn flatten_blocking(
+        &self,
+        name: &SnapshotId,
+        new: &SnapshotId,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<SnapshotSummary, VolumeError> {
+        let snap = self.open_any_blocking(name).map_err(VolumeError::Open)?;
+        let m = snap.manifest();
+        let spec = SnapshotSpec::new(new.clone(), m.page_size, m.image_size(), m.regions.clone())?;
+        let mut writer = self.create_blocking(spec).map_err(VolumeError::Limit)?;
+        let chain = self.open_chain_blocking(name).ok();
+        let ps = m.page_size.bytes();
+        let per_chunk = (COPY_CHUNK_BYTES / ps).max(1);
+        let mut p = 0;
+        while p < m.page_count {
+            let n = per_chunk.min(m.page_count - p);
+            let range = PageRange::new(PageIndex(p), n).expect("non-empty");
+            let data = match &chain {
+                Some(c) => c.read_blocking(range)?,
+                None => {
+                    // A standalone snapshot: a plain copy.
+                    let s = self.open_blocking(name).map_err(VolumeError::Open)?;
+                    let mut buf = vec![0u8; (n * ps) as usize];
+                    s.memory
+                        .read_exact_at(&mut buf, p * ps)
+                        .map_err(|source| ReadError::Io {
+                            snapshot: name.clone(),
+                            range,
+                            source,
+                        })?;
+                    buf
+                }
+            };
+            writer.write(&data).map_err(VolumeError::Limit)?;
+            p += n;
+            progress(p * ps, m.image_size());
+        }
+        writer.finish().map_err(VolumeError::Limit)
+    }
+}
+
+/// A snapshot whose working sets can be recorded.
+enum Recordable {
+    Standalone(Arc<LocalSnapshot>),
+    Layered(Chain),
+}
+
+impl Recordable {
+    fn manifest(&self) -> Arc<Manifest> {
+        match self {
+            Self::Standalone(s) => s.manifest(),
+            Self::Layered(c) => c.manifest(),
+        }
+    }
+
+    fn dir(&self) -> &Path {
+        match self {
+            Self::Standalone(s) => &s.dir,
+            Self::Layered(c) => c.dir(),
+        }
+    }
+
+    fn add_working_set(&self, name: WorkingSetName, order: Vec<PageIndex>) {
+        match self {
+            Self::Standalone(s) => s.add_working_set(name, order),
+            Self::Layered(c) => c.add_working_set(name, order),
+        }
+    }
+}
+
+impl LocalStore {
+    fn recordable(&self, id: &SnapshotId) -> Result<Recordable, OpenError> {
+        let text = std::fs::read(self.inner.root.join(id.as_str()).join(MANIFEST_FILE));
+        if let Ok(text) = text
+            && layers::format_version(&text) == Some(LAYER_FORMAT_VERSION)
+        {
+            Ok(Recordable::Layered(self.open_chain_blocking(id)?))
+        } else {
+            Ok(Recordable::Standalone(self.open_blocking(id)?))
+        }
+    }
+}
+
 fn writer_is_gone(name: &str) -> bool {
     let mut parts = name.rsplitn(3, '-');
     let (Some(n), Some(pid)) = (parts.next(), parts.next()) else {
@@ -466,13 +934,39 @@ impl SnapshotStore for LocalStore {
     async fn open(&self, id: &SnapshotId) -> Result<Arc<dyn Snapshot>, OpenError> {
         let store = self.clone();
         let id2 = id.clone();
-        let s = blocking(move || store.open_blocking(&id2))
+        blocking(move || store.open_any_blocking(&id2))
             .await
             .map_err(|reason| OpenError::Unavailable {
                 snapshot: id.clone(),
                 reason,
-            })??;
-        Ok(s)
+            })?
+    }
+
+    fn backend(&self) -> &'static str {
+        "the local"
+    }
+
+    async fn create_volume(&self, request: CreateVolume) -> Result<SnapshotSummary, VolumeError> {
+        let store = self.clone();
+        blocking(move || store.create_volume_blocking(request))
+            .await
+            .map_err(|reason| VolumeError::Unavailable { reason })?
+    }
+
+    async fn open_volume(&self, id: &SnapshotId) -> Result<Arc<dyn Volume>, VolumeError> {
+        let store = self.clone();
+        let id = id.clone();
+        let chain = blocking(move || store.open_volume_blocking(&id))
+            .await
+            .map_err(|reason| VolumeError::Unavailable { reason })??;
+        Ok(Arc::new(chain))
+    }
+
+    async fn seal_volume(&self, request: SealVolume) -> Result<SnapshotSummary, VolumeError> {
+        let store = self.clone();
+        blocking(move || store.seal_blocking(&request))
+            .await
+            .map_err(|reason| VolumeError::Unavailable { reason })?
     }
 
     async fn create(&self, spec: SnapshotSpec) -> Result<Box<dyn SnapshotWrite>, CreateError> {
@@ -574,6 +1068,16 @@ fn discard(writer: SnapshotWriter) {
 }
 
 /// An open snapshot of a [`LocalStore`].
+/// Opens the standalone snapshot in `dir`, for the bottom of a chain: its
+/// manifest and image.
+pub(crate) fn open_parts(
+    dir: &Path,
+    id: &SnapshotId,
+) -> Result<(Arc<Manifest>, Arc<File>), OpenError> {
+    let s = LocalSnapshot::open(dir, id)?;
+    Ok((s.manifest(), s.memory))
+}
+
 #[derive(Debug)]
 pub struct LocalSnapshot {
     dir: PathBuf,

@@ -32,12 +32,17 @@
 //! Error messages name snapshots and files relative to the store, never the
 //! server's paths: they travel to clients.
 //!
+//! Volumes (writable memory) and diff snapshots are chains of layers
+//! ([`layers`]), a feature of the local store; the [`SnapshotStore`]
+//! methods for them refuse by default ([`VolumeError::Unsupported`]).
+//!
 //! A snapshot, once created, is immutable except for its recorded working
 //! sets. Creating one (by import or upload) goes through a
 //! [`SnapshotWrite`]; the local one, [`SnapshotWriter`](writer::SnapshotWriter),
 //! computes the zero map and per-page digests in one pass and makes the
 //! snapshot visible only when it is complete.
 
+pub mod layers;
 pub mod local;
 pub mod object;
 pub mod writer;
@@ -47,7 +52,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use faultline_proto::model::OutOfRange;
 use faultline_proto::{
-    Manifest, PageIndex, PageRange, PageSize, ProtocolError, Region, SnapshotId, WorkingSetName, pb,
+    ChainDepth, LayerKind, Manifest, PageIndex, PageRange, PageSize, ProtocolError, Region,
+    SnapshotId, WorkingSetName, pb,
 };
 
 pub use local::LocalStore;
@@ -66,6 +72,33 @@ pub struct SnapshotSummary {
     pub zero_pages: u64,
     /// Recorded working sets.
     pub working_sets: Vec<WorkingSetName>,
+    /// What it is in a chain of layers.
+    pub layer: LayerInfo,
+}
+
+/// Where a snapshot or volume sits in a chain of layers.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LayerInfo {
+    /// Snapshot or volume.
+    pub kind: LayerKind,
+    /// The layer under this one, if any.
+    pub parent: Option<SnapshotId>,
+    /// Layers in the chain, this one included.
+    pub depth: ChainDepth,
+    /// Pages this layer holds itself; the rest are its parent's.
+    pub own_pages: u64,
+}
+
+impl LayerInfo {
+    /// A standalone snapshot of `page_count` pages.
+    pub fn standalone(page_count: u64) -> Self {
+        Self {
+            kind: LayerKind::Snapshot,
+            parent: None,
+            depth: ChainDepth(1),
+            own_pages: page_count,
+        }
+    }
 }
 
 impl From<SnapshotSummary> for pb::SnapshotSummary {
@@ -76,6 +109,10 @@ impl From<SnapshotSummary> for pb::SnapshotSummary {
             page_count: s.page_count,
             zero_pages: s.zero_pages,
             working_sets: s.working_sets.iter().map(ToString::to_string).collect(),
+            kind: pb::LayerKind::from(s.layer.kind).into(),
+            parent: s.layer.parent.map(|p| p.to_string()).unwrap_or_default(),
+            depth: s.layer.depth.0,
+            own_pages: s.layer.own_pages,
         }
     }
 }
@@ -162,6 +199,34 @@ pub trait Snapshot: Send + Sync + std::fmt::Debug {
     /// A recorded working set, in first-touch order; `None` if there is no
     /// working set of that name.
     fn working_set(&self, name: &WorkingSetName) -> Option<Arc<Vec<PageIndex>>>;
+
+    /// `range` split into runs of zero and non-zero pages, as the snapshot
+    /// is now: for an immutable snapshot its manifest's zero map; a volume,
+    /// whose pages change, answers from its current state without
+    /// rebuilding a manifest.
+    fn zero_runs(&self, range: PageRange) -> Vec<(PageRange, bool)> {
+        let manifest = self.manifest();
+        split_by(range, |p| manifest.zero_map.get(p))
+    }
+}
+
+/// `range` split into runs of pages for which `is_zero` agrees.
+pub fn split_by(range: PageRange, is_zero: impl Fn(u64) -> bool) -> Vec<(PageRange, bool)> {
+    let mut out = Vec::new();
+    let mut start = range.start().0;
+    while start < range.end() {
+        let z = is_zero(start);
+        let mut end = start + 1;
+        while end < range.end() && is_zero(end) == z {
+            end += 1;
+        }
+        out.push((
+            PageRange::new(PageIndex(start), end - start).expect("non-empty"),
+            z,
+        ));
+        start = end;
+    }
+    out
 }
 
 /// A snapshot being written: the image arrives in order, in pieces of any
@@ -195,9 +260,59 @@ pub trait SnapshotWrite: Send + std::fmt::Debug {
     async fn finish(self: Box<Self>) -> Result<SnapshotSummary, CreateError>;
 }
 
+/// A writable volume: a [`Snapshot`] whose pages can be written.
+#[async_trait::async_trait]
+pub trait Volume: Snapshot {
+    /// Bytes per page.
+    fn page_size(&self) -> PageSize;
+
+    /// Pages in the image.
+    fn page_count(&self) -> u64;
+
+    /// Writes a run of pages; returns once the pages and their digests are
+    /// durable. A run that fails leaves every page as it was.
+    async fn write(&self, run: faultline_proto::codec::PageRun) -> Result<(), WriteError>;
+}
+
 /// A place snapshots are kept.
+///
+/// Volumes (writable memory) and diff snapshots are a feature of a store:
+/// the provided methods refuse them with [`VolumeError::Unsupported`], and
+/// a store that keeps them overrides them.
 #[async_trait::async_trait]
 pub trait SnapshotStore: Send + Sync + std::fmt::Debug + 'static {
+    /// The store's kind, for messages ("local", "object").
+    fn backend(&self) -> &'static str {
+        "this"
+    }
+
+    /// Creates a volume, empty or a copy-on-write child of a snapshot.
+    async fn create_volume(
+        &self,
+        _request: faultline_proto::CreateVolume,
+    ) -> Result<SnapshotSummary, VolumeError> {
+        Err(VolumeError::Unsupported {
+            backend: self.backend(),
+        })
+    }
+
+    /// Opens a volume for writing.
+    async fn open_volume(&self, _id: &SnapshotId) -> Result<Arc<dyn Volume>, VolumeError> {
+        Err(VolumeError::Unsupported {
+            backend: self.backend(),
+        })
+    }
+
+    /// Seals a volume into an immutable diff snapshot under a new name.
+    async fn seal_volume(
+        &self,
+        _request: faultline_proto::SealVolume,
+    ) -> Result<SnapshotSummary, VolumeError> {
+        Err(VolumeError::Unsupported {
+            backend: self.backend(),
+        })
+    }
+
     /// Every complete snapshot, sorted by name.
     async fn list(&self) -> Result<Vec<SnapshotSummary>, ListError>;
 
@@ -474,4 +589,131 @@ pub fn first_touch_order(
         }
     }
     Ok(order)
+}
+
+/// Creating, sealing, importing or flattening a volume or diff snapshot
+/// failed; nothing was changed.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    /// The store does not keep volumes.
+    #[error(
+        "{backend} store does not keep volumes or diff snapshots; serve a local store \
+         (`faultline-server serve --store DIR`) for writable memory"
+    )]
+    Unsupported {
+        /// The store's kind.
+        backend: &'static str,
+    },
+    /// The name is taken.
+    #[error("\"{0}\" already exists; choose another name")]
+    AlreadyExists(SnapshotId),
+    /// No volume of that name.
+    #[error("volume \"{0}\" does not exist; create it with `faultline-server volume create`")]
+    NotFound(SnapshotId),
+    /// The name is an immutable snapshot.
+    #[error(
+        "\"{0}\" is a snapshot, which is immutable; create a volume from it \
+         (`faultline-server volume create --from {0}`) and write that"
+    )]
+    NotAVolume(SnapshotId),
+    /// The parent could not be opened.
+    #[error("cannot use the parent: {0}")]
+    Parent(OpenError),
+    /// The chain would be too deep.
+    #[error(
+        "\"{parent}\" is already {depth} layers deep, and a chain may hold at most {max}; \
+         flatten it first (`faultline-server flatten --name {parent} --as NEW`)"
+    )]
+    TooDeep {
+        /// The parent.
+        parent: SnapshotId,
+        /// Its depth.
+        depth: u32,
+        /// [`layers::MAX_CHAIN_DEPTH`].
+        max: u32,
+    },
+    /// The request is not valid.
+    #[error("invalid request: {0}")]
+    Invalid(#[from] ProtocolError),
+    /// A diff memory file does not fit its parent.
+    #[error("{0}")]
+    Mismatch(String),
+    /// The new image is larger than the server accepts.
+    #[error(transparent)]
+    Limit(CreateError),
+    /// Reading the chain failed.
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    /// Opening the volume failed.
+    #[error(transparent)]
+    Open(OpenError),
+    /// A storage thread failed.
+    #[error("the snapshot store is unavailable: {reason}; retry later")]
+    Unavailable {
+        /// Why.
+        reason: String,
+    },
+    /// Reading or writing files failed.
+    #[error("cannot {stage} for \"{name}\": {source}")]
+    Io {
+        /// The volume or snapshot.
+        name: SnapshotId,
+        /// What was being done.
+        stage: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Writing a run of pages to a volume failed; none of its pages changed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The name is an immutable snapshot.
+    #[error("\"{0}\" is a snapshot, which is immutable; create a volume from it and write that")]
+    NotAVolume(SnapshotId),
+    /// The volume was sealed.
+    #[error("volume \"{0}\" was sealed into a snapshot; it takes no more writes")]
+    Sealed(SnapshotId),
+    /// Pages past the end.
+    #[error(transparent)]
+    OutOfRange(OutOfRange),
+    /// The bytes do not match the pages.
+    #[error("{range} need {want} bytes, the run has {got}")]
+    WrongSize {
+        /// The pages.
+        range: PageRange,
+        /// Bytes sent.
+        got: usize,
+        /// Bytes needed.
+        want: usize,
+    },
+    /// Writing would eat into the store's free-space reserve.
+    #[error(
+        "the store's disk has {free} bytes free, and keeps a reserve of {reserve}; free space \
+         or lower `--min-free-disk`; the run was not written"
+    )]
+    DiskFull {
+        /// Bytes free.
+        free: u64,
+        /// The reserve.
+        reserve: u64,
+    },
+    /// A storage thread failed.
+    #[error("the storage of volume \"{volume}\" is unavailable: {reason}; retry later")]
+    Unavailable {
+        /// The volume.
+        volume: SnapshotId,
+        /// Why.
+        reason: String,
+    },
+    /// Writing failed; the run was not acknowledged.
+    #[error("cannot {stage} of volume \"{volume}\": {source}; the run was not written")]
+    Io {
+        /// The volume.
+        volume: SnapshotId,
+        /// What was being done.
+        stage: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
 }

@@ -258,6 +258,7 @@ impl SnapshotWriter {
             page_count: self.spec.page_count(),
             zero_pages: self.zero_map.count_ones(),
             working_sets: Vec::new(),
+            layer: super::LayerInfo::standalone(self.spec.page_count()),
         })
     }
 }

@@ -44,8 +44,8 @@ pub use writer::{ChunkStats, ObjectWriteError, ObjectWriter};
 use crate::chunk_cache::{CacheCounts, ChunkCache};
 use crate::limits::Limits;
 use crate::readiness::Probe;
+use crate::store::{LayerInfo, RecordError, SnapshotSpec, SnapshotSummary, first_touch_order};
 use crate::store::{LocalStore, SnapshotStore};
-use crate::store::{RecordError, SnapshotSpec, SnapshotSummary, first_touch_order};
 use layout::{Keys, OBJECT_FORMAT_VERSION, ObjectManifest, chunk_count};
 use snapshot::{Cache, WorkingSets};
 
@@ -192,6 +192,12 @@ impl StoreLocation {
 }
 
 impl OpenedStore {
+    /// The same store, if it is a local directory (volumes, diff imports and flattening
+    /// are local-store features).
+    pub fn local(&self) -> Option<&LocalStore> {
+        self.local.as_ref()
+    }
+
     /// The readiness probe of this store: one LIST of an object store's
     /// prefix, or reading a directory.
     pub fn probe(&self) -> Probe {
@@ -451,6 +457,7 @@ impl ObjectSnapshotStore {
                     page_count: m.page_count,
                     zero_pages: m.zero_map.count_ones(),
                     working_sets: m.working_sets.clone(),
+                    layer: LayerInfo::standalone(m.page_count),
                 });
                 continue;
             }
@@ -488,6 +495,7 @@ impl ObjectSnapshotStore {
                 page_count: file.base.page_count,
                 zero_pages: file.base.zero_pages,
                 working_sets,
+                layer: LayerInfo::standalone(file.base.page_count),
             });
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));

@@ -24,7 +24,7 @@ use super::layout::{
 use super::metrics;
 use crate::store::local::ManifestFile;
 use crate::store::writer::is_zero;
-use crate::store::{SnapshotSpec, SnapshotSummary};
+use crate::store::{LayerInfo, SnapshotSpec, SnapshotSummary};
 
 /// Chunk uploads in flight per writer. Four keep a store's request latency
 /// hidden behind hashing on loopback and on a LAN; each holds one chunk of
@@ -340,6 +340,7 @@ impl ObjectWriter {
                 page_count: self.spec.page_count(),
                 zero_pages: self.zero_map.count_ones(),
                 working_sets: Vec::new(),
+                layer: LayerInfo::standalone(self.spec.page_count()),
             },
             s,
         ))
