@@ -28,6 +28,9 @@
 //!   against the manifest, one handler per path in `socket`), one pager per connected VM on the
 //!   uffd Firecracker registered (`serve`), and a VM that cannot be served poisoned so it fails
 //!   loudly.
+//! - [`fleet`]: several servers: DNS names expanded, the home server of a snapshot by
+//!   rendezvous hashing and the fail-over order, health checks, and the check that a
+//!   fail-over server serves the same snapshot.
 //! - [`fetch`]: downloading a whole snapshot into a raw memory file.
 //! - [`probe`]: what this kernel offers, per backing type, as a report (`faultline probe`).
 //! - `vmm` (feature `vm-memory`): pager regions from a rust-vmm `vm_memory::GuestMemoryMmap`
@@ -38,6 +41,7 @@
 pub mod backing;
 pub mod fetch;
 pub mod firecracker;
+pub mod fleet;
 pub mod pager;
 pub mod probe;
 pub mod remote;

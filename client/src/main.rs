@@ -5,11 +5,11 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use faultline_client::backing::BackingKind;
-use faultline_client::fetch::fetch_to_file;
+use faultline_client::fetch::fetch_from_servers;
 use faultline_client::firecracker;
 use faultline_client::pager::far::Budget;
 use faultline_client::pager::{OnFailure, PagerConfig, PrefetchPolicy};
-use faultline_client::remote::{ConnectOptions, Remote};
+use faultline_client::remote::ConnectOptions;
 use faultline_client::restore::{FarRestoreOptions, RestoreOptions, Touch};
 use faultline_client::strategy::Mode;
 use faultline_proto::{Compression, SnapshotId};
@@ -46,7 +46,9 @@ enum Command {
         /// it as the handler's lock.
         #[arg(long)]
         socket: PathBuf,
-        /// The server, http://HOST:PORT or https://HOST:PORT; repeat to list fallbacks.
+        /// The server, http://HOST:PORT or https://HOST:PORT. For a fleet, repeat it or give a DNS
+        /// name with several addresses: each snapshot's home server is chosen by rendezvous
+        /// hashing, the others (ready ones first) are where it fails over to.
         #[arg(long = "server", env = "FAULTLINE_SERVER", required = true)]
         servers: Vec<String>,
         #[command(flatten)]
@@ -74,9 +76,11 @@ enum Command {
     },
     /// Download a whole snapshot into a raw memory file, every page verified.
     Fetch {
-        /// The server, http://HOST:PORT or https://HOST:PORT.
-        #[arg(long, env = "FAULTLINE_SERVER")]
-        server: String,
+        /// The server, http://HOST:PORT or https://HOST:PORT. For a fleet, repeat it or give a DNS
+        /// name with several addresses: each snapshot's home server is chosen by rendezvous
+        /// hashing, the others (ready ones first) are where it fails over to.
+        #[arg(long = "server", env = "FAULTLINE_SERVER", required = true)]
+        servers: Vec<String>,
         #[command(flatten)]
         connect: ConnectArgs,
         /// The snapshot, or (--volume) a volume: its newest acknowledged writes.
@@ -127,7 +131,9 @@ impl ConnectArgs {
 /// `faultline restore`'s arguments.
 #[derive(clap::Args, Debug)]
 struct RestoreArgs {
-    /// The server, http://HOST:PORT or https://HOST:PORT; repeat to list fallbacks.
+    /// The server, http://HOST:PORT or https://HOST:PORT. For a fleet, repeat it or give a DNS
+    /// name with several addresses: each snapshot's home server is chosen by rendezvous
+    /// hashing, the others (ready ones first) are where it fails over to.
     #[arg(long = "server", env = "FAULTLINE_SERVER", required = true)]
     servers: Vec<String>,
     #[command(flatten)]
@@ -326,7 +332,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Fetch {
-            server,
+            servers,
             connect,
             snapshot,
             out,
@@ -336,17 +342,23 @@ fn run(command: Command) -> anyhow::Result<()> {
             let opts = connect.options()?;
             let rt = tokio::runtime::Runtime::new()?;
             let stats = rt.block_on(async {
-                let remote = Remote::connect_with(&server, &opts).await?;
                 let mut last_pct = 0;
-                fetch_to_file(&remote, &snapshot, &out, compression, |done, total| {
-                    let pct = done * 100 / total.max(1);
-                    if !json && pct >= last_pct + 10 {
-                        eprintln!("  {pct:>3}% ({done}/{total} pages)");
-                        last_pct = pct;
-                    }
-                })
+                fetch_from_servers(
+                    &servers,
+                    &opts,
+                    &snapshot,
+                    &out,
+                    compression,
+                    |done, total| {
+                        let pct = done * 100 / total.max(1);
+                        if !json && pct >= last_pct + 10 {
+                            eprintln!("  {pct:>3}% ({done}/{total} pages)");
+                            last_pct = pct;
+                        }
+                    },
+                )
                 .await
-                .with_context(|| format!("fetching {snapshot} from {server}"))
+                .with_context(|| format!("fetching {snapshot} from {}", servers.join(", ")))
             })?;
             let secs = stats.elapsed.as_secs_f64();
             if json {

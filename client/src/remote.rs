@@ -343,6 +343,7 @@ impl RemoteError {
 #[derive(Clone, Debug)]
 pub struct Remote {
     url: String,
+    channel: Channel,
     client: Client,
 }
 
@@ -403,11 +404,13 @@ impl Remote {
                 url: url.to_owned(),
                 cause,
             })?;
-        let client = FaultlineClient::with_interceptor(channel, Authorize(opts.token.clone()))
-            .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_ENCODING_MESSAGE_BYTES);
+        let client =
+            FaultlineClient::with_interceptor(channel.clone(), Authorize(opts.token.clone()))
+                .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_ENCODING_MESSAGE_BYTES);
         Ok(Self {
             url: url.to_owned(),
+            channel,
             client,
         })
     }
@@ -415,6 +418,11 @@ impl Remote {
     /// The server's URL.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The connection, for other services on it (health).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
     }
 
     /// The generated client, for calls this type does not wrap.

@@ -62,7 +62,9 @@ impl std::str::FromStr for Touch {
 /// What to restore and how.
 #[derive(Clone, Debug)]
 pub struct RestoreOptions {
-    /// Server URLs.
+    /// Server URLs (a fleet: DNS names expanded, the snapshot's home
+    /// server chosen by rendezvous hashing, the rest the fail-over order;
+    /// see [`crate::fleet`]).
     pub servers: Vec<String>,
     /// How to connect to them: TLS, token.
     pub connect: ConnectOptions,
@@ -95,6 +97,9 @@ pub struct RestoreSummary {
     pub snapshot: String,
     /// Backing type.
     pub backing: String,
+    /// The servers in the order the pager used them: the snapshot's home
+    /// server first, then the fail-over order (those not ready last).
+    pub servers: Vec<String>,
     /// Strategy chosen.
     pub strategy: String,
     /// Why.
@@ -158,13 +163,14 @@ fn xorshift(state: &mut u64) -> u64 {
 /// of just that set on a throwaway connection (page data is discarded).
 async fn working_set_order(
     url: &str,
-    opts: &RestoreOptions,
+    connect: &ConnectOptions,
+    snapshot: &SnapshotId,
     page_bytes: u64,
 ) -> Result<Vec<PageIndex>, RemoteError> {
-    let remote = Remote::connect_with(url, &opts.connect).await?;
+    let remote = Remote::connect_with(url, connect).await?;
     let mut stream = remote
         .prefetch(pb::PrefetchRequest {
-            snapshot: opts.snapshot.to_string(),
+            snapshot: snapshot.to_string(),
             order: pb::PrefetchOrder::WorkingSetOnly as i32,
             // One page per batch keeps the first-touch order exact.
             max_batch_bytes: page_bytes,
@@ -187,14 +193,39 @@ async fn working_set_order(
 /// Runs a restore; see the module docs. Blocking.
 pub fn run(opts: &RestoreOptions) -> Result<RestoreSummary, RestoreError> {
     let started = Instant::now();
-    let url = opts.servers.first().ok_or(StartError::NoServer)?.clone();
+    if opts.servers.is_empty() {
+        return Err(StartError::NoServer.into());
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(RestoreError::Runtime)?;
-    let manifest = rt.block_on(async {
-        let remote = Remote::connect_with(&url, &opts.connect).await?;
-        remote.manifest(&opts.snapshot).await
+    // The snapshot's home server first, then the fail-over order.
+    let mut connect = opts.connect.clone();
+    let plan = rt
+        .block_on(crate::fleet::plan(
+            &opts.servers,
+            &mut connect,
+            &opts.snapshot,
+        ))
+        .map_err(StartError::from)?;
+    let (manifest, url) = rt.block_on(async {
+        let mut last = None;
+        for url in &plan.servers {
+            let got = async {
+                let remote = Remote::connect_with(url, &connect).await?;
+                remote.manifest(&opts.snapshot).await
+            };
+            match got.await {
+                Ok(m) => return Ok((m, url.clone())),
+                Err(e) if e.is_transient() && plan.servers.len() > 1 => {
+                    tracing::warn!("{e}; trying the next server");
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.expect("one server at least"))
     })?;
     let page_bytes = manifest.page_size.bytes();
     let pages: Vec<PageIndex> = match opts.touch {
@@ -206,7 +237,12 @@ pub fn run(opts: &RestoreOptions) -> Result<RestoreSummary, RestoreError> {
                 .map(|_| PageIndex(xorshift(&mut seed) % manifest.page_count))
                 .collect()
         }
-        Touch::WorkingSet => rt.block_on(working_set_order(&url, opts, page_bytes))?,
+        Touch::WorkingSet => rt.block_on(working_set_order(
+            &url,
+            &connect,
+            &opts.snapshot,
+            page_bytes,
+        ))?,
     };
     drop(rt);
 
@@ -215,8 +251,8 @@ pub fn run(opts: &RestoreOptions) -> Result<RestoreSummary, RestoreError> {
     })?;
     let memory = GuestMemory::new(opts.backing, size)?;
     let mut config = PagerConfig::new(url, opts.snapshot.clone());
-    config.servers = opts.servers.clone();
-    config.connect = opts.connect.clone();
+    config.servers = plan.servers.clone();
+    config.connect = connect;
     config.mode = opts.mode;
     config.prefetch = opts.prefetch;
     config.record = opts.record;
@@ -286,6 +322,7 @@ pub fn run(opts: &RestoreOptions) -> Result<RestoreSummary, RestoreError> {
     Ok(RestoreSummary {
         snapshot: opts.snapshot.to_string(),
         backing: opts.backing.to_string(),
+        servers: plan.servers.clone(),
         strategy: decision.strategy().to_string(),
         strategy_reason: decision.choice.reason.clone(),
         pages_total: stats.pages_total,
@@ -307,6 +344,14 @@ impl std::fmt::Display for RestoreSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let s = &self.pages_by_source;
         writeln!(f, "restored {} into {} memory", self.snapshot, self.backing)?;
+        if self.servers.len() > 1 {
+            writeln!(
+                f,
+                "  servers    {} (home), then {}",
+                self.servers[0],
+                self.servers[1..].join(", ")
+            )?;
+        }
         writeln!(
             f,
             "  strategy   {}: {}",

@@ -136,8 +136,11 @@ impl std::str::FromStr for OnFailure {
 /// How the pager runs.
 #[derive(Clone, Debug)]
 pub struct PagerConfig {
-    /// Server URLs (`http://HOST:PORT` or `https://HOST:PORT`), tried in
-    /// order on failures.
+    /// Server URLs (`http://HOST:PORT` or `https://HOST:PORT`). With
+    /// several (or a DNS name resolving to several addresses), the pager
+    /// orders them at start ([`crate::fleet::plan`]): the snapshot's home
+    /// server by rendezvous hashing, then the fail-over order, servers not
+    /// SERVING last; on failures it moves to the next.
     pub servers: Vec<String>,
     /// How to connect to them: TLS, token, transport.
     pub connect: ConnectOptions,

@@ -13,6 +13,10 @@ pub enum StartError {
     /// No server listed.
     #[error("no server given; pass at least one http://HOST:PORT")]
     NoServer,
+    /// The server list cannot be used (a bad URL, a name that does not
+    /// resolve).
+    #[error(transparent)]
+    Plan(#[from] crate::fleet::PlanError),
     /// The runtime could not start.
     #[error("cannot start the pager's runtime: {0}")]
     Runtime(std::io::Error),

@@ -271,7 +271,7 @@ impl Pager {
     }
 
     pub(super) fn launch(
-        config: PagerConfig,
+        mut config: PagerConfig,
         regions: Vec<Region>,
         peer: Option<Arc<Uffd>>,
     ) -> Result<Self, StartError> {
@@ -288,6 +288,14 @@ impl Pager {
         // `MIN_MANIFEST_WAIT`): a server that accepts and never answers must
         // not hang the start.
         let manifest_wait = config.deadline.max(MIN_MANIFEST_WAIT);
+        // The snapshot's home server first, then the fail-over order, the
+        // servers not ready last (crate::fleet).
+        let plan = runtime.block_on(crate::fleet::plan(
+            &config.servers,
+            &mut config.connect,
+            &config.snapshot,
+        ))?;
+        config.servers = plan.servers;
         let manifest = runtime.block_on(async {
             let mut last = None;
             for (server, url) in config.servers.iter().enumerate() {
@@ -318,6 +326,7 @@ impl Pager {
             Err(last.expect("at least one server"))
         });
         let (manifest, answered) = manifest?;
+        let origin = config.servers[answered].clone();
         let manifest = Arc::new(manifest);
 
         // Check the layout, then register each region.
@@ -415,6 +424,7 @@ impl Pager {
             ended: watch::channel(None).0,
             tasks: Mutex::new(Vec::new()),
             recorded: Mutex::new(Vec::new()),
+            fleet: crate::fleet::Consistency::new(&origin),
             config,
         });
         let mut pager = Pager {

@@ -157,6 +157,12 @@ pub(crate) async fn open_session(shared: &Shared, url: &str) -> Result<Session, 
     let remote = Remote::connect_with(url, &shared.config.connect)
         .await
         .map_err(|e| e.to_string())?;
+    // A fail-over server must serve the manifest in use (crate::fleet).
+    shared
+        .fleet
+        .check(&remote, &shared.manifest)
+        .await
+        .map_err(|e| e.to_string())?;
     let (tx, rx) = mpsc::unbounded_channel();
     tx.send(pb::FaultRequest {
         kind: Some(pb::fault_request::Kind::Open(pb::FaultOpen {

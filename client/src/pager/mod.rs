@@ -112,6 +112,9 @@ pub(crate) struct Shared {
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
     /// First-touch order, when recording.
     recorded: Mutex<Vec<PageRange>>,
+    /// Which servers serve the manifest in use (checked before the link or
+    /// the prefetcher uses a server the manifest did not come from).
+    fleet: crate::fleet::Consistency,
 }
 
 impl Shared {

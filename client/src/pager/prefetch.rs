@@ -41,6 +41,9 @@ pub enum PrefetchError {
     /// again, their waiters woken).
     #[error(transparent)]
     Install(#[from] InstallError),
+    /// The server does not serve the manifest in use, or could not say.
+    #[error(transparent)]
+    Fleet(#[from] crate::fleet::CheckError),
     /// The server sent nothing for this long.
     #[error("the server sent no prefetch batch for {0:?}")]
     Stalled(Duration),
@@ -57,7 +60,9 @@ pub(crate) async fn stream_into(
     let stalled = || PrefetchError::Stalled(STALL_TIMEOUT);
     let opening = async {
         let remote = Remote::connect_with(url, &shared.config.connect).await?;
-        remote.prefetch(req).await
+        // A fail-over server must serve the manifest in use (crate::fleet).
+        shared.fleet.check(&remote, &shared.manifest).await?;
+        Ok::<_, PrefetchError>(remote.prefetch(req).await?)
     };
     let mut stream = tokio::time::timeout(STALL_TIMEOUT, opening)
         .await
