@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes};
-use common::{Fixture, PAGE, PAGES, SNAPSHOT, apply, client, range};
+use common::{Fixture, PAGE, PAGES, SNAPSHOT, apply, client, fault_open, range};
 use faultline_proto::{PageRange, SnapshotId, WorkingSetName, pb};
 use faultline_server::store::{
     CreateError, ListError, OpenError, ReadError, RecordError, Snapshot, SnapshotSpec,
@@ -53,15 +53,6 @@ fn chunk(offset: u64, data: Vec<u8>) -> pb::CreateSnapshotRequest {
                 data: data.into(),
             },
         )),
-    }
-}
-
-fn open(snapshot: &str) -> pb::FaultRequest {
-    pb::FaultRequest {
-        kind: Some(pb::fault_request::Kind::Open(pb::FaultOpen {
-            snapshot: snapshot.into(),
-            compression: 0,
-        })),
     }
 }
 
@@ -435,7 +426,7 @@ async fn stalled_fault_reader_holds_bounded_memory() {
     let f = Fixture::start().await;
     let mut c = f.client().await;
     let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tx.send(open(SNAPSHOT)).await.unwrap();
+    tx.send(fault_open(SNAPSHOT)).await.unwrap();
     let answers = c
         .fault(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
@@ -478,7 +469,11 @@ async fn broken_fault_streams_never_end_ok() {
         (Bytes::from(vec![0u8; 33 << 20]), Code::ResourceExhausted),
     ] {
         let mut grpc = raw_grpc(&f.server.url()).await;
-        let msgs = vec![encoded(&open(SNAPSHOT)), encoded(&pages(1, 3, 1)), bad];
+        let msgs = vec![
+            encoded(&fault_open(SNAPSHOT)),
+            encoded(&pages(1, 3, 1)),
+            bad,
+        ];
         let mut answers = grpc
             .streaming(
                 tonic::Request::new(tokio_stream::iter(msgs)),
@@ -842,7 +837,7 @@ async fn failed_reads_are_data_loss_not_a_crash() {
     // Pages before the end are still served, on a Fault stream too.
     let mut answers = c
         .fault(tokio_stream::iter(vec![
-            open(SNAPSHOT),
+            fault_open(SNAPSHOT),
             pages(1, 0, 4),
             pages(2, page, 1),
         ]))
@@ -977,7 +972,7 @@ async fn fault_answers_do_not_wait_for_a_cold_page() {
         .unwrap();
     let mut c = client(&server.url()).await;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(open(SNAPSHOT)).await.unwrap();
+    tx.send(fault_open(SNAPSHOT)).await.unwrap();
     tx.send(pages(1, slow, 1)).await.unwrap();
     tx.send(pages(2, fast, 1)).await.unwrap();
     let mut answers = c

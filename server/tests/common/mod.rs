@@ -107,6 +107,16 @@ pub fn apply(batch: pb::PageBatch, out: &mut [u8], seen: &mut Vec<u64>) {
     }
 }
 
+/// The `open` message of a Fault stream on `snapshot`, uncompressed.
+pub fn fault_open(snapshot: &str) -> pb::FaultRequest {
+    pb::FaultRequest {
+        kind: Some(pb::fault_request::Kind::Open(pb::FaultOpen {
+            snapshot: snapshot.into(),
+            compression: 0,
+        })),
+    }
+}
+
 pub fn range(start: u64, count: u64) -> pb::PageRange {
     pb::PageRange { start, count }
 }
