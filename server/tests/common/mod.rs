@@ -117,6 +117,16 @@ pub fn fault_open(snapshot: &str) -> pb::FaultRequest {
     }
 }
 
+/// A Fault request `request_id` for `count` pages from `start`.
+pub fn fault_pages(request_id: u64, start: u64, count: u64) -> pb::FaultRequest {
+    pb::FaultRequest {
+        kind: Some(pb::fault_request::Kind::Pages(pb::FaultPages {
+            request_id,
+            range: Some(range(start, count)),
+        })),
+    }
+}
+
 pub fn range(start: u64, count: u64) -> pb::PageRange {
     pb::PageRange { start, count }
 }
