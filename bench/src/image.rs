@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use faultline_server::testing::fill_page;
+use faultline_microvm::pattern::fill_page;
 
 /// Pages generated per write.
 const CHUNK_PAGES: usize = 2048;
@@ -20,7 +20,8 @@ fn check_size(size: u64) -> std::io::Result<()> {
 }
 
 /// Writes an image of `size` bytes (a multiple of 4096) with `seed` to `out`.
-/// Page content follows [`faultline_server::testing::page_kind`]: about 40%
+/// Page content follows [`faultline_microvm::pattern::page_kind`] (the micro-VM's pages
+/// and the server tests' synthetic images are the same): about 40%
 /// zero pages in runs, 30% text, 30% random.
 pub fn write_image(out: &Path, size: u64, seed: u64) -> std::io::Result<()> {
     check_size(size)?;

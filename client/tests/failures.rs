@@ -14,8 +14,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::{
-    DEADLINE, Mem, PAGE, Server, Snapshot, block_on, check_all, complete, config, hung, image_4k,
-    memory, runtime, settle, start, touch_and_check, within,
+    DEADLINE, Mem, PAGE, Server, Snapshot, assert_touched_right, block_on, check_all, complete,
+    config, hung, image_4k, memory, runtime, settle, start, touch_and_check, within,
 };
 use faultline_client::backing::{BackingKind, ExternalMemory, GuestMemory};
 use faultline_client::pager::{
@@ -44,8 +44,7 @@ fn server_killed_mid_restore_and_restarted() {
     let (early, late) = data.split_at(data.len() / 2);
     let early: Vec<usize> = early.iter().copied().step_by(9).collect();
     let late: Vec<usize> = late.iter().copied().step_by(9).collect();
-    let bad = touch_and_check(mem, &snap, vec![early]);
-    assert!(bad.is_empty(), "pages differ from the image: {bad:?}");
+    assert_touched_right(mem, &snap, early);
 
     server.kill();
     // Faults now wait for a server that is not there.
@@ -176,11 +175,9 @@ fn page_discarded_while_in_flight_reads_zeros() {
     );
     // The rest of its window arrived as usual, and nothing was taken for
     // corrupt.
-    let bad = touch_and_check(mem, &snap, vec![vec![page + 1]]);
-    assert!(bad.is_empty(), "pages differ from the image: {bad:?}");
+    assert_touched_right(mem, &snap, vec![page + 1]);
     let rest: Vec<usize> = (0..snap.pages()).filter(|&p| p != page).collect();
-    let bad = touch_and_check(mem, &snap, vec![rest]);
-    assert!(bad.is_empty(), "pages differ from the image: {bad:?}");
+    assert_touched_right(mem, &snap, rest);
     let s = complete(&pager);
     assert_eq!(s.corrupt_pages + s.poisoned_pages, 0, "{s:#?}");
 }
@@ -199,8 +196,7 @@ fn server_down_past_deadline_poisons() {
     let pager = start(cfg, mem);
     let mem = Mem::of(&pager, 0);
     let data = snap.data_pages();
-    let bad = touch_and_check(mem, &snap, vec![data[..8].to_vec()]);
-    assert!(bad.is_empty(), "pages differ from the image: {bad:?}");
+    assert_touched_right(mem, &snap, data[..8].to_vec());
     server.kill();
     let page = *data.last().expect("a page with content");
     let started = Instant::now();
@@ -219,8 +215,7 @@ fn server_down_past_deadline_poisons() {
     assert!(s.poisoned_pages >= 1, "{s:#?}");
     assert_eq!(s.corrupt_pages, 0, "{s:#?}");
     // Pages filled before stay right.
-    let bad = touch_and_check(mem, &snap, vec![data[..8].to_vec()]);
-    assert!(bad.is_empty(), "pages differ from the image: {bad:?}");
+    assert_touched_right(mem, &snap, data[..8].to_vec());
 }
 
 /// A corrupt page in memory that must be filled eagerly (guest_memfd here) fails `Pager::start`.
@@ -349,8 +344,7 @@ fn corrupt_page_is_poisoned_never_installed() {
     assert_eq!(s.poisoned_pages, 1, "{s:#?}");
     // The pages fetched with it (its read-ahead window) are fine.
     let good: Vec<usize> = (bad - 1..snap.pages()).filter(|&p| p != bad).collect();
-    let wrong = touch_and_check(mem, &snap, vec![good]);
-    assert!(wrong.is_empty(), "pages differ from the image: {wrong:?}");
+    assert_touched_right(mem, &snap, good);
     // The page stays poisoned: asking again gives the same answer, at once.
     let again = block_on(
         &rt,
@@ -381,8 +375,7 @@ fn corrupt_page_is_skipped_by_prefetch() {
     std::thread::sleep(Duration::from_millis(200));
     assert!(!pager.is_complete());
     let others: Vec<usize> = (0..snap.pages()).filter(|&p| p != bad).collect();
-    let wrong = touch_and_check(Mem::of(&pager, 0), &snap, vec![others]);
-    assert!(wrong.is_empty(), "pages differ from the image: {wrong:?}");
+    assert_touched_right(Mem::of(&pager, 0), &snap, others);
     // The prefetcher mapped the zero pages too (the stream names them), so
     // nothing faulted and nothing was fetched on demand.
     let zeros = snap.zero_pages().len() as u64;
@@ -489,8 +482,7 @@ fn corrupt_child(url: String, bad: usize, on_failure: OnFailure) {
     let pager = start(cfg, mem);
     let mem = Mem::of(&pager, 0);
     let good: Vec<usize> = (0..64).chain(bad + 8..bad + 64).collect();
-    let wrong = touch_and_check(mem, &snap, vec![good]);
-    assert!(wrong.is_empty(), "pages differ from the image: {wrong:?}");
+    assert_touched_right(mem, &snap, good);
     say("CHILD: good pages ok");
     say(&format!("CHILD: touching page {bad}"));
     let mut buf = vec![0u8; PAGE];
@@ -585,8 +577,7 @@ fn shutdown_child(url: String, unfilled: usize) {
     );
     let mem = Mem::of(&pager, 0);
     let filled: Vec<usize> = (0..32).collect();
-    let wrong = touch_and_check(mem, &snap, vec![filled.clone()]);
-    assert!(wrong.is_empty(), "pages differ from the image: {wrong:?}");
+    assert_touched_right(mem, &snap, filled.clone());
     assert!(!pager.is_complete());
     pager.into_inner().shutdown();
     // Pages filled stay; zero pages of the snapshot read as zeros.
@@ -801,8 +792,7 @@ fn stalled_server_counts_against_the_deadline() {
     let pager = start(cfg, mem);
     let mem = Mem::of(&pager, 0);
     let data = snap.data_pages();
-    let bad = touch_and_check(mem, &snap, vec![data[..8].to_vec()]);
-    assert!(bad.is_empty(), "pages differ from the image: {bad:?}");
+    assert_touched_right(mem, &snap, data[..8].to_vec());
     let addr = server.addr();
     server.kill();
     let _stalled = common::StalledServer::bind(addr);
@@ -860,8 +850,7 @@ fn policy_wait_waits_past_the_deadline() {
     server.restart();
     let r = fault_within(&pager, mem, page, DEADLINE);
     assert!(matches!(r, Some(Ok(()))), "{r:?}");
-    let bad = touch_and_check(mem, &snap, vec![vec![page]]);
-    assert!(bad.is_empty(), "pages differ from the image: {bad:?}");
+    assert_touched_right(mem, &snap, vec![page]);
     assert_eq!(pager.stats().poisoned_pages, 0);
 }
 
@@ -914,8 +903,7 @@ fn server_errors_follow_the_policy() {
                 server.restart_fresh();
                 let r = fault_within(&pager, mem, page, DEADLINE);
                 assert!(matches!(r, Some(Ok(()))), "{r:?}");
-                let bad = touch_and_check(mem, &snap, vec![vec![page]]);
-                assert!(bad.is_empty(), "pages differ from the image: {bad:?}");
+                assert_touched_right(mem, &snap, vec![page]);
             }
         }
     }
@@ -1286,8 +1274,7 @@ fn fault_on_a_page_marked_present_but_unmapped_is_resolved() {
     );
     let mem = Mem::new(addr, len);
     let page = snap.data_pages()[3];
-    let bad = touch_and_check(mem, &snap, vec![vec![page]]);
-    assert!(bad.is_empty(), "pages differ from the image: {bad:?}");
+    assert_touched_right(mem, &snap, vec![page]);
     // SAFETY: one page of the test's guest mapping, which holds no Rust object.
     let rc = unsafe {
         libc::madvise(
@@ -1308,8 +1295,7 @@ fn fault_on_a_page_marked_present_but_unmapped_is_resolved() {
     );
     // The rest is still served right.
     let others: Vec<usize> = snap.data_pages()[4..40].to_vec();
-    let bad = touch_and_check(mem, &snap, vec![others]);
-    assert!(bad.is_empty(), "pages differ from the image: {bad:?}");
+    assert_touched_right(mem, &snap, others);
     drop(pager);
 }
 

@@ -5,8 +5,9 @@
 mod common;
 
 use common::{
-    DEADLINE, Mem, PAGE, Rng, Server, Snapshot, TestPager, block_on, check_all, complete, config,
-    image_2m, image_4k, memory, runtime, settle, start, touch_and_check, within,
+    DEADLINE, Mem, PAGE, Rng, Server, Snapshot, TestPager, assert_touched_right, block_on,
+    check_all, complete, config, image_2m, image_4k, memory, runtime, settle, start,
+    touch_and_check, within,
 };
 use faultline_client::backing::BackingKind;
 use faultline_client::pager::{FaultError, Pager, PrefetchPolicy, Region, StartError, Stats};
@@ -496,8 +497,7 @@ fn discard_then_refault(kind: BackingKind, advice: libc::c_int, keeps: bool) {
     let rest = (0..snap.pages())
         .filter(|&p| p != touched && p != untouched)
         .collect::<Vec<_>>();
-    let bad = touch_and_check(mem, &snap, vec![rest]);
-    assert!(bad.is_empty(), "pages differ from the image: {bad:?}");
+    assert_touched_right(mem, &snap, rest);
     let s = complete(&pager);
     assert!(installed(&s) <= s.pages_total + s.removed_pages, "{s:#?}");
     same(&read_page(mem, touched), &expect(touched), touched);
@@ -675,8 +675,7 @@ fn external_faults_fill_without_touching() {
         .copied()
         .chain(range_start..range_start + 40)
         .collect();
-    let bad = touch_and_check(mem, &snap, vec![filled]);
-    assert!(bad.is_empty(), "pages differ from the image: {bad:?}");
+    assert_touched_right(mem, &snap, filled);
     let after = pager.stats();
     assert_eq!(
         after.faults, before.faults,
@@ -708,8 +707,7 @@ fn recorded_working_set_is_prefetched() {
     let data = snap.data_pages();
     let touched = Rng::new(4).shuffle(data.iter().copied().step_by(41).collect::<Vec<_>>());
     assert!(touched.len() > 20);
-    let bad = touch_and_check(Mem::of(&pager, 0), &snap, vec![touched.clone()]);
-    assert!(bad.is_empty(), "pages differ from the image: {bad:?}");
+    assert_touched_right(Mem::of(&pager, 0), &snap, touched.clone());
     let stored = pager.record_working_set().expect("record the working set");
     assert!(stored >= touched.len() as u64, "{stored} pages stored");
     drop(pager);
@@ -762,8 +760,7 @@ fn recorded_working_set_is_prefetched() {
     assert_eq!(s.faults, 0, "{s:#?}");
     // Only the working set: the rest is left to demand faults.
     assert!(!pager.is_complete());
-    let bad = touch_and_check(Mem::of(&pager, 0), &snap, vec![touched]);
-    assert!(bad.is_empty(), "pages differ from the image: {bad:?}");
+    assert_touched_right(Mem::of(&pager, 0), &snap, touched);
     let s = pager.stats();
     assert_eq!(s.faults, 0, "the prefetched pages faulted: {s:#?}");
     assert_eq!(s.pages_by_source.prefetch, want, "{s:#?}");

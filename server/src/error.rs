@@ -241,10 +241,7 @@ fn create_code(e: &CreateError) -> tonic::Code {
     use tonic::Code;
     match e {
         CreateError::AlreadyExists(_) => Code::AlreadyExists,
-        CreateError::Invalid(_)
-        | CreateError::OutOfOrder { .. }
-        | CreateError::TooLong { .. }
-        | CreateError::Incomplete { .. } => Code::InvalidArgument,
+        CreateError::Invalid(_) | CreateError::Order(_) => Code::InvalidArgument,
         CreateError::TooLarge { .. } | CreateError::DiskFull { .. } => Code::ResourceExhausted,
         CreateError::Unavailable { .. } => Code::Unavailable,
         CreateError::Io { .. } => Code::Internal,

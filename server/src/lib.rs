@@ -33,7 +33,7 @@
 //! - [`garage`]: a single-node Garage (a real S3 server) for tests and
 //!   benchmarks, through `scripts/garage.sh`.
 //! - [`testing`]: deterministic synthetic memory images for tests, benchmarks
-//!   and the demo.
+//!   and the demo (feature `synthetic`: the micro-VM harness's page pattern).
 //!
 //! The binary `faultline-server` (`src/main.rs`) only parses arguments and
 //! calls into these.

@@ -589,6 +589,20 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// The `open` message that must come first on a client stream (Fault,
+/// WritePages): `open` picks it out of a message, `not_open` is the error
+/// when the first message is something else or the stream ends at once.
+async fn first_open<M, O>(
+    inbound: &mut Streaming<M>,
+    not_open: &'static str,
+    open: impl FnOnce(M) -> Option<O>,
+) -> Result<O, Error> {
+    let first = inbound.message().await.map_err(|status| {
+        Error::from_stream(&status, "the stream broke before its `open` message")
+    })?;
+    first.and_then(open).ok_or(Error::Sequence(not_open))
+}
+
 /// A status for a request stream that broke: oversized or undecodable
 /// messages get their codes; a client that went away gets InvalidArgument
 /// (it is not there to read it).
@@ -676,17 +690,15 @@ impl pb::faultline_server::Faultline for FaultlineService {
         let access = Access::of(&req);
         let mut inbound = req.into_inner();
         let opened = async {
-            let first = inbound.message().await.map_err(|status| {
-                Error::from_stream(&status, "the stream broke before its `open` message")
-            })?;
-            let Some(pb::FaultRequest {
-                kind: Some(pb::fault_request::Kind::Open(open)),
-            }) = first
-            else {
-                return Err(Error::Sequence(
-                    "the first message of a Fault stream must be `open`",
-                ));
-            };
+            let open = first_open(
+                &mut inbound,
+                "the first message of a Fault stream must be `open`",
+                |m| match m.kind {
+                    Some(pb::fault_request::Kind::Open(open)) => Some(open),
+                    _ => None,
+                },
+            )
+            .await?;
             access?.check(Right::Read, &open.snapshot)?;
             let codec = Compression::try_from(open.compression)?;
             Ok((self.open(open.snapshot).await?, codec))
@@ -972,17 +984,15 @@ impl pb::faultline_server::Faultline for FaultlineService {
         let access = Access::of(&req);
         let mut inbound = req.into_inner();
         let opened = async {
-            let first = inbound.message().await.map_err(|status| {
-                Error::from_stream(&status, "the stream broke before its `open` message")
-            })?;
-            let Some(pb::WritePagesRequest {
-                kind: Some(pb::write_pages_request::Kind::Open(open)),
-            }) = first
-            else {
-                return Err(Error::Sequence(
-                    "the first message of a WritePages stream must be `open`",
-                ));
-            };
+            let open = first_open(
+                &mut inbound,
+                "the first message of a WritePages stream must be `open`",
+                |m| match m.kind {
+                    Some(pb::write_pages_request::Kind::Open(open)) => Some(open),
+                    _ => None,
+                },
+            )
+            .await?;
             access?.check(Right::Write, &open.volume)?;
             let id = SnapshotId::new(open.volume)?;
             Ok(self.store.open_volume(&id).await?)

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Fixture, PAGES, SNAPSHOT, apply, range};
+use common::{Fixture, PAGES, SNAPSHOT, apply, fault_open, range};
 use faultline_proto::pb;
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -166,15 +166,6 @@ fn pages(request_id: u64, r: Option<pb::PageRange>) -> pb::FaultRequest {
     }
 }
 
-fn open(snapshot: &str) -> pb::FaultRequest {
-    pb::FaultRequest {
-        kind: Some(pb::fault_request::Kind::Open(pb::FaultOpen {
-            snapshot: snapshot.into(),
-            compression: 0,
-        })),
-    }
-}
-
 /// On the Fault stream, bad requests get in-band errors and the stream goes
 /// on answering good ones.
 #[tokio::test]
@@ -182,11 +173,11 @@ async fn fault_stream_errors_are_in_band() {
     let f = Fixture::start().await;
     let mut c = f.client().await;
     let msgs = vec![
-        open(SNAPSHOT),
+        fault_open(SNAPSHOT),
         pages(1, Some(range(PAGES, 1))),
         pages(2, None),
         pages(3, Some(range(0, 5000))),
-        open(SNAPSHOT),
+        fault_open(SNAPSHOT),
         pages(5, Some(range(7, 1))),
     ];
     let mut answers = c
@@ -235,7 +226,7 @@ async fn fault_stream_errors_are_in_band() {
         "must be `open`",
     );
     assert_code(
-        c.fault(tokio_stream::iter(vec![open("nope")])).await,
+        c.fault(tokio_stream::iter(vec![fault_open("nope")])).await,
         Code::NotFound,
         "nope",
     );

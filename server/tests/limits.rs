@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes};
-use common::{Fixture, PAGE, PAGES, SNAPSHOT, apply, client, range};
+use common::{Fixture, PAGE, PAGES, SNAPSHOT, apply, client, fault_open, fault_pages, range};
 use faultline_proto::{PageRange, SnapshotId, WorkingSetName, pb};
 use faultline_server::store::{
     CreateError, ListError, OpenError, ReadError, RecordError, Snapshot, SnapshotSpec,
@@ -53,24 +53,6 @@ fn chunk(offset: u64, data: Vec<u8>) -> pb::CreateSnapshotRequest {
                 data: data.into(),
             },
         )),
-    }
-}
-
-fn open(snapshot: &str) -> pb::FaultRequest {
-    pb::FaultRequest {
-        kind: Some(pb::fault_request::Kind::Open(pb::FaultOpen {
-            snapshot: snapshot.into(),
-            compression: 0,
-        })),
-    }
-}
-
-fn pages(request_id: u64, start: u64, count: u64) -> pb::FaultRequest {
-    pb::FaultRequest {
-        kind: Some(pb::fault_request::Kind::Pages(pb::FaultPages {
-            request_id,
-            range: Some(range(start, count)),
-        })),
     }
 }
 
@@ -435,7 +417,7 @@ async fn stalled_fault_reader_holds_bounded_memory() {
     let f = Fixture::start().await;
     let mut c = f.client().await;
     let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tx.send(open(SNAPSHOT)).await.unwrap();
+    tx.send(fault_open(SNAPSHOT)).await.unwrap();
     let answers = c
         .fault(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
@@ -445,7 +427,7 @@ async fn stalled_fault_reader_holds_bounded_memory() {
     for id in 0..2000 {
         // Requests are small: HTTP/2 takes them all into the server's
         // 16 MiB receive window whether or not anything answers them.
-        tokio::time::timeout(PATIENCE, tx.send(pages(id, 0, 64)))
+        tokio::time::timeout(PATIENCE, tx.send(fault_pages(id, 0, 64)))
             .await
             .expect("the request queue stalled")
             .unwrap();
@@ -478,7 +460,11 @@ async fn broken_fault_streams_never_end_ok() {
         (Bytes::from(vec![0u8; 33 << 20]), Code::ResourceExhausted),
     ] {
         let mut grpc = raw_grpc(&f.server.url()).await;
-        let msgs = vec![encoded(&open(SNAPSHOT)), encoded(&pages(1, 3, 1)), bad];
+        let msgs = vec![
+            encoded(&fault_open(SNAPSHOT)),
+            encoded(&fault_pages(1, 3, 1)),
+            bad,
+        ];
         let mut answers = grpc
             .streaming(
                 tonic::Request::new(tokio_stream::iter(msgs)),
@@ -842,9 +828,9 @@ async fn failed_reads_are_data_loss_not_a_crash() {
     // Pages before the end are still served, on a Fault stream too.
     let mut answers = c
         .fault(tokio_stream::iter(vec![
-            open(SNAPSHOT),
-            pages(1, 0, 4),
-            pages(2, page, 1),
+            fault_open(SNAPSHOT),
+            fault_pages(1, 0, 4),
+            fault_pages(2, page, 1),
         ]))
         .await
         .unwrap()
@@ -977,9 +963,9 @@ async fn fault_answers_do_not_wait_for_a_cold_page() {
         .unwrap();
     let mut c = client(&server.url()).await;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(open(SNAPSHOT)).await.unwrap();
-    tx.send(pages(1, slow, 1)).await.unwrap();
-    tx.send(pages(2, fast, 1)).await.unwrap();
+    tx.send(fault_open(SNAPSHOT)).await.unwrap();
+    tx.send(fault_pages(1, slow, 1)).await.unwrap();
+    tx.send(fault_pages(2, fast, 1)).await.unwrap();
     let mut answers = c
         .fault(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await

@@ -57,6 +57,20 @@ fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// Writes `img` into `store` as snapshot "vm" of 4 KiB pages.
+async fn put_vm(store: &ObjectSnapshotStore, img: &[u8]) {
+    let spec = faultline_server::store::SnapshotSpec::new(
+        faultline_proto::SnapshotId::new("vm").unwrap(),
+        PageSize::Size4K,
+        img.len() as u64,
+        vec![],
+    )
+    .unwrap();
+    let mut w = store.create(spec).await.unwrap();
+    w.write(img).await.unwrap();
+    w.finish().await.unwrap();
+}
+
 async fn serve(store: Arc<ObjectSnapshotStore>) -> ServerHandle {
     faultline_server::spawn(
         "127.0.0.1:0".parse().unwrap(),
@@ -324,20 +338,7 @@ async fn concurrent_restores_one_get_per_chunk() {
     };
     let img = image(13);
     let writer = garage.store("sf", ObjectStoreOptions::default()).unwrap();
-    let mut w = writer
-        .create(
-            faultline_server::store::SnapshotSpec::new(
-                faultline_proto::SnapshotId::new("vm").unwrap(),
-                PageSize::Size4K,
-                img.len() as u64,
-                vec![],
-            )
-            .unwrap(),
-        )
-        .await
-        .unwrap();
-    w.write(&img).await.unwrap();
-    w.finish().await.unwrap();
+    put_vm(&writer, &img).await;
 
     let store = Arc::new(garage.store("sf", ObjectStoreOptions::default()).unwrap());
     let server = serve(store.clone()).await;
@@ -373,20 +374,7 @@ async fn corrupt_chunk_is_data_loss() {
     };
     let img = image(14);
     let store = Arc::new(garage.store("bad", ObjectStoreOptions::default()).unwrap());
-    let mut w = store
-        .create(
-            faultline_server::store::SnapshotSpec::new(
-                faultline_proto::SnapshotId::new("vm").unwrap(),
-                PageSize::Size4K,
-                img.len() as u64,
-                vec![],
-            )
-            .unwrap(),
-        )
-        .await
-        .unwrap();
-    w.write(&img).await.unwrap();
-    w.finish().await.unwrap();
+    put_vm(&store, &img).await;
     let chunk1 = &img[2 << 20..4 << 20];
     let mut bad = chunk1.to_vec();
     bad[100_000] ^= 0x80;
@@ -478,20 +466,7 @@ async fn outage_mid_restore_is_unavailable_then_resumes() {
     let pages = 8192;
     let img = image_of(15, pages);
     let store = Arc::new(garage.store("out", options).unwrap());
-    let mut w = store
-        .create(
-            faultline_server::store::SnapshotSpec::new(
-                faultline_proto::SnapshotId::new("vm").unwrap(),
-                PageSize::Size4K,
-                img.len() as u64,
-                vec![],
-            )
-            .unwrap(),
-        )
-        .await
-        .unwrap();
-    w.write(&img).await.unwrap();
-    w.finish().await.unwrap();
+    put_vm(&store, &img).await;
     let server = serve(store.clone()).await;
     let mut c = client(&server).await;
     let m = manifest(&mut c, "vm").await;
@@ -656,20 +631,7 @@ async fn working_set_recorded_on_one_server_serves_on_another() {
     };
     let img = image(16);
     let a = Arc::new(garage.store("ws", ObjectStoreOptions::default()).unwrap());
-    let mut w = a
-        .create(
-            faultline_server::store::SnapshotSpec::new(
-                faultline_proto::SnapshotId::new("vm").unwrap(),
-                PageSize::Size4K,
-                img.len() as u64,
-                vec![],
-            )
-            .unwrap(),
-        )
-        .await
-        .unwrap();
-    w.write(&img).await.unwrap();
-    w.finish().await.unwrap();
+    put_vm(&a, &img).await;
     let server_a = serve(a).await;
     let mut ca = client(&server_a).await;
     let order = [2000u64, 5, 1500, 6];

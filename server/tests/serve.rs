@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Fixture, PAGE, PAGES, SNAPSHOT, apply, client, range};
+use common::{Fixture, PAGE, PAGES, SNAPSHOT, apply, client, fault_open, fault_pages, range};
 use faultline_proto::pb;
 use faultline_server::testing::{PageKind, page_kind};
 use tokio_stream::StreamExt;
@@ -74,14 +74,7 @@ async fn fault_stream_round_trip() {
     let f = Fixture::start().await;
     let mut c = f.client().await;
     let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tx.send(pb::FaultRequest {
-        kind: Some(pb::fault_request::Kind::Open(pb::FaultOpen {
-            snapshot: SNAPSHOT.into(),
-            compression: 0,
-        })),
-    })
-    .await
-    .unwrap();
+    tx.send(fault_open(SNAPSHOT)).await.unwrap();
     let mut answers = c
         .fault(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
@@ -93,14 +86,7 @@ async fn fault_stream_round_trip() {
         .collect();
     let sender = tokio::spawn(async move {
         for &s in &starts {
-            tx.send(pb::FaultRequest {
-                kind: Some(pb::fault_request::Kind::Pages(pb::FaultPages {
-                    request_id: s,
-                    range: Some(range(s, 16)),
-                })),
-            })
-            .await
-            .unwrap();
+            tx.send(fault_pages(s, s, 16)).await.unwrap();
         }
         tx
     });

@@ -169,13 +169,7 @@ async fn streams_per_connection_limit() {
     let c = pb::faultline_client::FaultlineClient::new(ch);
     let open = || {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tx.send(pb::FaultRequest {
-            kind: Some(pb::fault_request::Kind::Open(pb::FaultOpen {
-                snapshot: common::SNAPSHOT.into(),
-                compression: 0,
-            })),
-        })
-        .unwrap();
+        tx.send(common::fault_open(common::SNAPSHOT)).unwrap();
         let mut c = c.clone();
         async move {
             let answers = c

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use common::{Fixture, PAGE, PAGES, SNAPSHOT, apply, range};
+use common::{Fixture, PAGE, PAGES, SNAPSHOT, apply, fault_open, fault_pages, range};
 use faultline_proto::pb::faultline_client::FaultlineClient;
 use faultline_proto::{Compression, LayerKind, PageIndex, RequestId, SnapshotId, pb};
 use faultline_server::auth::{Right, TokensFile};
@@ -184,28 +184,14 @@ async fn write_then_read_through_every_path() {
 
     // Fault: a range straddling written and parent pages, and the zeroed one.
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(pb::FaultRequest {
-        kind: Some(pb::fault_request::Kind::Open(pb::FaultOpen {
-            snapshot: "vol".into(),
-            compression: 0,
-        })),
-    })
-    .await
-    .unwrap();
+    tx.send(fault_open("vol")).await.unwrap();
     let mut answers = c
         .fault(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
         .unwrap()
         .into_inner();
     for (id, start, count) in [(1, 8, 8), (2, 498, 4)] {
-        tx.send(pb::FaultRequest {
-            kind: Some(pb::fault_request::Kind::Pages(pb::FaultPages {
-                request_id: id,
-                range: Some(range(start, count)),
-            })),
-        })
-        .await
-        .unwrap();
+        tx.send(fault_pages(id, start, count)).await.unwrap();
         let a = answers.next().await.unwrap().unwrap();
         let Some(pb::fault_response::Result::Pages(batch)) = a.result else {
             panic!("fault {id}: {a:?}");
@@ -654,14 +640,7 @@ async fn fault_stream_sees_pages_written_since_it_opened() {
     .await
     .unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(pb::FaultRequest {
-        kind: Some(pb::fault_request::Kind::Open(pb::FaultOpen {
-            snapshot: "empty".into(),
-            compression: 0,
-        })),
-    })
-    .await
-    .unwrap();
+    tx.send(fault_open("empty")).await.unwrap();
     let mut answers = c
         .clone()
         .fault(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -669,14 +648,7 @@ async fn fault_stream_sees_pages_written_since_it_opened() {
         .unwrap()
         .into_inner();
     let mut fault = async |id: u64| {
-        tx.send(pb::FaultRequest {
-            kind: Some(pb::fault_request::Kind::Pages(pb::FaultPages {
-                request_id: id,
-                range: Some(range(5, 1)),
-            })),
-        })
-        .await
-        .unwrap();
+        tx.send(fault_pages(id, 5, 1)).await.unwrap();
         let a = answers.next().await.unwrap().unwrap();
         let Some(pb::fault_response::Result::Pages(batch)) = a.result else {
             panic!("{a:?}");

@@ -2,9 +2,9 @@
 //! never touched), 30% text-like pages (they compress well), 30% pseudo-random pages (they do
 //! not), deterministic in the seed and the page index.
 //!
-//! The same generator as `faultline_server::testing` (so the micro-VM's pages and the
-//! benchmarks' synthetic images have the same mix and the same bytes), kept here because this
-//! crate depends on no faultline crate.
+//! The one generator of synthetic pages: `faultline_server::testing` (feature `synthetic`)
+//! re-exports it, so the micro-VM's pages and the benchmarks' synthetic images have the same
+//! mix and the same bytes. It lives here because this crate depends on no faultline crate.
 
 /// What a data page holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -53,25 +53,3 @@ pub fn view(mapping: &Mapping) -> HostView<'_> {
     // holds no Rust object (its own contract).
     unsafe { HostView::new(mapping.addr(), mapping.len()) }
 }
-
-#[cfg(test)]
-mod tests {
-    use faultline_microvm::pattern;
-    use faultline_server::testing;
-
-    /// The harness's page pattern is the server's synthetic image, byte for byte (the suite
-    /// compares micro-VM restores with restores of synthetic images).
-    #[test]
-    fn the_harness_pattern_is_the_servers() {
-        let (mut a, mut b) = (vec![0u8; 4096], vec![0u8; 4096]);
-        for page in 0..512 {
-            pattern::fill_page(5, page, &mut a);
-            testing::fill_page(5, page, &mut b);
-            assert_eq!(a, b, "page {page}");
-            assert_eq!(
-                pattern::page_kind(page) == pattern::PageKind::Zero,
-                testing::page_kind(page) == testing::PageKind::Zero
-            );
-        }
-    }
-}

@@ -366,6 +366,14 @@ pub fn hung(what: &str, limit: Duration) -> ! {
     panic!("{msg}");
 }
 
+/// Reads `pages` (one thread, as [`touch_and_check`]) and fails the test if
+/// any of them differs from the image.
+#[track_caller]
+pub fn assert_touched_right(mem: Mem, snap: &Snapshot, pages: Vec<usize>) {
+    let bad = touch_and_check(mem, snap, vec![pages]);
+    assert!(bad.is_empty(), "pages differ from the image: {bad:?}");
+}
+
 /// Reads the pages listed in each of `orders` (one thread per list, all at
 /// once, starting together) and compares each with the image. Returns the
 /// pages that differed. Fails the test if the threads do not finish within

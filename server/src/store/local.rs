@@ -300,16 +300,12 @@ impl LocalStore {
         let dir = self.inner.root.join(id.as_str());
         let identity = match std::fs::metadata(dir.join(MANIFEST_FILE)) {
             Ok(meta) => FileIdentity::of(&meta),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.cache().remove(id);
-                return Err(OpenError::NotFound(id.clone()));
-            }
             Err(source) => {
-                return Err(OpenError::Read {
-                    snapshot: id.clone(),
-                    file: MANIFEST_FILE.into(),
-                    source,
-                });
+                let e = manifest_unreadable(id, source);
+                if matches!(e, OpenError::NotFound(_)) {
+                    self.cache().remove(id);
+                }
+                return Err(e);
             }
         };
         if let Some(s) = self.cache().get(id, identity) {
@@ -488,16 +484,12 @@ impl LocalStore {
         let path = self.inner.root.join(id.as_str()).join(MANIFEST_FILE);
         let text = match std::fs::read(&path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.forget(id);
-                return Err(OpenError::NotFound(id.clone()));
-            }
             Err(source) => {
-                return Err(OpenError::Read {
-                    snapshot: id.clone(),
-                    file: MANIFEST_FILE.into(),
-                    source,
-                });
+                let e = manifest_unreadable(id, source);
+                if matches!(e, OpenError::NotFound(_)) {
+                    self.forget(id);
+                }
+                return Err(e);
             }
         };
         if layers::format_version(&text) == Some(LAYER_FORMAT_VERSION) {
@@ -523,16 +515,12 @@ impl LocalStore {
         let mut cache = self.chain_cache();
         let identity = match std::fs::metadata(&path) {
             Ok(m) => FileIdentity::of(&m),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                cache.entries.remove(id);
-                return Err(OpenError::NotFound(id.clone()));
-            }
             Err(source) => {
-                return Err(OpenError::Read {
-                    snapshot: id.clone(),
-                    file: MANIFEST_FILE.into(),
-                    source,
-                });
+                let e = manifest_unreadable(id, source);
+                if matches!(e, OpenError::NotFound(_)) {
+                    cache.entries.remove(id);
+                }
+                return Err(e);
             }
         };
         if let Some((ident, weak)) = cache.entries.get(id)
@@ -578,17 +566,8 @@ impl LocalStore {
             e => VolumeError::Open(e),
         };
         let path = self.inner.root.join(id.as_str()).join(MANIFEST_FILE);
-        let text = std::fs::read(&path).map_err(|source| {
-            open_err(if source.kind() == std::io::ErrorKind::NotFound {
-                OpenError::NotFound(id.clone())
-            } else {
-                OpenError::Read {
-                    snapshot: id.clone(),
-                    file: MANIFEST_FILE.into(),
-                    source,
-                }
-            })
-        })?;
+        let text =
+            std::fs::read(&path).map_err(|source| open_err(manifest_unreadable(id, source)))?;
         // A standalone snapshot (format 1) is never a volume.
         if layers::format_version(&text) != Some(LAYER_FORMAT_VERSION) {
             return Err(VolumeError::NotAVolume(id.clone()));
@@ -1067,7 +1046,20 @@ fn discard(writer: SnapshotWriter) {
     }
 }
 
-/// An open snapshot of a [`LocalStore`].
+/// The error for the manifest of `id` that cannot be read: `NotFound` when
+/// there is none, else the I/O error.
+fn manifest_unreadable(id: &SnapshotId, source: std::io::Error) -> OpenError {
+    if source.kind() == std::io::ErrorKind::NotFound {
+        OpenError::NotFound(id.clone())
+    } else {
+        OpenError::Read {
+            snapshot: id.clone(),
+            file: MANIFEST_FILE.into(),
+            source,
+        }
+    }
+}
+
 /// Opens the standalone snapshot in `dir`, for the bottom of a chain: its
 /// manifest and image.
 pub(crate) fn open_parts(
@@ -1078,6 +1070,7 @@ pub(crate) fn open_parts(
     Ok((s.manifest(), s.memory))
 }
 
+/// An open snapshot of a [`LocalStore`].
 #[derive(Debug)]
 pub struct LocalSnapshot {
     dir: PathBuf,

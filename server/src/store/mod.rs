@@ -246,12 +246,7 @@ pub trait SnapshotWrite: Send + std::fmt::Debug {
     /// Appends `data`, which must start at byte `offset` of the image (the
     /// number of bytes received so far).
     async fn write_at(&mut self, offset: u64, data: Bytes) -> Result<(), CreateError> {
-        if offset != self.received() {
-            return Err(CreateError::OutOfOrder {
-                expected: self.received(),
-                got: offset,
-            });
-        }
+        OrderError::check_offset(self.received(), offset)?;
         self.write(data).await
     }
 
@@ -429,6 +424,68 @@ pub enum OpenError {
     },
 }
 
+/// An image's bytes did not arrive as its spec declares: in order, exactly
+/// `size` of them. Every store's writer checks its input with these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum OrderError {
+    /// Data arrived at an offset other than the next one expected.
+    #[error(
+        "data for offset {got} arrived, but the next byte expected is {expected}; send the image in order"
+    )]
+    OutOfOrder {
+        /// Bytes received so far.
+        expected: u64,
+        /// Offset the data claimed.
+        got: u64,
+    },
+    /// More data than the declared size.
+    #[error("the image is larger than its declared size of {size} bytes")]
+    TooLong {
+        /// Declared size.
+        size: u64,
+    },
+    /// The data ended before the declared size.
+    #[error("the image ended after {got} of its declared {size} bytes; nothing was kept")]
+    Incomplete {
+        /// Declared size.
+        size: u64,
+        /// Bytes received.
+        got: u64,
+    },
+}
+
+impl OrderError {
+    /// Data claiming to start at `offset` after `received` bytes.
+    pub fn check_offset(received: u64, offset: u64) -> Result<(), Self> {
+        if offset != received {
+            return Err(Self::OutOfOrder {
+                expected: received,
+                got: offset,
+            });
+        }
+        Ok(())
+    }
+
+    /// `len` more bytes after `received` of an image of `size`.
+    pub fn check_room(size: u64, received: u64, len: usize) -> Result<(), Self> {
+        if received + len as u64 > size {
+            return Err(Self::TooLong { size });
+        }
+        Ok(())
+    }
+
+    /// The end of an image of `size` after `received` bytes.
+    pub fn check_complete(size: u64, received: u64) -> Result<(), Self> {
+        if received != size {
+            return Err(Self::Incomplete {
+                size,
+                got: received,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Creating a snapshot (import or upload) failed; nothing was kept.
 #[derive(Debug, thiserror::Error)]
 pub enum CreateError {
@@ -464,30 +521,9 @@ pub enum CreateError {
         /// The reserve.
         reserve: u64,
     },
-    /// Data arrived at an offset other than the next one expected.
-    #[error(
-        "data for offset {got} arrived, but the next byte expected is {expected}; send the image in order"
-    )]
-    OutOfOrder {
-        /// Bytes received so far.
-        expected: u64,
-        /// Offset the data claimed.
-        got: u64,
-    },
-    /// More data arrived than the declared size.
-    #[error("the image is larger than its declared size of {size} bytes")]
-    TooLong {
-        /// Declared size.
-        size: u64,
-    },
-    /// The data ended before the declared size.
-    #[error("the image ended after {got} of its declared {size} bytes; nothing was kept")]
-    Incomplete {
-        /// Declared size.
-        size: u64,
-        /// Bytes received.
-        got: u64,
-    },
+    /// The image's bytes did not arrive in order, or not all of them.
+    #[error(transparent)]
+    Order(#[from] OrderError),
     /// The storage did not answer.
     #[error("the snapshot store is unavailable: {reason}; retry later")]
     Unavailable {

@@ -18,7 +18,7 @@ use faultline_proto::PageBitmap;
 use faultline_proto::model::DigestAlgorithm;
 
 use super::local::{DIGESTS_FILE, MANIFEST_FILE, MEMORY_FILE, ManifestFile};
-use super::{CreateError, SnapshotSpec, SnapshotSummary};
+use super::{CreateError, OrderError, SnapshotSpec, SnapshotSummary};
 
 /// Distinguishes temporary directories of concurrent writers in one process.
 static NEXT_TMP: AtomicU64 = AtomicU64::new(0);
@@ -124,22 +124,13 @@ impl SnapshotWriter {
     /// Appends `data`, which must start at byte `offset` of the image (the
     /// number of bytes received so far).
     pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), CreateError> {
-        if offset != self.received {
-            return Err(CreateError::OutOfOrder {
-                expected: self.received,
-                got: offset,
-            });
-        }
+        OrderError::check_offset(self.received, offset)?;
         self.write(data)
     }
 
     /// Appends `data` to the image.
     pub fn write(&mut self, mut data: &[u8]) -> Result<(), CreateError> {
-        if self.received + data.len() as u64 > self.spec.size {
-            return Err(CreateError::TooLong {
-                size: self.spec.size,
-            });
-        }
+        OrderError::check_room(self.spec.size, self.received, data.len())?;
         check_free(&self.tmp, data.len() as u64, self.min_free_disk_bytes).map_err(|e| {
             e.unwrap_or_else(|source| self.io("check the store's free space", source))
         })?;
@@ -211,12 +202,7 @@ impl SnapshotWriter {
     /// the manifest, makes everything durable and renames the directory into
     /// place.
     pub fn finish(mut self) -> Result<SnapshotSummary, CreateError> {
-        if self.received != self.spec.size {
-            return Err(CreateError::Incomplete {
-                size: self.spec.size,
-                got: self.received,
-            });
-        }
+        OrderError::check_complete(self.spec.size, self.received)?;
         // Trailing zero pages are holes too: extend the file to its full size.
         self.memory
             .set_len(self.spec.size)

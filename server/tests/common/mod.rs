@@ -107,6 +107,26 @@ pub fn apply(batch: pb::PageBatch, out: &mut [u8], seen: &mut Vec<u64>) {
     }
 }
 
+/// The `open` message of a Fault stream on `snapshot`, uncompressed.
+pub fn fault_open(snapshot: &str) -> pb::FaultRequest {
+    pb::FaultRequest {
+        kind: Some(pb::fault_request::Kind::Open(pb::FaultOpen {
+            snapshot: snapshot.into(),
+            compression: 0,
+        })),
+    }
+}
+
+/// A Fault request `request_id` for `count` pages from `start`.
+pub fn fault_pages(request_id: u64, start: u64, count: u64) -> pb::FaultRequest {
+    pb::FaultRequest {
+        kind: Some(pb::fault_request::Kind::Pages(pb::FaultPages {
+            request_id,
+            range: Some(range(start, count)),
+        })),
+    }
+}
+
 pub fn range(start: u64, count: u64) -> pb::PageRange {
     pb::PageRange { start, count }
 }

@@ -43,9 +43,7 @@ impl From<ObjectWriteError> for CreateError {
     fn from(e: ObjectWriteError) -> Self {
         match e {
             ObjectWriteError::AlreadyExists(id) => Self::AlreadyExists(id),
-            ObjectWriteError::OutOfOrder { expected, got } => Self::OutOfOrder { expected, got },
-            ObjectWriteError::TooLong { size } => Self::TooLong { size },
-            ObjectWriteError::Incomplete { size, got } => Self::Incomplete { size, got },
+            ObjectWriteError::Order(e) => Self::Order(e),
             e @ ObjectWriteError::Store { .. } => Self::Unavailable {
                 reason: e.to_string(),
             },

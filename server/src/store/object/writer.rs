@@ -24,7 +24,7 @@ use super::layout::{
 use super::metrics;
 use crate::store::local::ManifestFile;
 use crate::store::writer::is_zero;
-use crate::store::{LayerInfo, SnapshotSpec, SnapshotSummary};
+use crate::store::{LayerInfo, OrderError, SnapshotSpec, SnapshotSummary};
 
 /// Chunk uploads in flight per writer. Four keep a store's request latency
 /// hidden behind hashing on loopback and on a LAN; each holds one chunk of
@@ -53,30 +53,9 @@ pub enum ObjectWriteError {
     /// The name is taken.
     #[error("snapshot \"{0}\" already exists; choose another name")]
     AlreadyExists(faultline_proto::SnapshotId),
-    /// Data arrived at an offset other than the next one expected.
-    #[error(
-        "data for offset {got} arrived, but the next byte expected is {expected}; send the image in order"
-    )]
-    OutOfOrder {
-        /// Bytes received so far.
-        expected: u64,
-        /// Offset the data claimed.
-        got: u64,
-    },
-    /// More data than the declared size.
-    #[error("the image is larger than its declared size of {size} bytes")]
-    TooLong {
-        /// Declared size.
-        size: u64,
-    },
-    /// The data ended early.
-    #[error("the image ended after {got} of its declared {size} bytes; nothing was kept")]
-    Incomplete {
-        /// Declared size.
-        size: u64,
-        /// Bytes received.
-        got: u64,
-    },
+    /// The image's bytes did not arrive in order, or not all of them.
+    #[error(transparent)]
+    Order(#[from] OrderError),
     /// The store failed.
     #[error("cannot {stage} for snapshot \"{snapshot}\": {source}")]
     Store {
@@ -165,22 +144,13 @@ impl ObjectWriter {
 
     /// Appends `data`, which must start at byte `offset` of the image.
     pub async fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), ObjectWriteError> {
-        if offset != self.received {
-            return Err(ObjectWriteError::OutOfOrder {
-                expected: self.received,
-                got: offset,
-            });
-        }
+        OrderError::check_offset(self.received, offset)?;
         self.write(data).await
     }
 
     /// Appends `data` to the image.
     pub async fn write(&mut self, mut data: &[u8]) -> Result<(), ObjectWriteError> {
-        if self.received + data.len() as u64 > self.spec.size {
-            return Err(ObjectWriteError::TooLong {
-                size: self.spec.size,
-            });
-        }
+        OrderError::check_room(self.spec.size, self.received, data.len())?;
         while !data.is_empty() {
             let room = self.chunk_bytes as usize - self.buf.len();
             let take = room.min(data.len());
@@ -270,12 +240,7 @@ impl ObjectWriter {
     /// Completes the snapshot: waits for the chunks, writes the digest table,
     /// then the manifest (create-only), which makes it visible.
     pub async fn finish(mut self) -> Result<(SnapshotSummary, ChunkStats), ObjectWriteError> {
-        if self.received != self.spec.size {
-            return Err(ObjectWriteError::Incomplete {
-                size: self.spec.size,
-                got: self.received,
-            });
-        }
+        OrderError::check_complete(self.spec.size, self.received)?;
         while !self.uploads.is_empty() {
             self.join_one().await?;
         }
