@@ -284,41 +284,28 @@ impl RegionState {
         minor: bool,
         caller: Caller,
     ) -> Result<bool, InstallError> {
+        if !minor {
+            return self.map_zero_if_absent(page, caller);
+        }
         let region = self.index;
         let uffd = self.uffd().ok_or(InstallError::Closed { region })?;
-        let addr = self.addr_of(page);
-        let len = self.page_bytes;
-        let ops = self
-            .decision
-            .registered
-            .map_or(ResolveOps::empty(), |(_, ops)| ops);
-        let skipped = if minor {
-            self.resolve_skipping(caller, addr, len, |at, done| {
-                uffd.continue_(at, len - done, false)
-            })?
-        } else if ops.contains(ResolveOps::ZEROPAGE) {
-            self.resolve_skipping(caller, addr, len, |at, done| {
-                uffd.zeropage(at, len - done, false)
-            })?
-        } else {
-            // hugetlbfs has no ZEROPAGE: copy a buffer of zeros.
-            let zeros = zero_buffer(len);
-            self.resolve_skipping(caller, addr, len, |at, done| {
-                uffd.copy(at, &zeros[done..], false)
-            })?
-        };
+        let (addr, len) = (self.addr_of(page), self.page_bytes);
+        let skipped = self.resolve_skipping(caller, addr, len, |at, done| {
+            uffd.continue_(at, len - done, false)
+        })?;
         Ok(skipped == 0)
     }
 
-    /// Resolves a MISSING fault on a page the table says is present. Either
-    /// the message is stale (the page was installed after the fault was
+    /// Maps zeros at `page` unless it is mapped already; returns whether it
+    /// mapped them. For a fault on a zero page ([`Self::install_zero`]), and
+    /// for a MISSING fault on a page the table says is present. Such a fault
+    /// either has a stale message (the page was installed after the fault was
     /// queued, and its installer woke the thread): the kernel answers EEXIST,
     /// and the page is woken. Or the page really is unmapped: the guest
     /// discarded it while the table said present (a REMOVE that raced an
     /// install, or memory whose discards the pager is not told of), so its
     /// content is zeros, which this maps. One ioctl either way, and never a
     /// bare wake that the thread would answer with the same fault forever.
-    /// Returns whether zeros were mapped.
     pub fn map_zero_if_absent(
         &self,
         page: PageIndex,
@@ -336,6 +323,7 @@ impl RegionState {
                 uffd.zeropage(at, len - done, false)
             })?
         } else {
+            // hugetlbfs has no ZEROPAGE: copy a buffer of zeros.
             let zeros = zero_buffer(len);
             self.resolve_skipping(caller, addr, len, |at, done| {
                 uffd.copy(at, &zeros[done..], false)
