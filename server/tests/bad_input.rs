@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Fixture, PAGES, SNAPSHOT, apply, fault_open, range};
+use common::{Fixture, PAGES, SNAPSHOT, apply, assert_code, fault_open, header, range};
 use faultline_proto::pb;
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -14,16 +14,6 @@ fn read(snapshot: &str, ranges: Vec<pb::PageRange>) -> pb::ReadPagesRequest {
         ranges,
         compression: 0,
     }
-}
-
-fn assert_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, needle: &str) {
-    let status = r.expect_err("request should fail");
-    assert_eq!(status.code(), code, "{status:?}");
-    assert!(
-        status.message().contains(needle),
-        "message {:?} does not mention {needle:?}",
-        status.message()
-    );
 }
 
 /// Unary RPCs: unknown snapshot, out of range, too large, malformed.
@@ -230,19 +220,6 @@ async fn fault_stream_errors_are_in_band() {
         Code::NotFound,
         "nope",
     );
-}
-
-fn header(name: &str, size: u64) -> pb::CreateSnapshotRequest {
-    pb::CreateSnapshotRequest {
-        kind: Some(pb::create_snapshot_request::Kind::Header(
-            pb::SnapshotHeader {
-                name: name.into(),
-                page_size: 4096,
-                size,
-                regions: vec![],
-            },
-        )),
-    }
 }
 
 fn chunk(offset: u64, len: usize) -> pb::CreateSnapshotRequest {

@@ -8,7 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes};
-use common::{Fixture, PAGE, PAGES, SNAPSHOT, apply, client, fault_open, fault_pages, range};
+use common::{
+    Fixture, PAGE, PAGES, SNAPSHOT, apply, assert_code, client, fault_open, fault_pages, header,
+    range,
+};
 use faultline_proto::{PageRange, SnapshotId, WorkingSetName, pb};
 use faultline_server::store::{
     CreateError, ListError, OpenError, ReadError, RecordError, Snapshot, SnapshotSpec,
@@ -21,29 +24,6 @@ use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
 /// How long a test waits for something that should happen at once.
 const PATIENCE: Duration = Duration::from_secs(10);
-
-fn assert_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, needle: &str) {
-    let status = r.expect_err("request should fail");
-    assert_eq!(status.code(), code, "{status:?}");
-    assert!(
-        status.message().contains(needle),
-        "message {:?} does not mention {needle:?}",
-        status.message()
-    );
-}
-
-fn header(name: &str, size: u64) -> pb::CreateSnapshotRequest {
-    pb::CreateSnapshotRequest {
-        kind: Some(pb::create_snapshot_request::Kind::Header(
-            pb::SnapshotHeader {
-                name: name.into(),
-                page_size: 4096,
-                size,
-                regions: vec![],
-            },
-        )),
-    }
-}
 
 fn chunk(offset: u64, data: Vec<u8>) -> pb::CreateSnapshotRequest {
     pb::CreateSnapshotRequest {

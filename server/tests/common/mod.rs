@@ -11,6 +11,7 @@ use faultline_server::import::import_file;
 use faultline_server::store::SnapshotStore;
 use faultline_server::testing::synthetic_image;
 use faultline_server::{Limits, LocalStore, ServerHandle};
+use tonic::Code;
 use tonic::transport::Channel;
 
 /// Pages in the test image: 4 MiB of 4 KiB pages.
@@ -124,6 +125,31 @@ pub fn fault_pages(request_id: u64, start: u64, count: u64) -> pb::FaultRequest 
             request_id,
             range: Some(range(start, count)),
         })),
+    }
+}
+
+/// Asserts that `r` failed with `code` and a message mentioning `needle`.
+pub fn assert_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, needle: &str) {
+    let status = r.expect_err("request should fail");
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(
+        status.message().contains(needle),
+        "message {:?} does not mention {needle:?}",
+        status.message()
+    );
+}
+
+/// The header of an upload of `size` bytes of 4 KiB pages named `name`.
+pub fn header(name: &str, size: u64) -> pb::CreateSnapshotRequest {
+    pb::CreateSnapshotRequest {
+        kind: Some(pb::create_snapshot_request::Kind::Header(
+            pb::SnapshotHeader {
+                name: name.into(),
+                page_size: 4096,
+                size,
+                regions: vec![],
+            },
+        )),
     }
 }
 
