@@ -410,7 +410,7 @@ fn handle_messages(
         },
         _ => None,
     });
-    for ((r, page, minor), retry) in retries.chain(faults).collect::<Vec<_>>() {
+    for ((r, page, minor), retry) in retries.chain(faults) {
         let result = if retry {
             shared.serve_fault(r, page, minor, caller)
         } else {
