@@ -28,6 +28,7 @@ use super::faults::Caller;
 use super::link::{INITIAL_BACKOFF, MAX_BACKOFF, STALL_TIMEOUT};
 use super::region::RegionState;
 use super::stats::Source;
+use super::units::Assembler;
 use super::{PrefetchPolicy, Shared};
 use crate::remote::{Remote, RemoteError, decode_batch};
 
@@ -57,6 +58,19 @@ pub(crate) async fn stream_into(
     req: pb::PrefetchRequest,
     source: Source,
 ) -> Result<(), PrefetchError> {
+    stream_units_into(shared, url, req, source, &mut Assembler::default()).await
+}
+
+/// [`stream_into`], assembling the install units of mixed regions (a 4 KiB
+/// snapshot in hugetlbfs memory, `units.rs`) in `units`; those left
+/// incomplete are in [`Assembler::take_dropped`] afterwards.
+async fn stream_units_into(
+    shared: &Shared,
+    url: &str,
+    req: pb::PrefetchRequest,
+    source: Source,
+    units: &mut Assembler,
+) -> Result<(), PrefetchError> {
     let stalled = || PrefetchError::Stalled(STALL_TIMEOUT);
     let opening = async {
         let remote = Remote::connect_with(url, &shared.config.connect).await?;
@@ -75,7 +89,7 @@ pub(crate) async fn stream_into(
         let batch = batch.map_err(RemoteError::rpc("Prefetch"))?;
         let batch = decode_batch(batch, &shared.manifest)?;
         for run in &batch.runs {
-            install_unclaimed(shared, run, source)?;
+            install_unclaimed(shared, run, source, units)?;
         }
         for zero in &batch.zero {
             for region in shared.regions.iter() {
@@ -96,7 +110,12 @@ pub(crate) async fn stream_into(
 /// whose retries and failure policy apply. If an install fails, its run is
 /// released ([`Shared::install_claimed`]): the only pages this call holds
 /// claimed at any time are that run's, so none stays claimed.
-fn install_unclaimed(shared: &Shared, run: &PageRun, source: Source) -> Result<(), InstallError> {
+fn install_unclaimed(
+    shared: &Shared,
+    run: &PageRun,
+    source: Source,
+    units: &mut Assembler,
+) -> Result<(), InstallError> {
     let ps = shared.manifest.page_size.bytes_usize();
     // Claimed, verified pages not installed yet: their region and first page.
     let mut pending: Option<(&RegionState, u64)> = None;
@@ -118,6 +137,12 @@ fn install_unclaimed(shared: &Shared, run: &PageRun, source: Source) -> Result<(
         // One install never crosses the end of a region.
         if pending.is_some_and(|(r, _)| p.0 >= r.first_page + r.pages) {
             flush(&mut pending, p.0)?;
+        }
+        if let Some(region) = shared.region_of(p).filter(|r| r.is_mixed()) {
+            // Installed by whole huge pages, once assembled (units.rs).
+            flush(&mut pending, p.0)?;
+            units.add(shared, region, p, &data, source)?;
+            continue;
         }
         if !shared.claim(p) {
             flush(&mut pending, p.0)?;
@@ -143,6 +168,12 @@ fn install_unclaimed(shared: &Shared, run: &PageRun, source: Source) -> Result<(
     }
     flush(&mut pending, run.range.end())
 }
+
+/// Times a stream is followed by one over the install units it left
+/// half-assembled (units.rs): the follow-up streams whole units in snapshot
+/// order, which completes them, so a second round is needed only if faults
+/// raced it; a bound keeps a pathological server from looping us.
+const UNIT_ROUNDS: u32 = 3;
 
 /// Runs the background prefetcher until every page is settled, the streams
 /// end, or the pager stops. Connection failures are retried with backoff,
@@ -215,9 +246,14 @@ fn split(count: u64, parts: usize) -> Vec<PageRange> {
 /// retrying on failures with backoff through the listed servers, each
 /// retry naming the pages settled since. False if the pager should stop
 /// prefetching (it is stopping, or the memory's owner is gone).
-async fn retrying(shared: &Shared, order: pb::PrefetchOrder, ranges: Vec<PageRange>) -> bool {
+async fn retrying(
+    shared: &Shared,
+    mut order: pb::PrefetchOrder,
+    mut ranges: Vec<PageRange>,
+) -> bool {
     let servers = &shared.config.servers;
     let mut backoff = Backoff::new(INITIAL_BACKOFF, MAX_BACKOFF);
+    let mut rounds = 0;
     for attempt in 0.. {
         if shared.table.unsettled() == 0 || shared.is_stopping() {
             return !shared.is_stopping();
@@ -232,8 +268,24 @@ async fn retrying(shared: &Shared, order: pb::PrefetchOrder, ranges: Vec<PageRan
             max_batch_bytes: shared.config.bulk.batch_bytes,
         };
         let url = &servers[attempt % servers.len()];
-        match stream_into(shared, url, req, Source::Prefetch).await {
-            Ok(()) => return true,
+        let mut units = Assembler::default();
+        match stream_units_into(shared, url, req, Source::Prefetch, &mut units).await {
+            Ok(()) => {
+                // Units of a mixed region whose pages the stream brought too
+                // far apart to assemble (a working set recorded on other
+                // memory): streamed again, whole, in snapshot order.
+                let again = units.take_dropped(shared);
+                if again.is_empty() || rounds >= UNIT_ROUNDS {
+                    return true;
+                }
+                rounds += 1;
+                tracing::debug!(
+                    "prefetch: streaming {} partial huge pages again",
+                    again.len()
+                );
+                order = pb::PrefetchOrder::Ranges;
+                ranges = again;
+            }
             Err(PrefetchError::Install(e @ InstallError::OwnerGone { .. })) => {
                 shared.on_install_error(&e);
                 return false;
