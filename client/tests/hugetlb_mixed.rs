@@ -90,27 +90,32 @@ fn demand_faults_in_random_order() {
 }
 
 /// Prefetch all restores every page, whole huge pages, with nothing touching
-/// the memory; the zero huge page is left to the kernel.
+/// the memory (receive and install in turn, and overlapped); the zero huge
+/// page is left to the kernel.
 #[test]
 fn prefetch_all_restores_every_page() {
     let server = Server::start();
     let snap = import(&server);
-    let Some((mem, _huge)) = memory(BackingKind::Hugetlb, snap.image.len()) else {
-        return;
-    };
-    let pager = start(config(&server, &snap, PrefetchPolicy::All), mem);
-    let s = complete(&pager);
-    assert_eq!(s.faults, 0, "{s:#?}");
-    let p = s.pages_by_source;
-    assert_eq!(p.prefetch + p.zero, pages_of_data_units(&snap), "{s:#?}");
-    assert_eq!(
-        s.bytes_received,
-        snap.data_pages().len() as u64 * PAGE as u64,
-        "{s:#?}"
-    );
-    // Completed and unregistered: every page reads right (the zero huge page
-    // is zero-filled by the kernel).
-    check_all(Mem::of(&pager, 0), &snap, 2);
+    for overlap in [false, true] {
+        let Some((mem, _huge)) = memory(BackingKind::Hugetlb, snap.image.len()) else {
+            return;
+        };
+        let mut cfg = config(&server, &snap, PrefetchPolicy::All);
+        cfg.bulk.overlap = overlap;
+        let pager = start(cfg, mem);
+        let s = complete(&pager);
+        assert_eq!(s.faults, 0, "{s:#?}");
+        let p = s.pages_by_source;
+        assert_eq!(p.prefetch + p.zero, pages_of_data_units(&snap), "{s:#?}");
+        assert_eq!(
+            s.bytes_received,
+            snap.data_pages().len() as u64 * PAGE as u64,
+            "{s:#?}"
+        );
+        // Completed and unregistered: every page reads right (the zero huge
+        // page is zero-filled by the kernel).
+        check_all(Mem::of(&pager, 0), &snap, 2);
+    }
 }
 
 /// Prefetch of the same snapshot racing demand faults in random order: every
@@ -379,4 +384,36 @@ fn cli_restores_a_4k_snapshot_into_hugetlb() {
         snap.data_pages().len() as u64 * PAGE as u64,
         "{text}"
     );
+}
+
+/// The reverse: a snapshot of 2 MiB pages restores into 4 KiB memory (anon,
+/// shmem), each snapshot page installed as 512 memory pages, on demand in
+/// random order and by prefetch.
+#[test]
+fn a_2m_snapshot_restores_into_4k_memory() {
+    let server = Server::start();
+    let snap = server.import("img", PageSize::Size2M, common::image_2m(17, 4, &[1]));
+    for kind in [BackingKind::Anonymous, BackingKind::Shmem] {
+        for prefetch in [PrefetchPolicy::None, PrefetchPolicy::All] {
+            let Some((mem, _)) = memory(kind, snap.image.len()) else {
+                return;
+            };
+            let pager = start(config(&server, &snap, prefetch), mem);
+            // Every 4 KiB page, in random order, checked against the image.
+            let pages = snap.image.len() / PAGE;
+            let order = Rng::new(5).shuffle((0..pages).collect::<Vec<_>>());
+            let m = Mem::of(&pager, 0);
+            let mut buf = vec![0u8; PAGE];
+            for p in order {
+                m.read(p * PAGE, &mut buf);
+                assert_eq!(
+                    buf[..],
+                    snap.image[p * PAGE..(p + 1) * PAGE],
+                    "{kind} {prefetch:?}: page {p}"
+                );
+            }
+            let s = complete(&pager);
+            assert_eq!(s.bytes_received, 3 * HUGE_PAGE_SIZE as u64, "{s:#?}");
+        }
+    }
 }

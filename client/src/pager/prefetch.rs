@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 
 use faultline_proto::backoff::Backoff;
-use faultline_proto::codec::PageRun;
+use faultline_proto::codec::{PageBatch, PageRun};
 use faultline_proto::{PageIndex, PageRange, pb};
 use futures::StreamExt;
 
@@ -50,10 +50,16 @@ pub enum PrefetchError {
     Stalled(Duration),
 }
 
+/// Batches received ahead of the installer when [`super::Bulk::overlap`] is
+/// on: one being installed, up to this many waiting. Two keep the receiver
+/// going across an install's hiccup while holding little memory (2 x 1 MiB
+/// batches, or two 2 MiB hugetlbfs pages).
+const OVERLAP_DEPTH: usize = 2;
+
 /// Streams `req` and installs every page it brings that is still missing,
 /// counting them as `source`. Returns when the stream ends.
 pub(crate) async fn stream_into(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     url: &str,
     req: pb::PrefetchRequest,
     source: Source,
@@ -64,8 +70,13 @@ pub(crate) async fn stream_into(
 /// [`stream_into`], assembling the install units of mixed regions (a 4 KiB
 /// snapshot in hugetlbfs memory, `units.rs`) in `units`; those left
 /// incomplete are in [`Assembler::take_dropped`] afterwards.
+///
+/// With [`super::Bulk::overlap`], batches are verified and installed on a
+/// thread of their own (tokio's blocking pool) while this task receives the
+/// next ones: receive and install overlap, where otherwise the task does
+/// one, then the other.
 async fn stream_units_into(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     url: &str,
     req: pb::PrefetchRequest,
     source: Source,
@@ -81,26 +92,76 @@ async fn stream_units_into(
     let mut stream = tokio::time::timeout(STALL_TIMEOUT, opening)
         .await
         .map_err(|_| stalled())??;
-    loop {
+    let mut next_batch = async || -> Result<Option<PageBatch>, PrefetchError> {
         let next = tokio::time::timeout(STALL_TIMEOUT, stream.next())
             .await
             .map_err(|_| stalled())?;
-        let Some(batch) = next else { break };
+        let Some(batch) = next else { return Ok(None) };
         let batch = batch.map_err(RemoteError::rpc("Prefetch"))?;
-        let batch = decode_batch(batch, &shared.manifest)?;
-        for run in &batch.runs {
-            install_unclaimed(shared, run, source, units)?;
-        }
-        for zero in &batch.zero {
-            for region in shared.regions.iter() {
-                shared.install_zero_pages(region, *zero, Caller::Other);
+        Ok(Some(decode_batch(batch, &shared.manifest)?))
+    };
+    if !shared.config.bulk.overlap {
+        while let Some(batch) = next_batch().await? {
+            install_batch(shared, &batch, source, units)?;
+            if shared.is_stopping() {
+                break;
             }
         }
-        shared.progress.notify_waiters();
-        if shared.is_stopping() {
-            break;
+        return Ok(());
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<PageBatch>(OVERLAP_DEPTH);
+    let installer = {
+        let shared = shared.clone();
+        let mut units = std::mem::take(units);
+        tokio::task::spawn_blocking(move || {
+            let mut result = Ok(());
+            while let Some(batch) = rx.blocking_recv() {
+                result = install_batch(&shared, &batch, source, &mut units);
+                if result.is_err() || shared.is_stopping() {
+                    break;
+                }
+            }
+            (result, units)
+        })
+    };
+    let received = async {
+        while let Some(batch) = next_batch().await? {
+            // The installer ended early (an install failed): its result
+            // says why.
+            if tx.send(batch).await.is_err() || shared.is_stopping() {
+                break;
+            }
+        }
+        Ok::<_, PrefetchError>(())
+    }
+    .await;
+    drop(tx);
+    let (installed, back) = match installer.await {
+        Ok(done) => done,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    };
+    *units = back;
+    installed?;
+    received
+}
+
+/// Installs what one batch brought: its runs (pages nobody has claimed) and
+/// its zero ranges; then tells waiters.
+fn install_batch(
+    shared: &Shared,
+    batch: &PageBatch,
+    source: Source,
+    units: &mut Assembler,
+) -> Result<(), InstallError> {
+    for run in &batch.runs {
+        install_unclaimed(shared, run, source, units)?;
+    }
+    for zero in &batch.zero {
+        for region in shared.regions.iter() {
+            shared.install_zero_pages(region, *zero, Caller::Other);
         }
     }
+    shared.progress.notify_waiters();
     Ok(())
 }
 
@@ -247,7 +308,7 @@ fn split(count: u64, parts: usize) -> Vec<PageRange> {
 /// retry naming the pages settled since. False if the pager should stop
 /// prefetching (it is stopping, or the memory's owner is gone).
 async fn retrying(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     mut order: pb::PrefetchOrder,
     mut ranges: Vec<PageRange>,
 ) -> bool {
@@ -307,7 +368,7 @@ async fn retrying(
 /// them and writes them through the region's own mapping. Retries until
 /// `deadline`.
 pub(crate) async fn fill_eager(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     ranges: Vec<PageRange>,
     deadline: Duration,
 ) -> Result<(), PrefetchError> {
