@@ -417,3 +417,39 @@ fn a_2m_snapshot_restores_into_4k_memory() {
         }
     }
 }
+
+/// A huge page the guest discards (MADV_DONTNEED, a REMOVE event of 2 MiB)
+/// is settled as a whole unit: its refault maps what the file still holds,
+/// every page of it right, and the pager counts 512 pages removed.
+#[test]
+fn dontneed_of_a_huge_page_keeps_its_content() {
+    let server = Server::start();
+    let snap = import(&server);
+    let Some((mem, _huge)) = memory(BackingKind::Hugetlb, snap.image.len()) else {
+        return;
+    };
+    let pager = start(config(&server, &snap, PrefetchPolicy::None), mem);
+    let m = Mem::of(&pager, 0);
+    let unit = 2;
+    let pages: Vec<usize> = (unit * UNIT..(unit + 1) * UNIT).collect();
+    assert_touched_right(m, &snap, pages.clone());
+    let base = m.base();
+    // SAFETY: the range is one whole huge page of the test's guest mapping,
+    // which holds no Rust object; the pager keeps it mapped.
+    let rc = unsafe {
+        libc::madvise(
+            (base + unit * HUGE_PAGE_SIZE) as *mut libc::c_void,
+            HUGE_PAGE_SIZE,
+            libc::MADV_DONTNEED,
+        )
+    };
+    assert_eq!(rc, 0, "madvise: {}", std::io::Error::last_os_error());
+    let s = settle(&pager, "the REMOVE event", |s| {
+        s.removed_pages >= UNIT as u64
+    });
+    assert_eq!(s.removed_pages, UNIT as u64, "{s:#?}");
+    let mut reversed = pages;
+    reversed.reverse();
+    assert_touched_right(m, &snap, reversed);
+    assert_eq!(pager.stats().poisoned_pages, 0);
+}

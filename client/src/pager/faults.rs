@@ -324,6 +324,15 @@ impl Shared {
                 // The guest discarded these pages (balloon, MADV_DONTNEED):
                 // they read as zeros from now on. Installs in flight notice
                 // and undo themselves (see `PageTable::finish`).
+                let (start, end) = if region.is_mixed() {
+                    // hugetlbfs discards whole huge pages only (the kernel
+                    // trims a range to them): a partial one at either end
+                    // keeps its content, and its install unit its state.
+                    let unit = region.unit_bytes();
+                    (start.next_multiple_of(unit), end - end % unit)
+                } else {
+                    (start, end)
+                };
                 let mut n = 0;
                 let mut addr = start;
                 while addr < end {

@@ -241,11 +241,14 @@ impl Shared {
             // Counted first: a waiter sees the page poisoned only once the
             // statistics say so. In a mixed region the poison took the
             // page's whole install unit, whose pages are claimed together.
-            for q in region.unit_of(p).iter() {
-                if self.table.get(q) == PageState::InFlight {
-                    self.counters.poisoned(1);
-                    self.table.poison(q);
-                }
+            let unit = region.unit_of(p);
+            let n = unit
+                .iter()
+                .filter(|&q| self.table.get(q) == PageState::InFlight)
+                .count();
+            self.counters.poisoned(n as u64);
+            for q in unit.iter() {
+                self.table.poison(q);
             }
         }
         self.progress.notify_waiters();
