@@ -93,7 +93,9 @@ pub struct Bulk {
     pub hugetlb_copy: bool,
     /// Verify and install each stream's batches on a thread of their own
     /// while the stream's task receives the next ones (receive and install
-    /// overlap), rather than one after the other on the task.
+    /// overlap), rather than one after the other on the task. Off by
+    /// default: on two cores shared with the server it measured no faster
+    /// (docs/BENCHMARKS.md); it pays with a core to spare.
     pub overlap: bool,
 }
 
