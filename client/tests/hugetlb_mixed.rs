@@ -16,7 +16,7 @@ use common::{
 };
 use faultline_client::backing::{BackingKind, GuestMemory, HUGE_PAGE_SIZE};
 use faultline_client::pager::{CORRUPT_RETRIES, FaultError, OnFailure, PrefetchPolicy};
-use faultline_client::strategy::Strategy;
+use faultline_client::strategy::{Mode, Strategy};
 use faultline_client::testutil;
 use faultline_proto::PageSize;
 
@@ -57,36 +57,49 @@ fn pages_of_data_units(snap: &Snapshot) -> u64 {
 }
 
 /// Demand faults in random order from two threads fill every page right, one
-/// fetch per huge page; the all-zero huge page travels as nothing.
+/// fetch per huge page, by CONTINUE (the default) and by COPY (forced); the
+/// all-zero huge page travels as nothing.
 #[test]
 fn demand_faults_in_random_order() {
     let server = Server::start();
     let snap = import(&server);
-    let Some((mem, _huge)) = memory(BackingKind::Hugetlb, snap.image.len()) else {
-        return;
-    };
-    let pager = start(config(&server, &snap, PrefetchPolicy::None), mem);
-    assert_eq!(pager.decision(0).strategy(), Strategy::Continue);
-    let order = Rng::new(7).shuffle((0..snap.pages()).collect::<Vec<_>>());
-    let (a, b) = order.split_at(order.len() / 2);
-    let bad = touch_and_check(Mem::of(&pager, 0), &snap, vec![a.to_vec(), b.to_vec()]);
-    assert!(bad.is_empty(), "pages differ from the image: {bad:?}");
-    let s = complete(&pager);
-    let p = s.pages_by_source;
-    // One demand fault per huge page with data (its other pages came with it).
-    assert_eq!(p.demand, (UNITS - 1) as u64, "{s:#?}");
-    assert_eq!(
-        s.bytes_received,
-        snap.data_pages().len() as u64 * PAGE as u64,
-        "only pages with content travel: {s:#?}"
-    );
-    // Every page of the units with data, plus the zero unit mapped on fault.
-    assert_eq!(
-        p.demand + p.readahead + p.zero,
-        pages_of_data_units(&snap) + UNIT as u64,
-        "{s:#?}"
-    );
-    assert_eq!(s.corrupt_pages + s.poisoned_pages, 0, "{s:#?}");
+    for (mode, strategy) in [
+        (Mode::Auto, Strategy::Continue),
+        (Mode::Copy, Strategy::Copy { zeropage: false }),
+    ] {
+        let Some((mem, _huge)) = memory(BackingKind::Hugetlb, snap.image.len()) else {
+            return;
+        };
+        let mut cfg = config(&server, &snap, PrefetchPolicy::None);
+        cfg.mode = mode;
+        let pager = start(cfg, mem);
+        assert_eq!(pager.decision(0).strategy(), strategy);
+        let order = Rng::new(7).shuffle((0..snap.pages()).collect::<Vec<_>>());
+        let (a, b) = order.split_at(order.len() / 2);
+        let bad = touch_and_check(Mem::of(&pager, 0), &snap, vec![a.to_vec(), b.to_vec()]);
+        assert!(
+            bad.is_empty(),
+            "{mode:?}: pages differ from the image: {bad:?}"
+        );
+        let s = complete(&pager);
+        let p = s.pages_by_source;
+        // One demand fault per huge page with data (its other pages came
+        // with it).
+        assert_eq!(p.demand, (UNITS - 1) as u64, "{s:#?}");
+        assert_eq!(
+            s.bytes_received,
+            snap.data_pages().len() as u64 * PAGE as u64,
+            "only pages with content travel: {s:#?}"
+        );
+        // Every page of the units with data, plus the zero unit mapped on
+        // fault.
+        assert_eq!(
+            p.demand + p.readahead + p.zero,
+            pages_of_data_units(&snap) + UNIT as u64,
+            "{s:#?}"
+        );
+        assert_eq!(s.corrupt_pages + s.poisoned_pages, 0, "{s:#?}");
+    }
 }
 
 /// Prefetch all restores every page, whole huge pages, with nothing touching
