@@ -15,7 +15,7 @@ use common::{
     image_4k, memory, runtime, settle, start, touch_and_check,
 };
 use faultline_client::backing::{BackingKind, GuestMemory, HUGE_PAGE_SIZE};
-use faultline_client::pager::{CORRUPT_RETRIES, FaultError, OnFailure, PrefetchPolicy};
+use faultline_client::pager::{Bulk, CORRUPT_RETRIES, FaultError, OnFailure, PrefetchPolicy};
 use faultline_client::strategy::{Mode, Strategy};
 use faultline_client::testutil;
 use faultline_proto::PageSize;
@@ -103,18 +103,32 @@ fn demand_faults_in_random_order() {
 }
 
 /// Prefetch all restores every page, whole huge pages, with nothing touching
-/// the memory (receive and install in turn, and overlapped); the zero huge
-/// page is left to the kernel.
+/// the memory: the default settings; receive and install overlapped; and 3
+/// streams (parts split inside huge pages) of 64 KiB batches installed by
+/// COPY. The zero huge page is left to the kernel.
 #[test]
 fn prefetch_all_restores_every_page() {
     let server = Server::start();
     let snap = import(&server);
-    for overlap in [false, true] {
+    let settings = [
+        Bulk::default(),
+        Bulk {
+            overlap: true,
+            ..Bulk::default()
+        },
+        Bulk {
+            streams: 3,
+            batch_bytes: 64 << 10,
+            hugetlb_copy: true,
+            ..Bulk::default()
+        },
+    ];
+    for bulk in settings {
         let Some((mem, _huge)) = memory(BackingKind::Hugetlb, snap.image.len()) else {
             return;
         };
         let mut cfg = config(&server, &snap, PrefetchPolicy::All);
-        cfg.bulk.overlap = overlap;
+        cfg.bulk = bulk;
         let pager = start(cfg, mem);
         let s = complete(&pager);
         assert_eq!(s.faults, 0, "{s:#?}");
