@@ -194,12 +194,15 @@ fn install_unclaimed(
         }
         installed
     };
+    // Whether any region installs whole huge pages (units.rs): only then is
+    // each page's region looked up first.
+    let mixed = shared.regions.iter().any(RegionState::is_mixed);
     for (p, data) in run.pages(shared.manifest.page_size) {
         // One install never crosses the end of a region.
         if pending.is_some_and(|(r, _)| p.0 >= r.first_page + r.pages) {
             flush(&mut pending, p.0)?;
         }
-        if let Some(region) = shared.region_of(p).filter(|r| r.is_mixed()) {
+        if mixed && let Some(region) = shared.region_of(p).filter(|r| r.is_mixed()) {
             // Installed by whole huge pages, once assembled (units.rs).
             flush(&mut pending, p.0)?;
             units.add(shared, region, p, &data, source)?;
