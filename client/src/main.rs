@@ -148,8 +148,9 @@ struct RestoreArgs {
     /// The local memory budget of --volume: bytes (64M, 1GiB) or pages (16384pages).
     #[arg(long, requires = "volume")]
     budget: Option<Budget>,
-    /// Memory to create: anon, shmem, hugetlb (2 MiB pages; the snapshot must be
-    /// imported with --page-size 2M) or guest-memfd. Far memory: anon or shmem.
+    /// Memory to create: anon, shmem, hugetlb (2 MiB pages; a snapshot of 4 KiB pages is
+    /// installed 2 MiB at a time, and its size must be a multiple of 2 MiB) or guest-memfd.
+    /// Far memory: anon or shmem.
     #[arg(long, default_value = "anon")]
     backing: BackingKind,
     /// Resolve method: auto (from what the kernel advertises), copy or continue.

@@ -19,7 +19,8 @@ const PAGES: u64 = 4096;
 const HUGE_PAGES: usize = 16;
 
 /// The settings tried: the old single stream with the server's batches and
-/// CONTINUE, many small streams with COPY, and the defaults.
+/// CONTINUE, many small streams with COPY and receive and install
+/// overlapped, and the defaults.
 fn settings() -> [Bulk; 3] {
     [
         Bulk {
@@ -27,12 +28,14 @@ fn settings() -> [Bulk; 3] {
             batch_bytes: 0,
             shmem_copy: false,
             hugetlb_copy: false,
+            overlap: false,
         },
         Bulk {
             streams: 4,
             batch_bytes: 64 << 10,
             shmem_copy: true,
             hugetlb_copy: true,
+            overlap: true,
         },
         Bulk::default(),
     ]

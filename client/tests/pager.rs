@@ -9,7 +9,7 @@ use common::{
     check_all, complete, config, image_2m, image_4k, memory, runtime, settle, start,
     touch_and_check, within,
 };
-use faultline_client::backing::BackingKind;
+use faultline_client::backing::{BackingKind, HUGE_PAGE_SIZE};
 use faultline_client::pager::{FaultError, Pager, PrefetchPolicy, Region, StartError, Stats};
 use faultline_client::strategy::{Decision, Mode, Strategy};
 use faultline_client::uffd::{RegisterModes, ResolveOps, Uffd};
@@ -878,22 +878,24 @@ fn eager_and_lazy_regions_together() {
     );
 }
 
-/// A region whose page size does not fit the snapshot is refused with advice, before registering.
+/// A 4 KiB snapshot restores into hugetlbfs memory (whole huge pages; more in
+/// tests/hugetlb_mixed.rs), but a region not on huge-page boundaries is
+/// refused with the sizes that would fit, before registering.
 #[test]
-fn hugetlb_memory_needs_a_2m_snapshot() {
+fn hugetlb_region_must_be_huge_page_aligned() {
     let server = Server::start();
-    let snap = server.import("img", PageSize::Size4K, image_4k(1, 1024));
-    let Some((mem, _huge_pages)) = memory(BackingKind::Hugetlb, snap.image.len()) else {
+    let snap = server.import("img", PageSize::Size4K, image_4k(1, 2048));
+    let Some((mem, _huge_pages)) = memory(BackingKind::Hugetlb, HUGE_PAGE_SIZE) else {
         return;
     };
     let err = Pager::start(
         config(&server, &snap, PrefetchPolicy::None),
         vec![Region {
             memory: mem,
-            snapshot_offset: 0,
+            snapshot_offset: 16 * PAGE as u64,
         }],
     )
-    .expect_err("4 KiB snapshot into hugetlb memory");
+    .expect_err("a region off huge-page boundaries");
     assert!(matches!(err, StartError::Layout { .. }), "{err:?}");
-    assert!(err.to_string().contains("--page-size 2M"), "{err}");
+    assert!(err.to_string().contains("multiples of 2097152"), "{err}");
 }

@@ -91,6 +91,12 @@ pub struct Bulk {
     /// straight from the received buffer, where writing the fill view first
     /// has the kernel zero the 2 MiB page, then copies into it.
     pub hugetlb_copy: bool,
+    /// Verify and install each stream's batches on a thread of their own
+    /// while the stream's task receives the next ones (receive and install
+    /// overlap), rather than one after the other on the task. Off by
+    /// default: on two cores shared with the server it measured no faster
+    /// (docs/BENCHMARKS.md); it pays with a core to spare.
+    pub overlap: bool,
 }
 
 impl Default for Bulk {
@@ -100,6 +106,7 @@ impl Default for Bulk {
             batch_bytes: PREFETCH_BATCH_BYTES,
             shmem_copy: true,
             hugetlb_copy: false,
+            overlap: false,
         }
     }
 }

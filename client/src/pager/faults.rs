@@ -103,18 +103,27 @@ impl Shared {
                     return Ok(());
                 }
                 PageState::ZeroOnFault => {
+                    // The page's install unit: the page itself, or its whole
+                    // huge page in a mixed region (zero as a whole: a unit
+                    // with data keeps its zero pages Missing, and a discard
+                    // takes whole huge pages).
+                    let unit = region.unit_of(page);
                     // Part of the working set like any page the guest
                     // touches: a replay then maps it ahead of the guest.
-                    self.record(PageRange::new(page, 1).expect("one page"));
+                    self.record(unit);
                     let mapped = region.install_zero(page, minor, caller)?;
-                    self.table.zero_installed(page);
+                    for p in unit.iter() {
+                        self.table.zero_installed(p);
+                    }
                     // Counted once, by the path that mapped it: `Pager::fault`,
                     // a fault thread and the prefetcher's zero runs (which
                     // leave the page ZeroOnFault) may all resolve it; the
                     // later ones get EEXIST.
                     if mapped {
-                        self.counters
-                            .pages(if minor { Source::Local } else { Source::Zero }, 1);
+                        self.counters.pages(
+                            if minor { Source::Local } else { Source::Zero },
+                            unit.count(),
+                        );
                     }
                     self.demand_progress();
                     return Ok(());
@@ -123,12 +132,20 @@ impl Shared {
                     // Joined: the fetch in flight wakes every waiter when it
                     // installs the page.
                     self.counters.joined();
-                    self.record(PageRange::new(page, 1).expect("one page"));
+                    self.record(region.unit_of(page));
                     return Ok(());
                 }
                 PageState::Poisoned => return region.poison(page, 1, caller),
                 PageState::Outside => {
                     region.wake(page);
+                    return Ok(());
+                }
+                PageState::Missing if region.is_mixed() => {
+                    let unit = region.unit_of(page);
+                    if !self.claim_unit(region, unit) {
+                        continue; // lost a race; look again
+                    }
+                    self.request_units(region, unit, page);
                     return Ok(());
                 }
                 PageState::Missing => {
@@ -181,6 +198,51 @@ impl Shared {
         if zeros > 0 && caller == Caller::FaultThread {
             self.install_zero_pages(region, walked, caller);
         }
+    }
+
+    /// [`Self::request_window`] for a mixed region (`RegionState::unit`):
+    /// having claimed `unit`, the install unit of the faulting `page`,
+    /// claims the units after it that are missing, up to the read-ahead
+    /// window (counted in units), walking over all-zero units and stopping
+    /// at anything else, and asks for them whole: every snapshot page of a
+    /// claimed unit, zero pages included (the server names those as zeros,
+    /// no bytes travel). The all-zero units walked over are left to their
+    /// faults: hugetlbfs has no ZEROPAGE, and a COPY of 2 MiB of zeros ahead
+    /// of need is not worth it (`install_zero_run` says the same).
+    fn request_units(&self, region: &RegionState, unit: PageRange, page: PageIndex) {
+        let window = self.readahead[region.index]
+            .lock()
+            .expect("readahead lock")
+            .next(unit.start().0 / region.unit);
+        let limit = (unit.start().0 + window * region.unit).min(region.first_page + region.pages);
+        let mut claimed = vec![true; unit.count() as usize];
+        let mut end = unit.end();
+        while end < limit {
+            let next = region.unit_of(PageIndex(end));
+            match self.table.get(next.start()) {
+                PageState::Missing if self.claim_unit(region, next) => {
+                    claimed.extend(std::iter::repeat_n(true, next.count() as usize));
+                }
+                PageState::ZeroOnFault => {
+                    claimed.extend(std::iter::repeat_n(false, next.count() as usize));
+                }
+                _ => break,
+            }
+            end = next.end();
+        }
+        while claimed.last() == Some(&false) {
+            claimed.pop();
+            end -= 1;
+        }
+        let range = PageRange::new(unit.start(), end - unit.start().0).expect("non-empty");
+        self.record(range);
+        self.demand(Demand {
+            region: region.index,
+            range,
+            claimed,
+            fault: Some(page),
+            started: Instant::now(),
+        });
     }
 
     /// Maps the zero pages of `range` (pages still ZeroOnFault) ahead of
@@ -262,6 +324,15 @@ impl Shared {
                 // The guest discarded these pages (balloon, MADV_DONTNEED):
                 // they read as zeros from now on. Installs in flight notice
                 // and undo themselves (see `PageTable::finish`).
+                let (start, end) = if region.is_mixed() {
+                    // hugetlbfs discards whole huge pages only (the kernel
+                    // trims a range to them): a partial one at either end
+                    // keeps its content, and its install unit its state.
+                    let unit = region.unit_bytes();
+                    (start.next_multiple_of(unit), end - end % unit)
+                } else {
+                    (start, end)
+                };
                 let mut n = 0;
                 let mut addr = start;
                 while addr < end {

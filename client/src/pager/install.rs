@@ -19,7 +19,7 @@
 //! waiters, whose retry faults again and claims afresh (the prefetcher); a
 //! path that gives up on pages **poisons** them.
 
-use faultline_proto::PageIndex;
+use faultline_proto::{PageIndex, PageRange};
 
 use super::Shared;
 use super::error::InstallError;
@@ -30,7 +30,7 @@ use crate::backing::BackingKind;
 
 /// How step 2 puts the bytes in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Method {
+pub(super) enum Method {
     /// As the region's strategy says, on behalf of a caller
     /// ([`RegionState::install_as`]).
     Strategy(Caller),
@@ -43,6 +43,21 @@ impl Shared {
     /// InFlight`). False if another path has it or it is settled.
     pub(super) fn claim(&self, page: PageIndex) -> bool {
         self.table.claim(page)
+    }
+
+    /// Step 1 for a whole install unit of a mixed region
+    /// (`RegionState::unit`): every page of `unit` Missing -> InFlight, or
+    /// none. A claim that fails half-way gives its pages back and wakes the
+    /// unit (a fault may have joined one of them meanwhile).
+    pub(super) fn claim_unit(&self, region: &RegionState, unit: PageRange) -> bool {
+        if self.table.get(unit.start()) != PageState::Missing {
+            return false;
+        }
+        if self.table.claim_unit(unit) {
+            return true;
+        }
+        region.wake_range(unit.start(), unit.count());
+        false
     }
 
     /// Steps 2 to 5 for consecutive pages of `region` from `start` that the
@@ -75,17 +90,76 @@ impl Shared {
         data: &[u8],
         source: Source,
     ) -> Result<(), InstallError> {
+        let method = self.bulk_method(region);
+        self.install_claimed_by(region, start, data, source, None, method)
+    }
+
+    /// How the prefetcher installs its runs into `region` (see
+    /// [`Self::install_claimed_bulk`]).
+    pub(super) fn bulk_method(&self, region: &RegionState) -> Method {
         let wanted = match region.memory.kind() {
             BackingKind::Shmem => self.config.bulk.shmem_copy,
             BackingKind::Hugetlb => self.config.bulk.hugetlb_copy,
             _ => false,
         };
-        let method = if wanted && region.bulk_copy_offered() {
+        if wanted && region.bulk_copy_offered() {
             Method::BulkCopy
         } else {
             Method::Strategy(Caller::Other)
-        };
-        self.install_claimed_by(region, start, data, source, None, method)
+        }
+    }
+
+    /// Steps 2 to 5 for one install unit of a mixed region
+    /// (`RegionState::unit`: a huge page of 4 KiB snapshot pages) that the
+    /// caller claimed whole, with its assembled bytes (`data`: the unit's
+    /// snapshot pages, each verified against its digest, its zero pages
+    /// zeros). Installed as one memory page, by `method`. Counted in
+    /// snapshot pages: `fault` as demand, the unit's zero pages as zero
+    /// (no bytes travelled for them), the rest as `source`. On failure the
+    /// unit stays claimed, as with [`Self::install_claimed`].
+    pub(super) fn install_unit(
+        &self,
+        region: &RegionState,
+        unit: PageRange,
+        data: &[u8],
+        source: Source,
+        fault: Option<PageIndex>,
+        method: Method,
+    ) -> Result<(), InstallError> {
+        debug_assert_eq!(data.len(), region.unit_bytes());
+        let start = unit.start();
+        match method {
+            Method::Strategy(caller) => region.install_as(start, data, caller)?,
+            Method::BulkCopy => region.install_bulk_copy(start, data)?,
+        }
+        let zeros = unit.iter().filter(|&p| self.manifest.is_zero(p)).count() as u64;
+        let received = unit.count() - zeros;
+        self.counters
+            .bytes(received * self.manifest.page_size.bytes());
+        let demand = fault.filter(|f| f.0 >= start.0 && f.0 < unit.end());
+        if demand.is_some() {
+            self.counters.pages(Source::Demand, 1);
+        }
+        let demand_zero = demand.is_some_and(|f| self.manifest.is_zero(f));
+        let zeros = zeros - u64::from(demand_zero);
+        let rest = received - u64::from(demand.is_some() && !demand_zero);
+        if zeros > 0 {
+            self.counters.pages(Source::Zero, zeros);
+        }
+        if rest > 0 {
+            self.counters.pages(source, rest);
+        }
+        let mut raced = false;
+        for p in unit.iter() {
+            raced |= !self.table.finish(p) && self.table.get(p) == PageState::ZeroOnFault;
+        }
+        if raced {
+            // As in `install_claimed_by`: the guest discarded the huge page
+            // while it was being installed (a discard takes it whole).
+            region.discard(start);
+        }
+        region.wake_range(start, unit.count());
+        Ok(())
     }
 
     fn install_claimed_by(
@@ -165,9 +239,17 @@ impl Shared {
                 }
             }
             // Counted first: a waiter sees the page poisoned only once the
-            // statistics say so.
-            self.counters.poisoned(1);
-            self.table.poison(p);
+            // statistics say so. In a mixed region the poison took the
+            // page's whole install unit, whose pages are claimed together.
+            let unit = region.unit_of(p);
+            let n = unit
+                .iter()
+                .filter(|&q| self.table.get(q) == PageState::InFlight)
+                .count();
+            self.counters.poisoned(n as u64);
+            for q in unit.iter() {
+                self.table.poison(q);
+            }
         }
         self.progress.notify_waiters();
         all

@@ -341,22 +341,41 @@ impl Pager {
             };
             let len = region.memory.len() as u64;
             let mem_ps = region.memory.page_size() as u64;
-            if mem_ps > ps || ps % mem_ps != 0 {
+            // Either unit divides the other (both are powers of two): a
+            // snapshot page of several memory pages is installed page by
+            // page; memory pages of several snapshot pages (a 4 KiB
+            // snapshot in 2 MiB hugetlbfs memory) are installed as one, a
+            // whole *install unit* fetched, verified page by page and
+            // assembled first (`RegionState::unit`).
+            if !ps.is_multiple_of(mem_ps) && !mem_ps.is_multiple_of(ps) {
                 return Err(layout(format!(
-                    "its {} memory has {mem_ps}-byte pages but the snapshot has {ps}-byte pages; \
-                     import the snapshot with `--page-size 2M` for hugetlbfs memory",
+                    "its {} memory has {mem_ps}-byte pages and the snapshot {ps}-byte pages; \
+                     one must be a multiple of the other",
                     region.memory.kind()
                 )));
             }
-            if region.snapshot_offset % ps != 0 || !len.is_multiple_of(ps) {
+            let unit = ps.max(mem_ps);
+            if region.snapshot_offset % unit != 0 || !len.is_multiple_of(unit) {
                 return Err(layout(format!(
-                    "offset {:#x} and size {len:#x} must be multiples of the snapshot's page size {ps}",
-                    region.snapshot_offset
+                    "offset {:#x} and size {len:#x} must be multiples of {unit} bytes (the \
+                     snapshot's page size {ps}, and the {} memory's {mem_ps})",
+                    region.snapshot_offset,
+                    region.memory.kind()
                 )));
             }
             if region.snapshot_offset + len > manifest.image_size() {
+                let tail = if mem_ps > ps && !manifest.image_size().is_multiple_of(mem_ps) {
+                    format!(
+                        "; {} memory is filled in whole {mem_ps}-byte pages and the snapshot's \
+                         size is not a multiple of that: map the memory without its last, \
+                         partial page, or import the image padded to a multiple of {mem_ps} bytes",
+                        region.memory.kind()
+                    )
+                } else {
+                    String::new()
+                };
                 return Err(layout(format!(
-                    "offset {:#x} + size {len:#x} is past the snapshot's end ({:#x} bytes)",
+                    "offset {:#x} + size {len:#x} is past the snapshot's end ({:#x} bytes){tail}",
                     region.snapshot_offset,
                     manifest.image_size()
                 )));
@@ -402,12 +421,18 @@ impl Pager {
 
         let (demand_tx, demand_rx) = mpsc::unbounded_channel();
         let (ra_min, ra_max) = config.readahead;
+        // In install units (one snapshot page, or one huge page of a mixed
+        // region): the window never splits a unit.
         let readahead = states
             .iter()
-            .map(|_| Mutex::new(Readahead::new(ra_min / ps, ra_max / ps)))
+            .map(|r| {
+                let unit = r.unit_bytes() as u64;
+                Mutex::new(Readahead::new(ra_min / unit, ra_max / unit))
+            })
             .collect();
+        let zero_map = unit_zero_map(&manifest, &states);
         let shared = Arc::new(Shared {
-            table: pages::PageTable::new(manifest.page_count, &in_region, &manifest.zero_map),
+            table: pages::PageTable::new(manifest.page_count, &in_region, &zero_map),
             manifest,
             regions: states,
             counters: stats::Counters::default(),
@@ -509,6 +534,29 @@ impl Pager {
         pager.runtime = Some(runtime);
         Ok(pager)
     }
+}
+
+/// The zero pages the page table starts as ZeroOnFault: the manifest's,
+/// except in a mixed region (`RegionState::unit`), where only units whose
+/// every page is zero stay so (they need no data: the kernel zeroes them).
+/// The zero pages of a partly zero unit start Missing: they are claimed,
+/// fetched (named as zeros by the server, no bytes) and installed with the
+/// rest of their huge page, as zeros.
+fn unit_zero_map(manifest: &faultline_proto::Manifest, regions: &[RegionState]) -> PageBitmap {
+    let mut zero = manifest.zero_map.clone();
+    for r in regions.iter().filter(|r| r.is_mixed()) {
+        let mut start = r.first_page;
+        while start < r.first_page + r.pages {
+            let unit = r.unit_of(PageIndex(start));
+            if !unit.iter().all(|p| zero.get(p.0)) {
+                for p in unit.iter() {
+                    zero.clear(p.0);
+                }
+            }
+            start = unit.end();
+        }
+    }
+    zero
 }
 
 /// Poisons `len` bytes from `start`, skipping pages that turn out to be
@@ -633,19 +681,27 @@ fn stop_serving(shared: &Shared, outcome: &Outcome) {
         let Some(uffd) = r.take_uffd() else { continue };
         let mut failed = None;
         if !owner_gone {
-            let unfilled = |q: u64| shared.table.get(PageIndex(q)).is_unsettled();
+            // By install unit (a snapshot page, or a huge page of a mixed
+            // region, which POISON takes whole): a unit is unfilled if any
+            // of its pages is (an install still settling it on another
+            // thread; its present pages answer EEXIST and are skipped).
+            let unfilled = |q: u64| {
+                r.unit_of(PageIndex(q))
+                    .iter()
+                    .any(|p| shared.table.get(p).is_unsettled())
+            };
             let (mut p, end) = (r.range().start().0, r.range().end());
             while p < end && failed.is_none() {
                 if !unfilled(p) {
-                    p += 1;
+                    p += r.unit;
                     continue;
                 }
                 let from = p;
                 while p < end && unfilled(p) {
-                    p += 1;
+                    p += r.unit;
                 }
                 let len = (p - from) as usize * r.page_bytes;
-                if let Err(e) = poison_run(&uffd, r.addr_of(PageIndex(from)), len, r.page_bytes) {
+                if let Err(e) = poison_run(&uffd, r.addr_of(PageIndex(from)), len, r.unit_bytes()) {
                     failed = Some(e);
                 }
             }

@@ -583,6 +583,15 @@ struct Installed {
 /// Installs the claimed pages of `demand` found in `batch`, each verified
 /// against its digest.
 fn install_batch(shared: &Shared, demand: &Demand, batch: &PageBatch) -> Installed {
+    if shared.regions[demand.region].is_mixed() {
+        // A 4 KiB snapshot in hugetlbfs memory: whole 2 MiB units (units.rs).
+        let done = super::units::install_demand(shared, demand, batch);
+        return Installed {
+            left: done.left,
+            failed: done.failed,
+            again: done.again,
+        };
+    }
     let manifest = &shared.manifest;
     let start = demand.range.start().0;
     let mut left = demand.claimed.clone();

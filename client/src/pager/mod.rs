@@ -24,8 +24,9 @@
 //! state its threads share), `config.rs`, `lifecycle.rs` (start, end,
 //! teardown), `faults.rs` (the fault thread and the one decision procedure),
 //! `install.rs`, `link.rs` (demand link), `prefetch.rs`, `region.rs` (one
-//! region's ioctls), `pages.rs` (page states), `recording.rs`, `stats.rs`,
-//! `error.rs`.
+//! region's ioctls), `pages.rs` (page states), `units.rs` (a 4 KiB snapshot
+//! in hugetlbfs memory: whole 2 MiB install units), `recording.rs`,
+//! `stats.rs`, `error.rs`.
 //!
 //! Threads: one demand thread (`faultline-fault`) runs a single-threaded
 //! tokio runtime holding the fault loop of every uffd, the demand link and
@@ -55,6 +56,7 @@ mod prefetch;
 mod recording;
 mod region;
 mod stats;
+mod units;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};

@@ -21,7 +21,7 @@
 
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
-use faultline_proto::{PageBitmap, PageIndex};
+use faultline_proto::{PageBitmap, PageIndex, PageRange};
 
 /// The state of one snapshot page, stored as one atomic byte per page (see
 /// the module's diagram; a release after a failed fetch goes InFlight ->
@@ -116,6 +116,23 @@ impl PageTable {
     /// path has it or it is settled.
     pub fn claim(&self, page: PageIndex) -> bool {
         self.swap(page, PageState::Missing, PageState::InFlight)
+    }
+
+    /// Claims every page of `unit` (an install unit of a mixed region, see
+    /// `RegionState::unit`) at once: all Missing -> InFlight, or none. If a
+    /// page is not Missing, the pages claimed so far are given back and this
+    /// returns false; a fault that saw one of them in flight meanwhile joined
+    /// and sleeps, so the caller wakes the unit then.
+    pub fn claim_unit(&self, unit: PageRange) -> bool {
+        for p in unit.iter() {
+            if !self.claim(p) {
+                for q in unit.start().0..p.0 {
+                    self.release(PageIndex(q));
+                }
+                return false;
+            }
+        }
+        true
     }
 
     /// Gives a claimed page back (its fetch failed and will be retried by
@@ -248,6 +265,21 @@ mod tests {
         assert_eq!(t.get(PageIndex(2)), PageState::Present);
         assert_eq!(t.remove(PageIndex(2)), PageState::Present);
         assert_eq!(t.unsettled(), 4);
+    }
+
+    /// A unit is claimed whole or not at all, and a failed claim gives back
+    /// what it took.
+    #[test]
+    fn units_are_claimed_whole() {
+        let t = table();
+        let unit = |s, n| PageRange::new(PageIndex(s), n).unwrap();
+        assert!(t.claim(PageIndex(4)));
+        assert!(!t.claim_unit(unit(2, 3)), "page 4 is taken");
+        assert_eq!(t.get(PageIndex(2)), PageState::Missing);
+        assert_eq!(t.get(PageIndex(3)), PageState::Missing);
+        assert!(t.claim_unit(unit(2, 2)));
+        assert_eq!(t.get(PageIndex(3)), PageState::InFlight);
+        assert_eq!(t.unsettled(), 5);
     }
 
     /// The bitmap of pages not to send covers present and outside pages, and zero pages once mapped.

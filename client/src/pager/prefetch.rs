@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 
 use faultline_proto::backoff::Backoff;
-use faultline_proto::codec::PageRun;
+use faultline_proto::codec::{PageBatch, PageRun};
 use faultline_proto::{PageIndex, PageRange, pb};
 use futures::StreamExt;
 
@@ -28,6 +28,7 @@ use super::faults::Caller;
 use super::link::{INITIAL_BACKOFF, MAX_BACKOFF, STALL_TIMEOUT};
 use super::region::RegionState;
 use super::stats::Source;
+use super::units::Assembler;
 use super::{PrefetchPolicy, Shared};
 use crate::remote::{Remote, RemoteError, decode_batch};
 
@@ -49,13 +50,37 @@ pub enum PrefetchError {
     Stalled(Duration),
 }
 
+/// Batches received ahead of the installer when [`super::Bulk::overlap`] is
+/// on: one being installed, up to this many waiting. Two keep the receiver
+/// going across an install's hiccup while holding little memory (2 x 1 MiB
+/// batches, or two 2 MiB hugetlbfs pages).
+const OVERLAP_DEPTH: usize = 2;
+
 /// Streams `req` and installs every page it brings that is still missing,
 /// counting them as `source`. Returns when the stream ends.
 pub(crate) async fn stream_into(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     url: &str,
     req: pb::PrefetchRequest,
     source: Source,
+) -> Result<(), PrefetchError> {
+    stream_units_into(shared, url, req, source, &mut Assembler::default()).await
+}
+
+/// [`stream_into`], assembling the install units of mixed regions (a 4 KiB
+/// snapshot in hugetlbfs memory, `units.rs`) in `units`; those left
+/// incomplete are in [`Assembler::take_dropped`] afterwards.
+///
+/// With [`super::Bulk::overlap`], batches are verified and installed on a
+/// thread of their own (tokio's blocking pool) while this task receives the
+/// next ones: receive and install overlap, where otherwise the task does
+/// one, then the other.
+async fn stream_units_into(
+    shared: &Arc<Shared>,
+    url: &str,
+    req: pb::PrefetchRequest,
+    source: Source,
+    units: &mut Assembler,
 ) -> Result<(), PrefetchError> {
     let stalled = || PrefetchError::Stalled(STALL_TIMEOUT);
     let opening = async {
@@ -67,26 +92,76 @@ pub(crate) async fn stream_into(
     let mut stream = tokio::time::timeout(STALL_TIMEOUT, opening)
         .await
         .map_err(|_| stalled())??;
-    loop {
+    let mut next_batch = async || -> Result<Option<PageBatch>, PrefetchError> {
         let next = tokio::time::timeout(STALL_TIMEOUT, stream.next())
             .await
             .map_err(|_| stalled())?;
-        let Some(batch) = next else { break };
+        let Some(batch) = next else { return Ok(None) };
         let batch = batch.map_err(RemoteError::rpc("Prefetch"))?;
-        let batch = decode_batch(batch, &shared.manifest)?;
-        for run in &batch.runs {
-            install_unclaimed(shared, run, source)?;
-        }
-        for zero in &batch.zero {
-            for region in shared.regions.iter() {
-                shared.install_zero_pages(region, *zero, Caller::Other);
+        Ok(Some(decode_batch(batch, &shared.manifest)?))
+    };
+    if !shared.config.bulk.overlap {
+        while let Some(batch) = next_batch().await? {
+            install_batch(shared, &batch, source, units)?;
+            if shared.is_stopping() {
+                break;
             }
         }
-        shared.progress.notify_waiters();
-        if shared.is_stopping() {
-            break;
+        return Ok(());
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<PageBatch>(OVERLAP_DEPTH);
+    let installer = {
+        let shared = shared.clone();
+        let mut units = std::mem::take(units);
+        tokio::task::spawn_blocking(move || {
+            let mut result = Ok(());
+            while let Some(batch) = rx.blocking_recv() {
+                result = install_batch(&shared, &batch, source, &mut units);
+                if result.is_err() || shared.is_stopping() {
+                    break;
+                }
+            }
+            (result, units)
+        })
+    };
+    let received = async {
+        while let Some(batch) = next_batch().await? {
+            // The installer ended early (an install failed): its result
+            // says why.
+            if tx.send(batch).await.is_err() || shared.is_stopping() {
+                break;
+            }
+        }
+        Ok::<_, PrefetchError>(())
+    }
+    .await;
+    drop(tx);
+    let (installed, back) = match installer.await {
+        Ok(done) => done,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    };
+    *units = back;
+    installed?;
+    received
+}
+
+/// Installs what one batch brought: its runs (pages nobody has claimed) and
+/// its zero ranges; then tells waiters.
+fn install_batch(
+    shared: &Shared,
+    batch: &PageBatch,
+    source: Source,
+    units: &mut Assembler,
+) -> Result<(), InstallError> {
+    for run in &batch.runs {
+        install_unclaimed(shared, run, source, units)?;
+    }
+    for zero in &batch.zero {
+        for region in shared.regions.iter() {
+            shared.install_zero_pages(region, *zero, Caller::Other);
         }
     }
+    shared.progress.notify_waiters();
     Ok(())
 }
 
@@ -96,7 +171,12 @@ pub(crate) async fn stream_into(
 /// whose retries and failure policy apply. If an install fails, its run is
 /// released ([`Shared::install_claimed`]): the only pages this call holds
 /// claimed at any time are that run's, so none stays claimed.
-fn install_unclaimed(shared: &Shared, run: &PageRun, source: Source) -> Result<(), InstallError> {
+fn install_unclaimed(
+    shared: &Shared,
+    run: &PageRun,
+    source: Source,
+    units: &mut Assembler,
+) -> Result<(), InstallError> {
     let ps = shared.manifest.page_size.bytes_usize();
     // Claimed, verified pages not installed yet: their region and first page.
     let mut pending: Option<(&RegionState, u64)> = None;
@@ -114,10 +194,19 @@ fn install_unclaimed(shared: &Shared, run: &PageRun, source: Source) -> Result<(
         }
         installed
     };
+    // Whether any region installs whole huge pages (units.rs): only then is
+    // each page's region looked up first.
+    let mixed = shared.regions.iter().any(RegionState::is_mixed);
     for (p, data) in run.pages(shared.manifest.page_size) {
         // One install never crosses the end of a region.
         if pending.is_some_and(|(r, _)| p.0 >= r.first_page + r.pages) {
             flush(&mut pending, p.0)?;
+        }
+        if mixed && let Some(region) = shared.region_of(p).filter(|r| r.is_mixed()) {
+            // Installed by whole huge pages, once assembled (units.rs).
+            flush(&mut pending, p.0)?;
+            units.add(shared, region, p, &data, source)?;
+            continue;
         }
         if !shared.claim(p) {
             flush(&mut pending, p.0)?;
@@ -143,6 +232,12 @@ fn install_unclaimed(shared: &Shared, run: &PageRun, source: Source) -> Result<(
     }
     flush(&mut pending, run.range.end())
 }
+
+/// Times a stream is followed by one over the install units it left
+/// half-assembled (units.rs): the follow-up streams whole units in snapshot
+/// order, which completes them, so a second round is needed only if faults
+/// raced it; a bound keeps a pathological server from looping us.
+const UNIT_ROUNDS: u32 = 3;
 
 /// Runs the background prefetcher until every page is settled, the streams
 /// end, or the pager stops. Connection failures are retried with backoff,
@@ -215,9 +310,14 @@ fn split(count: u64, parts: usize) -> Vec<PageRange> {
 /// retrying on failures with backoff through the listed servers, each
 /// retry naming the pages settled since. False if the pager should stop
 /// prefetching (it is stopping, or the memory's owner is gone).
-async fn retrying(shared: &Shared, order: pb::PrefetchOrder, ranges: Vec<PageRange>) -> bool {
+async fn retrying(
+    shared: &Arc<Shared>,
+    mut order: pb::PrefetchOrder,
+    mut ranges: Vec<PageRange>,
+) -> bool {
     let servers = &shared.config.servers;
     let mut backoff = Backoff::new(INITIAL_BACKOFF, MAX_BACKOFF);
+    let mut rounds = 0;
     for attempt in 0.. {
         if shared.table.unsettled() == 0 || shared.is_stopping() {
             return !shared.is_stopping();
@@ -232,8 +332,24 @@ async fn retrying(shared: &Shared, order: pb::PrefetchOrder, ranges: Vec<PageRan
             max_batch_bytes: shared.config.bulk.batch_bytes,
         };
         let url = &servers[attempt % servers.len()];
-        match stream_into(shared, url, req, Source::Prefetch).await {
-            Ok(()) => return true,
+        let mut units = Assembler::default();
+        match stream_units_into(shared, url, req, Source::Prefetch, &mut units).await {
+            Ok(()) => {
+                // Units of a mixed region whose pages the stream brought too
+                // far apart to assemble (a working set recorded on other
+                // memory): streamed again, whole, in snapshot order.
+                let again = units.take_dropped(shared);
+                if again.is_empty() || rounds >= UNIT_ROUNDS {
+                    return true;
+                }
+                rounds += 1;
+                tracing::debug!(
+                    "prefetch: streaming {} partial huge pages again",
+                    again.len()
+                );
+                order = pb::PrefetchOrder::Ranges;
+                ranges = again;
+            }
             Err(PrefetchError::Install(e @ InstallError::OwnerGone { .. })) => {
                 shared.on_install_error(&e);
                 return false;
@@ -255,7 +371,7 @@ async fn retrying(shared: &Shared, order: pb::PrefetchOrder, ranges: Vec<PageRan
 /// them and writes them through the region's own mapping. Retries until
 /// `deadline`.
 pub(crate) async fn fill_eager(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     ranges: Vec<PageRange>,
     deadline: Duration,
 ) -> Result<(), PrefetchError> {

@@ -39,8 +39,15 @@ pub struct RegionState {
     pub first_page: u64,
     /// Snapshot pages held.
     pub pages: u64,
-    /// Bytes per snapshot page (a multiple of the memory's page size).
+    /// Bytes per snapshot page.
     pub page_bytes: usize,
+    /// Snapshot pages per *install unit*: 1 where a snapshot page is a whole
+    /// number of the memory's pages, else the memory's page over the
+    /// snapshot's (512 for a 4 KiB snapshot in 2 MiB hugetlbfs memory).
+    /// The kernel installs, zeroes, poisons and discards whole memory pages
+    /// only, so every path claims, installs and settles a unit at once;
+    /// the snapshot page stays the unit of transfer and verification.
+    pub unit: u64,
 }
 
 /// Who is calling a resolve operation. It decides what EAGAIN (a memory-map
@@ -77,6 +84,7 @@ impl RegionState {
         page_bytes: usize,
     ) -> Self {
         let pages = (memory.len() / page_bytes) as u64;
+        let unit = (memory.page_size() / page_bytes).max(1) as u64;
         Self {
             index,
             host: AtomicUsize::new(memory.host_addr()),
@@ -86,7 +94,27 @@ impl RegionState {
             first_page,
             pages,
             page_bytes,
+            unit,
         }
+    }
+
+    /// Bytes per install unit (see [`Self::unit`]).
+    pub fn unit_bytes(&self) -> usize {
+        self.unit as usize * self.page_bytes
+    }
+
+    /// Whether this region installs several snapshot pages as one memory
+    /// page (a 4 KiB snapshot in hugetlbfs memory).
+    pub fn is_mixed(&self) -> bool {
+        self.unit > 1
+    }
+
+    /// The install unit holding snapshot page `page` (in the region): the
+    /// page itself unless [`Self::is_mixed`].
+    pub fn unit_of(&self, page: PageIndex) -> PageRange {
+        let start = self.first_page + (page.0 - self.first_page) / self.unit * self.unit;
+        let count = self.unit.min(self.first_page + self.pages - start);
+        PageRange::new(PageIndex(start), count).expect("a unit is non-empty")
     }
 
     /// The strategy.
@@ -289,11 +317,18 @@ impl RegionState {
         }
         let region = self.index;
         let uffd = self.uffd().ok_or(InstallError::Closed { region })?;
-        let (addr, len) = (self.addr_of(page), self.page_bytes);
+        let (addr, len) = self.span_of(page);
         let skipped = self.resolve_skipping(caller, addr, len, |at, done| {
             uffd.continue_(at, len - done, false)
         })?;
         Ok(skipped == 0)
+    }
+
+    /// The guest address and length of the install unit holding `page`:
+    /// what a resolve of that one page must cover (the whole huge page in a
+    /// mixed region).
+    fn span_of(&self, page: PageIndex) -> (usize, usize) {
+        (self.addr_of(self.unit_of(page).start()), self.unit_bytes())
     }
 
     /// Maps zeros at `page` unless it is mapped already; returns whether it
@@ -313,7 +348,7 @@ impl RegionState {
     ) -> Result<bool, InstallError> {
         let region = self.index;
         let uffd = self.uffd().ok_or(InstallError::Closed { region })?;
-        let (addr, len) = (self.addr_of(page), self.page_bytes);
+        let (addr, len) = self.span_of(page);
         let ops = self
             .decision
             .registered
@@ -368,7 +403,12 @@ impl RegionState {
     /// [`Self::install`] and settling them).
     pub fn wake_range(&self, start: PageIndex, count: u64) {
         if let Some(uffd) = self.uffd() {
-            let _ = uffd.wake(self.addr_of(start), count as usize * self.page_bytes);
+            let first = self.unit_of(start).start();
+            let end = self.unit_of(PageIndex(start.0 + count.max(1) - 1)).end();
+            let _ = uffd.wake(
+                self.addr_of(first),
+                (end - first.0) as usize * self.page_bytes,
+            );
         }
     }
 
@@ -376,7 +416,8 @@ impl RegionState {
     /// else installed it).
     pub fn wake(&self, page: PageIndex) {
         if let Some(uffd) = self.uffd() {
-            let _ = uffd.wake(self.addr_of(page), self.page_bytes);
+            let (addr, len) = self.span_of(page);
+            let _ = uffd.wake(addr, len);
         }
     }
 
@@ -386,8 +427,8 @@ impl RegionState {
     pub fn map_present(&self, page: PageIndex, caller: Caller) -> Result<bool, InstallError> {
         let region = self.index;
         let uffd = self.uffd().ok_or(InstallError::Closed { region })?;
-        let len = self.page_bytes;
-        let skipped = self.resolve_skipping(caller, self.addr_of(page), len, |at, done| {
+        let (addr, len) = self.span_of(page);
+        let skipped = self.resolve_skipping(caller, addr, len, |at, done| {
             uffd.continue_(at, len - done, false)
         })?;
         Ok(skipped == 0)
@@ -395,11 +436,16 @@ impl RegionState {
 
     /// Makes `count` pages from `start` raise SIGBUS when touched, and wakes
     /// their waiters (who take the SIGBUS): the failure policy's "poison".
+    /// In a mixed region the whole install units holding them are poisoned
+    /// (the kernel poisons whole huge pages).
     pub fn poison(&self, start: PageIndex, count: u64, caller: Caller) -> Result<(), InstallError> {
         let region = self.index;
         let uffd = self.uffd().ok_or(InstallError::Closed { region })?;
-        let len = count as usize * self.page_bytes;
-        self.resolve(caller, self.addr_of(start), len, |at, done| {
+        let first = self.unit_of(start).start();
+        let end = self.unit_of(PageIndex(start.0 + count.max(1) - 1)).end();
+        let len = (end - first.0) as usize * self.page_bytes;
+        let len = len.next_multiple_of(self.unit_bytes());
+        self.resolve(caller, self.addr_of(first), len, |at, done| {
             uffd.poison(at, len - done, false)
         })
     }
@@ -421,11 +467,13 @@ impl RegionState {
             );
             return;
         }
-        let offset = self.offset_of(page);
+        // The whole install unit: hugetlbfs discards whole huge pages only.
+        let offset = self.offset_of(self.unit_of(page).start());
+        let len = self.unit_bytes();
         let shared = self.memory.fill_view().is_some();
         let result = match self.memory.fill_view() {
-            Some(view) => view.discard(offset, self.page_bytes, shared),
-            None => self.memory.guest().discard(offset, self.page_bytes, false),
+            Some(view) => view.discard(offset, len, shared),
+            None => self.memory.guest().discard(offset, len, false),
         };
         if let Err(e) = result {
             tracing::error!(
