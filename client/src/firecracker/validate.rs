@@ -1,5 +1,7 @@
-//! Checking a well-formed handshake against the snapshot it is to be served from: the page
-//! size must be the snapshot's and every region inside the snapshot's image. (What can be
+//! Checking a well-formed handshake against the snapshot it is to be served from: every region
+//! inside the snapshot's image, and aligned to the snapshot's page size as well as the memory's
+//! (the pager installs a 4 KiB snapshot into 2 MiB memory a huge page at a time, and a 2 MiB
+//! snapshot into 4 KiB memory 512 pages at a time: docs/pager.md). (What can be
 //! checked without the snapshot is done by [`super::handshake::parse`].)
 
 use faultline_proto::{Manifest, PageSize, SnapshotId};
@@ -21,11 +23,12 @@ pub struct ValidRegion {
 /// The handshake does not fit the snapshot.
 #[derive(Debug, Error)]
 pub enum ValidateError {
-    /// The memory's page size is not the snapshot's.
+    /// The memory's page size is not the snapshot's, and the region is not aligned to the
+    /// larger of the two.
     #[error(
         "region {region} has {page_size}-byte pages but snapshot {snapshot} has \
-         {snapshot_page_size}-byte pages; import Firecracker's memory file with `--page-size \
-         {hint}` for this VM"
+         {snapshot_page_size}-byte pages, and the region is not aligned to both; import \
+         Firecracker's memory file with `--page-size {hint}` for this VM"
     )]
     PageSizeMismatch {
         /// Region index.
@@ -68,7 +71,8 @@ pub fn validate(
         .iter()
         .enumerate()
         .map(|(index, r)| {
-            if r.page_size != manifest.page_size {
+            let unit = r.page_size.bytes().max(manifest.page_size.bytes());
+            if r.page_size != manifest.page_size && (r.offset % unit != 0 || r.size % unit != 0) {
                 return Err(ValidateError::PageSizeMismatch {
                     region: index,
                     page_size: r.page_size.bytes(),
@@ -118,8 +122,9 @@ mod tests {
         }
     }
 
-    /// The real 4 KiB and 2 MiB handshakes fit 512 MiB snapshots of their page size only, as
-    /// anonymous and hugetlb memory; a region past the image's end is refused.
+    /// The real 4 KiB and 2 MiB handshakes fit 512 MiB snapshots of either page size, as
+    /// anonymous and hugetlb memory; a region past the image's end, or not aligned to a
+    /// larger snapshot page, is refused.
     #[test]
     fn fits_the_snapshot() {
         let h4 = parse(include_bytes!(
@@ -136,9 +141,13 @@ mod tests {
         assert_eq!(ok[0].kind, BackingKind::Anonymous);
         let ok = validate(&h2.regions, &m2).expect("2m fits");
         assert_eq!(ok[0].kind, BackingKind::Hugetlb);
-        let e = validate(&h2.regions, &m4).expect_err("2M pages on a 4K snapshot");
-        assert!(e.to_string().contains("--page-size 2M"), "{e}");
-        let e = validate(&h4.regions, &m2).expect_err("4K pages on a 2M snapshot");
+        let ok = validate(&h2.regions, &m4).expect("2M pages on a 4K snapshot");
+        assert_eq!(ok[0].kind, BackingKind::Hugetlb);
+        let ok = validate(&h4.regions, &m2).expect("4K pages on a 2M snapshot");
+        assert_eq!(ok[0].kind, BackingKind::Anonymous);
+        let mut odd = h4.regions.clone();
+        odd[0].size -= 4096;
+        let e = validate(&odd, &m2).expect_err("4K region not 2M aligned on a 2M snapshot");
         assert!(e.to_string().contains("--page-size 4K"), "{e}");
         let small = manifest(PageSize::Size4K, (512 << 8) - 1);
         let e = validate(&h4.regions, &small).expect_err("too small");
