@@ -155,9 +155,7 @@ impl Arm {
 fn arms() -> Vec<Arm> {
     SERVER_COUNTS
         .iter()
-        .flat_map(|&servers| {
-            [StoreKind::Local, StoreKind::S3].map(|store| Arm { store, servers })
-        })
+        .flat_map(|&servers| [StoreKind::Local, StoreKind::S3].map(|store| Arm { store, servers }))
         .collect()
 }
 
@@ -175,7 +173,7 @@ fn chunk_of(page: u64) -> u64 {
 fn rewritten(variant: usize, page: u64) -> bool {
     variant != 0
         && chunk_of(page) % DIRTY_CHUNK_EVERY == variant as u64
-        && page % DIRTY_PAGE_EVERY == 0
+        && page.is_multiple_of(DIRTY_PAGE_EVERY)
 }
 
 /// Writes page `page` of image `variant` into `buf` (one page): the base
@@ -635,13 +633,7 @@ fn run_arm(setup: &Setup<'_>, arm: Arm, repeat: usize) -> anyhow::Result<Run> {
         StoreKind::Local => (&setup.local_store, &[]),
         StoreKind::S3 => (&setup.s3_store, &setup.s3_env),
     };
-    let servers = start_servers(
-        &setup.server_bin,
-        store,
-        env,
-        arm.servers,
-        &setup.scratch,
-    )?;
+    let servers = start_servers(&setup.server_bin, store, env, arm.servers, &setup.scratch)?;
     let urls: Vec<String> = servers.iter().map(|s| s.url.clone()).collect();
     let homes: Vec<usize> = setup
         .images
@@ -658,7 +650,7 @@ fn run_arm(setup: &Setup<'_>, arm: Arm, repeat: usize) -> anyhow::Result<Run> {
     let machine0 = read_machine_ticks();
     let started = Instant::now();
     let mut pending: VecDeque<usize> = (0..RESTORES).collect();
-    let mut running: Vec<(usize, Reaped, PathBuf)> = Vec::new();
+    let mut running: Vec<(usize, Reaped, Instant, PathBuf)> = Vec::new();
     let mut restores = Vec::with_capacity(RESTORES);
     let mut wall = Duration::ZERO;
     while !pending.is_empty() || !running.is_empty() {
@@ -689,7 +681,7 @@ fn run_arm(setup: &Setup<'_>, arm: Arm, repeat: usize) -> anyhow::Result<Run> {
                 .stderr(stderr)
                 .spawn()
                 .with_context(|| format!("starting restore {i}"))?;
-            running.push((i, Reaped::new(child), log));
+            running.push((i, Reaped::new(child), Instant::now(), log));
         }
         let mut k = 0;
         while k < running.len() {
@@ -697,9 +689,9 @@ fn run_arm(setup: &Setup<'_>, arm: Arm, repeat: usize) -> anyhow::Result<Run> {
                 k += 1;
                 continue;
             }
-            let exited = started.elapsed();
-            wall = wall.max(exited);
-            let (i, mut client, log) = running.swap_remove(k);
+            wall = wall.max(started.elapsed());
+            let (i, mut client, spawned, log) = running.swap_remove(k);
+            let process_s = spawned.elapsed().as_secs_f64();
             let status = client.child.wait()?;
             ensure!(
                 status.success(),
@@ -718,7 +710,7 @@ fn run_arm(setup: &Setup<'_>, arm: Arm, repeat: usize) -> anyhow::Result<Run> {
                 .with_context(|| format!("restore {i} printed {out:?}"))?;
             restores.push(RestoreRun {
                 snapshot: i % SNAPSHOTS,
-                process_s: exited.as_secs_f64(),
+                process_s,
                 line,
             });
         }
@@ -729,7 +721,11 @@ fn run_arm(setup: &Setup<'_>, arm: Arm, repeat: usize) -> anyhow::Result<Run> {
     let after = scrape(&servers)?;
     stop_servers(servers)?;
 
-    let per_server = after.iter().zip(&before).map(|(a, b)| a.since(*b)).collect();
+    let per_server = after
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| a.since(*b))
+        .collect();
     let needed_chunk_bytes = match arm.store {
         StoreKind::Local => 0,
         StoreKind::S3 => needed_chunk_bytes(setup.images, &homes),
@@ -809,7 +805,10 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
     let garage = Garage::start().context("starting Garage")?;
     bar.finish_and_clear();
 
-    let bar = ctx.bar("fleet: generating and importing images", 2 * (SNAPSHOTS as u64 + 1));
+    let bar = ctx.bar(
+        "fleet: generating and importing images",
+        2 * (SNAPSHOTS as u64 + 1),
+    );
     let images_dir = scratch.join("images");
     std::fs::create_dir_all(&images_dir)?;
     let local_dir = scratch.join("store");
@@ -826,7 +825,10 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
         let img = write_image(variant, image_bytes, &images_dir.join(&name))?;
         bar.inc(1);
         for (store, kind) in [
-            (&local as &dyn faultline_server::SnapshotStore, StoreKind::Local),
+            (
+                &local as &dyn faultline_server::SnapshotStore,
+                StoreKind::Local,
+            ),
             (&s3, StoreKind::S3),
         ] {
             let t = Instant::now();
@@ -862,8 +864,8 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
         image_bytes >> 20,
         dedup.stored,
         dedup.uploaded,
+        100.0 * dedup.ratio(),
         dedup.new_chunks,
-        100.0 * dedup.ratio()
     ));
 
     let setup = Setup {
@@ -1017,9 +1019,8 @@ fn report(
         ],
     );
     let of = |arm: Arm| runs.iter().filter(move |r| r.arm == arm);
-    let median_agg = |arm: Arm| {
-        Summary::of(&of(arm).map(|r| r.aggregate_gbps).collect::<Vec<_>>()).median
-    };
+    let median_agg =
+        |arm: Arm| Summary::of(&of(arm).map(|r| r.aggregate_gbps).collect::<Vec<_>>()).median;
     let mut agg_bars = Vec::new();
     let mut time_bars = Vec::new();
     let mut read_bars = Vec::new();
@@ -1036,13 +1037,12 @@ fn report(
             store: StoreKind::Local,
             ..arm
         };
-        let read_vs_needed =
-            Summary::of(
-                &of(arm)
-                    .filter(|r| r.needed_chunk_bytes > 0)
-                    .map(|r| r.total().read_bytes as f64 / r.needed_chunk_bytes as f64)
-                    .collect::<Vec<_>>(),
-            );
+        let read_vs_needed = Summary::of(
+            &of(arm)
+                .filter(|r| r.needed_chunk_bytes > 0)
+                .map(|r| r.total().read_bytes as f64 / r.needed_chunk_bytes as f64)
+                .collect::<Vec<_>>(),
+        );
         let is_s3 = arm.store == StoreKind::S3;
         table.row(vec![
             arm.label(),
@@ -1107,7 +1107,13 @@ fn report(
 
     let mut dedup_table = Table::new(
         "What each import stored in the object store (2 MiB content-addressed chunks)",
-        &["snapshot", "chunks", "uploaded", "not uploaded (shared)", "zero (never stored)"],
+        &[
+            "snapshot",
+            "chunks",
+            "uploaded",
+            "not uploaded (shared)",
+            "zero (never stored)",
+        ],
     );
     for (v, c) in chunk_stats.iter().enumerate() {
         dedup_table.row(vec![
@@ -1130,15 +1136,31 @@ fn report(
     });
 
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let busy = Summary::of(
+        &runs
+            .iter()
+            .map(|r| 100.0 * r.machine_busy)
+            .collect::<Vec<_>>(),
+    );
     let mut notes = vec![format!(
         "Garage, the servers and {CONCURRENCY} client processes share this machine's {cpus} \
-         CPU(s) (with whatever else runs here: machine {:.0}–{:.0}% busy during the runs), so \
+         CPU(s) with whatever else runs here (the machine was {}% busy during the runs), so \
          the aggregate measures the CPU cost of a restore end to end, not a network. \
          Per-restore time is each client's own (pager start to completion); the checksum of \
          the whole restored memory that follows it counts in the aggregate's wall time.",
-        100.0 * runs.iter().map(|r| r.machine_busy).fold(1.0, f64::min),
-        100.0 * runs.iter().map(|r| r.machine_busy).fold(0.0, f64::max),
+        busy.fmt(0),
     )];
+    let s3 = runs
+        .iter()
+        .filter(|r| r.arm.store == StoreKind::S3)
+        .fold(StoreCounters::default(), |a, r| a.plus(r.total()));
+    if s3.misses > 0 {
+        notes.push(format!(
+            "Single flight: over the S3 runs, {} chunk lookups found the chunk's fetch already \
+             under way and waited for it instead of reading it again ({} misses, {} hits).",
+            s3.coalesced, s3.misses, s3.hits
+        ));
+    }
     let three: Vec<&Run> = runs
         .iter()
         .filter(|r| r.arm.store == StoreKind::S3 && r.arm.servers == 3)
