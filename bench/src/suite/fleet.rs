@@ -469,7 +469,7 @@ struct Server {
     log: PathBuf,
 }
 
-/// A port nothing listens on now (Fleet servers bind it a moment later).
+/// A port nothing listens on now (a server binds it a moment later).
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
