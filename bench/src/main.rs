@@ -56,6 +56,10 @@ enum Command {
     VmWalk(SuiteArgs),
     /// Scenario 7: none vs lz4 vs zstd on the prefetch path.
     Compression(SuiteArgs),
+    /// Scenario 8: one Garage (S3), 1 and 3 faultline-server processes, 64 restores of 4
+    /// snapshots sharing a base image, next to a local store directory (needs Garage:
+    /// scripts/garage.sh install, and faultline-server built next to faultline-bench).
+    Fleet(SuiteArgs),
     /// Write a report's BENCHMARKS.md and bar plots again from its report.json (after a change
     /// to the renderer); latency CDFs are kept as drawn, report.json holds no copy of their
     /// samples.
@@ -73,6 +77,9 @@ enum Command {
     /// Internal (fan-out): one client process's restore; prints one JSON line.
     #[command(hide = true)]
     FanoutClient(suite::fanout::ClientArgs),
+    /// Internal (fleet): one client process's restore from a fleet; prints one JSON line.
+    #[command(hide = true)]
+    FleetClient(suite::fleet::ClientArgs),
     /// Write a synthetic guest memory image (zero pages, text, random data).
     Gen {
         /// Size, e.g. 256M or 2G; a multiple of 4 KiB.
@@ -183,6 +190,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::CopyContinue(args) => run_suite(args, vec![ScenarioId::CopyContinue]),
         Command::VmWalk(args) => run_suite(args, vec![ScenarioId::Vm]),
         Command::Compression(args) => run_suite(args, vec![ScenarioId::Compression]),
+        Command::Fleet(args) => run_suite(args, vec![ScenarioId::Fleet]),
         Command::Render { report, out } => {
             let out = out.unwrap_or_else(|| {
                 report
@@ -196,6 +204,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::FanoutServer(args) => suite::fanout::server_main(&args),
         Command::FanoutClient(args) => suite::fanout::client_main(&args),
+        Command::FleetClient(args) => suite::fleet::client_main(&args),
         Command::Gen { size, out, seed } => {
             image::write_image(&out, size, seed)
                 .with_context(|| format!("cannot write {}", out.display()))?;

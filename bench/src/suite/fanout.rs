@@ -58,7 +58,7 @@ const SAMPLE_INTERVAL: Duration = Duration::from_millis(20);
 
 /// How often the parent checks whether clients have exited: the precision
 /// of the wall time (runs last 0.1 s to tens of seconds).
-const REAP_INTERVAL: Duration = Duration::from_millis(2);
+pub(super) const REAP_INTERVAL: Duration = Duration::from_millis(2);
 
 /// Longest wait for the server process to print its URL.
 const SERVER_START_TIMEOUT: Duration = Duration::from_secs(15);
@@ -174,13 +174,13 @@ pub fn client_main(args: &ClientArgs) -> anyhow::Result<()> {
 
 /// A child process killed and reaped on drop unless it was reaped already,
 /// so that no error path leaks one.
-struct Reaped {
-    child: Child,
+pub(super) struct Reaped {
+    pub(super) child: Child,
     exited: bool,
 }
 
 impl Reaped {
-    fn new(child: Child) -> Self {
+    pub(super) fn new(child: Child) -> Self {
         Self {
             child,
             exited: false,
@@ -188,7 +188,7 @@ impl Reaped {
     }
 
     /// Whether it has exited (and is reaped), without blocking.
-    fn poll(&mut self) -> anyhow::Result<Option<std::process::ExitStatus>> {
+    pub(super) fn poll(&mut self) -> anyhow::Result<Option<std::process::ExitStatus>> {
         let status = self.child.try_wait()?;
         self.exited |= status.is_some();
         Ok(status)
@@ -246,7 +246,7 @@ fn machine_ticks(stat: &str) -> Option<(u64, u64)> {
 }
 
 /// [`machine_ticks`] of this machine now ((0, 0) if unreadable).
-fn read_machine_ticks() -> (u64, u64) {
+pub(super) fn read_machine_ticks() -> (u64, u64) {
     std::fs::read_to_string("/proc/stat")
         .ok()
         .and_then(|s| machine_ticks(&s))
@@ -270,7 +270,7 @@ fn process_cpu(pid: u32) -> anyhow::Result<(f64, f64)> {
 }
 
 /// User + system CPU seconds of this process's reaped children so far.
-fn children_cpu() -> f64 {
+pub(super) fn children_cpu() -> f64 {
     // SAFETY: all-zero bytes are a valid `rusage` (integers and timevals).
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: `usage` is a valid, writable `rusage` for the call's duration.
@@ -351,7 +351,7 @@ impl Run {
 }
 
 /// The last lines of a log file, for an error message.
-fn tail(path: &Path) -> String {
+pub(super) fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(5)..].join(" | ")

@@ -7,7 +7,8 @@
 //! - [`floor`]: pinning to one CPU and counting context switches (latency).
 //! - One module per scenario: [`latency`] (1), [`restore`] (2),
 //!   [`working_set`] (3), [`fanout`] (4), [`copy_continue`] (5),
-//!   [`microvm`] (6), [`compression`] (7).
+//!   [`microvm`] (6), [`compression`] (7), [`fleet`] (8: S3 and a fleet of
+//!   server processes; needs Garage).
 //! - [`qemu`]: QEMU's postcopy migration, the restore scenario's baseline.
 //! - `sample`: deterministic page choices shared by the scenarios.
 //!
@@ -21,6 +22,7 @@
 pub mod compression;
 pub mod copy_continue;
 pub mod fanout;
+pub mod fleet;
 pub mod floor;
 pub mod latency;
 pub mod microvm;
@@ -70,11 +72,13 @@ pub enum ScenarioId {
     Vm,
     /// 7. Compression on the prefetch path.
     Compression,
+    /// 8. Fleet: restores from S3 through 1 and 3 server processes vs a local store.
+    Fleet,
 }
 
 impl ScenarioId {
     /// Every scenario, in run order.
-    pub const ALL: [ScenarioId; 7] = [
+    pub const ALL: [ScenarioId; 8] = [
         Self::Latency,
         Self::Restore,
         Self::WorkingSet,
@@ -82,6 +86,7 @@ impl ScenarioId {
         Self::CopyContinue,
         Self::Vm,
         Self::Compression,
+        Self::Fleet,
     ];
 
     /// The id used in file names and the report.
@@ -94,6 +99,7 @@ impl ScenarioId {
             Self::CopyContinue => "copy-continue",
             Self::Vm => "vm",
             Self::Compression => "compression",
+            Self::Fleet => "fleet",
         }
     }
 
@@ -106,6 +112,7 @@ impl ScenarioId {
             Self::CopyContinue => copy_continue::run(ctx),
             Self::Vm => microvm::run(ctx),
             Self::Compression => compression::run(ctx),
+            Self::Fleet => fleet::run(ctx),
         }
     }
 }
