@@ -98,6 +98,12 @@ impl Token {
         Ok(Self(value))
     }
 
+    /// What goes in the `authorization` metadata: `Bearer TOKEN` (the lean
+    /// fault transport sends it in its hello).
+    pub(crate) fn authorization(&self) -> &str {
+        self.0.to_str().expect("checked printable ASCII in Token::new")
+    }
+
     /// `--token`, or else `FAULTLINE_TOKEN`, or else none.
     pub fn from_arg_or_env(arg: Option<&str>) -> Result<Option<Self>, RemoteError> {
         match arg {

@@ -23,7 +23,7 @@
 //! Where to read, in order: this file (the [`Pager`] a caller holds, and the
 //! state its threads share), `config.rs`, `lifecycle.rs` (start, end,
 //! teardown), `faults.rs` (the fault thread and the one decision procedure),
-//! `install.rs`, `link.rs` (demand link), `prefetch.rs`, `region.rs` (one
+//! `install.rs`, `link.rs` (demand link), `lean.rs` (its lean transport), `prefetch.rs`, `region.rs` (one
 //! region's ioctls), `pages.rs` (page states), `recording.rs`, `stats.rs`,
 //! `error.rs`.
 //!
@@ -48,6 +48,7 @@ mod error;
 pub mod far;
 mod faults;
 mod install;
+mod lean;
 mod lifecycle;
 mod link;
 mod pages;
@@ -64,7 +65,7 @@ use faultline_proto::{Manifest, PageIndex, PageRange};
 use tokio::sync::{Notify, mpsc, watch};
 
 pub use config::{
-    Bulk, DEFAULT_DEADLINE, MAX_READAHEAD_BYTES, MIN_READAHEAD_BYTES, NO_READAHEAD, OnFailure,
+    Bulk, DEFAULT_DEADLINE, FaultTransport, MAX_READAHEAD_BYTES, MIN_READAHEAD_BYTES, NO_READAHEAD, OnFailure,
     PREFETCH_BATCH_BYTES, PREFETCH_STREAMS, PagerConfig, PrefetchPolicy, Region,
 };
 pub use error::{FaultError, InstallError, StartError};
