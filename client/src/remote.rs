@@ -132,6 +132,11 @@ pub struct TlsOptions {
     pub identity: Option<Identity>,
     /// The name the server's certificate must carry, if not the URL's host.
     pub domain: Option<String>,
+    /// The PEM of `identity` (certificate chain, key), which the lean fault
+    /// transport's own TLS needs (tonic's `Identity` does not give it back);
+    /// set by [`ConnectOptions::from_files`]. With `identity` set and this
+    /// not, demand faults go over gRPC.
+    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 /// How to connect: TLS, token, transport tuning.
@@ -176,8 +181,8 @@ impl ConnectOptions {
         let ca = ca
             .map(|p| read_pem("CA certificate", p).map(Certificate::from_pem))
             .transpose()?;
-        let identity = match (cert, key) {
-            (Some(c), Some(k)) => Some(Identity::from_pem(
+        let identity_pem = match (cert, key) {
+            (Some(c), Some(k)) => Some((
                 read_pem("client certificate", c)?,
                 read_pem("client key", k)?,
             )),
@@ -187,8 +192,11 @@ impl ConnectOptions {
         Ok(Self {
             tls: TlsOptions {
                 ca,
-                identity,
+                identity: identity_pem
+                    .as_ref()
+                    .map(|(c, k)| Identity::from_pem(c, k)),
                 domain: None,
+                identity_pem,
             },
             token: Token::from_arg_or_env(token)?,
             transport: Transport::default(),

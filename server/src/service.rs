@@ -85,6 +85,7 @@ pub(crate) struct FaultSession {
     snapshot: Arc<dyn Snapshot>,
     manifest: Arc<Manifest>,
     codec: Compression,
+    counters: metrics::FaultCounters,
     _active: metrics::ActiveStream,
 }
 
@@ -110,7 +111,8 @@ impl FaultSession {
         };
         let result = match result {
             Ok((batch, stats)) => {
-                count_served("fault", stats);
+                self.counters
+                    .served(stats.pages, stats.zero_pages, stats.bytes, stats.wire_bytes);
                 pb::fault_response::Result::Pages(batch)
             }
             Err(e) => {
@@ -118,7 +120,7 @@ impl FaultSession {
                 pb::fault_response::Result::Error(e.to_pb())
             }
         };
-        metrics::request_done("fault", started);
+        self.counters.done(started);
         pb::FaultResponse {
             request_id,
             result: Some(result),
@@ -267,6 +269,7 @@ impl FaultlineService {
             manifest: snapshot.manifest(),
             snapshot,
             codec,
+            counters: metrics::FaultCounters::new(),
             _active: metrics::ActiveStream::new("fault"),
         }))
     }

@@ -1,7 +1,8 @@
 //! The lean fault transport, client side: the demand link's `Fault` stream
 //! as length-delimited frames ([`faultline_proto::frame`]) on its own TCP
-//! connection, without HTTP/2 (docs/protocol.md, "The lean fault
-//! transport").
+//! (or TLS) connection, without HTTP/2 (docs/protocol.md, "The lean fault
+//! transport"). TLS uses the same options as gRPC connections (CA, client
+//! certificate, domain).
 //!
 //! The link ([`super::link`]) keeps one state machine for both transports;
 //! this module opens a lean session and moves its frames. The connection
@@ -12,21 +13,25 @@
 //! HTTP/2's preface: that, before any frame, is [`Opened::Unsupported`], and
 //! the link falls back to gRPC.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use faultline_proto::frame::{self, FrameError, FrameStream};
 use faultline_proto::pb;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::Shared;
 use super::link::STALL_TIMEOUT;
+use crate::remote::TlsOptions;
 
 /// How long connecting the TCP socket may take: as for gRPC connections
 /// ([`crate::remote::CONNECT_TIMEOUT`]).
 const CONNECT_TIMEOUT: Duration = crate::remote::CONNECT_TIMEOUT;
 
-/// A byte stream a lean session runs on (TCP now; TLS or a Unix socket
-/// fit the same way).
+/// A byte stream a lean session runs on: TCP, TLS over TCP (a Unix socket
+/// fits the same way).
 pub(crate) trait LeanIo: AsyncRead + AsyncWrite + Unpin + Send {}
 
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> LeanIo for T {}
@@ -54,12 +59,22 @@ impl std::fmt::Debug for LeanSession {
 /// Opens a lean `Fault` stream on `url`, after checking a fail-over
 /// server's manifest as the gRPC path does.
 pub(crate) async fn open(shared: &Shared, url: &str) -> Result<Opened, String> {
-    let Some(authority) = url.strip_prefix("http://") else {
+    let (tls, authority) = if let Some(a) = url.strip_prefix("http://") {
+        (false, a)
+    } else if let Some(a) = url.strip_prefix("https://") {
+        (true, a)
+    } else {
         return Ok(Opened::Unsupported(format!(
-            "the lean fault transport runs on http:// URLs only for now, not {url}"
+            "the lean fault transport runs on http:// and https:// URLs, not {url}"
         )));
     };
     let authority = authority.trim_end_matches('/');
+    let opts = &shared.config.connect.tls;
+    if tls && opts.identity.is_some() && opts.identity_pem.is_none() {
+        return Ok(Opened::Unsupported(
+            "the client certificate was given without its PEM (TlsOptions::identity_pem)".into(),
+        ));
+    }
     // A fail-over server must serve the manifest in use (crate::fleet).
     shared
         .fleet
@@ -73,7 +88,65 @@ pub(crate) async fn open(shared: &Shared, url: &str) -> Result<Opened, String> {
     // Nagle off: a fault request must leave at once.
     tcp.set_nodelay(true)
         .map_err(|e| format!("cannot set TCP_NODELAY on the connection to {url}: {e}"))?;
-    start(Box::new(tcp), shared, url).await
+    if !tls {
+        return start(Box::new(tcp), shared, url).await;
+    }
+    let host = authority
+        .rsplit_once(':')
+        .map_or(authority, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let name = opts.domain.as_deref().unwrap_or(host);
+    let name = ServerName::try_from(name.to_owned())
+        .map_err(|e| format!("{name:?} is not a name a TLS certificate can carry: {e}"))?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config(opts)?));
+    let stream = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("the TLS handshake with {url} failed: {e}"))?;
+    start(Box::new(stream), shared, url).await
+}
+
+/// The TLS client configuration of `opts`, as tonic builds it for gRPC
+/// connections: the CA given (else the system's roots), the client
+/// certificate if any. No ALPN: the magic after the handshake says what the
+/// connection carries, as on plaintext (docs/protocol.md).
+fn tls_config(opts: &TlsOptions) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    match &opts.ca {
+        Some(ca) => {
+            for cert in CertificateDer::pem_slice_iter(ca.get_ref()) {
+                let cert = cert.map_err(|e| format!("the CA certificate does not parse: {e}"))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("the CA certificate is not usable: {e}"))?;
+            }
+        }
+        None => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                // A system root rustls cannot use is skipped, as tonic does.
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS set-up: {e}"))?
+        .with_root_certificates(roots);
+    match &opts.identity_pem {
+        None => Ok(builder.with_no_client_auth()),
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_slice_iter(cert)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("the client certificate does not parse: {e}"))?;
+            let key = PrivateKeyDer::from_pem_slice(key)
+                .map_err(|e| format!("the client key does not parse: {e}"))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("the client certificate is not usable: {e}"))
+        }
+    }
 }
 
 /// Sends the magic, the hello and the `open` on `io`, and reads the
@@ -137,7 +210,14 @@ impl LeanSession {
     /// [`STALL_TIMEOUT`] (a server that stopped reading) fails like a
     /// stalled answer.
     pub(crate) async fn send(&mut self, req: &pb::FaultRequest) -> Result<(), String> {
-        match tokio::time::timeout(STALL_TIMEOUT, self.io.write(req)).await {
+        let write = self.io.write(req);
+        let mut write = std::pin::pin!(write);
+        // A request fits the socket buffer at once but when the server has
+        // stopped reading: only then is the (costly, per call) timer armed.
+        if let std::task::Poll::Ready(r) = futures::poll!(write.as_mut()) {
+            return r.map_err(|e| e.to_string());
+        }
+        match tokio::time::timeout(STALL_TIMEOUT, write).await {
             Ok(r) => r.map_err(|e| e.to_string()),
             Err(_) => Err(format!(
                 "the server has not taken a request for {STALL_TIMEOUT:?}"
