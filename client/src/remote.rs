@@ -101,7 +101,9 @@ impl Token {
     /// What goes in the `authorization` metadata: `Bearer TOKEN` (the lean
     /// fault transport sends it in its hello).
     pub(crate) fn authorization(&self) -> &str {
-        self.0.to_str().expect("checked printable ASCII in Token::new")
+        self.0
+            .to_str()
+            .expect("checked printable ASCII in Token::new")
     }
 
     /// `--token`, or else `FAULTLINE_TOKEN`, or else none.
@@ -192,9 +194,7 @@ impl ConnectOptions {
         Ok(Self {
             tls: TlsOptions {
                 ca,
-                identity: identity_pem
-                    .as_ref()
-                    .map(|(c, k)| Identity::from_pem(c, k)),
+                identity: identity_pem.as_ref().map(|(c, k)| Identity::from_pem(c, k)),
                 domain: None,
                 identity_pem,
             },

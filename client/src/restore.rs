@@ -20,7 +20,8 @@ use futures::StreamExt;
 use crate::backing::{AccessError, BackingError, BackingKind, GuestMemory};
 use crate::pager::far::{Budget, FarError, FarPager, FarStats, FarStore, RemoteStore, StoreError};
 use crate::pager::{
-    FaultTransport, Latency, OnFailure, PagerConfig, PagesBySource, PrefetchPolicy, Region, StartError, Stats,
+    FaultTransport, Latency, OnFailure, PagerConfig, PagesBySource, PrefetchPolicy, Region,
+    StartError, Stats,
 };
 use crate::remote::{ConnectOptions, Remote, RemoteError};
 use crate::strategy::Mode;

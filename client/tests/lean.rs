@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{
-    Mem, PAGE, Server, Snapshot, assert_touched_right, block_on, check_all, complete,
-    config, image_4k, memory, runtime, start, touch_and_check,
+    Mem, PAGE, Server, Snapshot, assert_touched_right, block_on, check_all, complete, config,
+    image_4k, memory, runtime, start, touch_and_check,
 };
 use faultline_client::backing::BackingKind;
 use faultline_client::fleet;
@@ -100,8 +100,15 @@ impl TokenServer {
         let file = dir.path().join("mem.img");
         std::fs::write(&file, &image).unwrap();
         let id = SnapshotId::new("lean-1").unwrap();
-        faultline_server::import::import_file(&*store, id.clone(), PageSize::Size4K, &[], &file, |_| {})
-            .unwrap();
+        faultline_server::import::import_file(
+            &*store,
+            id.clone(),
+            PageSize::Size4K,
+            &[],
+            &file,
+            |_| {},
+        )
+        .unwrap();
         let tokens = dir.path().join("tokens.json");
         let mut file = TokensFile::default();
         let (token, _) = file
@@ -151,7 +158,9 @@ impl Drop for TokenServer {
         drop(self.handle.take());
         let rt = std::mem::replace(
             &mut self.runtime,
-            tokio::runtime::Builder::new_current_thread().build().unwrap(),
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap(),
         );
         rt.shutdown_background();
     }
@@ -176,7 +185,11 @@ fn lean_restore_with_token() {
 
 /// Opens a raw lean connection to `addr` with `authorization` and asks to
 /// open `snapshot`; returns the server's first answer.
-fn raw_open(addr: SocketAddr, authorization: &str, snapshot: &str) -> faultline_proto::pb::FaultResponse {
+fn raw_open(
+    addr: SocketAddr,
+    authorization: &str,
+    snapshot: &str,
+) -> faultline_proto::pb::FaultResponse {
     use faultline_proto::pb;
     let rt = runtime();
     block_on(&rt, "a raw lean open", async {
@@ -191,7 +204,9 @@ fn raw_open(addr: SocketAddr, authorization: &str, snapshot: &str) -> faultline_
                 compression: 0,
             })),
         };
-        io.write_all_of(&frame::MAGIC, &[&hello, &open]).await.unwrap();
+        io.write_all_of(&frame::MAGIC, &[&hello, &open])
+            .await
+            .unwrap();
         let first: pb::FaultResponse = io.read("a FaultResponse").await.unwrap().unwrap();
         if first.result.is_some() {
             // Refused: the server closes the connection after saying why.
@@ -214,7 +229,10 @@ fn lean_tokens_checked_like_grpc() {
     let unauthenticated = tonic::Code::Unauthenticated as i32;
     let (code, msg) = err(raw_open(s.addr(), "", "lean-1"));
     assert_eq!(code, unauthenticated, "{msg}");
-    assert!(msg.contains("requires a token") && msg.contains("--token"), "{msg}");
+    assert!(
+        msg.contains("requires a token") && msg.contains("--token"),
+        "{msg}"
+    );
     let (code, msg) = err(raw_open(s.addr(), "Bearer fl_not-a-real-token", "lean-1"));
     assert_eq!(code, unauthenticated, "{msg}");
     assert!(msg.contains("not valid on this server"), "{msg}");
@@ -359,7 +377,10 @@ fn lean_fails_over_when_home_server_killed() {
     check_all(mem, &snap, TOUCHERS);
     let s = complete(&pager);
     assert_eq!(s.poisoned_pages + s.corrupt_pages, 0, "{s:#?}");
-    assert!(s.reconnects >= 1, "the link did not move to the other server: {s:#?}");
+    assert!(
+        s.reconnects >= 1,
+        "the link did not move to the other server: {s:#?}"
+    );
     drop(other);
 }
 
@@ -375,10 +396,19 @@ fn lean_over_mutual_tls_with_token() {
     let file = dir.path().join("mem.img");
     std::fs::write(&file, &image).unwrap();
     let id = SnapshotId::new("lean-tls").unwrap();
-    faultline_server::import::import_file(&*store, id.clone(), PageSize::Size4K, &[], &file, |_| {})
-        .unwrap();
+    faultline_server::import::import_file(
+        &*store,
+        id.clone(),
+        PageSize::Size4K,
+        &[],
+        &file,
+        |_| {},
+    )
+    .unwrap();
     let ca = TestCa::new("test CA");
-    let (server_cert, server_key) = ca.issue(Usage::Server, "server").write(dir.path(), "server");
+    let (server_cert, server_key) = ca
+        .issue(Usage::Server, "server")
+        .write(dir.path(), "server");
     let ca_path = ca.write_cert(dir.path(), "ca");
     let (cert, key) = ca.issue(Usage::Client, "vmm").write(dir.path(), "client");
     let tokens = dir.path().join("tokens.json");
@@ -419,8 +449,8 @@ fn lean_over_mutual_tls_with_token() {
     let mut cfg = PagerConfig::new(handle.url(), id);
     cfg.prefetch = PrefetchPolicy::None;
     cfg.fault_transport = FaultTransport::Lean;
-    cfg.connect = ConnectOptions::from_files(Some(&ca_path), Some(&cert), Some(&key), Some(&token))
-        .unwrap();
+    cfg.connect =
+        ConnectOptions::from_files(Some(&ca_path), Some(&cert), Some(&key), Some(&token)).unwrap();
     let pager = start(cfg, mem);
     check_all(Mem::of(&pager, 0), &snap, TOUCHERS);
     let s = complete(&pager);

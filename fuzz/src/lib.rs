@@ -232,11 +232,19 @@ pub fn frame_decode(data: &[u8]) {
             buf.extend_from_slice(chunk);
             loop {
                 let step = if hello.is_none() {
-                    frame::decode::<pb::FaultHello>(&mut buf, MAX_REQUEST_FRAME_BYTES, "a FaultHello")
-                        .map(|h| h.map(|h| hello = Some(h)).is_some())
+                    frame::decode::<pb::FaultHello>(
+                        &mut buf,
+                        MAX_REQUEST_FRAME_BYTES,
+                        "a FaultHello",
+                    )
+                    .map(|h| h.map(|h| hello = Some(h)).is_some())
                 } else {
-                    frame::decode::<pb::FaultRequest>(&mut buf, MAX_REQUEST_FRAME_BYTES, "a FaultRequest")
-                        .map(|m| m.map(|m| out.push(Ok(m))).is_some())
+                    frame::decode::<pb::FaultRequest>(
+                        &mut buf,
+                        MAX_REQUEST_FRAME_BYTES,
+                        "a FaultRequest",
+                    )
+                    .map(|m| m.map(|m| out.push(Ok(m))).is_some())
                 };
                 match step {
                     Ok(true) => continue,

@@ -168,8 +168,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameStream<S> {
             }
             // Room for the whole frame, so that a large answer arrives in
             // few reads (its header says how large).
-            let want = frame_len(&self.buf, self.max_in)?
-                .map_or(INITIAL_BUFFER, |len| HEADER_BYTES + len);
+            let want =
+                frame_len(&self.buf, self.max_in)?.map_or(INITIAL_BUFFER, |len| HEADER_BYTES + len);
             self.buf.reserve(want.saturating_sub(self.buf.len()));
             if self.io.read_buf(&mut self.buf).await? == 0 {
                 if self.buf.is_empty() {
@@ -201,7 +201,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameStream<S> {
 
     /// Writes several messages, each as a frame, with one write and flush
     /// (the magic, the hello and the `open`, in one packet).
-    pub async fn write_all_of(&mut self, prefix: &[u8], msgs: &[&(dyn Encode + Sync)]) -> Result<(), FrameError> {
+    pub async fn write_all_of(
+        &mut self,
+        prefix: &[u8],
+        msgs: &[&(dyn Encode + Sync)],
+    ) -> Result<(), FrameError> {
         self.out.clear();
         self.out.extend_from_slice(prefix);
         for m in msgs {
@@ -259,7 +263,10 @@ mod tests {
         pb::FaultRequest {
             kind: Some(pb::fault_request::Kind::Pages(pb::FaultPages {
                 request_id: id,
-                range: Some(pb::PageRange { start: id, count: 1 }),
+                range: Some(pb::PageRange {
+                    start: id,
+                    count: 1,
+                }),
             })),
         }
     }
@@ -294,9 +301,12 @@ mod tests {
     #[test]
     fn oversized_frame_refused_from_its_header() {
         let mut buf = BytesMut::from(&(1u32 << 30).to_be_bytes()[..]);
-        let e = decode::<pb::FaultRequest>(&mut buf, MAX_REQUEST_FRAME_BYTES, "a request")
-            .unwrap_err();
-        assert!(matches!(e, FrameError::TooLarge { .. }) && e.is_malformed(), "{e}");
+        let e =
+            decode::<pb::FaultRequest>(&mut buf, MAX_REQUEST_FRAME_BYTES, "a request").unwrap_err();
+        assert!(
+            matches!(e, FrameError::TooLarge { .. }) && e.is_malformed(),
+            "{e}"
+        );
     }
 
     /// Bytes that are not the message expected are a decode error naming it.
@@ -328,10 +338,18 @@ mod tests {
         }
         writer.await.unwrap();
         let e = rx.read::<pb::FaultRequest>("a request").await.unwrap_err();
-        assert!(matches!(e, FrameError::Truncated { have: 5, want: 13 }), "{e}");
+        assert!(
+            matches!(e, FrameError::Truncated { have: 5, want: 13 }),
+            "{e}"
+        );
         let (a, b) = tokio::io::duplex(64);
         drop(a);
         let mut rx = FrameStream::new(b, MAX_REQUEST_FRAME_BYTES);
-        assert!(rx.read::<pb::FaultRequest>("a request").await.unwrap().is_none());
+        assert!(
+            rx.read::<pb::FaultRequest>("a request")
+                .await
+                .unwrap()
+                .is_none()
+        );
     }
 }

@@ -121,7 +121,8 @@ impl LeanFault {
         let open = match first.kind {
             Some(pb::fault_request::Kind::Open(open)) => open,
             _ => {
-                let e = crate::Error::Sequence("the first message of a Fault stream must be `open`");
+                let e =
+                    crate::Error::Sequence("the first message of a Fault stream must be `open`");
                 let status = t.fail(e);
                 return Err(Rejection::refused(
                     status.code() as i32,

@@ -118,7 +118,9 @@ async fn lean_malformed_frames_refused_server_keeps_serving() {
     // Garbage where a FaultRequest should be, after a good open.
     let mut bad = connect(f.server.addr(), &fault_open(SNAPSHOT)).await;
     assert_eq!(answer(&mut bad).await, Some(frame::opened()));
-    bad.write_raw(&[0, 0, 0, 3, 0xff, 0xff, 0xff]).await.unwrap();
+    bad.write_raw(&[0, 0, 0, 3, 0xff, 0xff, 0xff])
+        .await
+        .unwrap();
     let (code, msg) = error(answer(&mut bad).await);
     assert_eq!(code, tonic::Code::InvalidArgument as i32, "{msg}");
     assert!(msg.contains("does not decode as a FaultRequest"), "{msg}");
@@ -183,7 +185,11 @@ async fn lean_silent_after_magic_times_out() {
     tcp.write_all(&frame::MAGIC).await.unwrap();
     let mut io = FrameStream::new(tcp, frame::MAX_ANSWER_FRAME_BYTES);
     assert!(closes(&mut io).await);
-    assert!(started.elapsed() >= timeout, "closed after {:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= timeout,
+        "closed after {:?}",
+        started.elapsed()
+    );
 }
 
 /// Lean connections count against the connection limit: with a cap of 1, a second connection is closed while a lean one is open, and accepted once it has gone.

@@ -201,7 +201,9 @@ async fn start(io: Box<dyn LeanIo>, shared: &Shared, url: &str) -> Result<Opened
                  without it)"
             )))
         }
-        Err(e) => Err(format!("reading {url}'s answer to the Fault stream's open: {e}")),
+        Err(e) => Err(format!(
+            "reading {url}'s answer to the Fault stream's open: {e}"
+        )),
     }
 }
 

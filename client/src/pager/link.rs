@@ -194,7 +194,9 @@ pub(crate) async fn open_session(shared: &Shared, url: &str) -> Result<Session, 
     if shared.config.fault_transport != FaultTransport::Grpc {
         match lean::open(shared, url).await? {
             lean::Opened::Session(s) => return Ok(Session::Lean(s)),
-            lean::Opened::Unsupported(why) if shared.config.fault_transport == FaultTransport::Lean => {
+            lean::Opened::Unsupported(why)
+                if shared.config.fault_transport == FaultTransport::Lean =>
+            {
                 return Err(format!("{why}, and --fault-transport lean was asked for"));
             }
             lean::Opened::Unsupported(why) => {
