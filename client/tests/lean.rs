@@ -254,7 +254,7 @@ fn http2_only_proxy(to: SocketAddr) -> SocketAddr {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
             std::thread::spawn(move || {
-                let mut head = [0u8; 8];
+                let mut head = [0u8; frame::MAGIC.len()];
                 if conn.read_exact(&mut head).is_err() || head == frame::MAGIC {
                     return;
                 }

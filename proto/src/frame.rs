@@ -23,9 +23,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::pb;
 
 /// What a lean fault connection starts with, instead of HTTP/2's preface
-/// (`PRI * HTTP/2.0...`): a server tells the two apart from the first eight
-/// bytes. The last byte is the transport's version.
-pub const MAGIC: [u8; 8] = *b"FLFAULT1";
+/// (`PRI * HTTP/2.0...`). It is as long as the preface (24 bytes), so a
+/// server without the transport, which reads exactly a preface's worth
+/// before it checks it, refuses the connection at once instead of waiting
+/// out its handshake timeout for bytes that never come; the client then
+/// falls back to gRPC. The digit is the transport's version.
+pub const MAGIC: [u8; 24] = *b"FAULTLINE-LEAN-FAULT/1\r\n";
 
 /// Bytes of a frame's length header.
 pub const HEADER_BYTES: usize = 4;

@@ -571,7 +571,7 @@ enum Greeting {
 }
 
 /// Runs the TLS handshake (if any) and reads HTTP/2's connection preface,
-/// or the lean fault transport's magic (the first 8 bytes tell them apart).
+/// or the lean fault transport's magic (as long as the preface).
 async fn handshake(
     tcp: tokio::net::TcpStream,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -582,13 +582,12 @@ async fn handshake(
             std::io::Error::new(e.kind(), format!("TLS handshake failed: {e}"))
         })?)),
     };
+    // The lean transport's magic is as long as the preface.
     let mut preface = [0u8; 24];
-    let (head, rest) = preface.split_at_mut(frame::MAGIC.len());
-    io.read_exact(head).await?;
-    if *head == frame::MAGIC {
+    io.read_exact(&mut preface).await?;
+    if preface == frame::MAGIC {
         return Ok((io, Greeting::Lean));
     }
-    io.read_exact(rest).await?;
     if &preface != H2_PREFACE {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
