@@ -23,13 +23,13 @@
 //! Where to read, in order: this file (the [`Pager`] a caller holds, and the
 //! state its threads share), `config.rs`, `lifecycle.rs` (start, end,
 //! teardown), `faults.rs` (the fault thread and the one decision procedure),
-//! `install.rs`, `link.rs` (demand link), `lean.rs` (its lean transport), `prefetch.rs`, `region.rs` (one
+//! `install.rs`, `link.rs` (demand link), `prefetch.rs`, `region.rs` (one
 //! region's ioctls), `pages.rs` (page states), `recording.rs`, `stats.rs`,
 //! `error.rs`.
 //!
 //! Threads: one demand thread (`faultline-fault`) runs a single-threaded
 //! tokio runtime holding the fault loop of every uffd, the demand link and
-//! the link's HTTP/2 connection: the thread that reads a fault sends its
+//! the link's connection (`lean.rs`, or HTTP/2): the thread that reads a fault sends its
 //! request and installs the answer, with no other thread woken on the way.
 //! Nothing on it blocks; its resolves report EAGAIN instead of waiting (it
 //! is the thread that reads the event the kernel waits for). The prefetcher
