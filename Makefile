@@ -90,7 +90,7 @@ unit: deps garage
 # to a scratch directory; a crash leaves its input in fuzz/artifacts/ and
 # fails the run.
 FUZZ_SECONDS ?= 30
-FUZZ_TARGETS := batch_decode manifest handshake
+FUZZ_TARGETS := batch_decode manifest handshake frame_decode
 FUZZ_HOST := $(shell rustc -vV 2>/dev/null | sed -n 's/host: //p')
 FUZZ_TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/fuzz/target)
 FUZZ_RUSTFLAGS := -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \

@@ -359,6 +359,22 @@ impl Consistency {
         verdict.map_err(CheckError::Mismatch)
     }
 
+    /// [`Consistency::check`] for a connection that is not gRPC (the lean
+    /// fault transport): connects to `url` over gRPC only if it has not
+    /// been checked yet.
+    pub async fn check_url(
+        &self,
+        url: &str,
+        opts: &ConnectOptions,
+        manifest: &Manifest,
+    ) -> Result<(), CheckError> {
+        if let Some(v) = self.lock().get(url) {
+            return v.clone().map_err(CheckError::Mismatch);
+        }
+        let remote = Remote::connect_with(url, opts).await?;
+        self.check(&remote, manifest).await
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Result<(), MismatchError>>> {
         self.verdicts.lock().unwrap_or_else(|e| e.into_inner())
     }

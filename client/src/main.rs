@@ -8,7 +8,7 @@ use faultline_client::backing::BackingKind;
 use faultline_client::fetch::fetch_from_servers;
 use faultline_client::firecracker;
 use faultline_client::pager::far::Budget;
-use faultline_client::pager::{OnFailure, PagerConfig, PrefetchPolicy};
+use faultline_client::pager::{FaultTransport, OnFailure, PagerConfig, PrefetchPolicy};
 use faultline_client::remote::ConnectOptions;
 use faultline_client::restore::{FarRestoreOptions, RestoreOptions, Touch};
 use faultline_client::strategy::Mode;
@@ -67,6 +67,10 @@ enum Command {
         /// needs: past it, with poison, that VM fails).
         #[arg(long, default_value_t = 30)]
         deadline: u64,
+        /// Transport of demand faults: auto (the lean transport where the server offers it, else
+        /// gRPC), lean, or grpc (HTTP/2, for comparison).
+        #[arg(long, default_value = "auto")]
+        fault_transport: FaultTransport,
     },
     /// Show what this host's kernel offers faultline, per backing type: run it first.
     Probe {
@@ -179,6 +183,10 @@ struct RestoreArgs {
     /// Seconds without the server before --on-failure applies.
     #[arg(long, default_value_t = 30, conflicts_with = "volume")]
     deadline: u64,
+    /// Transport of demand faults: auto (the lean transport where the server offers it, else
+    /// gRPC), lean, or grpc (HTTP/2, for comparison).
+    #[arg(long, default_value = "auto", conflicts_with = "volume")]
+    fault_transport: FaultTransport,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -230,6 +238,7 @@ impl RestoreArgs {
             verify: self.verify,
             on_failure: self.on_failure,
             deadline: std::time::Duration::from_secs(self.deadline),
+            fault_transport: self.fault_transport,
         })
     }
 }
@@ -298,6 +307,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             prefetch,
             on_failure,
             deadline,
+            fault_transport,
         } => {
             let mut config = PagerConfig::new(servers[0].clone(), snapshot);
             config.servers = servers;
@@ -305,6 +315,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             config.prefetch = prefetch;
             config.on_failure = on_failure;
             config.deadline = std::time::Duration::from_secs(deadline);
+            config.fault_transport = fault_transport;
             let listener = firecracker::bind(&socket)?;
             let handler = firecracker::Handler::new(config);
             stop_on_signal(handler.clone())?;

@@ -98,6 +98,14 @@ impl Token {
         Ok(Self(value))
     }
 
+    /// What goes in the `authorization` metadata: `Bearer TOKEN` (the lean
+    /// fault transport sends it in its hello).
+    pub(crate) fn authorization(&self) -> &str {
+        self.0
+            .to_str()
+            .expect("checked printable ASCII in Token::new")
+    }
+
     /// `--token`, or else `FAULTLINE_TOKEN`, or else none.
     pub fn from_arg_or_env(arg: Option<&str>) -> Result<Option<Self>, RemoteError> {
         match arg {
@@ -126,6 +134,11 @@ pub struct TlsOptions {
     pub identity: Option<Identity>,
     /// The name the server's certificate must carry, if not the URL's host.
     pub domain: Option<String>,
+    /// The PEM of `identity` (certificate chain, key), which the lean fault
+    /// transport's own TLS needs (tonic's `Identity` does not give it back);
+    /// set by [`ConnectOptions::from_files`]. With `identity` set and this
+    /// not, demand faults go over gRPC.
+    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 /// How to connect: TLS, token, transport tuning.
@@ -170,8 +183,8 @@ impl ConnectOptions {
         let ca = ca
             .map(|p| read_pem("CA certificate", p).map(Certificate::from_pem))
             .transpose()?;
-        let identity = match (cert, key) {
-            (Some(c), Some(k)) => Some(Identity::from_pem(
+        let identity_pem = match (cert, key) {
+            (Some(c), Some(k)) => Some((
                 read_pem("client certificate", c)?,
                 read_pem("client key", k)?,
             )),
@@ -181,8 +194,9 @@ impl ConnectOptions {
         Ok(Self {
             tls: TlsOptions {
                 ca,
-                identity,
+                identity: identity_pem.as_ref().map(|(c, k)| Identity::from_pem(c, k)),
                 domain: None,
+                identity_pem,
             },
             token: Token::from_arg_or_env(token)?,
             transport: Transport::default(),

@@ -20,7 +20,8 @@ use futures::StreamExt;
 use crate::backing::{AccessError, BackingError, BackingKind, GuestMemory};
 use crate::pager::far::{Budget, FarError, FarPager, FarStats, FarStore, RemoteStore, StoreError};
 use crate::pager::{
-    Latency, OnFailure, PagerConfig, PagesBySource, PrefetchPolicy, Region, StartError, Stats,
+    FaultTransport, Latency, OnFailure, PagerConfig, PagesBySource, PrefetchPolicy, Region,
+    StartError, Stats,
 };
 use crate::remote::{ConnectOptions, Remote, RemoteError};
 use crate::strategy::Mode;
@@ -88,6 +89,8 @@ pub struct RestoreOptions {
     pub on_failure: OnFailure,
     /// Failure deadline.
     pub deadline: Duration,
+    /// Which transport carries demand faults.
+    pub fault_transport: FaultTransport,
 }
 
 /// The outcome, as printed by `faultline restore --json`.
@@ -262,6 +265,7 @@ pub fn run(opts: &RestoreOptions) -> Result<RestoreSummary, RestoreError> {
     }
     config.on_failure = opts.on_failure;
     config.deadline = opts.deadline;
+    config.fault_transport = opts.fault_transport;
     let pager = crate::pager::Pager::start(
         config,
         vec![Region {

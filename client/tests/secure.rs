@@ -187,6 +187,7 @@ fn restore_over_mutual_tls_with_token() {
         verify: true,
         on_failure: OnFailure::Abort,
         deadline: std::time::Duration::from_secs(20),
+        fault_transport: Default::default(),
     };
     let summary = faultline_client::restore::run(&opts).unwrap();
     eprintln!("{summary}");

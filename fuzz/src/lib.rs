@@ -7,6 +7,8 @@
 //!   model's other validated types (names, ranges, bitmaps, regions).
 //! - [`handshake`]: the Firecracker UFFD handshake's JSON and its
 //!   validation against a snapshot.
+//! - [`frame_decode`]: the lean fault transport's frames
+//!   (`faultline_proto::frame`), as a server reads them from a client.
 //!
 //! Each target checks, beyond "does not panic", that what validation
 //! accepts keeps the promises the rest of the code relies on.
@@ -206,5 +208,83 @@ pub fn handshake(data: &[u8]) {
     for v in &valid {
         assert_eq!(v.region.page_size, page_size);
         assert!(v.region.offset + v.region.size <= manifest.image_size());
+    }
+}
+
+/// Input: one byte saying where to cut the rest, then the bytes a client
+/// sent on a lean fault connection after the magic: a `FaultHello` frame and
+/// `FaultRequest` frames. The frames must decode the same whether the bytes
+/// arrive at once or in two reads cut anywhere, an error must come from a
+/// header over the limit or a body that is not the message (never a frame
+/// that is merely incomplete), and nothing is taken beyond the input.
+pub fn frame_decode(data: &[u8]) {
+    use faultline_proto::frame::{self, FrameError, MAX_REQUEST_FRAME_BYTES};
+
+    let Some((&cut, rest)) = data.split_first() else {
+        return;
+    };
+    // Everything the decoder makes of `chunks`, fed one after another.
+    let run = |chunks: &[&[u8]]| {
+        let mut buf = bytes::BytesMut::new();
+        let mut out: Vec<Result<pb::FaultRequest, String>> = Vec::new();
+        let mut hello = None;
+        for chunk in chunks {
+            buf.extend_from_slice(chunk);
+            loop {
+                let step = if hello.is_none() {
+                    frame::decode::<pb::FaultHello>(
+                        &mut buf,
+                        MAX_REQUEST_FRAME_BYTES,
+                        "a FaultHello",
+                    )
+                    .map(|h| h.map(|h| hello = Some(h)).is_some())
+                } else {
+                    frame::decode::<pb::FaultRequest>(
+                        &mut buf,
+                        MAX_REQUEST_FRAME_BYTES,
+                        "a FaultRequest",
+                    )
+                    .map(|m| m.map(|m| out.push(Ok(m))).is_some())
+                };
+                match step {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(e) => {
+                        assert!(e.is_malformed(), "{e}");
+                        if let FrameError::TooLarge { len, max } = e {
+                            assert!(len > max);
+                        }
+                        out.push(Err(e.to_string()));
+                        // Where it stopped depends on how much was fed.
+                        return (hello, out, None);
+                    }
+                }
+            }
+            assert!(buf.len() <= rest.len());
+        }
+        (hello, out, Some(buf.len()))
+    };
+    let at = usize::from(cut) * rest.len() / 255;
+    let whole = run(&[rest]);
+    let split = run(&[&rest[..at], &rest[at..]]);
+    assert_eq!(whole, split, "cut at {at}");
+    // What decoded encodes back into frames that decode to the same.
+    let (hello, msgs, _) = whole;
+    if let Some(hello) = hello {
+        let mut wire = Vec::new();
+        frame::encode(&hello, &mut wire);
+        for m in msgs.iter().filter_map(|m| m.as_ref().ok()) {
+            frame::encode(m, &mut wire);
+        }
+        let mut buf = bytes::BytesMut::from(&wire[..]);
+        let again: Option<pb::FaultHello> =
+            frame::decode(&mut buf, usize::MAX, "a FaultHello").expect("re-encoded");
+        assert_eq!(again.as_ref(), Some(&hello));
+        for m in msgs.iter().filter_map(|m| m.as_ref().ok()) {
+            let again: Option<pb::FaultRequest> =
+                frame::decode(&mut buf, usize::MAX, "a FaultRequest").expect("re-encoded");
+            assert_eq!(again.as_ref(), Some(m));
+        }
+        assert!(buf.is_empty());
     }
 }

@@ -14,11 +14,14 @@
 //!   validated [`codec::PageBatch`].
 //! - [`error`]: [`ProtocolError`], what is wrong with a message, mapped to
 //!   `InvalidArgument`.
+//! - [`frame`]: the lean fault transport's length-delimited frames of the
+//!   `Fault` stream's messages on a raw byte stream (no HTTP/2).
 
 pub mod backoff;
 pub mod bitmap;
 pub mod codec;
 pub mod error;
+pub mod frame;
 pub mod model;
 
 pub use bitmap::PageBitmap;

@@ -17,6 +17,9 @@
 //!   into a store, with progress.
 //! - [`service`]: the gRPC service: validation at the edge, batches of pages,
 //!   the fault and prefetch streams, uploads.
+//! - [`lean`]: the lean fault transport: a `Fault` stream as
+//!   length-delimited frames on a raw connection (no HTTP/2), answered by
+//!   the service's own fault code on the connection's task.
 //! - [`error`]: the service's error and its one mapping to gRPC codes.
 //! - [`metrics`]: metric names and the Prometheus endpoint.
 //! - [`server`]: [`server::Server`], the transport with its tuning and
@@ -43,6 +46,7 @@ pub mod chunk_cache;
 pub mod error;
 pub mod garage;
 pub mod import;
+pub mod lean;
 pub mod limits;
 pub mod metrics;
 pub mod readiness;

@@ -8,7 +8,9 @@
 //! it caps their number, sets `TCP_NODELAY`, runs the TLS handshake with the
 //! configuration current at that moment (so certificates reload without
 //! dropping anything) and gives each connection [`HANDSHAKE_TIMEOUT`] to
-//! finish TLS and send HTTP/2's preface.
+//! finish TLS and send HTTP/2's preface. A connection that sends the lean
+//! fault transport's magic instead is served by [`crate::lean`] on the
+//! same port.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,12 +19,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use faultline_proto::frame;
 use faultline_proto::pb::faultline_server::FaultlineServer;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tonic::service::interceptor::InterceptedService;
 
 use crate::auth::{AuthInterceptor, Authenticator, TokensError};
+use crate::lean::LeanFault;
 use crate::limits::Limits;
 use crate::readiness::Readiness;
 use crate::service::FaultlineService;
@@ -390,6 +394,8 @@ impl Server {
             None
         };
         let service = FaultlineService::with_limits(self.store, self.opts.service_limits.clone());
+        // The lean fault transport shares the port, the service and the tokens.
+        let lean = Arc::new(LeanFault::new(service.clone(), self.auth.clone()));
         // In the background: a store that does not answer yet (an object
         // store starting) must not hold up serving health and readiness.
         tokio::spawn({
@@ -405,7 +411,9 @@ impl Server {
 
         let limits = self.opts.limits;
         let (tx, rx) = mpsc::channel(ACCEPTED_QUEUE);
-        let acceptor = AbortOnDrop(tokio::spawn(accept_loop(listener, self.tls, limits, tx)));
+        let acceptor = AbortOnDrop(tokio::spawn(accept_loop(
+            listener, self.tls, lean, limits, tx,
+        )));
         let incoming = tokio_stream::wrappers::ReceiverStream::new(rx);
         tonic::transport::Server::builder()
             .layer(tower::util::MapResponseLayer::new(
@@ -461,10 +469,14 @@ impl Drop for AbortOnDrop {
 async fn accept_loop(
     listener: tokio::net::TcpListener,
     tls: Option<Arc<TlsReloader>>,
+    lean: Arc<LeanFault>,
     limits: TransportLimits,
     tx: mpsc::Sender<std::io::Result<Conn>>,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    // Dropped when this loop ends (the server stops): lean connections then
+    // finish the answers in flight and close, as gRPC streams do.
+    let (_stopping, stopped) = tokio::sync::watch::channel(());
     let mut last_full_warning: Option<Instant> = None;
     loop {
         let accepted = tokio::select! {
@@ -504,9 +516,26 @@ async fn accept_loop(
         }
         let acceptor = tls.as_ref().map(|t| t.acceptor());
         let tx = tx.clone();
+        let lean = lean.clone();
+        let mut stopped = stopped.clone();
         tokio::spawn(async move {
             match tokio::time::timeout(limits.handshake_timeout, handshake(tcp, acceptor)).await {
-                Ok(Ok((io, preface))) => {
+                Ok(Ok((io, Greeting::Lean))) => {
+                    // The lean fault transport, on this task (crate::lean).
+                    io.keepalive(limits.keepalive_interval);
+                    let _open = OpenConnection::new();
+                    let stop = async move {
+                        let _ = stopped.changed().await;
+                    };
+                    if let Err(e) = lean
+                        .serve(io, Some(peer), limits.handshake_timeout, stop)
+                        .await
+                    {
+                        tracing::debug!("{peer}: lean fault connection ended: {e}");
+                    }
+                    drop(slot);
+                }
+                Ok(Ok((io, Greeting::Http2(preface)))) => {
                     metrics::gauge!(CONNECTIONS_OPEN).increment(1.0);
                     let conn = Conn {
                         io,
@@ -533,27 +562,81 @@ async fn accept_loop(
     }
 }
 
-/// Runs the TLS handshake (if any) and reads HTTP/2's connection preface.
+/// How a connection began.
+enum Greeting {
+    /// With HTTP/2's preface (gRPC), to be replayed to hyper.
+    Http2([u8; 24]),
+    /// With the lean fault transport's magic ([`frame::MAGIC`], consumed).
+    Lean,
+}
+
+/// Runs the TLS handshake (if any) and reads HTTP/2's connection preface,
+/// or the lean fault transport's magic (as long as the preface).
 async fn handshake(
     tcp: tokio::net::TcpStream,
     tls: Option<tokio_rustls::TlsAcceptor>,
-) -> std::io::Result<(Io, [u8; 24])> {
+) -> std::io::Result<(Io, Greeting)> {
     let mut io = match tls {
         None => Io::Plain(tcp),
         Some(acceptor) => Io::Tls(Box::new(acceptor.accept(tcp).await.map_err(|e| {
             std::io::Error::new(e.kind(), format!("TLS handshake failed: {e}"))
         })?)),
     };
+    // The lean transport's magic is as long as the preface.
     let mut preface = [0u8; 24];
     io.read_exact(&mut preface).await?;
+    if preface == frame::MAGIC {
+        return Ok((io, Greeting::Lean));
+    }
     if &preface != H2_PREFACE {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            "not an HTTP/2 (gRPC) client",
+            "not an HTTP/2 (gRPC) client, nor a lean fault connection",
         ));
     }
-    Ok((io, preface))
+    Ok((io, Greeting::Http2(preface)))
 }
+
+/// Counts a connection in [`CONNECTIONS_OPEN`] while it lives (a lean one;
+/// gRPC's are counted by [`Conn`]).
+struct OpenConnection;
+
+impl OpenConnection {
+    fn new() -> Self {
+        metrics::gauge!(CONNECTIONS_OPEN).increment(1.0);
+        Self
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        metrics::gauge!(CONNECTIONS_OPEN).decrement(1.0);
+    }
+}
+
+impl Io {
+    /// Turns on TCP keepalive probes after `idle` without traffic: a lean
+    /// connection has no HTTP/2 pings, and a client that vanished must not
+    /// hold its slot forever.
+    fn keepalive(&self, idle: Duration) {
+        let tcp = match self {
+            Self::Plain(t) => t,
+            Self::Tls(t) => t.get_ref().0,
+        };
+        let probes = socket2::TcpKeepalive::new()
+            .with_time(idle)
+            .with_interval(idle)
+            .with_retries(KEEPALIVE_PROBES);
+        if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&probes) {
+            tracing::debug!("cannot set TCP keepalive: {e}");
+        }
+    }
+}
+
+/// Unanswered keepalive probes before the kernel drops a lean connection:
+/// with [`KEEPALIVE_INTERVAL`] between them, a vanished client is found
+/// within about a minute and a half, as HTTP/2's ping finds one in 40 s.
+const KEEPALIVE_PROBES: u32 = 3;
 
 /// A connection's byte stream.
 enum Io {

@@ -81,16 +81,17 @@ pub fn client_identity<T>(req: &Request<T>) -> String {
 }
 
 /// One open `Fault` stream: what answers its requests.
-struct FaultSession {
+pub(crate) struct FaultSession {
     snapshot: Arc<dyn Snapshot>,
     manifest: Arc<Manifest>,
     codec: Compression,
+    counters: metrics::FaultCounters,
     _active: metrics::ActiveStream,
 }
 
 impl FaultSession {
     /// Answers one request (errors in-band).
-    async fn answer(&self, msg: pb::FaultRequest) -> pb::FaultResponse {
+    pub(crate) async fn answer(&self, msg: pb::FaultRequest) -> pb::FaultResponse {
         let started = Instant::now();
         let (request_id, result) = match msg.kind {
             Some(pb::fault_request::Kind::Pages(p)) => (
@@ -110,7 +111,8 @@ impl FaultSession {
         };
         let result = match result {
             Ok((batch, stats)) => {
-                count_served("fault", stats);
+                self.counters
+                    .served(stats.pages, stats.zero_pages, stats.bytes, stats.wire_bytes);
                 pb::fault_response::Result::Pages(batch)
             }
             Err(e) => {
@@ -118,7 +120,7 @@ impl FaultSession {
                 pb::fault_response::Result::Error(e.to_pb())
             }
         };
-        metrics::request_done("fault", started);
+        self.counters.done(started);
         pb::FaultResponse {
             request_id,
             result: Some(result),
@@ -250,6 +252,31 @@ impl FaultlineService {
     async fn open(&self, name: String) -> Result<Arc<dyn Snapshot>, Error> {
         let id = SnapshotId::new(name)?;
         Ok(self.store.open(&id).await?)
+    }
+
+    /// Opens a `Fault` stream's session for `open`, if `access` allows
+    /// reading its snapshot: what both transports do with the stream's first
+    /// message (gRPC here, the lean transport in [`crate::lean`]).
+    pub(crate) async fn open_fault(
+        &self,
+        access: Access,
+        open: pb::FaultOpen,
+    ) -> Result<Arc<FaultSession>, Error> {
+        access.check(Right::Read, &open.snapshot)?;
+        let codec = Compression::try_from(open.compression)?;
+        let snapshot = self.open(open.snapshot).await?;
+        Ok(Arc::new(FaultSession {
+            manifest: snapshot.manifest(),
+            snapshot,
+            codec,
+            counters: metrics::FaultCounters::new(),
+            _active: metrics::ActiveStream::new("fault"),
+        }))
+    }
+
+    /// Fault requests of one stream answered at once (`--fault-concurrency`).
+    pub(crate) fn fault_concurrency(&self) -> usize {
+        self.limits.fault_concurrency.max(1)
     }
 }
 
@@ -699,12 +726,10 @@ impl pb::faultline_server::Faultline for FaultlineService {
                 },
             )
             .await?;
-            access?.check(Right::Read, &open.snapshot)?;
-            let codec = Compression::try_from(open.compression)?;
-            Ok((self.open(open.snapshot).await?, codec))
+            self.open_fault(access?, open).await
         }
         .await;
-        let (snapshot, codec) = opened.map_err(|e| t.fail(e))?;
+        let session = opened.map_err(|e| t.fail(e))?;
         drop(t);
 
         // The answers are produced by the response stream itself, as hyper
@@ -714,12 +739,6 @@ impl pb::faultline_server::Faultline for FaultlineService {
         // are read only while there is room, and answers only produced
         // while hyper polls, whose flow control holds back a client that
         // does not read: a stalled stream holds at most that many answers.
-        let session = Arc::new(FaultSession {
-            manifest: snapshot.manifest(),
-            snapshot,
-            codec,
-            _active: metrics::ActiveStream::new("fault"),
-        });
         let answers = inbound
             .map(move |msg| {
                 let session = session.clone();

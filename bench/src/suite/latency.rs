@@ -5,8 +5,9 @@
 //! each touch (an [`Instant`] before and after a volatile read of one byte)
 //! for every method alike:
 //!
-//! - faultline over gRPC from the in-process server (default read-ahead, and
-//!   read-ahead off);
+//! - faultline from the in-process server on its lean fault transport
+//!   (default read-ahead, and read-ahead off), and over gRPC (the `Fault`
+//!   stream on HTTP/2, default read-ahead), in the same run;
 //! - the floor's two halves, written here: a local userfaultfd handler (a
 //!   thread polling the uffd, one `UFFDIO_COPY` of 4 KiB per fault, the
 //!   image in local memory) and a bare loopback TCP ping-pong (64 B out, 4 KiB
@@ -33,7 +34,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use faultline_client::backing::GuestMemory;
-use faultline_client::pager::{PagerConfig, PrefetchPolicy, Stats};
+use faultline_client::pager::{FaultTransport, PagerConfig, PrefetchPolicy, Stats};
 use faultline_client::uffd::{Event, Readiness, RegisterModes, ResolveError, StopSignal, Uffd};
 use faultline_proto::PageIndex;
 use serde_json::json;
@@ -74,8 +75,10 @@ const PAGE: usize = 4096;
 /// What is timed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Method {
-    /// faultline, default read-ahead.
+    /// faultline, default read-ahead, the default (lean) fault transport.
     Faultline,
+    /// faultline, default read-ahead, the `Fault` stream over gRPC (HTTP/2).
+    FaultlineGrpc,
     /// faultline, read-ahead off.
     FaultlineNoReadahead,
     /// The floor's local half: a `UFFDIO_COPY` handler from a local buffer.
@@ -92,10 +95,11 @@ enum Method {
 
 impl Method {
     /// Every method, in the order each repeat runs them.
-    const ALL: [Method; 7] = [
+    const ALL: [Method; 8] = [
         Self::Faultline,
         Self::LocalHandler,
         Self::Tcp,
+        Self::FaultlineGrpc,
         Self::FaultlineNoReadahead,
         Self::FileFault,
         Self::FilePageFault,
@@ -105,7 +109,8 @@ impl Method {
     /// Label in the table and plot.
     fn label(self) -> &'static str {
         match self {
-            Self::Faultline => "faultline (gRPC, loopback)",
+            Self::Faultline => "faultline (lean fault transport, loopback)",
+            Self::FaultlineGrpc => "faultline (gRPC fault stream, loopback)",
             Self::FaultlineNoReadahead => "faultline, read-ahead off",
             Self::LocalHandler => "local uffd handler (poll thread, one UFFDIO_COPY)",
             Self::Tcp => "TCP ping-pong, 64 B -> 4 KiB",
@@ -119,6 +124,7 @@ impl Method {
     fn key(self) -> &'static str {
         match self {
             Self::Faultline => "faultline",
+            Self::FaultlineGrpc => "faultline_grpc",
             Self::FaultlineNoReadahead => "faultline_no_readahead",
             Self::LocalHandler => "local_handler",
             Self::Tcp => "tcp",
@@ -150,13 +156,20 @@ struct Measured {
     /// samples[method][repeat]
     samples: Vec<Vec<Vec<f64>>>,
     zero_samples: Vec<Vec<f64>>,
-    /// pager_stats[read-ahead off][repeat]
+    /// pager_stats[variant][repeat], variants in [`PAGER_METHODS`] order.
     pager_stats: Vec<Vec<Stats>>,
-    /// switches[read-ahead off][repeat]: (client, server) per fault.
+    /// switches[variant][repeat]: (client, server) per fault.
     switches: Vec<Vec<(f64, f64)>>,
     /// The first fault of every faultline run, µs.
     first: Vec<f64>,
 }
+
+/// The faultline methods, in the order of [`Measured::pager_stats`].
+const PAGER_METHODS: [Method; 3] = [
+    Method::Faultline,
+    Method::FaultlineNoReadahead,
+    Method::FaultlineGrpc,
+];
 
 /// Runs the scenario.
 pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
@@ -198,8 +211,8 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
         .map(|p| {
             let m = Measured {
                 samples: vec![Vec::new(); Method::ALL.len()],
-                pager_stats: vec![Vec::new(); 2],
-                switches: vec![Vec::new(); 2],
+                pager_stats: vec![Vec::new(); PAGER_METHODS.len()],
+                switches: vec![Vec::new(); PAGER_METHODS.len()],
                 ..Default::default()
             };
             (p, m)
@@ -215,13 +228,22 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
             let out = measured.get_mut(&placement).expect("every placement");
             for (m, method) in Method::ALL.into_iter().enumerate() {
                 let s = match method {
-                    Method::Faultline | Method::FaultlineNoReadahead => {
+                    Method::Faultline | Method::FaultlineNoReadahead | Method::FaultlineGrpc => {
                         let off = method == Method::FaultlineNoReadahead;
-                        let run = faultline(ctx, &snap, &sample, &zeros, off, &image)?;
-                        out.pager_stats[usize::from(off)].push(run.stats);
-                        out.switches[usize::from(off)].push(run.switches);
-                        out.first.push(run.first);
-                        if !off {
+                        let transport = if method == Method::FaultlineGrpc {
+                            FaultTransport::Grpc
+                        } else {
+                            FaultTransport::Lean
+                        };
+                        let run = faultline(ctx, &snap, &sample, &zeros, off, transport, &image)?;
+                        let v = PAGER_METHODS
+                            .iter()
+                            .position(|m| *m == method)
+                            .expect("a pager method");
+                        out.pager_stats[v].push(run.stats);
+                        out.switches[v].push(run.switches);
+                        if method == Method::Faultline {
+                            out.first.push(run.first);
                             out.zero_samples.push(run.zero_samples);
                         }
                         run.samples
@@ -266,12 +288,9 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
     );
     for placement in Placement::ALL {
         let m = &measured[&placement];
-        for (off, method) in [Method::Faultline, Method::FaultlineNoReadahead]
-            .into_iter()
-            .enumerate()
-        {
-            let client: Vec<f64> = m.switches[off].iter().map(|s| s.0).collect();
-            let server: Vec<f64> = m.switches[off].iter().map(|s| s.1).collect();
+        for (v, method) in PAGER_METHODS.into_iter().enumerate() {
+            let client: Vec<f64> = m.switches[v].iter().map(|s| s.0).collect();
+            let server: Vec<f64> = m.switches[v].iter().map(|s| s.1).collect();
             table.row(vec![
                 method.label().into(),
                 placement.label().into(),
@@ -310,7 +329,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
     let series: Vec<(String, Vec<f64>)> = Method::ALL
         .into_iter()
         .zip(&pinned.samples)
-        .take(4)
+        .take(5)
         .map(|(method, reps)| (method.label().to_string(), reps.concat()))
         .collect();
     report.plots.push(Plot::Cdf {
@@ -447,10 +466,12 @@ fn placement_report(
     let faultline = medians[index(Method::Faultline)];
     let (own_p50, own_p99) = pager_view(&m.pager_stats[0]);
     let (own_off_p50, own_off_p99) = pager_view(&m.pager_stats[1]);
+    let (own_grpc_p50, own_grpc_p99) = pager_view(&m.pager_stats[2]);
     report.notes.push(format!(
         "{}: the pager's own view (Stats::fault_latency_us, from reading the fault message to \
          installing the page, network faults only): p50 {own_p50:.0} µs, p99 {own_p99:.0} µs \
-         with read-ahead ({own_off_p50:.0} / {own_off_p99:.0} µs without), against {} / {} µs \
+         with read-ahead on the lean transport ({own_off_p50:.0} / {own_off_p99:.0} µs without \
+         read-ahead, {own_grpc_p50:.0} / {own_grpc_p99:.0} µs over gRPC), against {} / {} µs \
          timed by the touching thread; the difference is the kernel's fault entry, the wake-up \
          of the pager's thread and of the faulting thread.",
         placement.label(),
@@ -498,10 +519,12 @@ fn placement_report(
             "switches_per_fault": {
                 "faultline": m.switches[0],
                 "faultline_no_readahead": m.switches[1],
+                "faultline_grpc": m.switches[2],
             },
             "pager_stats": {
                 "faultline": m.pager_stats[0],
                 "faultline_no_readahead": m.pager_stats[1],
+                "faultline_grpc": m.pager_stats[2],
             },
             "ratio_p50_vs_floor": if floor.p50 > 0.0 { faultline.p50 / floor.p50 } else { 0.0 },
             "ratio_p99_vs_floor": if floor.p99 > 0.0 { faultline.p99 / floor.p99 } else { 0.0 },
@@ -617,11 +640,13 @@ fn faultline(
     sample: &[u64],
     zeros: &[u64],
     readahead_off: bool,
+    transport: FaultTransport,
     image: &[u8],
 ) -> anyhow::Result<PagerRun> {
     let memory = GuestMemory::anonymous(image.len())?;
     let mut config = PagerConfig::new(ctx.url(), snap.id.clone());
     config.prefetch = PrefetchPolicy::None;
+    config.fault_transport = transport;
     if readahead_off {
         config.readahead = faultline_client::pager::NO_READAHEAD;
     }

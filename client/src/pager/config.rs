@@ -140,6 +140,36 @@ impl std::str::FromStr for OnFailure {
     }
 }
 
+/// Which transport carries the demand link's `Fault` stream.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FaultTransport {
+    /// The lean transport where the server offers it, else gRPC (with a
+    /// debug log). The default: the same messages and checks, without
+    /// HTTP/2's cost per fault (docs/protocol.md, "The lean fault transport").
+    #[default]
+    Auto,
+    /// The lean transport only: a server without it is a failed connection.
+    Lean,
+    /// gRPC's `Fault` stream over HTTP/2, as before the lean transport (for
+    /// comparison, or a proxy that passes only HTTP/2).
+    Grpc,
+}
+
+impl std::str::FromStr for FaultTransport {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "lean" => Ok(Self::Lean),
+            "grpc" => Ok(Self::Grpc),
+            _ => Err(format!(
+                "unknown fault transport {s:?}; use auto, lean or grpc"
+            )),
+        }
+    }
+}
+
 /// How the pager runs.
 #[derive(Clone, Debug)]
 pub struct PagerConfig {
@@ -175,6 +205,8 @@ pub struct PagerConfig {
     pub compression: Compression,
     /// How the prefetcher moves bulk data.
     pub bulk: Bulk,
+    /// Which transport carries demand faults.
+    pub fault_transport: FaultTransport,
 }
 
 impl PagerConfig {
@@ -193,6 +225,7 @@ impl PagerConfig {
             on_failure: OnFailure::Wait,
             compression: Compression::None,
             bulk: Bulk::default(),
+            fault_transport: FaultTransport::Auto,
         }
     }
 }

@@ -1,5 +1,7 @@
 //! The demand link: one `Fault` stream to the server, carrying the read-ahead
-//! windows of faults and installing the answers.
+//! windows of faults and installing the answers. The stream runs on the
+//! lean transport ([`super::lean`]) where the server offers it, else on
+//! gRPC; the link below is the same for both.
 //!
 //! Every way the server can fail is a failed request, retried with backoff
 //! and jitter ([`faultline_proto::backoff`]): a refused connection, a server
@@ -24,7 +26,9 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
+use super::config::FaultTransport;
 use super::error::InstallError;
+use super::lean::{self, LeanSession};
 use super::pages::PageState;
 use super::region::Caller;
 use super::stats::Source;
@@ -145,15 +149,61 @@ fn fault_request(id: u64, range: PageRange) -> pb::FaultRequest {
     }
 }
 
-/// An open `Fault` stream.
-pub(crate) struct Session {
-    tx: mpsc::UnboundedSender<pb::FaultRequest>,
-    answers: tonic::Streaming<pb::FaultResponse>,
+/// An open `Fault` stream, on either transport: the link is one state
+/// machine over both (docs/protocol.md, "The lean fault transport").
+pub(crate) enum Session {
+    /// gRPC over HTTP/2.
+    Grpc {
+        tx: mpsc::UnboundedSender<pb::FaultRequest>,
+        answers: tonic::Streaming<pb::FaultResponse>,
+    },
+    /// Length-delimited frames on a connection of its own.
+    Lean(LeanSession),
+}
+
+impl Session {
+    /// Sends one request.
+    async fn send(&mut self, req: pb::FaultRequest) -> Result<(), String> {
+        match self {
+            // The stream's task sends it; a broken stream shows as an answer.
+            Self::Grpc { tx, .. } => {
+                let _ = tx.send(req);
+                Ok(())
+            }
+            Self::Lean(s) => s.send(&req).await,
+        }
+    }
+
+    /// The next answer; `None` once the server closed the stream.
+    /// Cancel-safe.
+    async fn next(&mut self) -> Option<Result<pb::FaultResponse, String>> {
+        match self {
+            Self::Grpc { answers, .. } => answers
+                .next()
+                .await
+                .map(|a| a.map_err(|status| status.message().to_owned())),
+            Self::Lean(s) => s.next().await,
+        }
+    }
 }
 
 /// Opens the `Fault` stream on `url` (a new connection, whose tasks run on
-/// the calling runtime).
+/// the calling runtime): on the lean transport where the server offers it
+/// and the configuration allows it, else over gRPC.
 pub(crate) async fn open_session(shared: &Shared, url: &str) -> Result<Session, String> {
+    if shared.config.fault_transport != FaultTransport::Grpc {
+        match lean::open(shared, url).await? {
+            lean::Opened::Session(s) => return Ok(Session::Lean(s)),
+            lean::Opened::Unsupported(why)
+                if shared.config.fault_transport == FaultTransport::Lean =>
+            {
+                return Err(format!("{why}, and --fault-transport lean was asked for"));
+            }
+            lean::Opened::Unsupported(why) => {
+                tracing::debug!("demand link: {why}; using gRPC");
+            }
+        }
+    }
     let remote = Remote::connect_with(url, &shared.config.connect)
         .await
         .map_err(|e| e.to_string())?;
@@ -177,7 +227,7 @@ pub(crate) async fn open_session(shared: &Shared, url: &str) -> Result<Session, 
         .await
         .map_err(|s| format!("opening the Fault stream on {url} failed: {}", s.message()))?
         .into_inner();
-    Ok(Session { tx, answers })
+    Ok(Session::Grpc { tx, answers })
 }
 
 /// The link's state across connections.
@@ -299,7 +349,7 @@ impl Link {
     }
 
     /// Sends every request due on `session` (a new id for each send).
-    fn send_due(&mut self, session: &Session) {
+    async fn send_due(&mut self, session: &mut Session) -> Result<(), String> {
         let now = Instant::now();
         let due: Vec<u64> = self
             .pending
@@ -313,9 +363,11 @@ impl Link {
             self.next_id += 1;
             p.sent = Some(now);
             p.retry_at = None;
-            let _ = session.tx.send(fault_request(id, p.demand.range));
+            let req = fault_request(id, p.demand.range);
             self.pending.insert(id, p);
+            session.send(req).await?;
         }
+        Ok(())
     }
 
     /// Serves one connection until it breaks or stalls; false once the
@@ -329,7 +381,10 @@ impl Link {
         for p in self.pending.values_mut() {
             p.sent = None;
         }
-        self.send_due(&session);
+        if let Err(e) = self.send_due(&mut session).await {
+            self.connection_failed(&format!("sending to {url} failed: {e}"));
+            return self.wait_out(rx).await;
+        }
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -342,10 +397,13 @@ impl Link {
                     let range = d.range;
                     let mut p = Pending::new(d);
                     p.sent = Some(Instant::now());
-                    let _ = session.tx.send(fault_request(id, range));
                     self.pending.insert(id, p);
+                    if let Err(e) = session.send(fault_request(id, range)).await {
+                        self.connection_failed(&format!("sending to {url} failed: {e}"));
+                        return self.wait_out(rx).await;
+                    }
                 }
-                answer = session.answers.next() => match answer {
+                answer = session.next() => match answer {
                     Some(Ok(resp)) => {
                         if self.down_since.take().is_some() {
                             self.shared.counters.reconnect();
@@ -355,10 +413,9 @@ impl Link {
                         // Retries it schedules go out on a later tick.
                         self.answer(resp);
                     }
-                    Some(Err(status)) => {
+                    Some(Err(why)) => {
                         self.connection_failed(&format!(
-                            "the Fault stream on {url} failed: {}",
-                            status.message()
+                            "the Fault stream on {url} failed: {why}"
                         ));
                         return self.wait_out(rx).await;
                     }
@@ -386,7 +443,10 @@ impl Link {
                         ));
                         return self.wait_out(rx).await;
                     }
-                    self.send_due(&session);
+                    if let Err(e) = self.send_due(&mut session).await {
+                        self.connection_failed(&format!("sending to {url} failed: {e}"));
+                        return self.wait_out(rx).await;
+                    }
                 }
             }
         }

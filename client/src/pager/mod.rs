@@ -30,7 +30,7 @@
 //!
 //! Threads: one demand thread (`faultline-fault`) runs a single-threaded
 //! tokio runtime holding the fault loop of every uffd, the demand link and
-//! the link's HTTP/2 connection: the thread that reads a fault sends its
+//! the link's connection (`lean.rs`, or HTTP/2): the thread that reads a fault sends its
 //! request and installs the answer, with no other thread woken on the way.
 //! Nothing on it blocks; its resolves report EAGAIN instead of waiting (it
 //! is the thread that reads the event the kernel waits for). The prefetcher
@@ -49,6 +49,7 @@ mod error;
 pub mod far;
 mod faults;
 mod install;
+mod lean;
 mod lifecycle;
 mod link;
 mod pages;
@@ -66,8 +67,8 @@ use faultline_proto::{Manifest, PageIndex, PageRange};
 use tokio::sync::{Notify, mpsc, watch};
 
 pub use config::{
-    Bulk, DEFAULT_DEADLINE, MAX_READAHEAD_BYTES, MIN_READAHEAD_BYTES, NO_READAHEAD, OnFailure,
-    PREFETCH_BATCH_BYTES, PREFETCH_STREAMS, PagerConfig, PrefetchPolicy, Region,
+    Bulk, DEFAULT_DEADLINE, FaultTransport, MAX_READAHEAD_BYTES, MIN_READAHEAD_BYTES, NO_READAHEAD,
+    OnFailure, PREFETCH_BATCH_BYTES, PREFETCH_STREAMS, PagerConfig, PrefetchPolicy, Region,
 };
 pub use error::{FaultError, InstallError, StartError};
 pub use faults::Readahead;

@@ -43,6 +43,16 @@ pub enum Source {
 }
 
 impl Source {
+    /// Every source, in the order of [`Handles::pages`].
+    const ALL: [Self; 6] = [
+        Self::Demand,
+        Self::Readahead,
+        Self::Prefetch,
+        Self::Zero,
+        Self::Local,
+        Self::Eager,
+    ];
+
     fn label(self) -> &'static str {
         match self {
             Self::Demand => "demand",
@@ -74,27 +84,56 @@ pub struct Counters {
     released: AtomicU64,
     latencies_us: Mutex<Vec<u32>>,
     max_latency_us: AtomicU64,
+    /// The `metrics` handles, registered once on first use: looking a
+    /// counter up by name and labels on every call (hashing, comparing
+    /// keys) was a few percent of the demand thread's CPU per fault.
+    handles: std::sync::OnceLock<Handles>,
+}
+
+/// Registered `metrics` handles of the counters.
+#[derive(Debug)]
+struct Handles {
+    /// Per [`Source`], in `Source::ALL` order.
+    pages: [metrics::Counter; 6],
+    faults: metrics::Counter,
+    bytes: metrics::Counter,
+    latency: metrics::Histogram,
+}
+
+impl Handles {
+    fn new() -> Self {
+        Self {
+            pages: Source::ALL.map(|s| counter!(PAGES, "source" => s.label())),
+            faults: counter!(FAULTS),
+            bytes: counter!(BYTES_RECEIVED),
+            latency: histogram!(FAULT_LATENCY),
+        }
+    }
 }
 
 impl Counters {
+    fn handles(&self) -> &Handles {
+        self.handles.get_or_init(Handles::new)
+    }
+
     /// `n` pages arrived from `source`.
     pub fn pages(&self, source: Source, n: u64) {
-        let c = match source {
-            Source::Demand => &self.demand,
-            Source::Readahead => &self.readahead,
-            Source::Prefetch => &self.prefetch,
-            Source::Zero => &self.zero,
-            Source::Local => &self.local,
-            Source::Eager => &self.eager,
+        let (c, i) = match source {
+            Source::Demand => (&self.demand, 0),
+            Source::Readahead => (&self.readahead, 1),
+            Source::Prefetch => (&self.prefetch, 2),
+            Source::Zero => (&self.zero, 3),
+            Source::Local => (&self.local, 4),
+            Source::Eager => (&self.eager, 5),
         };
         c.fetch_add(n, Ordering::Relaxed);
-        counter!(PAGES, "source" => source.label()).increment(n);
+        self.handles().pages[i].increment(n);
     }
 
     /// A fault was read.
     pub fn fault(&self) {
         self.faults.fetch_add(1, Ordering::Relaxed);
-        counter!(FAULTS).increment(1);
+        self.handles().faults.increment(1);
     }
 
     /// A fault found its page already being fetched.
@@ -110,7 +149,7 @@ impl Counters {
     /// Page bytes received.
     pub fn bytes(&self, n: u64) {
         self.bytes.fetch_add(n, Ordering::Relaxed);
-        counter!(BYTES_RECEIVED).increment(n);
+        self.handles().bytes.increment(n);
     }
 
     /// A connection was re-established.
@@ -140,7 +179,7 @@ impl Counters {
         let us = u32::try_from(latency.as_micros()).unwrap_or(u32::MAX);
         self.max_latency_us
             .fetch_max(u64::from(us), Ordering::Relaxed);
-        histogram!(FAULT_LATENCY).record(latency.as_secs_f64());
+        self.handles().latency.record(latency.as_secs_f64());
         let mut v = self.latencies_us.lock().expect("latency lock");
         if v.len() < MAX_LATENCY_SAMPLES {
             v.push(us);

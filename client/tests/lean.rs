@@ -1,0 +1,461 @@
+//! The demand link on the lean fault transport (docs/protocol.md, "The lean
+//! fault transport"): restores by demand faults on real userfaultfd from an
+//! in-process server on 127.0.0.1, with the transport forced (a server
+//! without it would fail the link, not fall back), tokens, fail-over, a
+//! corrupt page, and the fall-back to gRPC for a server that lacks it.
+
+mod common;
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{
+    Mem, PAGE, Server, Snapshot, assert_touched_right, block_on, check_all, complete, config,
+    image_4k, memory, runtime, start, touch_and_check,
+};
+use faultline_client::backing::BackingKind;
+use faultline_client::fleet;
+use faultline_client::pager::{
+    CORRUPT_RETRIES, FaultError, FaultTransport, OnFailure, PagerConfig, PrefetchPolicy,
+};
+use faultline_client::remote::ConnectOptions;
+use faultline_proto::{PageSize, SnapshotId, frame};
+use faultline_server::auth::{Right, TokensFile};
+use faultline_server::server::ServeOptions;
+use faultline_server::store::SnapshotStore;
+use faultline_server::{LocalStore, ServerHandle};
+
+/// Pages of the images here: 4 MiB.
+const PAGES: u64 = 1024;
+
+/// Touching threads.
+const TOUCHERS: usize = 4;
+
+/// A configuration with the lean transport forced and no prefetch, so that
+/// every page comes by demand fault over it.
+fn lean(server: &Server, snap: &Snapshot) -> PagerConfig {
+    let mut cfg = config(server, snap, PrefetchPolicy::None);
+    cfg.fault_transport = FaultTransport::Lean;
+    cfg
+}
+
+/// Every page touched by [`TOUCHERS`] threads in shuffled orders, checked
+/// byte for byte; the stats show network faults and nothing corrupt.
+fn restore_by_faults(kind: BackingKind, cfg: impl FnOnce(&Server, &Snapshot) -> PagerConfig) {
+    let server = Server::start();
+    let snap = server.import("lean", PageSize::Size4K, image_4k(13, PAGES));
+    let Some((mem, _huge)) = memory(kind, snap.image.len()) else {
+        return;
+    };
+    let pager = start(cfg(&server, &snap), mem);
+    let mem = Mem::of(&pager, 0);
+    check_all(mem, &snap, TOUCHERS);
+    let s = complete(&pager);
+    assert!(s.pages_by_source.demand > 0, "{s:#?}");
+    assert_eq!(s.pages_by_source.prefetch, 0, "{s:#?}");
+    assert_eq!(s.corrupt_pages + s.poisoned_pages, 0, "{s:#?}");
+}
+
+/// Anonymous memory restored by demand faults over the lean transport (forced): every byte right.
+#[test]
+fn lean_demand_restore_anon() {
+    restore_by_faults(BackingKind::Anonymous, lean);
+}
+
+/// shmem memory (UFFDIO_CONTINUE) restored by demand faults over the lean transport: every byte right.
+#[test]
+fn lean_demand_restore_shmem() {
+    restore_by_faults(BackingKind::Shmem, lean);
+}
+
+/// The same restore with the `Fault` stream forced onto gRPC still works (the comparison switch).
+#[test]
+fn grpc_forced_demand_restore_anon() {
+    restore_by_faults(BackingKind::Anonymous, |server, snap| {
+        let mut cfg = config(server, snap, PrefetchPolicy::None);
+        cfg.fault_transport = FaultTransport::Grpc;
+        cfg
+    });
+}
+
+/// A server on 127.0.0.1 that requires tokens, on a runtime of its own.
+struct TokenServer {
+    _dir: tempfile::TempDir,
+    runtime: tokio::runtime::Runtime,
+    handle: Option<ServerHandle>,
+    snap: Snapshot,
+    /// Read on `lean*`.
+    token: String,
+    /// Read on `other*` only.
+    other: String,
+}
+
+impl TokenServer {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(LocalStore::new(dir.path().join("store")).unwrap());
+        let image = image_4k(17, PAGES);
+        let file = dir.path().join("mem.img");
+        std::fs::write(&file, &image).unwrap();
+        let id = SnapshotId::new("lean-1").unwrap();
+        faultline_server::import::import_file(
+            &*store,
+            id.clone(),
+            PageSize::Size4K,
+            &[],
+            &file,
+            |_| {},
+        )
+        .unwrap();
+        let tokens = dir.path().join("tokens.json");
+        let mut file = TokensFile::default();
+        let (token, _) = file
+            .add_new("vmm".into(), vec!["lean*".into()], vec![Right::Read])
+            .unwrap();
+        let (other, _) = file
+            .add_new("other".into(), vec!["other*".into()], vec![Right::Read])
+            .unwrap();
+        file.save(&tokens).unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let opts = ServeOptions {
+            tokens: Some(tokens),
+            ..ServeOptions::default()
+        };
+        let handle = runtime
+            .block_on(faultline_server::spawn_with(
+                "127.0.0.1:0".parse().unwrap(),
+                store as Arc<dyn SnapshotStore>,
+                opts,
+            ))
+            .unwrap();
+        Self {
+            _dir: dir,
+            runtime,
+            handle: Some(handle),
+            snap: Snapshot {
+                id,
+                image: Arc::new(image),
+                page_size: PAGE,
+            },
+            token,
+            other,
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.handle.as_ref().unwrap().addr()
+    }
+}
+
+impl Drop for TokenServer {
+    fn drop(&mut self) {
+        drop(self.handle.take());
+        let rt = std::mem::replace(
+            &mut self.runtime,
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap(),
+        );
+        rt.shutdown_background();
+    }
+}
+
+/// With tokens required, a restore over the lean transport with a valid token works byte for byte.
+#[test]
+fn lean_restore_with_token() {
+    let s = TokenServer::start();
+    let Some((mem, _)) = memory(BackingKind::Anonymous, s.snap.image.len()) else {
+        return;
+    };
+    let mut cfg = PagerConfig::new(format!("http://{}", s.addr()), s.snap.id.clone());
+    cfg.prefetch = PrefetchPolicy::None;
+    cfg.fault_transport = FaultTransport::Lean;
+    cfg.connect = ConnectOptions::from_files(None, None, None, Some(&s.token)).unwrap();
+    let pager = start(cfg, mem);
+    check_all(Mem::of(&pager, 0), &s.snap, TOUCHERS);
+    let st = complete(&pager);
+    assert!(st.pages_by_source.demand > 0, "{st:#?}");
+}
+
+/// Opens a raw lean connection to `addr` with `authorization` and asks to
+/// open `snapshot`; returns the server's first answer.
+fn raw_open(
+    addr: SocketAddr,
+    authorization: &str,
+    snapshot: &str,
+) -> faultline_proto::pb::FaultResponse {
+    use faultline_proto::pb;
+    let rt = runtime();
+    block_on(&rt, "a raw lean open", async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut io = frame::FrameStream::new(tcp, frame::MAX_ANSWER_FRAME_BYTES);
+        let hello = pb::FaultHello {
+            authorization: authorization.into(),
+        };
+        let open = pb::FaultRequest {
+            kind: Some(pb::fault_request::Kind::Open(pb::FaultOpen {
+                snapshot: snapshot.into(),
+                compression: 0,
+            })),
+        };
+        io.write_all_of(&frame::MAGIC, &[&hello, &open])
+            .await
+            .unwrap();
+        let first: pb::FaultResponse = io.read("a FaultResponse").await.unwrap().unwrap();
+        if first.result.is_some() {
+            // Refused: the server closes the connection after saying why.
+            let end = io.read::<pb::FaultResponse>("a FaultResponse").await;
+            assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
+        }
+        first
+    })
+}
+
+/// The lean transport checks tokens as gRPC does: none, a wrong one, or one without the right on the snapshot is refused with a clear error; the right one opens.
+#[test]
+fn lean_tokens_checked_like_grpc() {
+    use faultline_proto::pb::fault_response::Result as R;
+    let s = TokenServer::start();
+    let err = |r: faultline_proto::pb::FaultResponse| match r.result {
+        Some(R::Error(e)) => (e.code, e.message),
+        other => panic!("not refused: {other:?}"),
+    };
+    let unauthenticated = tonic::Code::Unauthenticated as i32;
+    let (code, msg) = err(raw_open(s.addr(), "", "lean-1"));
+    assert_eq!(code, unauthenticated, "{msg}");
+    assert!(
+        msg.contains("requires a token") && msg.contains("--token"),
+        "{msg}"
+    );
+    let (code, msg) = err(raw_open(s.addr(), "Bearer fl_not-a-real-token", "lean-1"));
+    assert_eq!(code, unauthenticated, "{msg}");
+    assert!(msg.contains("not valid on this server"), "{msg}");
+    let (code, msg) = err(raw_open(s.addr(), &format!("Bearer {}", s.other), "lean-1"));
+    assert_eq!(code, tonic::Code::PermissionDenied as i32, "{msg}");
+    assert!(msg.contains("does not grant read"), "{msg}");
+    let ok = raw_open(s.addr(), &format!("Bearer {}", s.token), "lean-1");
+    assert_eq!(ok, frame::opened());
+}
+
+/// A server (or proxy) that knows only HTTP/2: it forwards connections to
+/// `to` and closes those that start with the lean transport's magic, as a
+/// server from before the transport does.
+fn http2_only_proxy(to: SocketAddr) -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        // Ends with the test process.
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut head = [0u8; frame::MAGIC.len()];
+                if conn.read_exact(&mut head).is_err() || head == frame::MAGIC {
+                    return;
+                }
+                let Ok(mut up) = std::net::TcpStream::connect(to) else {
+                    return;
+                };
+                let _ = up.set_nodelay(true);
+                let _ = conn.set_nodelay(true);
+                up.write_all(&head).unwrap();
+                let (mut r1, mut w1) = (conn.try_clone().unwrap(), up.try_clone().unwrap());
+                let t = std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut r1, &mut w1);
+                    let _ = w1.shutdown(std::net::Shutdown::Write);
+                });
+                let _ = std::io::copy(&mut up, &mut conn);
+                let _ = conn.shutdown(std::net::Shutdown::Write);
+                let _ = t.join();
+            });
+        }
+    });
+    addr
+}
+
+/// With the default transport (auto), a server without the lean transport is served over gRPC instead: every byte right.
+#[test]
+fn auto_falls_back_to_grpc() {
+    let server = Server::start();
+    let snap = server.import("old", PageSize::Size4K, image_4k(19, PAGES));
+    let Some((mem, _)) = memory(BackingKind::Anonymous, snap.image.len()) else {
+        return;
+    };
+    let proxy = http2_only_proxy(server.addr());
+    let mut cfg = PagerConfig::new(format!("http://{proxy}"), snap.id.clone());
+    cfg.prefetch = PrefetchPolicy::None;
+    assert_eq!(cfg.fault_transport, FaultTransport::Auto);
+    let pager = start(cfg, mem);
+    check_all(Mem::of(&pager, 0), &snap, TOUCHERS);
+    let s = complete(&pager);
+    assert!(s.pages_by_source.demand > 0, "{s:#?}");
+}
+
+/// A server whose snapshot has one page flipped on disk (before it opened
+/// the snapshot); returns the page.
+fn corrupt(server: &Server, snap: &Snapshot) -> usize {
+    let bad = (PAGES as usize / 2..snap.pages() - 1)
+        .find(|&p| !snap.is_zero(p - 1) && !snap.is_zero(p) && !snap.is_zero(p + 1))
+        .expect("three adjacent pages with content");
+    let path = server.snapshot_dir(&snap.id).join("memory");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("open the snapshot's memory file");
+    let at = (bad * PAGE + 100) as u64;
+    let mut bytes = [0u8; 16];
+    file.seek(SeekFrom::Start(at)).unwrap();
+    file.read_exact(&mut bytes).unwrap();
+    for b in &mut bytes {
+        *b ^= 0x5a;
+    }
+    file.seek(SeekFrom::Start(at)).unwrap();
+    file.write_all(&bytes).unwrap();
+    file.sync_all().unwrap();
+    bad
+}
+
+/// Over the lean transport a page failing its digest is fetched again, then poisoned, never installed; its neighbours are right.
+#[test]
+fn lean_corrupt_page_never_installed() {
+    let server = Server::start();
+    let snap = server.import("bad", PageSize::Size4K, image_4k(23, PAGES));
+    let bad = corrupt(&server, &snap);
+    let Some((mem, _)) = memory(BackingKind::Anonymous, snap.image.len()) else {
+        return;
+    };
+    let mut cfg = lean(&server, &snap);
+    cfg.on_failure = OnFailure::Poison;
+    cfg.deadline = Duration::from_secs(2);
+    let pager = start(cfg, mem);
+    let mem = Mem::of(&pager, 0);
+    let rt = runtime();
+    let r = block_on(
+        &rt,
+        "Pager::fault on the corrupt page",
+        pager.fault(mem.base() + bad * PAGE, PAGE),
+    );
+    assert!(
+        matches!(r, Err(FaultError::Poisoned(p)) if p.0 == bad as u64),
+        "{r:?}"
+    );
+    let s = pager.stats();
+    assert_eq!(s.corrupt_pages, u64::from(CORRUPT_RETRIES) + 1, "{s:#?}");
+    assert_eq!(s.poisoned_pages, 1, "{s:#?}");
+    let good: Vec<usize> = (bad - 1..snap.pages()).filter(|&p| p != bad).collect();
+    assert_touched_right(mem, &snap, good);
+}
+
+/// Over the lean transport, killing the home server mid-restore fails over to the other one: every page right.
+#[test]
+fn lean_fails_over_when_home_server_killed() {
+    let a = Server::start();
+    let b = Server::start();
+    let image = image_4k(29, PAGES);
+    let snap = a.import("fleet", PageSize::Size4K, image.clone());
+    b.import("fleet", PageSize::Size4K, image);
+    let Some((mem, _)) = memory(BackingKind::Anonymous, snap.image.len()) else {
+        return;
+    };
+    let urls = vec![a.url(), b.url()];
+    let home_is_a = fleet::rendezvous(&urls, &snap.id)[0] == a.url();
+    let mut cfg = lean(&a, &snap);
+    cfg.servers = urls;
+    cfg.deadline = Duration::from_secs(60);
+    let pager = start(cfg, mem);
+    let mem = Mem::of(&pager, 0);
+    let early: Vec<usize> = (0..snap.pages()).step_by(97).collect();
+    assert!(touch_and_check(mem, &snap, vec![early]).is_empty());
+    let (mut home, other) = if home_is_a { (a, b) } else { (b, a) };
+    home.kill();
+    check_all(mem, &snap, TOUCHERS);
+    let s = complete(&pager);
+    assert_eq!(s.poisoned_pages + s.corrupt_pages, 0, "{s:#?}");
+    assert!(
+        s.reconnects >= 1,
+        "the link did not move to the other server: {s:#?}"
+    );
+    drop(other);
+}
+
+/// Over mutual TLS with a token, a restore by demand faults on the lean transport (forced) is right byte for byte.
+#[test]
+fn lean_over_mutual_tls_with_token() {
+    use faultline_server::testing::certs::{TestCa, Usage};
+    use faultline_server::tls::TlsFiles;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(LocalStore::new(dir.path().join("store")).unwrap());
+    let image = image_4k(31, PAGES);
+    let file = dir.path().join("mem.img");
+    std::fs::write(&file, &image).unwrap();
+    let id = SnapshotId::new("lean-tls").unwrap();
+    faultline_server::import::import_file(
+        &*store,
+        id.clone(),
+        PageSize::Size4K,
+        &[],
+        &file,
+        |_| {},
+    )
+    .unwrap();
+    let ca = TestCa::new("test CA");
+    let (server_cert, server_key) = ca
+        .issue(Usage::Server, "server")
+        .write(dir.path(), "server");
+    let ca_path = ca.write_cert(dir.path(), "ca");
+    let (cert, key) = ca.issue(Usage::Client, "vmm").write(dir.path(), "client");
+    let tokens = dir.path().join("tokens.json");
+    let mut tokens_file = TokensFile::default();
+    let (token, _) = tokens_file
+        .add_new("vmm".into(), vec!["lean*".into()], vec![Right::Read])
+        .unwrap();
+    tokens_file.save(&tokens).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let opts = ServeOptions {
+        tls: Some(TlsFiles {
+            cert: server_cert,
+            key: server_key,
+            client_ca: Some(ca_path.clone()),
+        }),
+        tokens: Some(tokens),
+        ..ServeOptions::default()
+    };
+    let handle = runtime
+        .block_on(faultline_server::spawn_with(
+            "127.0.0.1:0".parse().unwrap(),
+            store as Arc<dyn SnapshotStore>,
+            opts,
+        ))
+        .unwrap();
+    let snap = Snapshot {
+        id: id.clone(),
+        image: Arc::new(image),
+        page_size: PAGE,
+    };
+    let Some((mem, _)) = memory(BackingKind::Anonymous, snap.image.len()) else {
+        return;
+    };
+    let mut cfg = PagerConfig::new(handle.url(), id);
+    cfg.prefetch = PrefetchPolicy::None;
+    cfg.fault_transport = FaultTransport::Lean;
+    cfg.connect =
+        ConnectOptions::from_files(Some(&ca_path), Some(&cert), Some(&key), Some(&token)).unwrap();
+    let pager = start(cfg, mem);
+    check_all(Mem::of(&pager, 0), &snap, TOUCHERS);
+    let s = complete(&pager);
+    assert!(s.pages_by_source.demand > 0, "{s:#?}");
+    drop(pager.into_inner());
+    drop(handle);
+    runtime.shutdown_background();
+}

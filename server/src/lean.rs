@@ -1,0 +1,256 @@
+//! The lean fault transport, server side: a connection that starts with
+//! [`frame::MAGIC`] instead of HTTP/2's preface carries one `Fault` stream
+//! as length-delimited frames ([`faultline_proto::frame`]), answered on the
+//! connection's own task (docs/protocol.md, "The lean fault transport").
+//!
+//! It is the gRPC `Fault` stream without HTTP/2: the same messages, the
+//! token checked by the same [`Authenticator`] as the gRPC interceptor (the
+//! `FaultHello` carries what gRPC's `authorization` metadata would), the
+//! stream opened and each request answered by the same service code
+//! ([`FaultlineService::open_fault`], `FaultSession::answer`), with the same
+//! in-band errors and the same `--fault-concurrency`. The connection counts
+//! against the server's connection limit like any other (the accept loop
+//! holds its slot), its hello and `open` must arrive within the handshake
+//! timeout, frames are bounded by [`frame::MAX_REQUEST_FRAME_BYTES`], and a
+//! frame that is not one of this protocol gets an in-band error and closes
+//! the connection. A vanished client is found by TCP keepalive (the role
+//! HTTP/2 pings play for gRPC connections), set by the accept loop.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use faultline_proto::frame::{self, FrameError, FrameStream};
+use faultline_proto::pb;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::auth::{Access, Authenticator};
+use crate::service::{FaultSession, FaultlineService};
+
+/// Lean connections open now.
+pub const LEAN_CONNECTIONS_OPEN: &str = "faultline_server_lean_connections_open";
+
+/// What serves lean connections: the service and the tokens.
+#[derive(Clone, Debug)]
+pub struct LeanFault {
+    service: FaultlineService,
+    auth: Arc<Authenticator>,
+}
+
+/// Why a lean connection ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum LeanError {
+    /// The client sent no hello and `open` within the handshake timeout.
+    #[error("no hello and `open` within {0:?}")]
+    Timeout(Duration),
+    /// Reading or writing a frame failed.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The client closed the connection before its `open`.
+    #[error("the client closed the connection before opening the Fault stream")]
+    Closed,
+    /// The hello or `open` was refused (the client was told why).
+    #[error("refused: {0}")]
+    Refused(String),
+}
+
+impl LeanFault {
+    /// Serves with `service`, checking tokens with `auth`.
+    pub fn new(service: FaultlineService, auth: Arc<Authenticator>) -> Self {
+        Self { service, auth }
+    }
+
+    /// Serves one lean connection whose [`frame::MAGIC`] has been read,
+    /// until the client closes it, it breaks, or `stop` completes (the
+    /// server is shutting down: the answers in flight go out first).
+    pub async fn serve<S>(
+        &self,
+        io: S,
+        peer: Option<SocketAddr>,
+        handshake_timeout: Duration,
+        stop: impl Future<Output = ()>,
+    ) -> Result<(), LeanError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let _open = OpenGauge::new();
+        let mut io = FrameStream::new(io, frame::MAX_REQUEST_FRAME_BYTES);
+        let opened = tokio::time::timeout(handshake_timeout, self.open(&mut io, peer)).await;
+        let session = match opened {
+            Ok(Ok(s)) => s,
+            Ok(Err(Rejection { answer, error })) => {
+                if let Some(answer) = answer {
+                    // Best effort: the client may have gone already.
+                    let _ = io.write(&answer).await;
+                }
+                return Err(error);
+            }
+            Err(_) => return Err(LeanError::Timeout(handshake_timeout)),
+        };
+        io.write(&frame::opened()).await?;
+        self.answer_all(&mut io, session, stop).await
+    }
+
+    /// Reads the hello and the `open`, checks the token and opens the
+    /// stream's session.
+    async fn open<S>(
+        &self,
+        io: &mut FrameStream<S>,
+        peer: Option<SocketAddr>,
+    ) -> Result<Arc<FaultSession>, Rejection>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let t = crate::metrics::Request::start("fault_open");
+        let hello: pb::FaultHello = io
+            .read("a FaultHello")
+            .await
+            .map_err(Rejection::frame)?
+            .ok_or(Rejection::closed())?;
+        let access = self.authenticate(&hello).map_err(|status| {
+            tracing::debug!(?peer, "lean fault connection refused: {}", status.message());
+            Rejection::refused(status.code() as i32, status.message().to_owned())
+        })?;
+        let first: pb::FaultRequest = io
+            .read("a FaultRequest")
+            .await
+            .map_err(Rejection::frame)?
+            .ok_or(Rejection::closed())?;
+        let open = match first.kind {
+            Some(pb::fault_request::Kind::Open(open)) => open,
+            _ => {
+                let e =
+                    crate::Error::Sequence("the first message of a Fault stream must be `open`");
+                let status = t.fail(e);
+                return Err(Rejection::refused(
+                    status.code() as i32,
+                    status.message().to_owned(),
+                ));
+            }
+        };
+        self.service.open_fault(access, open).await.map_err(|e| {
+            let pb = e.to_pb();
+            t.fail(e);
+            Rejection::refused(pb.code, pb.message)
+        })
+    }
+
+    /// The token of `hello`, checked as the gRPC interceptor checks the
+    /// `authorization` metadata.
+    fn authenticate(&self, hello: &pb::FaultHello) -> Result<Access, tonic::Status> {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        if !hello.authorization.is_empty() {
+            let value = hello.authorization.parse().map_err(|_| {
+                tonic::Status::unauthenticated(
+                    "the `authorization` of the hello must be `Bearer TOKEN` in printable ASCII",
+                )
+            })?;
+            metadata.insert("authorization", value);
+        }
+        self.auth.authenticate(&metadata)
+    }
+
+    /// Answers requests until the client closes the connection: up to
+    /// `--fault-concurrency` at once, each written as soon as it is ready
+    /// (a cold page does not hold up the others), all on this task. New
+    /// requests are read only while there is room, so a client that does
+    /// not read its answers holds at most that many.
+    async fn answer_all<S>(
+        &self,
+        io: &mut FrameStream<S>,
+        session: Arc<FaultSession>,
+        stop: impl Future<Output = ()>,
+    ) -> Result<(), LeanError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let room = self.service.fault_concurrency();
+        let mut inflight = FuturesUnordered::new();
+        let mut stop = std::pin::pin!(stop);
+        let mut reading = true;
+        loop {
+            tokio::select! {
+                // Answers first: the one just asked is usually ready at once.
+                biased;
+                Some(answer) = inflight.next(), if !inflight.is_empty() => {
+                    io.write(&answer).await?;
+                }
+                read = io.read::<pb::FaultRequest>("a FaultRequest"),
+                    if reading && inflight.len() < room =>
+                {
+                    match read {
+                        Ok(Some(req)) => {
+                            let session = session.clone();
+                            inflight.push(async move { session.answer(req).await });
+                        }
+                        // The client is done.
+                        Ok(None) => reading = false,
+                        Err(e) if e.is_malformed() => {
+                            let msg = format!("{e}; closing the connection");
+                            let _ = io.write(&frame::refused(tonic::Code::InvalidArgument as i32, msg)).await;
+                            return Err(e.into());
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                () = &mut stop, if reading => reading = false,
+            }
+            if !reading && inflight.is_empty() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// A refused hello or `open`: what to tell the client, and the error.
+struct Rejection {
+    answer: Option<pb::FaultResponse>,
+    error: LeanError,
+}
+
+impl Rejection {
+    fn refused(code: i32, message: String) -> Self {
+        Self {
+            answer: Some(frame::refused(code, message.clone())),
+            error: LeanError::Refused(message),
+        }
+    }
+
+    fn frame(e: FrameError) -> Self {
+        let answer = e.is_malformed().then(|| {
+            frame::refused(
+                tonic::Code::InvalidArgument as i32,
+                format!("{e}; closing the connection"),
+            )
+        });
+        Self {
+            answer,
+            error: e.into(),
+        }
+    }
+
+    fn closed() -> Self {
+        Self {
+            answer: None,
+            error: LeanError::Closed,
+        }
+    }
+}
+
+/// Counts a lean connection in [`LEAN_CONNECTIONS_OPEN`] while it lives.
+struct OpenGauge;
+
+impl OpenGauge {
+    fn new() -> Self {
+        metrics::gauge!(LEAN_CONNECTIONS_OPEN).increment(1.0);
+        Self
+    }
+}
+
+impl Drop for OpenGauge {
+    fn drop(&mut self) {
+        metrics::gauge!(LEAN_CONNECTIONS_OPEN).decrement(1.0);
+    }
+}
