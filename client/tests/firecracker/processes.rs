@@ -618,7 +618,7 @@ fn one_vm_killed_the_others_go_on() {
 }
 
 /// VMs the handler cannot serve die of SIGBUS at their first access instead of hanging, each
-/// with a log line saying why: Firecracker's own 2 MiB handshake on a 4 KiB snapshot, regions
+/// with a log line saying why: Firecracker's own 2 MiB handshake (512 MiB) on a 1 MiB snapshot, regions
 /// that cannot be read (4 KiB and 2 MiB memory), a region past the snapshot's end, a snapshot
 /// the server does not have, and a server unreachable past the deadline.
 #[test]
@@ -648,7 +648,7 @@ fn unservable_vms_get_sigbus() {
     let cases = [
         (
             Body::Fixture(fixture("firecracker-1.16.1-handshake-2m.json")),
-            "--page-size 2M",
+            "past the end of snapshot fc",
         ),
         // Regions that cannot be read: each page faulted on is poisoned, 4 KiB or 2 MiB.
         (
