@@ -14,12 +14,16 @@
 //!   validated [`codec::PageBatch`].
 //! - [`error`]: [`ProtocolError`], what is wrong with a message, mapped to
 //!   `InvalidArgument`.
+//! - [`unix`]: Unix-domain sockets for both sides: binding one path per
+//!   process (stale replaced, live refused, mode 0600), `unix://` URLs, and
+//!   the page-file handover (a snapshot's image passed as a descriptor).
 
 pub mod backoff;
 pub mod bitmap;
 pub mod codec;
 pub mod error;
 pub mod model;
+pub mod unix;
 
 pub use bitmap::PageBitmap;
 pub use codec::Compression;

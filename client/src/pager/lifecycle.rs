@@ -406,7 +406,10 @@ impl Pager {
             .iter()
             .map(|_| Mutex::new(Readahead::new(ra_min / ps, ra_max / ps)))
             .collect();
+        // A server on this host may hand over its page file (source.rs).
+        let page_file = super::source::open(&config, &manifest, &config.servers[answered]);
         let shared = Arc::new(Shared {
+            page_file,
             table: pages::PageTable::new(manifest.page_count, &in_region, &manifest.zero_map),
             manifest,
             regions: states,

@@ -47,6 +47,9 @@ pub enum PrefetchError {
     /// The server sent nothing for this long.
     #[error("the server sent no prefetch batch for {0:?}")]
     Stalled(Duration),
+    /// Reading the page file failed (the stream is used instead).
+    #[error("reading the page file failed: {0}")]
+    PageFile(std::io::Error),
 }
 
 /// Streams `req` and installs every page it brings that is still missing,
@@ -57,6 +60,15 @@ pub(crate) async fn stream_into(
     req: pb::PrefetchRequest,
     source: Source,
 ) -> Result<(), PrefetchError> {
+    // On the server's host, the pages come from its page file instead.
+    if let Some(file) = &shared.page_file {
+        match super::source::prefetch(shared, file, &req, source).await {
+            Err(PrefetchError::PageFile(e)) => {
+                tracing::warn!("prefetch: {e}; streaming instead");
+            }
+            done => return done,
+        }
+    }
     let stalled = || PrefetchError::Stalled(STALL_TIMEOUT);
     let opening = async {
         let remote = Remote::connect_with(url, &shared.config.connect).await?;
@@ -96,7 +108,7 @@ pub(crate) async fn stream_into(
 /// whose retries and failure policy apply. If an install fails, its run is
 /// released ([`Shared::install_claimed`]): the only pages this call holds
 /// claimed at any time are that run's, so none stays claimed.
-fn install_unclaimed(shared: &Shared, run: &PageRun, source: Source) -> Result<(), InstallError> {
+pub(super) fn install_unclaimed(shared: &Shared, run: &PageRun, source: Source) -> Result<(), InstallError> {
     let ps = shared.manifest.page_size.bytes_usize();
     // Claimed, verified pages not installed yet: their region and first page.
     let mut pending: Option<(&RegionState, u64)> = None;
