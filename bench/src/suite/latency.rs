@@ -41,6 +41,7 @@ use serde_json::json;
 use super::floor::{Placement, Side, Switches};
 use super::report::{Plot, ratio};
 use super::sample::sample_pages;
+use super::unix::{Transport, UnixServer};
 use super::{
     Ctx, ImageSpec, Percentiles, ScenarioReport, Snapshot, Summary, Table, Target, start_pager,
 };
@@ -78,6 +79,10 @@ enum Method {
     Faultline,
     /// faultline, read-ahead off.
     FaultlineNoReadahead,
+    /// faultline from a server on a Unix socket, pages as bytes.
+    FaultlineUnixStream,
+    /// faultline from a server on a Unix socket, pages from its page file.
+    FaultlineUnixFile,
     /// The floor's local half: a `UFFDIO_COPY` handler from a local buffer.
     LocalHandler,
     /// The floor's network half: a loopback TCP ping-pong of a page.
@@ -92,11 +97,13 @@ enum Method {
 
 impl Method {
     /// Every method, in the order each repeat runs them.
-    const ALL: [Method; 7] = [
+    const ALL: [Method; 9] = [
         Self::Faultline,
         Self::LocalHandler,
         Self::Tcp,
         Self::FaultlineNoReadahead,
+        Self::FaultlineUnixStream,
+        Self::FaultlineUnixFile,
         Self::FileFault,
         Self::FilePageFault,
         Self::ZeroFill,
@@ -107,6 +114,8 @@ impl Method {
         match self {
             Self::Faultline => "faultline (gRPC, loopback)",
             Self::FaultlineNoReadahead => "faultline, read-ahead off",
+            Self::FaultlineUnixStream => "faultline over unix:// (byte stream)",
+            Self::FaultlineUnixFile => "faultline over unix:// + page file",
             Self::LocalHandler => "local uffd handler (poll thread, one UFFDIO_COPY)",
             Self::Tcp => "TCP ping-pong, 64 B -> 4 KiB",
             Self::FileFault => "plain fault, file mapping (page cache)",
@@ -120,6 +129,8 @@ impl Method {
         match self {
             Self::Faultline => "faultline",
             Self::FaultlineNoReadahead => "faultline_no_readahead",
+            Self::FaultlineUnixStream => "faultline_unix_stream",
+            Self::FaultlineUnixFile => "faultline_unix_file",
             Self::LocalHandler => "local_handler",
             Self::Tcp => "tcp",
             Self::FileFault => "file_fault",
@@ -193,6 +204,8 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
     let file = File::open(&snap.image).context("opening the image")?;
 
     let repeats = ctx.repeats();
+    // Before any placement pins the process's threads: its workers too.
+    let unix = UnixServer::start(ctx)?;
     let mut measured: HashMap<Placement, Measured> = Placement::ALL
         .into_iter()
         .map(|p| {
@@ -217,7 +230,8 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
                 let s = match method {
                     Method::Faultline | Method::FaultlineNoReadahead => {
                         let off = method == Method::FaultlineNoReadahead;
-                        let run = faultline(ctx, &snap, &sample, &zeros, off, &image)?;
+                        let via = (Transport::Tcp, &unix);
+                        let run = faultline(ctx, &snap, &sample, &zeros, off, &image, via)?;
                         out.pager_stats[usize::from(off)].push(run.stats);
                         out.switches[usize::from(off)].push(run.switches);
                         out.first.push(run.first);
@@ -225,6 +239,14 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
                             out.zero_samples.push(run.zero_samples);
                         }
                         run.samples
+                    }
+                    Method::FaultlineUnixStream | Method::FaultlineUnixFile => {
+                        let t = if method == Method::FaultlineUnixFile {
+                            Transport::UnixFile
+                        } else {
+                            Transport::UnixStream
+                        };
+                        faultline(ctx, &snap, &sample, &zeros, false, &image, (t, &unix))?.samples
                     }
                     Method::LocalHandler => local_handler(&image, &sample)?,
                     Method::FileFault => file_fault(&file, image.len(), &sample)?,
@@ -618,10 +640,12 @@ fn faultline(
     zeros: &[u64],
     readahead_off: bool,
     image: &[u8],
+    (transport, unix): (Transport, &UnixServer),
 ) -> anyhow::Result<PagerRun> {
     let memory = GuestMemory::anonymous(image.len())?;
     let mut config = PagerConfig::new(ctx.url(), snap.id.clone());
     config.prefetch = PrefetchPolicy::None;
+    transport.configure(&mut config, unix);
     if readahead_off {
         config.readahead = faultline_client::pager::NO_READAHEAD;
     }

@@ -29,6 +29,7 @@ pub mod render;
 pub mod report;
 pub mod restore;
 mod sample;
+pub mod unix;
 pub mod working_set;
 
 use std::collections::HashMap;
