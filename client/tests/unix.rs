@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{
-    Mem, PAGE, Rng, Server, Snapshot, assert_touched_right, block_on, check_all, complete,
-    config, image_2m, image_4k, memory, runtime, start, touch_and_check,
+    Mem, PAGE, Rng, Server, Snapshot, assert_touched_right, block_on, check_all, complete, config,
+    image_2m, image_4k, memory, runtime, start, touch_and_check,
 };
 use faultline_client::backing::BackingKind;
 use faultline_client::pager::{CORRUPT_RETRIES, FaultError, OnFailure, PrefetchPolicy};
@@ -105,7 +105,11 @@ fn demand_faults_read_the_page_file() {
     let pager = start(config(&server, &snap, PrefetchPolicy::None), mem);
     assert!(pager.reads_page_file());
     let mut rng = Rng::new(9);
-    let order = rng.shuffle(snap.data_pages()).into_iter().take(300).collect();
+    let order = rng
+        .shuffle(snap.data_pages())
+        .into_iter()
+        .take(300)
+        .collect();
     let bad = touch_and_check(Mem::of(&pager, 0), &snap, vec![order]);
     assert!(bad.is_empty(), "pages differ: {bad:?}");
     let s = pager.stats();
@@ -214,9 +218,17 @@ fn tokens_apply_on_the_unix_socket() {
     assert!(e.to_string().contains("Unauthenticated"), "{e}");
     let socket = faultline_proto::unix::unix_path(&url).unwrap();
     let refused = ask_page_file(&socket, "vm-1", None);
-    assert_eq!(refused.code, tonic::Code::Unauthenticated as i32, "{refused:?}");
+    assert_eq!(
+        refused.code,
+        tonic::Code::Unauthenticated as i32,
+        "{refused:?}"
+    );
     let denied = ask_page_file(&socket, other.id.as_str(), Some(&token));
-    assert_eq!(denied.code, tonic::Code::PermissionDenied as i32, "{denied:?}");
+    assert_eq!(
+        denied.code,
+        tonic::Code::PermissionDenied as i32,
+        "{denied:?}"
+    );
     let ok = ask_page_file(&socket, "vm-1", Some(&token));
     assert_eq!((ok.code, ok.page_count), (0, 256), "{ok:?}");
 
@@ -264,10 +276,14 @@ fn stale_socket_replaced_live_refused() {
         .unwrap_err();
     assert!(e.to_string().contains("is in use"), "{e}");
     let remote = rt.block_on(Remote::connect(&handle.url())).expect("serves");
-    assert!(rt.block_on(remote.client().list_snapshots(
-        faultline_proto::pb::ListSnapshotsRequest::default()
-    ))
-    .is_ok());
+    assert!(
+        rt.block_on(
+            remote
+                .client()
+                .list_snapshots(faultline_proto::pb::ListSnapshotsRequest::default())
+        )
+        .is_ok()
+    );
     drop(remote);
     rt.block_on(handle.shutdown()).expect("stops");
     assert!(!path.exists(), "the socket is removed on shutdown");
@@ -283,7 +299,10 @@ fn stale_socket_replaced_live_refused() {
     let e = rt
         .block_on(faultline_server::spawn_unix(&path, store, tls))
         .unwrap_err();
-    assert!(e.to_string().contains("TLS is not served on a Unix socket"), "{e}");
+    assert!(
+        e.to_string().contains("TLS is not served on a Unix socket"),
+        "{e}"
+    );
 }
 
 /// A volume (a layered snapshot, which has no single image file) cannot be handed over: the

@@ -75,7 +75,10 @@ impl std::fmt::Debug for PageFileRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PageFileRequest")
             .field("snapshot", &self.snapshot)
-            .field("authorization", &self.authorization.as_ref().map(|_| "<redacted>"))
+            .field(
+                "authorization",
+                &self.authorization.as_ref().map(|_| "<redacted>"),
+            )
             .field("working_set", &self.working_set)
             .finish()
     }
@@ -343,7 +346,10 @@ mod tests {
         let sock = dir.path().join("sock");
         let first = bind(&sock).expect("first bind");
         assert!(!first.replaced_stale());
-        let mode = std::fs::metadata(&sock).expect("socket").permissions().mode();
+        let mode = std::fs::metadata(&sock)
+            .expect("socket")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600, "{mode:o}");
         let e = bind(&sock).expect_err("in use");
         assert!(e.to_string().contains("another faultline process"), "{e}");

@@ -459,13 +459,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let security = server.describe_security();
     reload_on_sighup(server.reloader())?;
     let listener = match &listen {
-        server::Listen::Tcp(addr) => Listener::Tcp(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| {
-                    format!("cannot listen on {addr}; is another server running there?")
-                })?,
-        ),
+        server::Listen::Tcp(addr) => {
+            Listener::Tcp(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!("cannot listen on {addr}; is another server running there?")
+            })?)
+        }
         server::Listen::Unix(path) => {
             let socket = faultline_proto::unix::bind(path)?;
             if socket.replaced_stale() {
@@ -501,9 +499,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }
         });
     }
-    tracing::info!(
-        "serving {snapshots} snapshot(s) of {location} on {listening} ({security})"
-    );
+    tracing::info!("serving {snapshots} snapshot(s) of {location} on {listening} ({security})");
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!(

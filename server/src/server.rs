@@ -219,9 +219,9 @@ impl std::str::FromStr for Listen {
             }
             return Ok(Self::Unix(path));
         }
-        s.parse().map(Self::Tcp).map_err(|_| {
-            format!("{s:?} is neither HOST:PORT (127.0.0.1:7070) nor unix:///PATH")
-        })
+        s.parse()
+            .map(Self::Tcp)
+            .map_err(|_| format!("{s:?} is neither HOST:PORT (127.0.0.1:7070) nor unix:///PATH"))
     }
 }
 
@@ -416,7 +416,9 @@ impl Server {
             return Err(ServeError::TlsOnUnix(socket.path().to_owned()));
         }
         let std_listener = socket.take_listener();
-        std_listener.set_nonblocking(true).map_err(ServeError::Addr)?;
+        std_listener
+            .set_nonblocking(true)
+            .map_err(ServeError::Addr)?;
         let listener =
             tokio::net::UnixListener::from_std(std_listener).map_err(ServeError::Addr)?;
         let page_files = PageFiles {
@@ -729,10 +731,7 @@ enum Handshaken {
 
 /// Runs the TLS handshake (if any) and reads HTTP/2's connection preface,
 /// or, on a Unix socket, the page-file preface.
-async fn handshake(
-    io: Io,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-) -> std::io::Result<Handshaken> {
+async fn handshake(io: Io, tls: Option<tokio_rustls::TlsAcceptor>) -> std::io::Result<Handshaken> {
     let mut io = match (io, tls) {
         (Io::Plain(tcp), Some(acceptor)) => {
             Io::Tls(Box::new(acceptor.accept(tcp).await.map_err(|e| {
@@ -1114,7 +1113,17 @@ mod tests {
         let unix: Listen = "unix:///run/fl.sock".parse().unwrap();
         assert_eq!(unix, Listen::Unix(PathBuf::from("/run/fl.sock")));
         assert_eq!(unix.to_string(), "unix:///run/fl.sock");
-        assert!("unix://rel.sock".parse::<Listen>().unwrap_err().contains("absolute"));
-        assert!("nowhere".parse::<Listen>().unwrap_err().contains("unix:///PATH"));
+        assert!(
+            "unix://rel.sock"
+                .parse::<Listen>()
+                .unwrap_err()
+                .contains("absolute")
+        );
+        assert!(
+            "nowhere"
+                .parse::<Listen>()
+                .unwrap_err()
+                .contains("unix:///PATH")
+        );
     }
 }

@@ -328,6 +328,23 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
         met: floor_u.p50 > 0.0 && fl_u.p50 <= GOAL_UNPINNED_P50 * floor_u.p50,
     });
 
+    // The same-host transport's demand fault against the same floors.
+    for placement in Placement::ALL {
+        let reps = &measured[&placement].samples[index(Method::FaultlineUnixFile)];
+        let per: Vec<Percentiles> = reps.iter().map(|s| Percentiles::of(s)).collect();
+        let file = median_of(&per);
+        let floor = &floors[&placement];
+        report.targets.push(Target {
+            name: format!(
+                "demand-fault p50 over unix:// + page file vs the floor, {}",
+                placement.label()
+            ),
+            goal: format!("<= {GOAL_P50}x"),
+            value: ratio(file.p50, floor.p50),
+            met: floor.p50 > 0.0 && file.p50 <= GOAL_P50 * floor.p50,
+        });
+    }
+
     let pinned = &measured[&Placement::Pinned];
     let series: Vec<(String, Vec<f64>)> = Method::ALL
         .into_iter()

@@ -533,7 +533,10 @@ fn same_host(report: &mut ScenarioReport, ctx: &Ctx, repeats: usize, rows: &[Row
     );
     let per = |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x / y).collect() };
     let mut data = Vec::new();
-    for row in rows.iter().filter(|r| r.complete() && !r.unix_file_gbps.is_empty()) {
+    for row in rows
+        .iter()
+        .filter(|r| r.complete() && !r.unix_file_gbps.is_empty())
+    {
         let over_tcp = per(&row.unix_file_gbps, &row.faultline_gbps);
         let over_qemu = per(&row.unix_file_gbps, &qemu_gbps);
         let over_eager = per(&row.unix_file_gbps, &row.eager_gbps);

@@ -272,8 +272,16 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
     );
     let unix = UnixServer::start(ctx)?;
     let tcp = (Transport::Tcp, &unix);
-    let record = restored_run(ctx, &snapshot, tcp, PrefetchPolicy::None, true, &order, expected)
-        .context("recording the working set")?;
+    let record = restored_run(
+        ctx,
+        &snapshot,
+        tcp,
+        PrefetchPolicy::None,
+        true,
+        &order,
+        expected,
+    )
+    .context("recording the working set")?;
     bar.inc(1);
     let mut runs: Vec<Vec<Run>> = Mode::ALL.iter().map(|_| Vec::new()).collect();
     for _ in 0..repeats {

@@ -108,7 +108,11 @@ pub(crate) async fn stream_into(
 /// whose retries and failure policy apply. If an install fails, its run is
 /// released ([`Shared::install_claimed`]): the only pages this call holds
 /// claimed at any time are that run's, so none stays claimed.
-pub(super) fn install_unclaimed(shared: &Shared, run: &PageRun, source: Source) -> Result<(), InstallError> {
+pub(super) fn install_unclaimed(
+    shared: &Shared,
+    run: &PageRun,
+    source: Source,
+) -> Result<(), InstallError> {
     let ps = shared.manifest.page_size.bytes_usize();
     // Claimed, verified pages not installed yet: their region and first page.
     let mut pending: Option<(&RegionState, u64)> = None;

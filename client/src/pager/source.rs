@@ -122,7 +122,11 @@ fn read_working_set(answer: &PageFileResponse, manifest: &Manifest) -> Vec<PageR
     answer
         .working_set
         .iter()
-        .filter(|&&(start, count)| start.checked_add(count).is_some_and(|e| e <= manifest.page_count))
+        .filter(|&&(start, count)| {
+            start
+                .checked_add(count)
+                .is_some_and(|e| e <= manifest.page_count)
+        })
         .filter_map(|&(start, count)| PageRange::new(PageIndex(start), count))
         .collect()
 }
@@ -176,7 +180,10 @@ fn handover(
     while got.len() < 4 {
         got.push(read_byte(&mut stream)?);
     }
-    let len = frame_len(got[..4].try_into().expect("4 bytes"), MAX_PAGE_FILE_ANSWER_BYTES)?;
+    let len = frame_len(
+        got[..4].try_into().expect("4 bytes"),
+        MAX_PAGE_FILE_ANSWER_BYTES,
+    )?;
     let mut body = got.split_off(4);
     if body.len() < len {
         let mut rest = vec![0u8; len - body.len()];
