@@ -414,6 +414,21 @@ mod tests {
         SnapshotId::new(format!("vm-{i}")).expect("valid id")
     }
 
+    /// A unix:// server is kept as given, never resolved, beside other servers.
+    #[tokio::test]
+    async fn expand_keeps_unix_sockets() {
+        let urls = vec![
+            "unix:///run/fl.sock".to_owned(),
+            "http://10.0.0.1:7070".to_owned(),
+        ];
+        let mut opts = ConnectOptions::default();
+        let never = |host: String, _| async move {
+            Err::<Vec<SocketAddr>, _>(std::io::Error::other(format!("resolved {host}")))
+        };
+        let out = expand_with(&urls, &mut opts, never).await.expect("expands");
+        assert_eq!(out, urls);
+    }
+
     /// The order is a function of (servers, snapshot) alone: the same for any input order.
     #[test]
     fn rendezvous_is_stable() {

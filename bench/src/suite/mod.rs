@@ -9,6 +9,8 @@
 //!   [`working_set`] (3), [`fanout`] (4), [`copy_continue`] (5),
 //!   [`microvm`] (6), [`compression`] (7).
 //! - [`qemu`]: QEMU's postcopy migration, the restore scenario's baseline.
+//! - [`unix`]: a second in-process server on a Unix socket, for the
+//!   same-host transport's rows (latency, restore, working set).
 //! - `sample`: deterministic page choices shared by the scenarios.
 //!
 //! A [`Ctx`] is shared by the scenarios: it owns the work directory, the

@@ -309,7 +309,7 @@ impl Link {
             .collect();
         for old in due {
             let p = self.pending.remove(&old).expect("listed");
-            let Some(mut p) = self.from_page_file(p) else {
+            let Some(mut p) = self.answer_from_page_file(p) else {
                 continue;
             };
             let id = self.next_id;
@@ -340,7 +340,7 @@ impl Link {
                 d = rx.recv() => {
                     let Some(d) = d else { return false };
                     // On the server's host: from its page file, here.
-                    let Some(mut p) = self.from_page_file(Pending::new(d)) else {
+                    let Some(mut p) = self.answer_from_page_file(Pending::new(d)) else {
                         continue;
                     };
                     // The fault path: straight onto the wire.
@@ -403,7 +403,7 @@ impl Link {
     /// this thread): settled as an answer from the stream would be (digests
     /// checked, retries, policy). Gives `p` back to go on the stream
     /// otherwise.
-    fn from_page_file(&mut self, p: Pending) -> Option<Pending> {
+    fn answer_from_page_file(&mut self, p: Pending) -> Option<Pending> {
         let Some(file) = &self.shared.page_file else {
             return Some(p);
         };

@@ -358,7 +358,12 @@ pub(crate) async fn prefetch(
     source: Source,
 ) -> Result<(), PrefetchError> {
     let manifest = &shared.manifest;
-    let batch_pages = (shared.config.bulk.batch_bytes as u64 / manifest.page_size.bytes()).max(1);
+    // 0 asks the server for its default: the same size here.
+    let batch_bytes = match shared.config.bulk.batch_bytes {
+        0 => super::PREFETCH_BATCH_BYTES,
+        b => b,
+    };
+    let batch_pages = (batch_bytes / manifest.page_size.bytes()).max(1);
     for range in plan(file, manifest, req) {
         let mut start = range.start().0;
         while start < range.end() {
