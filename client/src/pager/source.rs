@@ -364,6 +364,9 @@ pub(crate) async fn prefetch(
         b => b,
     };
     let batch_pages = (batch_bytes / manifest.page_size.bytes()).max(1);
+    // Pages since the last wake-up of waiters and yield: a working set is
+    // mostly one-page runs, and doing both per run cost more than the reads.
+    let mut since = 0;
     for range in plan(file, manifest, req) {
         let mut start = range.start().0;
         while start < range.end() {
@@ -383,14 +386,19 @@ pub(crate) async fn prefetch(
                     shared.install_zero_pages(region, *zero, Caller::Other);
                 }
             }
-            shared.progress.notify_waiters();
-            if shared.is_stopping() {
-                return Ok(());
+            since += count;
+            if since >= batch_pages {
+                since = 0;
+                shared.progress.notify_waiters();
+                if shared.is_stopping() {
+                    return Ok(());
+                }
+                // The reads are blocking: let the runtime's other tasks (the
+                // watcher) run between batches.
+                tokio::task::yield_now().await;
             }
-            // The reads are blocking: let the runtime's other tasks (the
-            // watcher) run between batches.
-            tokio::task::yield_now().await;
         }
     }
+    shared.progress.notify_waiters();
     Ok(())
 }
