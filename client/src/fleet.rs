@@ -199,7 +199,15 @@ where
     }
     let mut tls_names: Vec<String> = Vec::new();
     let mut parsed = Vec::new();
+    let mut out: Vec<String> = Vec::new();
     for url in urls {
+        // A Unix socket names one server on this host: nothing to resolve.
+        if faultline_proto::unix::unix_path(url).is_some() {
+            if !out.contains(url) {
+                out.push(url.clone());
+            }
+            continue;
+        }
         let p = parse(url)?;
         if p.scheme == "https" && p.ip.is_none() && !tls_names.contains(&p.host) {
             tls_names.push(p.host.clone());
@@ -212,7 +220,6 @@ where
             .domain
             .as_ref()
             .is_none_or(|d| d.eq_ignore_ascii_case(&tls_names[0]));
-    let mut out: Vec<String> = Vec::new();
     let push = |u: String, out: &mut Vec<String>| {
         if !out.contains(&u) {
             out.push(u);
@@ -421,6 +428,21 @@ mod tests {
 
     fn snap(i: usize) -> SnapshotId {
         SnapshotId::new(format!("vm-{i}")).expect("valid id")
+    }
+
+    /// A unix:// server is kept as given, never resolved, beside other servers.
+    #[tokio::test]
+    async fn expand_keeps_unix_sockets() {
+        let urls = vec![
+            "unix:///run/fl.sock".to_owned(),
+            "http://10.0.0.1:7070".to_owned(),
+        ];
+        let mut opts = ConnectOptions::default();
+        let never = |host: String, _| async move {
+            Err::<Vec<SocketAddr>, _>(std::io::Error::other(format!("resolved {host}")))
+        };
+        let out = expand_with(&urls, &mut opts, never).await.expect("expands");
+        assert_eq!(out, urls);
     }
 
     /// The order is a function of (servers, snapshot) alone: the same for any input order.

@@ -16,11 +16,14 @@
 //! - [`strategy`]: registering a region and choosing CONTINUE, COPY or eager filling from the
 //!   kernel's answer, honouring a forced [`strategy::Mode`].
 //! - [`pager`]: the engine: fault threads, page states, the demand link with read-ahead and
-//!   reconnection, the prefetcher, installation, completion, failure policy, statistics;
+//!   reconnection, the prefetcher, installation, completion, failure policy, statistics, and
+//!   the page file of a server on this host (pages read from its image, handed over on its
+//!   Unix socket);
 //!   [`pager::far`]: far memory, a region larger than its local budget backed by a volume
 //!   (write-protect dirty tracking, CLOCK eviction, write-back, flush).
 //! - [`remote`]: connections to a faultline server ([`remote::ConnectOptions`]: TLS for
-//!   `https://`, a client certificate, the bearer token), the manifest, verified page batches.
+//!   `https://`, a client certificate, the bearer token; `unix:///PATH` for a server on this
+//!   host), the manifest, verified page batches.
 //! - [`restore`]: a whole restore in one process (`faultline restore`): memory, pager, touching
 //!   threads, verification, summary; and its far-memory form (`--volume --budget`).
 //! - [`firecracker`]: `faultline fc-handler`: Firecracker's UFFD snapshot-restore handshake on a

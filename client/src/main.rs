@@ -46,7 +46,8 @@ enum Command {
         /// it as the handler's lock.
         #[arg(long)]
         socket: PathBuf,
-        /// The server, http://HOST:PORT or https://HOST:PORT. For a fleet, repeat it or give a DNS
+        /// The server, http://HOST:PORT, https://HOST:PORT, or unix:///PATH for one on this host
+        /// (pages then come from its page file, docs/protocol.md). For a fleet, repeat it or give a DNS
         /// name with several addresses: each snapshot's home server is chosen by rendezvous
         /// hashing, the others (ready ones first) are where it fails over to.
         #[arg(long = "server", env = "FAULTLINE_SERVER", required = true)]
@@ -80,7 +81,8 @@ enum Command {
     },
     /// Download a whole snapshot into a raw memory file, every page verified.
     Fetch {
-        /// The server, http://HOST:PORT or https://HOST:PORT. For a fleet, repeat it or give a DNS
+        /// The server, http://HOST:PORT, https://HOST:PORT, or unix:///PATH for one on this host
+        /// (pages then come from its page file, docs/protocol.md). For a fleet, repeat it or give a DNS
         /// name with several addresses: each snapshot's home server is chosen by rendezvous
         /// hashing, the others (ready ones first) are where it fails over to.
         #[arg(long = "server", env = "FAULTLINE_SERVER", required = true)]
@@ -135,7 +137,8 @@ impl ConnectArgs {
 /// `faultline restore`'s arguments.
 #[derive(clap::Args, Debug)]
 struct RestoreArgs {
-    /// The server, http://HOST:PORT or https://HOST:PORT. For a fleet, repeat it or give a DNS
+    /// The server, http://HOST:PORT, https://HOST:PORT, or unix:///PATH for one on this host
+    /// (pages then come from its page file, docs/protocol.md). For a fleet, repeat it or give a DNS
     /// name with several addresses: each snapshot's home server is chosen by rendezvous
     /// hashing, the others (ready ones first) are where it fails over to.
     #[arg(long = "server", env = "FAULTLINE_SERVER", required = true)]

@@ -6,6 +6,12 @@
 //! one TCP stream (QEMU's postcopy-preempt lesson). [`Remote::connect`] opens
 //! one; open two for the two paths.
 //!
+//! A server on this host may be reached on its Unix socket, `unix:///PATH`:
+//! the same gRPC, tokens and checks over a Unix-domain socket instead of TCP
+//! (no TLS: the socket never leaves the host). On such a connection the
+//! pager can also take a snapshot's pages from its image file, handed over
+//! by the server ([`crate::pager`]'s page source, `faultline_proto::unix`).
+//!
 //! [`ConnectOptions`] say how: TLS for `https://` servers (a CA file, and a
 //! client certificate for mutual TLS), the bearer token sent with every
 //! call, and the transport's tuning. The pager, fetch, restore and the
@@ -49,6 +55,10 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// HTTP/2 keepalive: detects a dead server on an idle connection.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 
+/// The URI a Unix socket's channel is given (tonic needs one); never
+/// resolved or dialled.
+const UNIX_AUTHORITY: &str = "http://faultline.local";
+
 /// Transport settings of a connection; the defaults are the constants
 /// above. `None` leaves a setting to hyper's default. Benchmarks vary them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,6 +89,12 @@ pub const TOKEN_ENV: &str = "FAULTLINE_TOKEN";
 pub struct Token(AsciiMetadataValue);
 
 impl Token {
+    /// The `authorization` value sent (`Bearer TOKEN`), for the page-file
+    /// handover, which authorizes as a call does.
+    pub(crate) fn header_value(&self) -> &str {
+        self.0.to_str().expect("checked to be printable ASCII")
+    }
+
     /// Checks `token` (printable ASCII, as gRPC metadata must be).
     pub fn new(token: &str) -> Result<Self, RemoteError> {
         let token = token.trim();
@@ -151,6 +167,10 @@ pub struct ConnectOptions {
     pub token: Option<Token>,
     /// Transport settings.
     pub transport: Transport,
+    /// On a `unix://` server, take pages as bytes on the stream even where
+    /// the server could hand over the snapshot's file (for comparisons; the
+    /// file is faster).
+    pub no_page_file: bool,
 }
 
 /// Reads a PEM file for [`ConnectOptions::from_files`].
@@ -200,6 +220,7 @@ impl ConnectOptions {
             },
             token: Token::from_arg_or_env(token)?,
             transport: Transport::default(),
+            no_page_file: false,
         })
     }
 
@@ -248,7 +269,10 @@ fn with_causes(mut s: String, mut source: Option<&dyn std::error::Error>) -> Str
 
 /// What to check when a connection fails.
 fn connect_hint(url: &str) -> &'static str {
-    if url.starts_with("https://") {
+    if url.starts_with(faultline_proto::unix::UNIX_SCHEME) {
+        "is `faultline-server serve --listen unix:///PATH` running there, and may this user open \
+         the socket (it is mode 0600: the server's user only)?"
+    } else if url.starts_with("https://") {
         "is `faultline-server serve` running there with TLS, does --ca hold the CA that signed \
          its certificate, and does it want a client certificate (--cert, --key)?"
     } else {
@@ -270,7 +294,7 @@ fn status_text(status: &tonic::Status) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
     /// The URL is not a valid endpoint.
-    #[error("{url:?} is not a server URL; use http://HOST:PORT ({source})")]
+    #[error("{url:?} is not a server URL; use http://HOST:PORT or unix:///PATH ({source})")]
     BadUrl {
         /// The URL given.
         url: String,
@@ -299,6 +323,15 @@ pub enum RemoteError {
     /// `--cert` without `--key` or the reverse.
     #[error("a client certificate needs both --cert and --key")]
     IncompleteIdentity,
+    /// TLS options for a Unix socket.
+    #[error(
+        "{url} is a Unix socket, which carries no TLS (it never leaves this host), but TLS \
+         options (--ca, --cert) were given; drop them or use https://"
+    )]
+    TlsOptionsOnUnix {
+        /// The URL.
+        url: String,
+    },
     /// TLS options for a plaintext URL.
     #[error("{url} is plaintext (http://) but TLS options (--ca, --cert) were given; use https://")]
     TlsOptionsWithoutTls {
@@ -348,6 +381,7 @@ impl RemoteError {
             | Self::TlsFile { .. }
             | Self::IncompleteIdentity
             | Self::TlsOptionsWithoutTls { .. }
+            | Self::TlsOptionsOnUnix { .. }
             | Self::BadToken(_) => false,
         }
     }
@@ -362,8 +396,9 @@ pub struct Remote {
 }
 
 impl Remote {
-    /// Connects to `url` (`http://HOST:PORT`, or `https://HOST:PORT` with the
-    /// system's CA roots) with the default transport and no token.
+    /// Connects to `url` (`http://HOST:PORT`, `https://HOST:PORT` with the
+    /// system's CA roots, or `unix:///PATH`) with the default transport and
+    /// no token.
     pub async fn connect(url: &str) -> Result<Self, RemoteError> {
         Self::connect_with(url, &ConnectOptions::default()).await
     }
@@ -371,8 +406,16 @@ impl Remote {
     /// Connects to `url` with `opts`: TLS for `https://`, the token, the
     /// transport settings.
     pub async fn connect_with(url: &str, opts: &ConnectOptions) -> Result<Self, RemoteError> {
+        let unix = faultline_proto::unix::unix_path(url);
         let transport = opts.transport;
-        let endpoint = Endpoint::from_shared(url.to_owned())
+        // A Unix socket's endpoint needs some http:// URI for HTTP/2's
+        // `:authority`; the connector below ignores it.
+        let endpoint_url = if unix.is_some() {
+            UNIX_AUTHORITY.to_owned()
+        } else {
+            url.to_owned()
+        };
+        let endpoint = Endpoint::from_shared(endpoint_url)
             .map_err(|source| RemoteError::BadUrl {
                 url: url.to_owned(),
                 source,
@@ -385,7 +428,14 @@ impl Remote {
             .initial_stream_window_size(transport.stream_window)
             .initial_connection_window_size(transport.connection_window)
             .max_frame_size(transport.max_frame);
-        let endpoint = if endpoint.uri().scheme_str() == Some("https") {
+        let endpoint = if unix.is_some() {
+            if opts.tls.ca.is_some() || opts.tls.identity.is_some() {
+                return Err(RemoteError::TlsOptionsOnUnix {
+                    url: url.to_owned(),
+                });
+            }
+            endpoint
+        } else if endpoint.uri().scheme_str() == Some("https") {
             let mut tls = ClientTlsConfig::new();
             tls = match &opts.tls.ca {
                 Some(ca) => tls.ca_certificate(ca.clone()),
@@ -411,13 +461,23 @@ impl Remote {
             }
             endpoint
         };
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|cause| RemoteError::Connect {
-                url: url.to_owned(),
-                cause,
-            })?;
+        let connected = match unix {
+            Some(path) => {
+                let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+                    let path = path.clone();
+                    async move {
+                        let stream = tokio::net::UnixStream::connect(path).await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                    }
+                });
+                endpoint.connect_with_connector(connector).await
+            }
+            None => endpoint.connect().await,
+        };
+        let channel = connected.map_err(|cause| RemoteError::Connect {
+            url: url.to_owned(),
+            cause,
+        })?;
         let client =
             FaultlineClient::with_interceptor(channel.clone(), Authorize(opts.token.clone()))
                 .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES)

@@ -16,6 +16,9 @@
 //!   `InvalidArgument`.
 //! - [`frame`]: the lean fault transport's length-delimited frames of the
 //!   `Fault` stream's messages on a raw byte stream (no HTTP/2).
+//! - [`unix`]: Unix-domain sockets for both sides: binding one path per
+//!   process (stale replaced, live refused, mode 0600), `unix://` URLs, and
+//!   the page-file handover (a snapshot's image passed as a descriptor).
 
 pub mod backoff;
 pub mod bitmap;
@@ -23,6 +26,7 @@ pub mod codec;
 pub mod error;
 pub mod frame;
 pub mod model;
+pub mod unix;
 
 pub use bitmap::PageBitmap;
 pub use codec::Compression;

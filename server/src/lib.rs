@@ -25,7 +25,10 @@
 //! - [`server`]: [`server::Server`], the transport with its tuning and
 //!   connection limits, its own accept loop (TLS handshakes, `TCP_NODELAY`),
 //!   health, reflection, reloading and graceful shutdown; [`server::spawn`]
-//!   runs one on a background task.
+//!   runs one on a background task; [`server::spawn_unix`] one on a Unix
+//!   socket (for a server on the VM's own host).
+//! - [`page_file`]: the page-file handover on the Unix socket: a snapshot's
+//!   image passed to a client on this host as a file descriptor.
 //! - [`tls`]: the server's certificate, key and client CA from PEM files,
 //!   reloadable.
 //! - [`auth`]: bearer tokens (the tokens file, hashed), their rights on
@@ -49,6 +52,7 @@ pub mod import;
 pub mod lean;
 pub mod limits;
 pub mod metrics;
+pub mod page_file;
 pub mod readiness;
 pub mod server;
 pub mod service;
@@ -58,6 +62,8 @@ pub mod tls;
 
 pub use error::Error;
 pub use limits::Limits;
-pub use server::{ServeOptions, Server, ServerHandle, run, spawn, spawn_with, spawn_with_limits};
+pub use server::{
+    ServeOptions, Server, ServerHandle, run, spawn, spawn_unix, spawn_with, spawn_with_limits,
+};
 pub use service::FaultlineService;
 pub use store::{LocalStore, SnapshotStore};

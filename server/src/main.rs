@@ -185,9 +185,11 @@ struct ServeArgs {
     /// from the AWS_* variables).
     #[arg(long, env = "FAULTLINE_STORE")]
     store: StoreLocation,
-    /// Address for gRPC.
+    /// Where to serve gRPC: HOST:PORT, or unix:///PATH for a Unix socket (clients on this
+    /// host only; created mode 0600, a stale socket replaced, a live one refused, removed on
+    /// shutdown; no TLS there; a client on it may take pages as a file instead of bytes).
     #[arg(long, default_value = "127.0.0.1:7070")]
-    listen: SocketAddr,
+    listen: server::Listen,
     /// Address for Prometheus metrics (GET /metrics) and the liveness and readiness probes
     /// (GET /livez, /readyz); none if not given.
     #[arg(long)]
@@ -413,9 +415,15 @@ fn open_local(dir: PathBuf, limits: &Limits) -> anyhow::Result<LocalStore> {
 #[tokio::main]
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let opts = args.options()?;
-    let listen = args.listen;
+    let listen = args.listen.clone();
     let metrics_listen = args.metrics_listen;
-    server::check_exposure(listen, &opts)?;
+    match &listen {
+        server::Listen::Tcp(addr) => server::check_exposure(*addr, &opts)?,
+        server::Listen::Unix(path) if opts.tls.is_some() => {
+            return Err(server::ServeError::TlsOnUnix(path.clone()).into());
+        }
+        server::Listen::Unix(_) => {}
+    }
     // Before the store, whose cache reports its capacity as it starts, and
     // before the metrics endpoint answers: every series is there from its
     // first scrape.
@@ -450,9 +458,27 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let server = Server::new(store, opts)?.with_readiness(readiness.clone());
     let security = server.describe_security();
     reload_on_sighup(server.reloader())?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}; is another server running there?"))?;
+    let listener = match &listen {
+        server::Listen::Tcp(addr) => {
+            Listener::Tcp(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!("cannot listen on {addr}; is another server running there?")
+            })?)
+        }
+        server::Listen::Unix(path) => {
+            let socket = faultline_proto::unix::bind(path)?;
+            if socket.replaced_stale() {
+                tracing::info!(
+                    "replaced the stale socket {} (left by a server that died)",
+                    path.display()
+                );
+            }
+            Listener::Unix(socket)
+        }
+    };
+    let listening = match &listener {
+        Listener::Tcp(l) => l.local_addr()?.to_string(),
+        Listener::Unix(_) => listen.to_string(),
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     if let Some(addr) = metrics_listen {
         let metrics_listener = tokio::net::TcpListener::bind(addr)
@@ -473,10 +499,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }
         });
     }
-    tracing::info!(
-        "serving {snapshots} snapshot(s) of {location} on {} ({security})",
-        listener.local_addr()?
-    );
+    tracing::info!("serving {snapshots} snapshot(s) of {location} on {listening} ({security})");
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!(
@@ -491,13 +514,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         std::process::exit(1);
     });
     let mut stop = stop_rx;
-    server
-        .run(listener, async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .await?;
+    let stopped = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    match listener {
+        Listener::Tcp(l) => server.run(l, stopped).await?,
+        // Removes the socket file once serving ends.
+        Listener::Unix(socket) => server.run_unix(socket, stopped).await?,
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What `serve` listens on, bound.
+enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(faultline_proto::unix::UnixSocket),
 }
 
 /// Reloads certificates and tokens on every SIGHUP, saying what was taken.

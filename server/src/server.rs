@@ -11,9 +11,15 @@
 //! finish TLS and send HTTP/2's preface. A connection that sends the lean
 //! fault transport's magic instead is served by [`crate::lean`] on the
 //! same port.
+//!
+//! The same loop serves a Unix socket ([`Server::run_unix`],
+//! `--listen unix:///PATH`), for a server on the VM's own host: gRPC and the
+//! lean transport as on TCP (tokens and limits the same, no TLS), each
+//! client's credentials (`SO_PEERCRED`) logged, and the page-file handover
+//! ([`crate::page_file`]) on connections that ask for it.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -28,6 +34,7 @@ use tonic::service::interceptor::InterceptedService;
 use crate::auth::{AuthInterceptor, Authenticator, TokensError};
 use crate::lean::LeanFault;
 use crate::limits::Limits;
+use crate::page_file::PageFiles;
 use crate::readiness::Readiness;
 use crate::service::FaultlineService;
 use crate::store::SnapshotStore;
@@ -168,6 +175,14 @@ pub enum ServeError {
     /// The listener's address could not be read.
     #[error("cannot read the listening address: {0}")]
     Addr(std::io::Error),
+    /// The Unix socket could not be bound.
+    #[error(transparent)]
+    Unix(#[from] faultline_proto::unix::BindError),
+    /// TLS asked for on a Unix socket.
+    #[error(
+        "TLS is not served on a Unix socket ({0}): the socket never leaves this host, and who may          connect is the socket file's permissions (mode 0600, the server's user); drop          --tls-cert/--tls-key, or listen on TCP for TLS"
+    )]
+    TlsOnUnix(PathBuf),
     /// Asked to serve beyond loopback without TLS or tokens, and without the
     /// flag that allows it.
     #[error(
@@ -184,6 +199,43 @@ pub enum ServeError {
         /// How to allow it.
         fix: &'static str,
     },
+}
+
+/// Where `faultline-server serve --listen` listens: a TCP address
+/// (`127.0.0.1:7070`) or a Unix socket (`unix:///run/faultline.sock`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listen {
+    /// A TCP address.
+    Tcp(SocketAddr),
+    /// A Unix socket's path.
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = faultline_proto::unix::unix_path(s) {
+            if !path.is_absolute() {
+                return Err(format!(
+                    "{s:?}: a Unix socket needs an absolute path, as in unix:///run/faultline.sock"
+                ));
+            }
+            return Ok(Self::Unix(path));
+        }
+        s.parse()
+            .map(Self::Tcp)
+            .map_err(|_| format!("{s:?} is neither HOST:PORT (127.0.0.1:7070) nor unix:///PATH"))
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "{a}"),
+            Self::Unix(p) => write!(f, "{}{}", faultline_proto::unix::UNIX_SCHEME, p.display()),
+        }
+    }
 }
 
 /// Whether `addr` can only be reached from this machine.
@@ -352,26 +404,77 @@ impl Server {
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ServeError> {
-        let addr = listener.local_addr().map_err(ServeError::Addr)?;
-        check_exposure(addr, &self.opts)?;
-        if !is_loopback(addr) {
-            if self.opts.tls.is_none() {
-                tracing::warn!(
-                    "--insecure-plaintext: serving plaintext on {addr}; pages and tokens cross \
-                     the network unencrypted"
-                );
+        self.serve(Listener::Tcp(listener), shutdown).await
+    }
+
+    /// Serves the Unix socket `socket` (bound with
+    /// [`faultline_proto::unix::bind`]) until `shutdown` completes, like
+    /// [`Server::run`]; the socket file is removed when serving ends. TLS is
+    /// refused ([`ServeError::TlsOnUnix`]).
+    pub async fn run_unix(
+        self,
+        mut socket: faultline_proto::unix::UnixSocket,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ServeError> {
+        if self.opts.tls.is_some() {
+            return Err(ServeError::TlsOnUnix(socket.path().to_owned()));
+        }
+        let std_listener = socket.take_listener();
+        std_listener
+            .set_nonblocking(true)
+            .map_err(ServeError::Addr)?;
+        let listener =
+            tokio::net::UnixListener::from_std(std_listener).map_err(ServeError::Addr)?;
+        let page_files = PageFiles {
+            store: self.store.clone(),
+            auth: self.auth.clone(),
+        };
+        let served = self
+            .serve(Listener::Unix(listener, Arc::new(page_files)), shutdown)
+            .await;
+        // Removes the socket file (and releases its lock) now that nothing
+        // accepts on it.
+        drop(socket);
+        served
+    }
+
+    async fn serve(
+        self,
+        listener: Listener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ServeError> {
+        match &listener {
+            Listener::Tcp(tcp) => {
+                let addr = tcp.local_addr().map_err(ServeError::Addr)?;
+                check_exposure(addr, &self.opts)?;
+                if !is_loopback(addr) {
+                    if self.opts.tls.is_none() {
+                        tracing::warn!(
+                            "--insecure-plaintext: serving plaintext on {addr}; pages and tokens cross \
+                             the network unencrypted"
+                        );
+                    }
+                    if !self.auth.required() {
+                        tracing::warn!(
+                            "--insecure-no-auth: serving without tokens on {addr}; anyone who reaches it \
+                             may read every snapshot and upload new ones"
+                        );
+                    }
+                } else if self.opts.tls.is_none() && !self.auth.required() {
+                    tracing::info!(
+                        "no TLS and no tokens: listening on loopback ({addr}) only; to serve a network, \
+                         pass --tls-cert/--tls-key and --tokens"
+                    );
+                }
             }
-            if !self.auth.required() {
-                tracing::warn!(
-                    "--insecure-no-auth: serving without tokens on {addr}; anyone who reaches it \
-                     may read every snapshot and upload new ones"
-                );
-            }
-        } else if self.opts.tls.is_none() && !self.auth.required() {
-            tracing::info!(
-                "no TLS and no tokens: listening on loopback ({addr}) only; to serve a network, \
-                 pass --tls-cert/--tls-key and --tokens"
-            );
+            // Only processes on this host reach a Unix socket, and only those
+            // the socket file's mode (0600) lets connect: not network
+            // exposure, so neither TLS nor tokens are demanded.
+            Listener::Unix(..) if !self.auth.required() => tracing::info!(
+                "no tokens on the Unix socket: every process of this user (the socket is mode \
+                 0600) may read every snapshot; pass --tokens to require them"
+            ),
+            Listener::Unix(..) => {}
         }
         if self.auth.required() && self.auth.count() == 0 {
             tracing::warn!(
@@ -463,11 +566,79 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Accepts TCP connections, within the connection limit, and hands each to
-/// tonic once its handshake (TLS, then HTTP/2's preface) is done. Ends, and
-/// closes the listening socket, when tonic stops taking connections.
+/// What the server accepts connections on.
+enum Listener {
+    Tcp(tokio::net::TcpListener),
+    /// A Unix socket, and what its page-file requests need.
+    Unix(tokio::net::UnixListener, Arc<PageFiles>),
+}
+
+impl Listener {
+    async fn accept(&self) -> std::io::Result<(Io, Peer)> {
+        match self {
+            Self::Tcp(l) => {
+                let (tcp, addr) = l.accept().await?;
+                // Nagle's algorithm must be off: with it, a small answer
+                // waits for the peer's delayed ACK (measured: 44 ms per 4 KiB
+                // unary call).
+                tcp.set_nodelay(true)?;
+                Ok((Io::Plain(tcp), Peer::Tcp(addr)))
+            }
+            Self::Unix(l, _) => {
+                let (unix, _) = l.accept().await?;
+                let cred = unix.peer_cred().ok();
+                Ok((
+                    Io::Unix(unix),
+                    Peer::Unix {
+                        pid: cred.and_then(|c| c.pid()),
+                        uid: cred.map(|c| c.uid()),
+                    },
+                ))
+            }
+        }
+    }
+
+    fn page_files(&self) -> Option<Arc<PageFiles>> {
+        match self {
+            Self::Tcp(_) => None,
+            Self::Unix(_, p) => Some(p.clone()),
+        }
+    }
+}
+
+/// Who connected: a TCP address, or a Unix socket's peer credentials
+/// (`SO_PEERCRED`, what the kernel says of the connecting process).
+#[derive(Clone, Copy, Debug)]
+enum Peer {
+    Tcp(SocketAddr),
+    Unix { pid: Option<i32>, uid: Option<u32> },
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "{a}"),
+            Self::Unix { pid, uid } => {
+                f.write_str("unix peer")?;
+                if let Some(pid) = pid {
+                    write!(f, " pid {pid}")?;
+                }
+                if let Some(uid) = uid {
+                    write!(f, " uid {uid}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Accepts connections, within the connection limit, and hands each to
+/// tonic once its handshake (TLS, then HTTP/2's preface) is done; on a Unix
+/// socket, a connection that asks for a page file is answered here instead.
+/// Ends, and closes the listening socket, when tonic stops taking
+/// connections.
 async fn accept_loop(
-    listener: tokio::net::TcpListener,
+    listener: Listener,
     tls: Option<Arc<TlsReloader>>,
     lean: Arc<LeanFault>,
     limits: TransportLimits,
@@ -478,17 +649,19 @@ async fn accept_loop(
     // finish the answers in flight and close, as gRPC streams do.
     let (_stopping, stopped) = tokio::sync::watch::channel(());
     let mut last_full_warning: Option<Instant> = None;
+    let page_files = listener.page_files();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
             () = tx.closed() => return,
         };
-        let (tcp, peer) = match accepted {
+        let (io, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
                 // Out of descriptors (EMFILE/ENFILE) persists until a
                 // connection closes: pause rather than spin. Others (a peer
-                // that reset before we accepted) concern that peer only.
+                // that reset before we accepted, TCP_NODELAY refused)
+                // concern that peer only.
                 tracing::warn!("accepting a connection failed: {e}");
                 if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
                     tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
@@ -505,37 +678,56 @@ async fn accept_loop(
                 last_full_warning = Some(Instant::now());
             }
             metrics::counter!(CONNECTIONS_REFUSED, "reason" => "limit").increment(1);
-            drop(tcp);
+            drop(io);
             continue;
         };
-        // Nagle's algorithm must be off: with it, a small answer waits for
-        // the peer's delayed ACK (measured: 44 ms per 4 KiB unary call).
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("{peer}: cannot set TCP_NODELAY: {e}");
-            continue;
+        if let Peer::Unix { .. } = peer {
+            tracing::debug!("{peer}: connected");
         }
         let acceptor = tls.as_ref().map(|t| t.acceptor());
         let tx = tx.clone();
         let lean = lean.clone();
         let mut stopped = stopped.clone();
+        let page_files = page_files.clone();
         tokio::spawn(async move {
-            match tokio::time::timeout(limits.handshake_timeout, handshake(tcp, acceptor)).await {
-                Ok(Ok((io, Greeting::Lean))) => {
+            let shaken = tokio::time::timeout(limits.handshake_timeout, async {
+                match handshake(io, acceptor).await? {
+                    Handshaken::Grpc(io, preface) => Ok(Some(Ok((io, preface)))),
+                    Handshaken::Lean(io) => Ok(Some(Err(io))),
+                    Handshaken::PageFile(stream) => {
+                        let Some(files) = page_files else {
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::InvalidData,
+                                "a page-file request on TCP",
+                            ));
+                        };
+                        files.serve(stream, &peer.to_string()).await?;
+                        Ok(None)
+                    }
+                }
+            })
+            .await;
+            match shaken {
+                Ok(Ok(Some(Err(io)))) => {
                     // The lean fault transport, on this task (crate::lean).
                     io.keepalive(limits.keepalive_interval);
                     let _open = OpenConnection::new();
                     let stop = async move {
                         let _ = stopped.changed().await;
                     };
+                    let tcp_peer = match peer {
+                        Peer::Tcp(a) => Some(a),
+                        Peer::Unix { .. } => None,
+                    };
                     if let Err(e) = lean
-                        .serve(io, Some(peer), limits.handshake_timeout, stop)
+                        .serve(io, tcp_peer, limits.handshake_timeout, stop)
                         .await
                     {
                         tracing::debug!("{peer}: lean fault connection ended: {e}");
                     }
                     drop(slot);
                 }
-                Ok(Ok((io, Greeting::Http2(preface)))) => {
+                Ok(Ok(Some(Ok((io, preface))))) => {
                     metrics::gauge!(CONNECTIONS_OPEN).increment(1.0);
                     let conn = Conn {
                         io,
@@ -546,6 +738,7 @@ async fn accept_loop(
                     };
                     let _ = tx.send(Ok(conn)).await;
                 }
+                Ok(Ok(None)) => {}
                 Ok(Err(e)) => {
                     metrics::counter!(CONNECTIONS_REFUSED, "reason" => "handshake").increment(1);
                     tracing::info!("{peer}: connection refused: {e}");
@@ -562,39 +755,47 @@ async fn accept_loop(
     }
 }
 
-/// How a connection began.
-enum Greeting {
-    /// With HTTP/2's preface (gRPC), to be replayed to hyper.
-    Http2([u8; 24]),
-    /// With the lean fault transport's magic ([`frame::MAGIC`], consumed).
-    Lean,
+/// A connection past its handshake.
+enum Handshaken {
+    /// An HTTP/2 client (gRPC), with the preface read from it, to be
+    /// replayed to hyper.
+    Grpc(Io, [u8; 24]),
+    /// A lean fault transport client ([`frame::MAGIC`], consumed).
+    Lean(Io),
+    /// A Unix client asking for a page file (its preface read).
+    PageFile(tokio::net::UnixStream),
 }
 
 /// Runs the TLS handshake (if any) and reads HTTP/2's connection preface,
-/// or the lean fault transport's magic (as long as the preface).
-async fn handshake(
-    tcp: tokio::net::TcpStream,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-) -> std::io::Result<(Io, Greeting)> {
-    let mut io = match tls {
-        None => Io::Plain(tcp),
-        Some(acceptor) => Io::Tls(Box::new(acceptor.accept(tcp).await.map_err(|e| {
-            std::io::Error::new(e.kind(), format!("TLS handshake failed: {e}"))
-        })?)),
+/// the lean fault transport's magic (as long as the preface), or, on a Unix
+/// socket, the page-file preface.
+async fn handshake(io: Io, tls: Option<tokio_rustls::TlsAcceptor>) -> std::io::Result<Handshaken> {
+    let mut io = match (io, tls) {
+        (Io::Plain(tcp), Some(acceptor)) => {
+            Io::Tls(Box::new(acceptor.accept(tcp).await.map_err(|e| {
+                std::io::Error::new(e.kind(), format!("TLS handshake failed: {e}"))
+            })?))
+        }
+        (io, _) => io,
     };
     // The lean transport's magic is as long as the preface.
     let mut preface = [0u8; 24];
     io.read_exact(&mut preface).await?;
-    if preface == frame::MAGIC {
-        return Ok((io, Greeting::Lean));
+    if &preface == H2_PREFACE {
+        return Ok(Handshaken::Grpc(io, preface));
     }
-    if &preface != H2_PREFACE {
-        return Err(std::io::Error::new(
+    if preface == frame::MAGIC {
+        return Ok(Handshaken::Lean(io));
+    }
+    match io {
+        Io::Unix(stream) if &preface == faultline_proto::unix::PAGE_FILE_PREFACE => {
+            Ok(Handshaken::PageFile(stream))
+        }
+        _ => Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             "not an HTTP/2 (gRPC) client, nor a lean fault connection",
-        ));
+        )),
     }
-    Ok((io, Greeting::Http2(preface)))
 }
 
 /// Counts a connection in [`CONNECTIONS_OPEN`] while it lives (a lean one;
@@ -622,6 +823,8 @@ impl Io {
         let tcp = match self {
             Self::Plain(t) => t,
             Self::Tls(t) => t.get_ref().0,
+            // A Unix peer that dies closes its end: the kernel tells us.
+            Self::Unix(_) => return,
         };
         let probes = socket2::TcpKeepalive::new()
             .with_time(idle)
@@ -642,6 +845,7 @@ const KEEPALIVE_PROBES: u32 = 3;
 enum Io {
     Plain(tokio::net::TcpStream),
     Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
+    Unix(tokio::net::UnixStream),
 }
 
 /// An accepted connection: its stream, the preface already read from it
@@ -650,7 +854,7 @@ struct Conn {
     io: Io,
     preface: [u8; 24],
     replayed: usize,
-    peer: SocketAddr,
+    peer: Peer,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -667,10 +871,21 @@ impl tonic::transport::server::Connected for Conn {
         let tcp = match &self.io {
             Io::Plain(t) => t,
             Io::Tls(t) => t.get_ref().0,
+            // A Unix peer has no address: per-client limits count it as one
+            // unknown client (docs/protocol.md).
+            Io::Unix(_) => {
+                return tonic::transport::server::TcpConnectInfo {
+                    local_addr: None,
+                    remote_addr: None,
+                };
+            }
         };
         tonic::transport::server::TcpConnectInfo {
             local_addr: tcp.local_addr().ok(),
-            remote_addr: Some(self.peer),
+            remote_addr: match self.peer {
+                Peer::Tcp(a) => Some(a),
+                Peer::Unix { .. } => None,
+            },
         }
     }
 }
@@ -684,6 +899,7 @@ impl AsyncRead for Io {
         match self.get_mut() {
             Self::Plain(t) => Pin::new(t).poll_read(cx, buf),
             Self::Tls(t) => Pin::new(t).poll_read(cx, buf),
+            Self::Unix(t) => Pin::new(t).poll_read(cx, buf),
         }
     }
 }
@@ -697,6 +913,7 @@ impl AsyncWrite for Io {
         match self.get_mut() {
             Self::Plain(t) => Pin::new(t).poll_write(cx, buf),
             Self::Tls(t) => Pin::new(t).poll_write(cx, buf),
+            Self::Unix(t) => Pin::new(t).poll_write(cx, buf),
         }
     }
 
@@ -708,6 +925,7 @@ impl AsyncWrite for Io {
         match self.get_mut() {
             Self::Plain(t) => Pin::new(t).poll_write_vectored(cx, bufs),
             Self::Tls(t) => Pin::new(t).poll_write_vectored(cx, bufs),
+            Self::Unix(t) => Pin::new(t).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -715,6 +933,7 @@ impl AsyncWrite for Io {
         match self {
             Self::Plain(t) => t.is_write_vectored(),
             Self::Tls(t) => t.is_write_vectored(),
+            Self::Unix(t) => t.is_write_vectored(),
         }
     }
 
@@ -722,6 +941,7 @@ impl AsyncWrite for Io {
         match self.get_mut() {
             Self::Plain(t) => Pin::new(t).poll_flush(cx),
             Self::Tls(t) => Pin::new(t).poll_flush(cx),
+            Self::Unix(t) => Pin::new(t).poll_flush(cx),
         }
     }
 
@@ -729,6 +949,7 @@ impl AsyncWrite for Io {
         match self.get_mut() {
             Self::Plain(t) => Pin::new(t).poll_shutdown(cx),
             Self::Tls(t) => Pin::new(t).poll_shutdown(cx),
+            Self::Unix(t) => Pin::new(t).poll_shutdown(cx),
         }
     }
 }
@@ -786,6 +1007,8 @@ impl AsyncWrite for Conn {
 #[derive(Debug)]
 pub struct ServerHandle {
     addr: SocketAddr,
+    /// The socket path of a server on a Unix socket.
+    unix: Option<PathBuf>,
     tls: bool,
     reloader: Reloader,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -793,13 +1016,23 @@ pub struct ServerHandle {
 }
 
 impl ServerHandle {
-    /// Where it listens.
+    /// Where it listens on TCP (`0.0.0.0:0` for a server on a Unix socket:
+    /// see [`ServerHandle::unix_path`]).
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 
-    /// Its URL, `http://ADDR`, or `https://ADDR` when it serves TLS.
+    /// The socket path of a server on a Unix socket.
+    pub fn unix_path(&self) -> Option<&Path> {
+        self.unix.as_deref()
+    }
+
+    /// Its URL, `http://ADDR`, or `https://ADDR` when it serves TLS, or
+    /// `unix://PATH` on a Unix socket.
     pub fn url(&self) -> String {
+        if let Some(path) = &self.unix {
+            return format!("{}{}", faultline_proto::unix::UNIX_SCHEME, path.display());
+        }
         let scheme = if self.tls { "https" } else { "http" };
         format!("{scheme}://{}", self.addr)
     }
@@ -886,7 +1119,37 @@ pub async fn spawn_with(
     }));
     Ok(ServerHandle {
         addr,
+        unix: None,
         tls,
+        reloader,
+        stop: Some(stop),
+        task,
+    })
+}
+
+/// Binds the Unix socket `path` (mode 0600; a stale socket there replaced,
+/// a live one refused) and serves `store` with `opts` on a background task
+/// of the current runtime. The socket file is removed when the server
+/// stops. TLS in `opts` is refused; tokens apply as on TCP.
+pub async fn spawn_unix(
+    path: &Path,
+    store: Arc<dyn SnapshotStore>,
+    opts: ServeOptions,
+) -> Result<ServerHandle, ServeError> {
+    if opts.tls.is_some() {
+        return Err(ServeError::TlsOnUnix(path.to_owned()));
+    }
+    let server = Server::new(store, opts)?;
+    let reloader = server.reloader();
+    let socket = faultline_proto::unix::bind(path)?;
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(server.run_unix(socket, async move {
+        let _ = stopped.await;
+    }));
+    Ok(ServerHandle {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        unix: Some(path.to_owned()),
+        tls: false,
         reloader,
         stop: Some(stop),
         task,
@@ -923,5 +1186,29 @@ mod tests {
             ..ServeOptions::default()
         };
         assert!(check_exposure(any, &both).is_ok());
+    }
+
+    /// `--listen` takes HOST:PORT or unix:///PATH (absolute), and says both forms when wrong.
+    #[test]
+    fn listen_forms() {
+        assert_eq!(
+            "127.0.0.1:7070".parse::<Listen>().unwrap(),
+            Listen::Tcp("127.0.0.1:7070".parse().unwrap())
+        );
+        let unix: Listen = "unix:///run/fl.sock".parse().unwrap();
+        assert_eq!(unix, Listen::Unix(PathBuf::from("/run/fl.sock")));
+        assert_eq!(unix.to_string(), "unix:///run/fl.sock");
+        assert!(
+            "unix://rel.sock"
+                .parse::<Listen>()
+                .unwrap_err()
+                .contains("absolute")
+        );
+        assert!(
+            "nowhere"
+                .parse::<Listen>()
+                .unwrap_err()
+                .contains("unix:///PATH")
+        );
     }
 }

@@ -42,6 +42,7 @@ use serde_json::json;
 use super::floor::{Placement, Side, Switches};
 use super::report::{Plot, ratio};
 use super::sample::sample_pages;
+use super::unix::{Transport, UnixServer};
 use super::{
     Ctx, ImageSpec, Percentiles, ScenarioReport, Snapshot, Summary, Table, Target, start_pager,
 };
@@ -81,6 +82,10 @@ enum Method {
     FaultlineGrpc,
     /// faultline, read-ahead off.
     FaultlineNoReadahead,
+    /// faultline from a server on a Unix socket, pages as bytes.
+    FaultlineUnixStream,
+    /// faultline from a server on a Unix socket, pages from its page file.
+    FaultlineUnixFile,
     /// The floor's local half: a `UFFDIO_COPY` handler from a local buffer.
     LocalHandler,
     /// The floor's network half: a loopback TCP ping-pong of a page.
@@ -95,12 +100,14 @@ enum Method {
 
 impl Method {
     /// Every method, in the order each repeat runs them.
-    const ALL: [Method; 8] = [
+    const ALL: [Method; 10] = [
         Self::Faultline,
         Self::LocalHandler,
         Self::Tcp,
         Self::FaultlineGrpc,
         Self::FaultlineNoReadahead,
+        Self::FaultlineUnixStream,
+        Self::FaultlineUnixFile,
         Self::FileFault,
         Self::FilePageFault,
         Self::ZeroFill,
@@ -112,6 +119,8 @@ impl Method {
             Self::Faultline => "faultline (lean fault transport, loopback)",
             Self::FaultlineGrpc => "faultline (gRPC fault stream, loopback)",
             Self::FaultlineNoReadahead => "faultline, read-ahead off",
+            Self::FaultlineUnixStream => "faultline over unix:// (byte stream)",
+            Self::FaultlineUnixFile => "faultline over unix:// + page file",
             Self::LocalHandler => "local uffd handler (poll thread, one UFFDIO_COPY)",
             Self::Tcp => "TCP ping-pong, 64 B -> 4 KiB",
             Self::FileFault => "plain fault, file mapping (page cache)",
@@ -126,6 +135,8 @@ impl Method {
             Self::Faultline => "faultline",
             Self::FaultlineGrpc => "faultline_grpc",
             Self::FaultlineNoReadahead => "faultline_no_readahead",
+            Self::FaultlineUnixStream => "faultline_unix_stream",
+            Self::FaultlineUnixFile => "faultline_unix_file",
             Self::LocalHandler => "local_handler",
             Self::Tcp => "tcp",
             Self::FileFault => "file_fault",
@@ -206,6 +217,8 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
     let file = File::open(&snap.image).context("opening the image")?;
 
     let repeats = ctx.repeats();
+    // Before any placement pins the process's threads: its workers too.
+    let unix = UnixServer::start(ctx)?;
     let mut measured: HashMap<Placement, Measured> = Placement::ALL
         .into_iter()
         .map(|p| {
@@ -235,7 +248,9 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
                         } else {
                             FaultTransport::Lean
                         };
-                        let run = faultline(ctx, &snap, &sample, &zeros, off, transport, &image)?;
+                        let via = (Transport::Tcp, &unix);
+                        let run =
+                            faultline(ctx, &snap, &sample, &zeros, off, transport, &image, via)?;
                         let v = PAGER_METHODS
                             .iter()
                             .position(|m| *m == method)
@@ -247,6 +262,16 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
                             out.zero_samples.push(run.zero_samples);
                         }
                         run.samples
+                    }
+                    Method::FaultlineUnixStream | Method::FaultlineUnixFile => {
+                        let t = if method == Method::FaultlineUnixFile {
+                            Transport::UnixFile
+                        } else {
+                            Transport::UnixStream
+                        };
+                        let auto = FaultTransport::Auto;
+                        faultline(ctx, &snap, &sample, &zeros, false, auto, &image, (t, &unix))?
+                            .samples
                     }
                     Method::LocalHandler => local_handler(&image, &sample)?,
                     Method::FileFault => file_fault(&file, image.len(), &sample)?,
@@ -324,6 +349,23 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
         value: ratio(fl_u.p50, floor_u.p50),
         met: floor_u.p50 > 0.0 && fl_u.p50 <= GOAL_UNPINNED_P50 * floor_u.p50,
     });
+
+    // The same-host transport's demand fault against the same floors.
+    for placement in Placement::ALL {
+        let reps = &measured[&placement].samples[index(Method::FaultlineUnixFile)];
+        let per: Vec<Percentiles> = reps.iter().map(|s| Percentiles::of(s)).collect();
+        let file = median_of(&per);
+        let floor = &floors[&placement];
+        report.targets.push(Target {
+            name: format!(
+                "demand-fault p50 over unix:// + page file vs the floor, {}",
+                placement.label()
+            ),
+            goal: format!("<= {GOAL_P50}x"),
+            value: ratio(file.p50, floor.p50),
+            met: floor.p50 > 0.0 && file.p50 <= GOAL_P50 * floor.p50,
+        });
+    }
 
     let pinned = &measured[&Placement::Pinned];
     let series: Vec<(String, Vec<f64>)> = Method::ALL
@@ -634,19 +676,22 @@ unsafe fn check_pages(base: usize, pages: &[u64], image: &[u8]) -> anyhow::Resul
 /// One faultline restore: fresh anonymous memory, the pager with no
 /// prefetch, the sample touched (then the zero pages, with read-ahead on),
 /// and every touched page compared with the image.
+#[allow(clippy::too_many_arguments)]
 fn faultline(
     ctx: &Ctx,
     snap: &Snapshot,
     sample: &[u64],
     zeros: &[u64],
     readahead_off: bool,
-    transport: FaultTransport,
+    fault_transport: FaultTransport,
     image: &[u8],
+    (transport, unix): (Transport, &UnixServer),
 ) -> anyhow::Result<PagerRun> {
     let memory = GuestMemory::anonymous(image.len())?;
     let mut config = PagerConfig::new(ctx.url(), snap.id.clone());
     config.prefetch = PrefetchPolicy::None;
-    config.fault_transport = transport;
+    config.fault_transport = fault_transport;
+    transport.configure(&mut config, unix);
     if readahead_off {
         config.readahead = faultline_client::pager::NO_READAHEAD;
     }

@@ -10,6 +10,8 @@
 //!   [`microvm`] (6), [`compression`] (7), [`fleet`] (8: S3 and a fleet of
 //!   server processes; needs Garage).
 //! - [`qemu`]: QEMU's postcopy migration, the restore scenario's baseline.
+//! - [`unix`]: a second in-process server on a Unix socket, for the
+//!   same-host transport's rows (latency, restore, working set).
 //! - `sample`: deterministic page choices shared by the scenarios.
 //!
 //! A [`Ctx`] is shared by the scenarios: it owns the work directory, the
@@ -31,6 +33,7 @@ pub mod render;
 pub mod report;
 pub mod restore;
 mod sample;
+pub mod unix;
 pub mod working_set;
 
 use std::collections::HashMap;

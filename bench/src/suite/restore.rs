@@ -16,12 +16,13 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use faultline_client::backing::{BackingKind, GuestMemory, HUGE_PAGE_SIZE};
-use faultline_client::pager::{Bulk, Stats};
+use faultline_client::pager::{Bulk, PagerConfig, Stats};
 use faultline_proto::{Manifest, PageIndex, PageSize};
 use serde_json::json;
 
 use super::report::{Bar, Plot};
 use super::sample::SplitMix64;
+use super::unix::{Transport, UnixServer};
 use super::{
     Content, Ctx, HugePages, ImageSpec, Restored, ScenarioReport, Snapshot, Summary, Table, Target,
     fresh_memory, full_restore, qemu,
@@ -173,6 +174,11 @@ struct Row {
     eager_gbps: Vec<f64>,
     ratios: Vec<f64>,
     stats: Vec<Stats>,
+    /// The same-host transport's GB/s, per repeat: byte stream, page file.
+    unix_stream_gbps: Vec<f64>,
+    unix_file_gbps: Vec<f64>,
+    /// The page file read by two prefetch streams.
+    unix_file2_gbps: Vec<f64>,
     /// Why the backing stopped being measured, if it did.
     failed: Option<String>,
 }
@@ -186,7 +192,7 @@ fn faultline_once(
     row: &mut Row,
     image: &File,
     spots: &[u64],
-    bulk: Bulk,
+    configure: impl FnOnce(&mut PagerConfig),
 ) -> Result<(f64, Stats), RestoreFailure> {
     let setup = |e: anyhow::Error| RestoreFailure::Setup(format!("{e:#}"));
     let memory = fresh_memory(row.kind, ctx.size as usize).map_err(setup)?;
@@ -194,7 +200,7 @@ fn faultline_once(
         elapsed,
         stats,
         pager,
-    } = full_restore(ctx, &row.snapshot, memory, |c| c.bulk = bulk).map_err(setup)?;
+    } = full_restore(ctx, &row.snapshot, memory, configure).map_err(setup)?;
     let secs = elapsed.as_secs_f64();
     let decision = pager.decision(0);
     row.strategy = Some(decision.strategy().as_str());
@@ -392,11 +398,12 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
     let qemu_dir = ctx.scratch("qemu")?;
 
     let variants = bulk_variants(ctx.quick);
+    let unix = UnixServer::start(ctx)?;
     // Per backing row, per variant: GB/s of each repeat.
     let mut variant_gbps = vec![vec![Vec::<f64>::new(); variants.len()]; rows.len()];
     let bar = ctx.bar(
         "restore: faultline / QEMU postcopy / eager / memcpy",
-        (repeats * ((2 + variants.len()) * rows.len() + 2)) as u64,
+        (repeats * ((5 + variants.len()) * rows.len() + 2)) as u64,
     );
     for _ in 0..repeats {
         if qemu.not_run.is_none() {
@@ -408,11 +415,11 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
         bar.inc(1);
         for (i, row) in rows.iter_mut().enumerate() {
             if row.failed.is_some() {
-                bar.inc(2);
+                bar.inc(5 + variants.len() as u64);
                 continue;
             }
             for (v, (_, bulk)) in variants.iter().enumerate() {
-                match faultline_once(ctx, row, &images[i], &spots[i], *bulk) {
+                match faultline_once(ctx, row, &images[i], &spots[i], |c| c.bulk = *bulk) {
                     Ok((secs, _)) => variant_gbps[i][v].push(gbps(ctx.size, secs)),
                     Err(RestoreFailure::Mismatch(e)) => return Err(e),
                     Err(RestoreFailure::Setup(why)) => {
@@ -421,7 +428,30 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
                 }
                 bar.inc(1);
             }
-            match faultline_once(ctx, row, &images[i], &spots[i], Bulk::default()) {
+            for (t, streams) in [
+                (Transport::UnixStream, 1),
+                (Transport::UnixFile, 1),
+                (Transport::UnixFile, 2),
+            ] {
+                let at = |c: &mut PagerConfig| {
+                    t.configure(c, &unix);
+                    c.bulk.streams = streams;
+                };
+                match faultline_once(ctx, row, &images[i], &spots[i], at) {
+                    Ok((secs, _)) => match (t, streams) {
+                        (Transport::UnixStream, _) => &mut row.unix_stream_gbps,
+                        (_, 1) => &mut row.unix_file_gbps,
+                        _ => &mut row.unix_file2_gbps,
+                    }
+                    .push(gbps(ctx.size, secs)),
+                    Err(RestoreFailure::Mismatch(e)) => return Err(e),
+                    Err(RestoreFailure::Setup(why)) => {
+                        notes.push(format!("{} over {}: {why}", row.kind, t.label()));
+                    }
+                }
+                bar.inc(1);
+            }
+            match faultline_once(ctx, row, &images[i], &spots[i], |_| {}) {
                 Ok((secs, stats)) => {
                     row.faultline_s.push(secs);
                     row.faultline_gbps.push(gbps(ctx.size, secs));
@@ -456,7 +486,9 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
     bar.finish_and_clear();
     drop((src, dst, _huge_pages));
 
+    drop(unix);
     let mut report = report(ctx, repeats, &rows, &qemu, &memcpy_gbps, notes);
+    same_host(&mut report, ctx, repeats, &rows, &qemu);
     let mut table = Table::new(
         format!(
             "Prefetcher bulk settings, interleaved with the default ({}); GB/s, median (min–max) \
@@ -494,6 +526,91 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
     report.data["bulk_default"] = json!(Bulk::default());
     report.data["bulk_variants"] = json!(variant_data);
     Ok(report)
+}
+
+/// The same-host transport's table and targets: per backing, TCP, the Unix
+/// socket's byte stream and its page file, each against QEMU and the eager
+/// copy of the same repeat.
+fn same_host(report: &mut ScenarioReport, ctx: &Ctx, repeats: usize, rows: &[Row], qemu: &Qemu) {
+    let qemu_gbps = qemu.gbps(ctx.size);
+    let mut table = Table::new(
+        format!(
+            "Same-host transport: the restore above over a Unix socket (GB/s of image bytes; \
+             median (min–max) of {repeats}, interleaved with the TCP restores)"
+        ),
+        &[
+            "backing",
+            "TCP GB/s",
+            "unix:// stream GB/s",
+            "unix:// + page file GB/s",
+            "page file, 2 streams GB/s",
+            "page file / TCP",
+            "page file / QEMU",
+            "page file / eager",
+        ],
+    );
+    let per = |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x / y).collect() };
+    let mut data = Vec::new();
+    for row in rows
+        .iter()
+        .filter(|r| r.complete() && !r.unix_file_gbps.is_empty())
+    {
+        let over_tcp = per(&row.unix_file_gbps, &row.faultline_gbps);
+        let over_qemu = per(&row.unix_file_gbps, &qemu_gbps);
+        let over_eager = per(&row.unix_file_gbps, &row.eager_gbps);
+        let q = (qemu.not_run.is_none() && !over_qemu.is_empty()).then(|| Summary::of(&over_qemu));
+        let e = Summary::of(&over_eager);
+        let fmt_or = |v: &[f64]| {
+            if v.is_empty() {
+                "not run".to_string()
+            } else {
+                Summary::of(v).fmt(2)
+            }
+        };
+        table.row(vec![
+            row.kind.to_string(),
+            Summary::of(&row.faultline_gbps).fmt(2),
+            fmt_or(&row.unix_stream_gbps),
+            Summary::of(&row.unix_file_gbps).fmt(2),
+            fmt_or(&row.unix_file2_gbps),
+            format!("{}x", Summary::of(&over_tcp).fmt(2)),
+            q.map_or_else(|| "not run".into(), |q| format!("{}x", q.fmt(2))),
+            format!("{}x", e.fmt(2)),
+        ]);
+        report.targets.push(Target {
+            name: format!(
+                "full restore over unix:// + page file vs QEMU postcopy ({})",
+                row.kind
+            ),
+            goal: format!(">= {QEMU_TARGET}x"),
+            value: q.map_or_else(
+                || "not run".into(),
+                |q| format!("{:.2}x ({:.2}–{:.2})", q.median, q.min, q.max),
+            ),
+            met: q.is_some_and(|q| q.median >= QEMU_TARGET),
+        });
+        report.targets.push(Target {
+            name: format!(
+                "full restore over unix:// + page file vs eager local copy ({})",
+                row.kind
+            ),
+            goal: format!(">= {EAGER_TARGET}x"),
+            value: format!("{:.2}x ({:.2}–{:.2})", e.median, e.min, e.max),
+            met: e.median >= EAGER_TARGET,
+        });
+        data.push(json!({
+            "backing": row.kind,
+            "tcp_gbps": row.faultline_gbps,
+            "unix_stream_gbps": row.unix_stream_gbps,
+            "unix_file_gbps": row.unix_file_gbps,
+            "unix_file_2_streams_gbps": row.unix_file2_gbps,
+            "unix_file_over_tcp": over_tcp,
+            "unix_file_over_qemu": over_qemu,
+            "unix_file_over_eager": over_eager,
+        }));
+    }
+    report.tables.push(table);
+    report.data["same_host"] = json!(data);
 }
 
 /// The settings in words.
@@ -535,6 +652,9 @@ impl Row {
             eager_gbps: Vec::new(),
             ratios: Vec::new(),
             stats: Vec::new(),
+            unix_stream_gbps: Vec::new(),
+            unix_file_gbps: Vec::new(),
+            unix_file2_gbps: Vec::new(),
             failed: None,
         }
     }

@@ -19,6 +19,7 @@ use serde_json::json;
 use super::report::{Bar, Plot, ratio};
 use super::restore::fill_from_image;
 use super::sample::sample_pages;
+use super::unix::{Transport, UnixServer};
 use super::{Ctx, ImageSpec, ScenarioReport, Summary, Table, Target, start_pager};
 
 /// Share of the snapshot's pages the workload reads, in percent: the issue's
@@ -91,15 +92,22 @@ enum Mode {
     ReplayWorkingSet,
     /// Prefetch the recorded working set, then everything else.
     ReplayAll,
+    /// Prefetch the working set from a server on a Unix socket, as bytes.
+    ReplayUnixStream,
+    /// Prefetch the working set from the page file of a server on a Unix
+    /// socket.
+    ReplayUnixFile,
     /// Memory filled from the image before the clock starts.
     Local,
 }
 
 impl Mode {
-    const ALL: [Mode; 4] = [
+    const ALL: [Mode; 6] = [
         Self::Demand,
         Self::ReplayWorkingSet,
         Self::ReplayAll,
+        Self::ReplayUnixStream,
+        Self::ReplayUnixFile,
         Self::Local,
     ];
 
@@ -108,6 +116,8 @@ impl Mode {
             Self::Demand => "demand only (prefetch none)",
             Self::ReplayWorkingSet => "replay (prefetch working-set)",
             Self::ReplayAll => "replay (prefetch all)",
+            Self::ReplayUnixStream => "replay (working-set) over unix:// (byte stream)",
+            Self::ReplayUnixFile => "replay (working-set) over unix:// + page file",
             Self::Local => "local memory",
         }
     }
@@ -117,6 +127,8 @@ impl Mode {
             Self::Demand => "demand",
             Self::ReplayWorkingSet => "replay_working_set",
             Self::ReplayAll => "replay_all",
+            Self::ReplayUnixStream => "replay_unix_stream",
+            Self::ReplayUnixFile => "replay_unix_file",
             Self::Local => "local",
         }
     }
@@ -124,9 +136,19 @@ impl Mode {
     fn prefetch(self) -> Option<PrefetchPolicy> {
         match self {
             Self::Demand => Some(PrefetchPolicy::None),
-            Self::ReplayWorkingSet => Some(PrefetchPolicy::WorkingSet),
+            Self::ReplayWorkingSet | Self::ReplayUnixStream | Self::ReplayUnixFile => {
+                Some(PrefetchPolicy::WorkingSet)
+            }
             Self::ReplayAll => Some(PrefetchPolicy::All),
             Self::Local => None,
+        }
+    }
+
+    fn transport(self) -> Transport {
+        match self {
+            Self::ReplayUnixStream => Transport::UnixStream,
+            Self::ReplayUnixFile => Transport::UnixFile,
+            _ => Transport::Tcp,
         }
     }
 }
@@ -148,9 +170,11 @@ struct Run {
 
 /// A restore into fresh anonymous memory with `prefetch` (recording the
 /// first-touch order and uploading it if `record`) running the workload.
+#[allow(clippy::too_many_arguments)]
 fn restored_run(
     ctx: &Ctx,
     snapshot: &super::Snapshot,
+    (transport, unix): (Transport, &UnixServer),
     prefetch: PrefetchPolicy,
     record: bool,
     order: &[u64],
@@ -162,6 +186,7 @@ fn restored_run(
     let mut config = PagerConfig::new(ctx.url(), snapshot.id.clone());
     config.prefetch = prefetch;
     config.record = record;
+    transport.configure(&mut config, unix);
     if record {
         // The exact pages touched, not each fault's read-ahead window.
         config.readahead = faultline_client::pager::NO_READAHEAD;
@@ -242,17 +267,30 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
     let expected = expected_checksum(&image, page_bytes, &order)?;
 
     let bar = ctx.bar(
-        "working-set: record, then 4 modes",
+        "working-set: record, then 6 modes",
         1 + (repeats * Mode::ALL.len()) as u64,
     );
-    let record = restored_run(ctx, &snapshot, PrefetchPolicy::None, true, &order, expected)
-        .context("recording the working set")?;
+    let unix = UnixServer::start(ctx)?;
+    let tcp = (Transport::Tcp, &unix);
+    let record = restored_run(
+        ctx,
+        &snapshot,
+        tcp,
+        PrefetchPolicy::None,
+        true,
+        &order,
+        expected,
+    )
+    .context("recording the working set")?;
     bar.inc(1);
     let mut runs: Vec<Vec<Run>> = Mode::ALL.iter().map(|_| Vec::new()).collect();
     for _ in 0..repeats {
         for (i, mode) in Mode::ALL.iter().enumerate() {
             let run = match mode.prefetch() {
-                Some(p) => restored_run(ctx, &snapshot, p, false, &order, expected),
+                Some(p) => {
+                    let via = (mode.transport(), &unix);
+                    restored_run(ctx, &snapshot, via, p, false, &order, expected)
+                }
                 None => local_run(ctx, &image, page_bytes, &order, expected),
             }
             .with_context(|| mode.label())?;
@@ -323,6 +361,7 @@ fn report(
     let local = secs[at(Mode::Local)].median;
     let demand = secs[at(Mode::Demand)].median;
     let replay = secs[at(Mode::ReplayWorkingSet)].median;
+    let replay_file = secs[at(Mode::ReplayUnixFile)].median;
     let mut table = Table::new(
         format!(
             "A scattered {WORKING_SET_PERCENT}% of a {} MiB realistic snapshot ({} pages) read \
@@ -364,6 +403,12 @@ fn report(
             goal: format!("<= {REPLAY_GOAL}x"),
             value: ratio(replay, local),
             met: local > 0.0 && replay / local <= REPLAY_GOAL,
+        },
+        Target {
+            name: "working-set replay over unix:// + page file vs local memory".into(),
+            goal: format!("<= {REPLAY_GOAL}x"),
+            value: ratio(replay_file, local),
+            met: local > 0.0 && replay_file / local <= REPLAY_GOAL,
         },
         Target {
             name: "demand-only vs working-set replay".into(),

@@ -173,7 +173,9 @@ impl std::str::FromStr for FaultTransport {
 /// How the pager runs.
 #[derive(Clone, Debug)]
 pub struct PagerConfig {
-    /// Server URLs (`http://HOST:PORT` or `https://HOST:PORT`). With
+    /// Server URLs (`http://HOST:PORT`, `https://HOST:PORT`, or
+    /// `unix:///PATH` for a server on this host, whose page file the pager
+    /// then reads pages from: `source.rs`). With
     /// several (or a DNS name resolving to several addresses), the pager
     /// orders them at start ([`crate::fleet::plan`]): the snapshot's home
     /// server by rendezvous hashing, then the fail-over order, servers not

@@ -59,13 +59,28 @@ impl std::fmt::Debug for LeanSession {
 /// Opens a lean `Fault` stream on `url`, after checking a fail-over
 /// server's manifest as the gRPC path does.
 pub(crate) async fn open(shared: &Shared, url: &str) -> Result<Opened, String> {
+    if let Some(path) = faultline_proto::unix::unix_path(url) {
+        // A server on this host: the same frames on its Unix socket (no TLS
+        // there, docs/security.md).
+        shared
+            .fleet
+            .check_url(url, &shared.config.connect, &shared.manifest)
+            .await
+            .map_err(|e| e.to_string())?;
+        let stream =
+            tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::UnixStream::connect(&path))
+                .await
+                .map_err(|_| format!("connecting to {url} took over {CONNECT_TIMEOUT:?}"))?
+                .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+        return start(Box::new(stream), shared, url).await;
+    }
     let (tls, authority) = if let Some(a) = url.strip_prefix("http://") {
         (false, a)
     } else if let Some(a) = url.strip_prefix("https://") {
         (true, a)
     } else {
         return Ok(Opened::Unsupported(format!(
-            "the lean fault transport runs on http:// and https:// URLs, not {url}"
+            "the lean fault transport runs on http://, https:// and unix:// URLs, not {url}"
         )));
     };
     let authority = authority.trim_end_matches('/');

@@ -431,7 +431,10 @@ impl Pager {
             })
             .collect();
         let zero_map = unit_zero_map(&manifest, &states);
+        // A server on this host may hand over its page file (source.rs).
+        let page_file = super::source::open(&config, &manifest, &config.servers[answered]);
         let shared = Arc::new(Shared {
+            page_file,
             table: pages::PageTable::new(manifest.page_count, &in_region, &zero_map),
             manifest,
             regions: states,

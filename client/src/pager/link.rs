@@ -358,7 +358,10 @@ impl Link {
             .map(|(id, _)| *id)
             .collect();
         for old in due {
-            let mut p = self.pending.remove(&old).expect("listed");
+            let p = self.pending.remove(&old).expect("listed");
+            let Some(mut p) = self.answer_from_page_file(p) else {
+                continue;
+            };
             let id = self.next_id;
             self.next_id += 1;
             p.sent = Some(now);
@@ -391,11 +394,14 @@ impl Link {
             tokio::select! {
                 d = rx.recv() => {
                     let Some(d) = d else { return false };
+                    // On the server's host: from its page file, here.
+                    let Some(mut p) = self.answer_from_page_file(Pending::new(d)) else {
+                        continue;
+                    };
                     // The fault path: straight onto the wire.
                     let id = self.next_id;
                     self.next_id += 1;
-                    let range = d.range;
-                    let mut p = Pending::new(d);
+                    let range = p.demand.range;
                     p.sent = Some(Instant::now());
                     self.pending.insert(id, p);
                     if let Err(e) = session.send(fault_request(id, range)).await {
@@ -448,6 +454,28 @@ impl Link {
                         return self.wait_out(rx).await;
                     }
                 }
+            }
+        }
+    }
+
+    /// Answers `p` from the page file of a server on this host, if there is
+    /// one and the page cache holds the pages (never waiting for a disk on
+    /// this thread): settled as an answer from the stream would be (digests
+    /// checked, retries, policy). Gives `p` back to go on the stream
+    /// otherwise.
+    fn answer_from_page_file(&mut self, p: Pending) -> Option<Pending> {
+        let Some(file) = &self.shared.page_file else {
+            return Some(p);
+        };
+        match file.read(&self.shared.manifest, p.demand.range, |_| true, true) {
+            Ok(Some(batch)) => {
+                self.settle(p, batch);
+                None
+            }
+            Ok(None) => Some(p),
+            Err(e) => {
+                tracing::warn!("demand link: reading the page file failed: {e}; asking the server");
+                Some(p)
             }
         }
     }

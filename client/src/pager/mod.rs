@@ -11,6 +11,7 @@
 //!  Pager::fault (VMM's own fault source) ----------'                                     |
 //!                                                      verify digest, install.rs <-------'
 //!  prefetcher (prefetch.rs, Prefetch stream, own connection) --> verify, install.rs
+//!  (on the server's host, both read pages from its page file: source.rs)
 //! ```
 //!
 //! Every page has one [`pages::PageState`]; claiming a page is an atomic
@@ -23,10 +24,11 @@
 //! Where to read, in order: this file (the [`Pager`] a caller holds, and the
 //! state its threads share), `config.rs`, `lifecycle.rs` (start, end,
 //! teardown), `faults.rs` (the fault thread and the one decision procedure),
-//! `install.rs`, `link.rs` (demand link), `prefetch.rs`, `region.rs` (one
-//! region's ioctls), `pages.rs` (page states), `units.rs` (a 4 KiB snapshot
-//! in hugetlbfs memory: whole 2 MiB install units), `recording.rs`,
-//! `stats.rs`, `error.rs`.
+//! `install.rs`, `link.rs` (demand link), `prefetch.rs`, `source.rs` (the
+//! page file of a server on this host), `region.rs` (one region's ioctls),
+//! `pages.rs` (page states), `units.rs` (a 4 KiB snapshot in hugetlbfs
+//! memory: whole 2 MiB install units), `recording.rs`, `stats.rs`,
+//! `error.rs`.
 //!
 //! Threads: one demand thread (`faultline-fault`) runs a single-threaded
 //! tokio runtime holding the fault loop of every uffd, the demand link and
@@ -56,6 +58,7 @@ mod pages;
 mod prefetch;
 mod recording;
 mod region;
+mod source;
 mod stats;
 mod units;
 
@@ -118,6 +121,10 @@ pub(crate) struct Shared {
     /// Which servers serve the manifest in use (checked before the link or
     /// the prefetcher uses a server the manifest did not come from).
     fleet: crate::fleet::Consistency,
+    /// The snapshot's image, handed over by a server on this host
+    /// (`unix://`): the prefetcher and the demand link read pages from it
+    /// instead of their streams (`source.rs`).
+    page_file: Option<source::PageFile>,
 }
 
 impl Shared {
@@ -196,6 +203,12 @@ impl Pager {
     /// What the pager has done so far.
     pub fn stats(&self) -> Stats {
         self.shared.stats()
+    }
+
+    /// Whether pages are read from the page file of a server on this host
+    /// (`unix://`, handed over at start) instead of the streams.
+    pub fn reads_page_file(&self) -> bool {
+        self.shared.page_file.is_some()
     }
 
     /// Whether every page is settled (and the regions unregistered).

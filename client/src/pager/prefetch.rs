@@ -48,6 +48,9 @@ pub enum PrefetchError {
     /// The server sent nothing for this long.
     #[error("the server sent no prefetch batch for {0:?}")]
     Stalled(Duration),
+    /// Reading the page file failed (the stream is used instead).
+    #[error("reading the page file failed: {0}")]
+    PageFile(std::io::Error),
 }
 
 /// Batches received ahead of the installer when [`super::Bulk::overlap`] is
@@ -82,6 +85,15 @@ async fn stream_units_into(
     source: Source,
     units: &mut Assembler,
 ) -> Result<(), PrefetchError> {
+    // On the server's host, the pages come from its page file instead.
+    if let Some(file) = &shared.page_file {
+        match super::source::prefetch(shared, file, &req, source, units).await {
+            Err(PrefetchError::PageFile(e)) => {
+                tracing::warn!("prefetch: {e}; streaming instead");
+            }
+            done => return done,
+        }
+    }
     let stalled = || PrefetchError::Stalled(STALL_TIMEOUT);
     let opening = async {
         let remote = Remote::connect_with(url, &shared.config.connect).await?;
@@ -171,7 +183,7 @@ fn install_batch(
 /// whose retries and failure policy apply. If an install fails, its run is
 /// released ([`Shared::install_claimed`]): the only pages this call holds
 /// claimed at any time are that run's, so none stays claimed.
-fn install_unclaimed(
+pub(super) fn install_unclaimed(
     shared: &Shared,
     run: &PageRun,
     source: Source,

@@ -92,6 +92,8 @@ pub struct Server {
     runtime: Option<tokio::runtime::Runtime>,
     handle: Option<ServerHandle>,
     addr: SocketAddr,
+    /// `unix://PATH` for a server on a Unix socket.
+    unix_url: Option<String>,
 }
 
 fn server_runtime() -> tokio::runtime::Runtime {
@@ -121,6 +123,44 @@ impl Server {
             runtime: Some(runtime),
             handle: Some(handle),
             addr,
+            unix_url: None,
+        }
+    }
+
+    /// An empty store, served with `opts` on a Unix socket in the test's
+    /// temporary directory (`url()` is `unix://...`).
+    pub fn start_unix(opts: faultline_server::ServeOptions) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(LocalStore::new(dir.path().join("store")).expect("store"));
+        let runtime = server_runtime();
+        let path = dir.path().join("faultline.sock");
+        let handle = runtime
+            .block_on(faultline_server::spawn_unix(
+                &path,
+                store.clone() as Arc<dyn SnapshotStore>,
+                opts,
+            ))
+            .expect("server starts");
+        Self {
+            dir,
+            store,
+            runtime: Some(runtime),
+            unix_url: Some(handle.url()),
+            handle: Some(handle),
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        }
+    }
+
+    /// The test's temporary directory (the store and the socket are in it).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Stops the server gracefully and waits (a Unix server removes its
+    /// socket file). Pagers must be gone first.
+    pub fn shutdown(&mut self) {
+        if let (Some(h), Some(rt)) = (self.handle.take(), self.runtime.as_ref()) {
+            rt.block_on(h.shutdown()).expect("server stops");
         }
     }
 
@@ -148,9 +188,12 @@ impl Server {
         self.store.root().join(id.as_str())
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT`, or `unix://PATH`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        match &self.unix_url {
+            Some(u) => u.clone(),
+            None => format!("http://{}", self.addr),
+        }
     }
 
     /// Kills the server: its runtime is shut down, which drops the listener

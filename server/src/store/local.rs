@@ -1241,6 +1241,14 @@ impl LocalSnapshot {
 
 #[async_trait::async_trait]
 impl Snapshot for LocalSnapshot {
+    /// The `memory` file, opened read-only. A standalone snapshot's files are
+    /// written once under a temporary name and never changed after the
+    /// rename (a snapshot removed and imported again under its name is a
+    /// new file: this inode stays as it was for whoever holds it open).
+    fn page_file(&self) -> Option<Arc<File>> {
+        Some(self.memory.clone())
+    }
+
     fn manifest(&self) -> Arc<Manifest> {
         self.manifest
             .read()

@@ -208,6 +208,14 @@ pub trait Snapshot: Send + Sync + std::fmt::Debug {
         let manifest = self.manifest();
         split_by(range, |p| manifest.zero_map.get(p))
     }
+
+    /// The image as one read-only file (page `i` at `i * page_size`, zero
+    /// pages possibly holes) that never changes while the snapshot exists,
+    /// for handing to a client on this host (`crate::page_file`); `None`
+    /// where pages are not laid out so (object store, layers, volumes).
+    fn page_file(&self) -> Option<Arc<std::fs::File>> {
+        None
+    }
 }
 
 /// `range` split into runs of pages for which `is_zero` agrees.
