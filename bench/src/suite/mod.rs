@@ -7,7 +7,7 @@
 //! - [`floor`]: pinning to one CPU and counting context switches (latency).
 //! - One module per scenario: [`latency`] (1), [`restore`] (2),
 //!   [`working_set`] (3), [`fanout`] (4), [`copy_continue`] (5),
-//!   [`microvm`] (6), [`compression`] (7).
+//!   [`microvm`] (6), [`compression`] (7), [`far_memory`] (8).
 //! - [`qemu`]: QEMU's postcopy migration, the restore scenario's baseline.
 //! - `sample`: deterministic page choices shared by the scenarios.
 //!
@@ -21,6 +21,7 @@
 pub mod compression;
 pub mod copy_continue;
 pub mod fanout;
+pub mod far_memory;
 pub mod floor;
 pub mod latency;
 pub mod microvm;
@@ -70,11 +71,13 @@ pub enum ScenarioId {
     Vm,
     /// 7. Compression on the prefetch path.
     Compression,
+    /// 8. Far memory under a local budget vs all-local memory and a cgroup swapping.
+    FarMemory,
 }
 
 impl ScenarioId {
     /// Every scenario, in run order.
-    pub const ALL: [ScenarioId; 7] = [
+    pub const ALL: [ScenarioId; 8] = [
         Self::Latency,
         Self::Restore,
         Self::WorkingSet,
@@ -82,6 +85,7 @@ impl ScenarioId {
         Self::CopyContinue,
         Self::Vm,
         Self::Compression,
+        Self::FarMemory,
     ];
 
     /// The id used in file names and the report.
@@ -94,6 +98,7 @@ impl ScenarioId {
             Self::CopyContinue => "copy-continue",
             Self::Vm => "vm",
             Self::Compression => "compression",
+            Self::FarMemory => "far-memory",
         }
     }
 
@@ -106,6 +111,7 @@ impl ScenarioId {
             Self::CopyContinue => copy_continue::run(ctx),
             Self::Vm => microvm::run(ctx),
             Self::Compression => compression::run(ctx),
+            Self::FarMemory => far_memory::run(ctx),
         }
     }
 }
@@ -225,6 +231,9 @@ pub struct Ctx {
     snapshots: Mutex<HashMap<ImageSpec, Snapshot>>,
     progress: MultiProgress,
     interactive: bool,
+    /// Only one scenario runs (its own subcommand, not `all`): far-memory runs its full size
+    /// then, and a quick one inside `all`.
+    pub solo: bool,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -270,6 +279,7 @@ impl Ctx {
             snapshots: Mutex::new(HashMap::new()),
             progress,
             interactive,
+            solo: false,
         })
     }
 
@@ -567,7 +577,8 @@ pub fn run(config: &SuiteConfig) -> anyhow::Result<Report> {
         .unwrap_or_default();
     std::fs::create_dir_all(&config.out)
         .with_context(|| format!("creating {}", config.out.display()))?;
-    let ctx = Ctx::new(config.quick, config.size, &config.out)?;
+    let mut ctx = Ctx::new(config.quick, config.size, &config.out)?;
+    ctx.solo = config.scenarios.len() == 1;
     let mut report = Report {
         command: config.command.clone(),
         quick: config.quick,
