@@ -58,7 +58,7 @@ const QUICK_RANDOM_OPS: usize = 20_000;
 /// workloads stay inside ~10 minutes on 2 cores whatever the fault costs; a workload stopped
 /// early reports the operations it did (throughput is operations per second).
 const FULL_LIMIT: Duration = Duration::from_secs(6);
-const QUICK_LIMIT: Duration = Duration::from_secs(2);
+const QUICK_LIMIT: Duration = Duration::from_millis(1500);
 
 /// Runs of the all-local reference per workload (it takes milliseconds): their median.
 const LOCAL_REPEATS: usize = 3;
@@ -99,6 +99,10 @@ struct Run {
     writeback_bytes: u64,
     /// First writes to clean pages (far memory's write-protect faults).
     wp_faults: u64,
+    /// Far memory: the untimed flush after the workload (every page it left dirty made
+    /// durable, so that the next workload starts clean): pages written and seconds.
+    flush_pages: u64,
+    flush_s: f64,
 }
 
 /// What one far-memory or cgroup run did around its workloads.
@@ -284,6 +288,8 @@ fn run_record(
         writeback_pages: 0,
         writeback_bytes: 0,
         wp_faults: 0,
+        flush_pages: 0,
+        flush_s: 0.0,
     }
 }
 
@@ -375,6 +381,12 @@ fn run_far(
         r.writeback_pages = after.writeback_pages - before.writeback_pages;
         r.writeback_bytes = after.writeback_bytes - before.writeback_bytes;
         r.wp_faults = after.wp_faults - before.wp_faults;
+        // Untimed: the next workload then starts with every page durable, and pays for its
+        // own write-backs only, not for the dirty pages this one left.
+        let t = Instant::now();
+        far.flush().context("flushing between workloads")?;
+        r.flush_s = t.elapsed().as_secs_f64();
+        r.flush_pages = far.stats().writeback_pages - after.writeback_pages;
         out.push(r);
     }
     let t = Instant::now();
@@ -583,6 +595,7 @@ fn report(
             "far evictions",
             "far write-back pages (MiB)",
             "far WP faults",
+            "far flush after: pages (s)",
             "Linux faults",
             "Linux swap-outs (MiB)",
         ],
@@ -621,6 +634,7 @@ fn report(
                 far.evictions.to_string(),
                 format!("{} ({:.0})", far.writeback_pages, mib(far.writeback_bytes)),
                 far.wp_faults.to_string(),
+                format!("{} ({:.2})", far.flush_pages, far.flush_s),
                 linux.map_or("—".into(), |l| l.faults.to_string()),
                 linux.map_or("—".into(), |l| {
                     format!("{} ({:.0})", l.evictions, mib(l.writeback_bytes))
@@ -755,7 +769,8 @@ fn report(
              on Linux's own answer: the same workloads in a child process in a memory cgroup \
              limited to the same budget, swapping. Each system first holds the initial content \
              and reads every page once (untimed), then runs the six workloads in turn on the \
-             same memory; afterwards every page is checked against the writes, and far \
+             same memory (far memory flushes, untimed, after each, so that every workload \
+             starts with no dirty page and pays for its own write-backs only); afterwards every page is checked against the writes, and far \
              memory's volume is read back and checked by a second client after a flush.",
             workload::ZIPF_SKEW,
             u64::from(plan.pages) * PAGE as u64 >> 20,
