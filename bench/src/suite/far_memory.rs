@@ -16,7 +16,8 @@
 //! memory: on the server; the others: written locally, the cgroup's excess swapped out), then
 //! one untimed read of every page warms the budget with the footprint's last pages. The six
 //! workloads then run one after the other on that memory, each timed on its own, each bounded
-//! in operations and time. Afterwards every page is checked against what was written (the
+//! in operations and time; far memory flushes (untimed, reported) after each, so that every
+//! workload starts with no dirty page and pays for its own write-backs only. Afterwards every page is checked against what was written (the
 //! writes are deterministic: [`workload`]), and for far memory, after a flush, a second client
 //! reads the whole volume from the server and checks it too.
 
@@ -396,7 +397,9 @@ fn run_far(
         bail!("page {p} of the far-memory region does not hold what was written to it");
     }
     let t = Instant::now();
-    let stats = far.shutdown().context("flushing and stopping the far pager")?;
+    let stats = far
+        .shutdown()
+        .context("flushing and stopping the far pager")?;
     let flush_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
     ctx.runtime()
@@ -773,7 +776,7 @@ fn report(
              starts with no dirty page and pays for its own write-backs only); afterwards every page is checked against the writes, and far \
              memory's volume is read back and checked by a second client after a flush.",
             workload::ZIPF_SKEW,
-            u64::from(plan.pages) * PAGE as u64 >> 20,
+            (u64::from(plan.pages) * PAGE as u64) >> 20,
             plan.fractions
                 .iter()
                 .map(|f| format!("{:.0}%", f * 100.0))

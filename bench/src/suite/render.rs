@@ -333,7 +333,12 @@ fn draw_lines(
 ) -> anyhow::Result<()> {
     let points = series.iter().flat_map(|s| s.points.iter().copied());
     let (mut x0, mut x1, mut y0, mut y1) = points.fold(
-        (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY),
+        (
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        ),
         |(a, b, c, d), (x, y)| (a.min(x), b.max(x), c.min(y), d.max(y)),
     );
     if !x0.is_finite() {
@@ -366,11 +371,7 @@ fn draw_lines(
                     .legend(move |(x, y)| {
                         PathElement::new(vec![(x, y), (x + 24, y)], colour.stroke_width(3))
                     });
-                chart.draw_series(
-                    s.points
-                        .iter()
-                        .map(|&p| Circle::new(p, 4, colour.filled())),
-                )?;
+                chart.draw_series(s.points.iter().map(|&p| Circle::new(p, 4, colour.filled())))?;
             }
             chart
                 .configure_series_labels()

@@ -157,9 +157,8 @@ impl Swap {
         let size = bytes + SWAP_SLACK;
         match Self::zram(size) {
             Ok(s) => Ok(s),
-            Err(zram) => Self::file(size, scratch).map_err(|file| {
-                anyhow::anyhow!("zram: {zram:#}; a swap file: {file:#}")
-            }),
+            Err(zram) => Self::file(size, scratch)
+                .map_err(|file| anyhow::anyhow!("zram: {zram:#}; a swap file: {file:#}")),
         }
     }
 
@@ -234,7 +233,10 @@ impl Swap {
             return Err(e);
         }
         Ok(Self {
-            describe: format!("a swap file on the work directory's filesystem ({} MiB)", size >> 20),
+            describe: format!(
+                "a swap file on the work directory's filesystem ({} MiB)",
+                size >> 20
+            ),
             device: path,
             zram: false,
         })
@@ -439,7 +441,10 @@ pub fn child_main(args: &ChildArgs) -> anyhow::Result<()> {
         .map(|w| w.ops(args.pages, args.random_ops))
         .collect();
     let mut versions = vec![0u32; args.pages as usize];
-    write_file(args.cgroup.join("cgroup.procs"), &std::process::id().to_string())?;
+    write_file(
+        args.cgroup.join("cgroup.procs"),
+        &std::process::id().to_string(),
+    )?;
     let base_usage = read_u64(&args.cgroup.join(usage_file))?;
     let limit =
         (base_usage + args.budget + limit_slack(args.pages)).div_ceil(PAGE as u64) * PAGE as u64;

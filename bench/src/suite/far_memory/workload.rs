@@ -77,7 +77,7 @@ impl Workload {
     pub fn ops(&self, pages: u32, random_ops: usize) -> Vec<u32> {
         let mut rng = Rng::new(0xfa12_0000 + self.pattern as u64 * 2 + u64::from(self.writes));
         let write = |rng: &mut Rng| {
-            if self.writes && rng.next() & 1 == 1 {
+            if self.writes && rng.next_u64() & 1 == 1 {
                 WRITE
             } else {
                 0
@@ -86,7 +86,7 @@ impl Workload {
         match self.pattern {
             Pattern::Sequential => (0..pages).map(|p| p | write(&mut rng)).collect(),
             Pattern::Uniform => (0..random_ops)
-                .map(|_| (rng.next() % u64::from(pages)) as u32 | write(&mut rng))
+                .map(|_| (rng.next_u64() % u64::from(pages)) as u32 | write(&mut rng))
                 .collect(),
             Pattern::Zipf => {
                 let zipf = Zipf::new(pages, ZIPF_SKEW);
@@ -109,7 +109,7 @@ impl Rng {
     }
 
     /// The next value.
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -118,7 +118,7 @@ impl Rng {
 
     /// A uniform value in [0, 1).
     fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 
@@ -314,7 +314,10 @@ mod tests {
             assert!(a.iter().all(|&op| op & !WRITE < 1000));
             let writes = a.iter().filter(|&&op| op & WRITE != 0).count();
             if w.writes {
-                assert!((a.len() * 2 / 5..a.len() * 3 / 5).contains(&writes), "{writes}");
+                assert!(
+                    (a.len() * 2 / 5..a.len() * 3 / 5).contains(&writes),
+                    "{writes}"
+                );
             } else {
                 assert_eq!(writes, 0);
             }

@@ -5,7 +5,8 @@
 //!
 //! - a **missing fault** fetches the page from the store (its newest bytes) and maps it with
 //!   `UFFDIO_COPY`, write-protected (`UFFDIO_COPY_MODE_WP`), or writable and dirty at once when
-//!   the fault was a write (saving the WP fault that would follow);
+//!   the fault was a write (saving the WP fault that would follow); a fault continuing a
+//!   sequential scan reads ahead (a window of up to [`READAHEAD_MAX`] pages in one store call);
 //! - a **WP fault** (the first write to a clean page) marks the page dirty and unprotects it,
 //!   which wakes the writer;
 //! - before mapping a page beyond the **budget**, CLOCK ([`evict`]) chooses a batch of resident
@@ -803,11 +804,7 @@ mod tests {
         for p in 0..pages {
             let mut b = page_buf();
             store.read(p, &mut b).unwrap();
-            let want = if p % 3 == 0 {
-                stamp(p as usize, 1)
-            } else {
-                0
-            };
+            let want = if p % 3 == 0 { stamp(p as usize, 1) } else { 0 };
             assert_eq!(b[..8], want.to_le_bytes(), "page {p}");
         }
     }

@@ -96,8 +96,7 @@ impl Shared {
                     }
                 }
             }
-            self.counters
-                .written_back(sent as u64, (sent * ps) as u64);
+            self.counters.written_back(sent as u64, (sent * ps) as u64);
             self.counters
                 .levels(eng.pages.resident(), eng.pages.dirty());
         }
@@ -124,7 +123,10 @@ mod tests {
         let all = |_| true;
         assert_eq!(bridged_runs(&[1, 3, 6], 8, 2, all), vec![(1, 6)]);
         assert_eq!(bridged_runs(&[1, 3, 7], 8, 2, all), vec![(1, 3), (7, 1)]);
-        assert_eq!(bridged_runs(&[1, 3, 6], 8, 2, |p| p != 4), vec![(1, 3), (6, 1)]);
+        assert_eq!(
+            bridged_runs(&[1, 3, 6], 8, 2, |p| p != 4),
+            vec![(1, 3), (6, 1)]
+        );
         assert_eq!(bridged_runs(&[0, 2, 4, 6], 4, 1, all), vec![(0, 3), (4, 3)]);
         assert_eq!(bridged_runs(&[5], 4, 1, all), vec![(5, 1)]);
         assert!(bridged_runs(&[], 4, 1, all).is_empty());
