@@ -117,12 +117,10 @@ struct Setup {
     /// Far memory: the flush after the check, and the second client's read of the volume.
     flush_s: f64,
     server_check_s: f64,
-    /// The cgroup's limit and the child's usage when it set it; zram's bytes stored.
+    /// The cgroup's limit and the child's usage when it set it.
     limit: u64,
     base_usage: u64,
     peak_usage: u64,
-    zram_original: u64,
-    zram_compressed: u64,
     /// The swap device (Linux).
     swap: String,
     /// Total far-memory statistics at shutdown.
@@ -419,8 +417,6 @@ fn run_far(
             limit: 0,
             base_usage: 0,
             peak_usage: 0,
-            zram_original: 0,
-            zram_compressed: 0,
             swap: String::new(),
             stats: Some(stats),
         },
@@ -502,7 +498,6 @@ fn run_linux(
         plan.limit,
         &scratch.join("child.log"),
     );
-    let zram = swap.zram_stored();
     let swap_name = swap.describe.clone();
     drop(cgroup);
     drop(swap);
@@ -530,7 +525,6 @@ fn run_linux(
             r
         })
         .collect();
-    let (zram_original, zram_compressed) = zram.unwrap_or((0, 0));
     Ok((
         runs,
         Setup {
@@ -544,8 +538,6 @@ fn run_linux(
             limit: child.limit,
             base_usage: child.base_usage,
             peak_usage: child.peak_usage,
-            zram_original,
-            zram_compressed,
             swap: swap_name,
             stats: None,
         },
@@ -743,19 +735,13 @@ fn report(
         Some(why) => notes.push(format!("The Linux baseline did not run: {why}.")),
         None => {
             if let Some(s) = setups.iter().find(|s| s.system == System::Linux) {
-                let compressed = setups
-                    .iter()
-                    .filter(|s| s.zram_original > 0)
-                    .map(|s| s.zram_original as f64 / s.zram_compressed.max(1) as f64)
-                    .next();
                 notes.push(format!(
                     "Linux baseline: a child process in a memory cgroup whose limit is its own \
-                     usage when it joined ({:.0} MiB) plus the budget, swapping to {}{}.",
+                     usage when it joined ({:.0} MiB: its operations and page versions are \
+                     made before it joins) plus the budget and the footprint's page tables, \
+                     swapping to {}.",
                     mib(s.base_usage),
                     s.swap,
-                    compressed.map_or(String::new(), |c| format!(
-                        "; zram stored the pages at {c:.2}x compression"
-                    ))
                 ));
             }
         }

@@ -241,16 +241,6 @@ impl Swap {
             zram: false,
         })
     }
-
-    /// zram's `mm_stat`: (original bytes, compressed bytes) stored now, if zram.
-    pub fn zram_stored(&self) -> Option<(u64, u64)> {
-        if !self.zram {
-            return None;
-        }
-        let s = std::fs::read_to_string(format!("{ZRAM}/mm_stat")).ok()?;
-        let mut f = s.split_whitespace().map(|v| v.parse::<u64>().ok());
-        Some((f.next()??, f.next()??))
-    }
 }
 
 impl Drop for Swap {
