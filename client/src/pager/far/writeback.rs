@@ -16,12 +16,13 @@ use super::{Engine, FarError, Shared};
 /// such calls, not one buffer of every dirty page.
 pub const WRITEBACK_CHUNK: usize = 256;
 
-/// Longest gap of resident pages (clean, or dirty but not asked for) that a write-back
-/// bridges to join two runs of dirty pages into one, sending the gap's pages too. The server
-/// makes every run durable on its own (a journal write and fsyncs: milliseconds on a
-/// loaded disk, measured by `faultline-bench far-memory`), while a page more in a run costs
-/// microseconds; so a write-back of scattered dirty pages sends few long runs rather than
-/// many short ones. Absent pages are never bridged (their bytes are not here).
+/// Longest gap between two dirty pages that a write-back bridges to join their runs into
+/// one, sending the gap's pages too: resident ones from memory, absent ones as the store holds
+/// them (read back in one call per run; nobody can change an absent page meanwhile, since a
+/// fault on it waits for the engine's lock, which the write-back holds). The server makes
+/// every run durable on its own (a journal write and fsyncs: milliseconds on a loaded disk,
+/// measured by `faultline-bench far-memory`), while a page more in a run costs microseconds;
+/// so a write-back of scattered dirty pages sends few long runs rather than many short ones.
 pub const BRIDGE_GAP: usize = 16;
 
 /// Runs of the ascending `pages` where a gap of at most `gap` pages for which `bridge` holds
@@ -66,30 +67,36 @@ impl Shared {
     /// them clean. On failure nothing is marked clean; pages already protected stay dirty and
     /// their next write is unprotected by its WP fault.
     ///
-    /// Runs bridge short gaps of resident pages ([`BRIDGE_GAP`]): a clean page sent again is
-    /// the bytes the store holds already, a dirty one is made durable (and clean) like the
-    /// pages asked for.
+    /// Runs bridge short gaps ([`BRIDGE_GAP`]): a clean or absent page sent again is the bytes
+    /// the store holds already, a dirty one is made durable (and clean) like the pages asked
+    /// for.
     pub(super) fn write_back(&self, eng: &mut Engine, pages: &[usize]) -> Result<(), FarError> {
         let ps = self.page_size;
         for chunk in pages.chunks(WRITEBACK_CHUNK) {
             let mut buffers = Vec::new();
-            let runs = bridged_runs(chunk, WRITEBACK_CHUNK, BRIDGE_GAP, |p| {
-                eng.pages.get(p) != FarState::Absent
-            });
+            let spans = bridged_runs(chunk, WRITEBACK_CHUNK, BRIDGE_GAP, |_| true);
             let mut sent = 0;
-            for &(start, count) in &runs {
-                debug_assert!((start..start + count).all(|p| eng.pages.get(p) != FarState::Absent));
+            for &(start, count) in &spans {
                 sent += count;
-                self.uffd
-                    .writeprotect(self.addr(start), count * ps, true, false)
-                    .map_err(FarError::Resolve)?;
                 let mut data = vec![0u8; count * ps];
-                self.memory.guest().read(start * ps, &mut data)?;
+                let resident = |p: usize| eng.pages.get(p) != FarState::Absent;
+                if !(start..start + count).all(resident) {
+                    // The absent pages' durable bytes; the resident ones are overwritten below.
+                    self.store.read_run(start as u64, &mut data)?;
+                }
+                let here: Vec<usize> = (start..start + count).filter(|&p| resident(p)).collect();
+                for (s, c) in runs(&here, count) {
+                    self.uffd
+                        .writeprotect(self.addr(s), c * ps, true, false)
+                        .map_err(FarError::Resolve)?;
+                    let at = (s - start) * ps;
+                    self.memory.guest().read(s * ps, &mut data[at..at + c * ps])?;
+                }
                 buffers.push((start as u64, data));
             }
             let slices: Vec<(u64, &[u8])> = buffers.iter().map(|(s, d)| (*s, &d[..])).collect();
             self.store.write(&slices).map_err(FarError::Store)?;
-            for &(start, count) in &runs {
+            for &(start, count) in &spans {
                 for p in start..start + count {
                     if eng.pages.get(p) == FarState::Dirty {
                         eng.pages.set(p, FarState::Clean);
