@@ -90,7 +90,9 @@ impl Shared {
                         .writeprotect(self.addr(s), c * ps, true, false)
                         .map_err(FarError::Resolve)?;
                     let at = (s - start) * ps;
-                    self.memory.guest().read(s * ps, &mut data[at..at + c * ps])?;
+                    self.memory
+                        .guest()
+                        .read(s * ps, &mut data[at..at + c * ps])?;
                 }
                 buffers.push((start as u64, data));
             }
