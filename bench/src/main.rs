@@ -60,6 +60,9 @@ enum Command {
     /// snapshots sharing a base image, next to a local store directory (needs Garage:
     /// scripts/garage.sh install, and faultline-server built next to faultline-bench).
     Fleet(SuiteArgs),
+    /// Scenario 9: far memory at 100/75/50/25% local budget vs all-local memory and a memory
+    /// cgroup swapping to zram (as root), 1 GiB footprint (128 MiB with --quick and in `all`).
+    FarMemory(SuiteArgs),
     /// Write a report's BENCHMARKS.md and bar plots again from its report.json (after a change
     /// to the renderer); latency CDFs are kept as drawn, report.json holds no copy of their
     /// samples.
@@ -80,6 +83,10 @@ enum Command {
     /// Internal (fleet): one client process's restore from a fleet; prints one JSON line.
     #[command(hide = true)]
     FleetClient(suite::fleet::ClientArgs),
+    /// Internal (far-memory): the Linux baseline's workloads inside a memory cgroup; prints
+    /// one JSON line.
+    #[command(hide = true)]
+    FarMemoryChild(suite::far_memory::linux::ChildArgs),
     /// Write a synthetic guest memory image (zero pages, text, random data).
     Gen {
         /// Size, e.g. 256M or 2G; a multiple of 4 KiB.
@@ -191,6 +198,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::VmWalk(args) => run_suite(args, vec![ScenarioId::Vm]),
         Command::Compression(args) => run_suite(args, vec![ScenarioId::Compression]),
         Command::Fleet(args) => run_suite(args, vec![ScenarioId::Fleet]),
+        Command::FarMemory(args) => run_suite(args, vec![ScenarioId::FarMemory]),
         Command::Render { report, out } => {
             let out = out.unwrap_or_else(|| {
                 report
@@ -205,6 +213,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::FanoutServer(args) => suite::fanout::server_main(&args),
         Command::FanoutClient(args) => suite::fanout::client_main(&args),
         Command::FleetClient(args) => suite::fleet::client_main(&args),
+        Command::FarMemoryChild(args) => suite::far_memory::linux::child_main(&args),
         Command::Gen { size, out, seed } => {
             image::write_image(&out, size, seed)
                 .with_context(|| format!("cannot write {}", out.display()))?;

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use faultline_client::testutil;
 
-/// `all --quick` runs all eight scenarios and writes report.json, BENCHMARKS.md and every plot.
+/// `all --quick` runs all nine scenarios and writes report.json, BENCHMARKS.md and every plot.
 #[test]
 fn quick_suite_runs_every_scenario_and_writes_the_report() {
     let out = tempfile::tempdir().unwrap();
@@ -36,7 +36,8 @@ fn quick_suite_runs_every_scenario_and_writes_the_report() {
             "copy-continue",
             "vm",
             "compression",
-            "fleet"
+            "fleet",
+            "far-memory"
         ]
     );
     for s in scenarios {

@@ -8,7 +8,7 @@
 //! - One module per scenario: [`latency`] (1), [`restore`] (2),
 //!   [`working_set`] (3), [`fanout`] (4), [`copy_continue`] (5),
 //!   [`microvm`] (6), [`compression`] (7), [`fleet`] (8: S3 and a fleet of
-//!   server processes; needs Garage).
+//!   server processes; needs Garage), [`far_memory`] (9).
 //! - [`qemu`]: QEMU's postcopy migration, the restore scenario's baseline.
 //! - [`unix`]: a second in-process server on a Unix socket, for the
 //!   same-host transport's rows (latency, restore, working set).
@@ -24,6 +24,7 @@
 pub mod compression;
 pub mod copy_continue;
 pub mod fanout;
+pub mod far_memory;
 pub mod fleet;
 pub mod floor;
 pub mod latency;
@@ -77,11 +78,13 @@ pub enum ScenarioId {
     Compression,
     /// 8. Fleet: restores from S3 through 1 and 3 server processes vs a local store.
     Fleet,
+    /// 9. Far memory under a local budget vs all-local memory and a cgroup swapping.
+    FarMemory,
 }
 
 impl ScenarioId {
     /// Every scenario, in run order.
-    pub const ALL: [ScenarioId; 8] = [
+    pub const ALL: [ScenarioId; 9] = [
         Self::Latency,
         Self::Restore,
         Self::WorkingSet,
@@ -90,6 +93,7 @@ impl ScenarioId {
         Self::Vm,
         Self::Compression,
         Self::Fleet,
+        Self::FarMemory,
     ];
 
     /// The id used in file names and the report.
@@ -103,6 +107,7 @@ impl ScenarioId {
             Self::Vm => "vm",
             Self::Compression => "compression",
             Self::Fleet => "fleet",
+            Self::FarMemory => "far-memory",
         }
     }
 
@@ -116,6 +121,7 @@ impl ScenarioId {
             Self::Vm => microvm::run(ctx),
             Self::Compression => compression::run(ctx),
             Self::Fleet => fleet::run(ctx),
+            Self::FarMemory => far_memory::run(ctx),
         }
     }
 }
@@ -235,6 +241,9 @@ pub struct Ctx {
     snapshots: Mutex<HashMap<ImageSpec, Snapshot>>,
     progress: MultiProgress,
     interactive: bool,
+    /// Only one scenario runs (its own subcommand, not `all`): far-memory runs its full size
+    /// then, and a quick one inside `all`.
+    pub solo: bool,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -280,6 +289,7 @@ impl Ctx {
             snapshots: Mutex::new(HashMap::new()),
             progress,
             interactive,
+            solo: false,
         })
     }
 
@@ -577,7 +587,8 @@ pub fn run(config: &SuiteConfig) -> anyhow::Result<Report> {
         .unwrap_or_default();
     std::fs::create_dir_all(&config.out)
         .with_context(|| format!("creating {}", config.out.display()))?;
-    let ctx = Ctx::new(config.quick, config.size, &config.out)?;
+    let mut ctx = Ctx::new(config.quick, config.size, &config.out)?;
+    ctx.solo = config.scenarios.len() == 1;
     let mut report = Report {
         command: config.command.clone(),
         quick: config.quick,

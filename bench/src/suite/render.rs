@@ -14,7 +14,7 @@ use anyhow::Context;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use super::report::{Bar, Plot, Report, ScenarioReport};
+use super::report::{Bar, Plot, Report, ScenarioReport, Series};
 
 /// Fonts tried for plot text, in order (Debian's fonts-dejavu-core first).
 const FONT_CANDIDATES: &[&str] = &[
@@ -122,13 +122,13 @@ fn font() -> Result<(), String> {
 
 fn plot_file(plot: &Plot) -> &str {
     match plot {
-        Plot::Cdf { file, .. } | Plot::Bars { file, .. } => file,
+        Plot::Cdf { file, .. } | Plot::Bars { file, .. } | Plot::Lines { file, .. } => file,
     }
 }
 
 fn plot_title(plot: &Plot) -> &str {
     match plot {
-        Plot::Cdf { title, .. } | Plot::Bars { title, .. } => title,
+        Plot::Cdf { title, .. } | Plot::Bars { title, .. } | Plot::Lines { title, .. } => title,
     }
 }
 
@@ -150,6 +150,14 @@ fn draw(plot: &Plot, out: &Path) -> anyhow::Result<()> {
             bars,
             ..
         } => draw_bars(&root, title, y_label, bars)?,
+        Plot::Lines {
+            title,
+            x_label,
+            y_label,
+            log_y,
+            series,
+            ..
+        } => draw_lines(&root, title, x_label, y_label, *log_y, series)?,
     }
     root.present()
         .with_context(|| format!("writing {}", path.display()))?;
@@ -312,6 +320,76 @@ fn draw_bars(root: &Area<'_>, title: &str, y_label: &str, bars: &[Bar]) -> anyho
                 .pos(Pos::new(HPos::Left, VPos::Bottom)),
         )
     }))?;
+    Ok(())
+}
+
+fn draw_lines(
+    root: &Area<'_>,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    log_y: bool,
+    series: &[Series],
+) -> anyhow::Result<()> {
+    let points = series.iter().flat_map(|s| s.points.iter().copied());
+    let (mut x0, mut x1, mut y0, mut y1) = points.fold(
+        (
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        ),
+        |(a, b, c, d), (x, y)| (a.min(x), b.max(x), c.min(y), d.max(y)),
+    );
+    if !x0.is_finite() {
+        (x0, x1, y0, y1) = (0.0, 1.0, 1.0, 10.0);
+    }
+    let pad = ((x1 - x0) * 0.05).max(0.01);
+    let (x0, x1) = (x0 - pad, x1 + pad);
+    let mut builder = ChartBuilder::on(root);
+    builder
+        .caption(title, ("sans-serif", 24))
+        .margin(16)
+        .x_label_area_size(48)
+        .y_label_area_size(72);
+    macro_rules! finish {
+        ($chart:expr) => {{
+            let mut chart = $chart;
+            chart
+                .configure_mesh()
+                .x_desc(x_label)
+                .y_desc(y_label)
+                .x_label_formatter(&|x| short(*x))
+                .y_label_formatter(&|y| short(*y))
+                .label_style(("sans-serif", 15))
+                .draw()?;
+            for (i, s) in series.iter().enumerate() {
+                let colour = COLOURS[i % COLOURS.len()];
+                chart
+                    .draw_series(LineSeries::new(s.points.clone(), colour.stroke_width(2)))?
+                    .label(s.label.as_str())
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 24, y)], colour.stroke_width(3))
+                    });
+                chart.draw_series(s.points.iter().map(|&p| Circle::new(p, 4, colour.filled())))?;
+            }
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
+                .label_font(("sans-serif", 15))
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .draw()?;
+        }};
+    }
+    if log_y {
+        let lo = y0.max(1e-3) * 0.8;
+        let hi = (y1 * 1.5).max(lo * 10.0);
+        finish!(builder.build_cartesian_2d(x0..x1, (lo..hi).log_scale())?);
+    } else {
+        let hi = if y1 > 0.0 { y1 * 1.1 } else { 1.0 };
+        finish!(builder.build_cartesian_2d(x0..x1, 0.0f64.min(y0)..hi)?);
+    }
     Ok(())
 }
 
@@ -531,6 +609,17 @@ mod tests {
                         })
                         .collect(),
                 },
+                Plot::Lines {
+                    file: "demo-lines.png".into(),
+                    title: "Lines".into(),
+                    x_label: "fraction".into(),
+                    y_label: "x".into(),
+                    log_y: true,
+                    series: vec![Series {
+                        label: "a".into(),
+                        points: vec![(0.25, 40.0), (0.5, 9.0), (1.0, 1.2)],
+                    }],
+                },
             ],
             ..Default::default()
         };
@@ -556,7 +645,7 @@ mod tests {
         );
         assert!(md.contains("b\\|c"));
         if font().is_ok() {
-            for f in ["demo-cdf.png", "demo-bars.png"] {
+            for f in ["demo-cdf.png", "demo-bars.png", "demo-lines.png"] {
                 let png = std::fs::read(dir.path().join(f)).unwrap();
                 assert_eq!(&png[1..4], b"PNG");
             }

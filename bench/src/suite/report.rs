@@ -134,6 +134,30 @@ pub enum Plot {
         /// The bars, left to right.
         bars: Vec<Bar>,
     },
+    /// Lines through points, one per series (e.g. slowdown against a budget).
+    Lines {
+        /// File name inside the output directory (`.png`).
+        file: String,
+        /// Title.
+        title: String,
+        /// X axis label.
+        x_label: String,
+        /// Y axis label.
+        y_label: String,
+        /// Logarithmic y axis.
+        log_y: bool,
+        /// The lines.
+        series: Vec<Series>,
+    },
+}
+
+/// One line of [`Plot::Lines`]: (x, y) points, drawn in order.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Series {
+    /// Legend label.
+    pub label: String,
+    /// The points.
+    pub points: Vec<(f64, f64)>,
 }
 
 /// One bar of [`Plot::Bars`].

@@ -67,11 +67,10 @@ pub(crate) async fn open(shared: &Shared, url: &str) -> Result<Opened, String> {
             .check_url(url, &shared.config.connect, &shared.manifest)
             .await
             .map_err(|e| e.to_string())?;
-        let stream =
-            tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::UnixStream::connect(&path))
-                .await
-                .map_err(|_| format!("connecting to {url} took over {CONNECT_TIMEOUT:?}"))?
-                .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::UnixStream::connect(&path))
+            .await
+            .map_err(|_| format!("connecting to {url} took over {CONNECT_TIMEOUT:?}"))?
+            .map_err(|e| format!("cannot connect to {url}: {e}"))?;
         return start(Box::new(stream), shared, url).await;
     }
     let (tls, authority) = if let Some(a) = url.strip_prefix("http://") {

@@ -39,8 +39,8 @@ use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
 use super::faults::Caller;
 use super::pages::PageState;
 use super::prefetch::{PrefetchError, install_unclaimed};
-use super::units::Assembler;
 use super::stats::Source;
+use super::units::Assembler;
 use super::{PagerConfig, Shared};
 
 /// How long the handover may take (connect, request, answer). A local

@@ -5,7 +5,8 @@
 //!
 //! - a **missing fault** fetches the page from the store (its newest bytes) and maps it with
 //!   `UFFDIO_COPY`, write-protected (`UFFDIO_COPY_MODE_WP`), or writable and dirty at once when
-//!   the fault was a write (saving the WP fault that would follow);
+//!   the fault was a write (saving the WP fault that would follow); a fault continuing a
+//!   sequential scan reads ahead (a window of up to [`READAHEAD_MAX`] pages in one store call);
 //! - a **WP fault** (the first write to a clean page) marks the page dirty and unprotects it,
 //!   which wakes the writer;
 //! - before mapping a page beyond the **budget**, CLOCK ([`evict`]) chooses a batch of resident
@@ -50,6 +51,14 @@ use stats::Counters;
 
 /// Messages read per `read(2)` on the uffd.
 const FAULT_BATCH: usize = 64;
+
+/// Most pages one fault fetches (the faulting page and the pages after it, in one
+/// `ReadPages`): 32 pages (128 KiB). A fetch costs a round trip (~200 us on loopback)
+/// whatever its size up to a few hundred KiB, so a sequential scan reading ahead 32 pages
+/// pays about 1/20 of a round trip per page (measured by `faultline-bench far-memory`,
+/// docs/far-memory.md); more would evict more of the budget for pages a scan that stops
+/// never touches.
+pub const READAHEAD_MAX: u64 = 32;
 
 /// Pause bounds between retries of a fault whose fetch or write-back failed: the faulting
 /// thread waits (it must never see a wrong page) while the store comes back.
@@ -123,6 +132,11 @@ pub enum FarError {
 pub(crate) struct Engine {
     pages: PageTable,
     clock: Clock,
+    /// The page after the last run fetched: a fault there continues a sequential scan.
+    next_seq: usize,
+    /// Pages the next fetch of a sequential scan asks for: doubled on every fault that
+    /// continues the scan (up to [`READAHEAD_MAX`]), back to 1 on any other fault.
+    window: u64,
 }
 
 /// What the fault thread and the handle share.
@@ -219,6 +233,8 @@ impl FarPager {
             engine: Mutex::new(Engine {
                 pages: PageTable::new(pages as usize),
                 clock: Clock::default(),
+                next_seq: usize::MAX,
+                window: 1,
             }),
             counters: Counters::default(),
             page_size,
@@ -389,28 +405,26 @@ impl Shared {
                     .map_err(FarError::Resolve)
             }
             (_, FarState::Absent) => {
-                self.make_room(&mut eng)?;
-                let mut data = vec![0u8; ps];
-                self.store.read(page as u64, &mut data)?;
-                let state = match self.uffd.copy_mode(addr, &data, false, !write) {
-                    Ok(_) => {
-                        if write {
-                            FarState::Dirty
-                        } else {
-                            FarState::Clean
-                        }
-                    }
-                    // Mapped behind the table's back (never by this pager): its protection is
-                    // unknown, so count it dirty; a write-back protects it before reading.
-                    Err(ResolveError::Exists { .. }) => {
-                        wake()?;
-                        FarState::Dirty
-                    }
-                    Err(e) => return Err(FarError::Resolve(e)),
-                };
+                let n = self.fetch_size(&mut eng, page);
+                self.make_room(&mut eng, n)?;
+                let mut data = vec![0u8; n as usize * ps];
+                self.store.read_run(page as u64, &mut data)?;
+                eng.next_seq = page + n as usize;
+                let state = self.map(addr, &data[..ps], write, &wake)?;
                 self.counters.fetched(eng.pages.was_evicted(page));
                 eng.pages.set(page, state);
                 eng.pages.touch(page);
+                // The pages read ahead: clean, write-protected, and not referenced (a scan
+                // that passes them once leaves them first in line for eviction).
+                for i in 1..n as usize {
+                    let (p, at) = (page + i, self.addr(page + i));
+                    let state = self.map(at, &data[i * ps..(i + 1) * ps], false, &|| {
+                        self.uffd.wake(at, ps).map_err(FarError::Resolve)
+                    })?;
+                    self.counters.fetched(eng.pages.was_evicted(p));
+                    self.counters.read_ahead(1);
+                    eng.pages.set(p, state);
+                }
                 self.counters
                     .levels(eng.pages.resident(), eng.pages.dirty());
                 Ok(())
@@ -420,11 +434,53 @@ impl Shared {
         }
     }
 
-    /// Evicts until one more page fits the budget.
-    fn make_room(&self, eng: &mut Engine) -> Result<(), FarError> {
-        let batch = EVICT_BATCH.min(self.budget / 4).max(1);
-        while eng.pages.resident() >= self.budget {
-            let Engine { pages, clock } = &mut *eng;
+    /// How many pages a fault on the absent `page` fetches: 1, or on a fault continuing a
+    /// sequential scan the scan's window, cut at the first page that is not absent, at the
+    /// region's end and at an eighth of the budget.
+    fn fetch_size(&self, eng: &mut Engine, page: usize) -> u64 {
+        eng.window = if page == eng.next_seq {
+            (eng.window * 2).min(READAHEAD_MAX)
+        } else {
+            1
+        };
+        let most = eng.window.min((self.budget / 8).max(1));
+        let mut n = 1;
+        while n < most
+            && ((page as u64 + n) < self.pages)
+            && eng.pages.get(page + n as usize) == FarState::Absent
+        {
+            n += 1;
+        }
+        n
+    }
+
+    /// Maps one fetched page at `addr` (absent in the table): writable and dirty for a
+    /// write fault, else write-protected and clean. Wakes the threads waiting there.
+    fn map(
+        &self,
+        addr: usize,
+        data: &[u8],
+        write: bool,
+        wake: &dyn Fn() -> Result<(), FarError>,
+    ) -> Result<FarState, FarError> {
+        match self.uffd.copy_mode(addr, data, false, !write) {
+            Ok(_) if write => Ok(FarState::Dirty),
+            Ok(_) => Ok(FarState::Clean),
+            // Mapped behind the table's back (never by this pager): its protection is
+            // unknown, so count it dirty; a write-back protects it before reading.
+            Err(ResolveError::Exists { .. }) => {
+                wake()?;
+                Ok(FarState::Dirty)
+            }
+            Err(e) => Err(FarError::Resolve(e)),
+        }
+    }
+
+    /// Evicts until `need` more pages fit the budget.
+    fn make_room(&self, eng: &mut Engine, need: u64) -> Result<(), FarError> {
+        let batch = EVICT_BATCH.min(self.budget / 4).max(need).max(1);
+        while eng.pages.resident() + need > self.budget {
+            let Engine { pages, clock, .. } = &mut *eng;
             let victims = clock.choose(pages, batch);
             if victims.is_empty() {
                 break;
@@ -625,6 +681,176 @@ mod tests {
             store.read(p as u64, &mut page).unwrap();
             check(p, &page, "in the store");
         }
+    }
+
+    /// A [`FileStore`] that counts the calls made to it.
+    #[derive(Debug)]
+    struct Counting {
+        inner: FileStore,
+        reads: std::sync::atomic::AtomicU64,
+        writes: std::sync::atomic::AtomicU64,
+        runs: std::sync::atomic::AtomicU64,
+    }
+
+    impl FarStore for Counting {
+        fn page_size(&self) -> u64 {
+            self.inner.page_size()
+        }
+        fn page_count(&self) -> u64 {
+            self.inner.page_count()
+        }
+        fn read(&self, page: u64, out: &mut [u8]) -> Result<(), StoreError> {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            self.inner.read(page, out)
+        }
+        fn read_run(&self, start: u64, out: &mut [u8]) -> Result<(), StoreError> {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            self.inner.read_run(start, out)
+        }
+        fn write(&self, runs: &[(u64, &[u8])]) -> Result<(), StoreError> {
+            self.writes.fetch_add(1, Ordering::Relaxed);
+            self.runs.fetch_add(runs.len() as u64, Ordering::Relaxed);
+            self.inner.write(runs)
+        }
+    }
+
+    fn counting(dir: &tempfile::TempDir, pages: u64) -> Arc<Counting> {
+        Arc::new(Counting {
+            inner: FileStore::create(&dir.path().join("far"), PAGE as u64, pages).unwrap(),
+            reads: Default::default(),
+            writes: Default::default(),
+            runs: Default::default(),
+        })
+    }
+
+    /// A sequential scan of a region four times its budget reads ahead: far fewer store
+    /// reads than pages, every page right, the budget kept; a random pattern of faults does
+    /// not read ahead.
+    #[test]
+    fn sequential_scans_read_ahead() {
+        if testutil::require_uffd().is_none() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let pages = 1024u64;
+        let store = counting(&dir, pages);
+        let mut page = vec![0u8; PAGE];
+        for p in 0..pages {
+            page[..8].copy_from_slice(&stamp(p as usize, 3).to_le_bytes());
+            store.inner.write(&[(p, &page)]).unwrap();
+        }
+        let far = start(BackingKind::Anonymous, pages, 256, store.clone());
+        let mem = far.memory().guest();
+        for p in 0..pages as usize {
+            let mut b = [0u8; 8];
+            mem.read(p * PAGE, &mut b).unwrap();
+            assert_eq!(u64::from_le_bytes(b), stamp(p, 3), "page {p}");
+            assert!(far.stats().resident_pages <= 256);
+        }
+        // The fault thread counts a fetch after it maps the page (and wakes the reader).
+        let settled = std::time::Instant::now() + Duration::from_secs(5);
+        while far.stats().fetches < pages && std::time::Instant::now() < settled {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let stats = far.stats();
+        let reads = store.reads.load(Ordering::Relaxed);
+        assert_eq!(stats.fetches, pages, "{stats:?}");
+        assert!(stats.readahead_pages > pages / 2, "{stats:?}");
+        assert!(reads < pages / 8, "{reads} reads for {pages} pages");
+        // Pages far apart, in a scattered order: one read each.
+        let before = store.reads.load(Ordering::Relaxed);
+        for i in 0..64usize {
+            let p = (i * 389) % 700;
+            let mut b = [0u8; 8];
+            mem.read(p * PAGE, &mut b).unwrap();
+            assert_eq!(u64::from_le_bytes(b), stamp(p, 3), "page {p}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let after = far.stats();
+        assert_eq!(
+            store.reads.load(Ordering::Relaxed) - before,
+            after.fetches - stats.fetches,
+            "{after:?}"
+        );
+        assert_eq!(after.readahead_pages, stats.readahead_pages);
+        far.shutdown().unwrap();
+    }
+
+    /// A flush of scattered dirty pages among resident clean ones sends a few long runs,
+    /// bridging the clean gaps, and the store then holds every page's last bytes.
+    #[test]
+    fn flush_bridges_clean_gaps() {
+        if testutil::require_uffd().is_none() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let pages = 512u64;
+        let store = counting(&dir, pages);
+        let far = start(BackingKind::Anonymous, pages, pages, store.clone());
+        let mem = far.memory().guest();
+        for p in 0..pages as usize {
+            let mut b = [0u8; 8];
+            mem.read(p * PAGE, &mut b).unwrap();
+        }
+        // Every third page written: 171 dirty pages, none adjacent.
+        for p in (0..pages as usize).step_by(3) {
+            mem.write(p * PAGE, &stamp(p, 1).to_le_bytes()).unwrap();
+        }
+        assert_eq!(far.flush().unwrap(), 171);
+        let runs = store.runs.load(Ordering::Relaxed);
+        assert!(runs <= 2, "{runs} runs");
+        let stats = far.shutdown().unwrap();
+        assert_eq!(stats.dirty_pages, 0);
+        for p in 0..pages {
+            let mut b = page_buf();
+            store.read(p, &mut b).unwrap();
+            let want = if p % 3 == 0 { stamp(p as usize, 1) } else { 0 };
+            assert_eq!(b[..8], want.to_le_bytes(), "page {p}");
+        }
+    }
+
+    /// A flush of dirty pages with evicted pages between them bridges those too (their bytes
+    /// read back from the store), sends a few long runs, and leaves every page in the store
+    /// right: the dirty ones new, the bridged ones as they were.
+    #[test]
+    fn flush_bridges_absent_gaps() {
+        if testutil::require_uffd().is_none() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let pages = 512u64;
+        let store = counting(&dir, pages);
+        let mut page = page_buf();
+        for p in 0..pages {
+            page[..8].copy_from_slice(&stamp(p as usize, 0).to_le_bytes());
+            store.inner.write(&[(p, &page)]).unwrap();
+        }
+        let far = start(BackingKind::Anonymous, pages, 64, store.clone());
+        let mem = far.memory().guest();
+        // Every fourth page of the first half written: 64 dirty pages, each fault evicting.
+        for p in (0..256usize).step_by(4) {
+            mem.write(p * PAGE, &stamp(p, 1).to_le_bytes()).unwrap();
+        }
+        let runs0 = store.runs.load(Ordering::Relaxed);
+        let flushed = far.flush().unwrap();
+        let runs = store.runs.load(Ordering::Relaxed) - runs0;
+        assert!(runs <= 4, "{runs} runs for {flushed} dirty pages");
+        let stats = far.shutdown().unwrap();
+        assert_eq!(stats.dirty_pages, 0);
+        for p in 0..pages {
+            let mut b = page_buf();
+            store.read(p, &mut b).unwrap();
+            let want = if p < 256 && p % 4 == 0 {
+                stamp(p as usize, 1)
+            } else {
+                stamp(p as usize, 0)
+            };
+            assert_eq!(b[..8], want.to_le_bytes(), "page {p}");
+        }
+    }
+
+    fn page_buf() -> Vec<u8> {
+        vec![0u8; PAGE]
     }
 
     /// A budget below the minimum and hugetlbfs memory are refused with the reason.

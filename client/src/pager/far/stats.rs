@@ -11,6 +11,8 @@ pub const RESIDENT: &str = "faultline_client_far_resident_pages";
 pub const DIRTY: &str = "faultline_client_far_dirty_pages";
 /// Pages fetched from the store.
 pub const FETCHES: &str = "faultline_client_far_fetches_total";
+/// Pages fetched ahead of a sequential scan (counted in the fetches too).
+pub const READAHEAD: &str = "faultline_client_far_readahead_pages_total";
 /// Fetches of pages evicted before.
 pub const REFAULTS: &str = "faultline_client_far_refaults_total";
 /// Pages dropped to stay within the budget.
@@ -39,6 +41,8 @@ pub struct FarStats {
     pub fetches: u64,
     /// Of those, pages evicted before.
     pub refaults: u64,
+    /// Of the fetches, pages read ahead of a sequential scan (not faulted on themselves).
+    pub readahead_pages: u64,
     /// Pages dropped to stay within the budget.
     pub evictions: u64,
     /// Pages written back, acknowledged durable.
@@ -56,6 +60,7 @@ pub struct FarStats {
 pub struct Counters {
     fetches: AtomicU64,
     refaults: AtomicU64,
+    readahead: AtomicU64,
     evictions: AtomicU64,
     writeback_pages: AtomicU64,
     writeback_bytes: AtomicU64,
@@ -74,6 +79,12 @@ impl Counters {
             self.refaults.fetch_add(1, Ordering::Relaxed);
             counter!(REFAULTS).increment(1);
         }
+    }
+
+    /// `n` pages were fetched ahead of a scan.
+    pub fn read_ahead(&self, n: u64) {
+        self.readahead.fetch_add(n, Ordering::Relaxed);
+        counter!(READAHEAD).increment(n);
     }
 
     /// `n` pages were evicted.
@@ -120,6 +131,7 @@ impl Counters {
             dirty_pages: get(&self.dirty),
             fetches: get(&self.fetches),
             refaults: get(&self.refaults),
+            readahead_pages: get(&self.readahead),
             evictions: get(&self.evictions),
             writeback_pages: get(&self.writeback_pages),
             writeback_bytes: get(&self.writeback_bytes),

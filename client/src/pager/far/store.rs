@@ -44,6 +44,15 @@ pub trait FarStore: Send + Sync + fmt::Debug {
     fn page_count(&self) -> u64;
     /// Reads `page` into `out` (one page): the newest bytes written to it, zeros if never.
     fn read(&self, page: u64, out: &mut [u8]) -> Result<(), StoreError>;
+    /// Reads the consecutive pages from `start` into `out` (whole pages): the far pager's
+    /// read-ahead, one call for a run. The default reads them one by one.
+    fn read_run(&self, start: u64, out: &mut [u8]) -> Result<(), StoreError> {
+        let ps = self.page_size() as usize;
+        for (i, page) in out.chunks_mut(ps).enumerate() {
+            self.read(start + i as u64, page)?;
+        }
+        Ok(())
+    }
     /// Writes runs of consecutive pages (first page, their bytes) and returns only once every
     /// one of them is durable: after this, dropping the pages locally loses nothing.
     fn write(&self, runs: &[(u64, &[u8])]) -> Result<(), StoreError>;
@@ -161,6 +170,10 @@ impl FarStore for FileStore {
             })
     }
 
+    fn read_run(&self, start: u64, out: &mut [u8]) -> Result<(), StoreError> {
+        self.read(start, out)
+    }
+
     fn write(&self, runs: &[(u64, &[u8])]) -> Result<(), StoreError> {
         let fail = |e: std::io::Error| StoreError::Write {
             start: runs.first().map_or(0, |r| r.0),
@@ -263,7 +276,11 @@ impl RemoteStore {
         }
     }
 
+    /// Reads the pages from `page` into `out` (whole pages) with one `ReadPages` call,
+    /// checking each against what it must hold.
     fn read_once(&self, page: u64, out: &mut [u8]) -> Result<(), StoreError> {
+        let ps = self.page_size as usize;
+        let count = (out.len() / ps) as u64;
         let fail = |source: RemoteError| StoreError::Read {
             page,
             source: source.into(),
@@ -273,10 +290,7 @@ impl RemoteStore {
                 .client()
                 .read_pages(pb::ReadPagesRequest {
                     snapshot: self.volume.to_string(),
-                    ranges: vec![pb::PageRange {
-                        start: page,
-                        count: 1,
-                    }],
+                    ranges: vec![pb::PageRange { start: page, count }],
                     compression: Compression::None.into(),
                 })
                 .await
@@ -296,28 +310,32 @@ impl RemoteStore {
             })
         })?;
         let expected = self.expected.lock().unwrap_or_else(|e| e.into_inner());
-        let idx = page as usize;
-        if batch.zero.iter().any(|z| holds(z, page)) {
-            if !expected.zero[idx] {
+        for (i, out) in out.chunks_mut(ps).enumerate() {
+            let page = page + i as u64;
+            let idx = page as usize;
+            if batch.zero.iter().any(|z| holds(z, page)) {
+                if !expected.zero[idx] {
+                    return Err(StoreError::Corrupt { page });
+                }
+                out.fill(0);
+                continue;
+            }
+            let run = batch
+                .runs
+                .iter()
+                .find(|r| holds(&r.range, page))
+                .ok_or_else(|| StoreError::Read {
+                    page,
+                    source: "the server's answer does not hold the page".into(),
+                })?;
+            let at = (page - run.range.start().0) as usize * ps;
+            let data = &run.data[at..at + ps];
+            let zero_ok = expected.zero[idx] && data.iter().all(|&b| b == 0);
+            if !zero_ok && self.algorithm.digest(data) != expected.digests[idx] {
                 return Err(StoreError::Corrupt { page });
             }
-            out.fill(0);
-            return Ok(());
+            out.copy_from_slice(data);
         }
-        let run = batch
-            .runs
-            .iter()
-            .find(|r| holds(&r.range, page))
-            .ok_or_else(|| StoreError::Read {
-                page,
-                source: "the server's answer does not hold the page".into(),
-            })?;
-        let data = &run.data[..self.page_size as usize];
-        let zero_ok = expected.zero[idx] && data.iter().all(|&b| b == 0);
-        if !zero_ok && self.algorithm.digest(data) != expected.digests[idx] {
-            return Err(StoreError::Corrupt { page });
-        }
-        out.copy_from_slice(data);
         Ok(())
     }
 
@@ -449,6 +467,10 @@ impl FarStore for RemoteStore {
 
     fn read(&self, page: u64, out: &mut [u8]) -> Result<(), StoreError> {
         self.retrying(|| self.read_once(page, out))
+    }
+
+    fn read_run(&self, start: u64, out: &mut [u8]) -> Result<(), StoreError> {
+        self.retrying(|| self.read_once(start, out))
     }
 
     fn write(&self, runs: &[(u64, &[u8])]) -> Result<(), StoreError> {
