@@ -7,15 +7,16 @@
 
 mod common;
 
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::{
-    DEADLINE, Mem, PAGE, Server, Snapshot, assert_touched_right, block_on, check_all, complete,
-    config, hung, image_4k, memory, runtime, settle, start, touch_and_check, within,
+    DEADLINE, Mem, PAGE, Server, Snapshot, assert_corrupt_page_poisoned, assert_touched_right,
+    block_on, check_all, complete, config, hung, image_4k, memory, runtime, settle, start,
+    touch_and_check, within,
 };
 use faultline_client::backing::{BackingKind, ExternalMemory, GuestMemory};
 use faultline_client::pager::{
@@ -282,36 +283,13 @@ fn start_without_a_server_fails() {
 /// The corrupt-page fixture: the image, and the page corrupted on disk.
 const CORRUPT_SEED: u64 = 41;
 
-/// A page with content whose neighbours have content too.
-fn corrupt_page_of(snap: &Snapshot) -> usize {
-    (PAGES as usize / 2..snap.pages() - 1)
-        .find(|&p| !snap.is_zero(p - 1) && !snap.is_zero(p) && !snap.is_zero(p + 1))
-        .expect("three adjacent pages with content")
-}
-
 /// A server whose snapshot `img` has one page flipped in its `memory` file
 /// (before the server has opened the snapshot). Returns the page.
 fn corrupt_server() -> (Server, Snapshot, usize) {
     let server = Server::start();
     let snap = server.import("img", PageSize::Size4K, image_4k(CORRUPT_SEED, PAGES));
-    let bad = corrupt_page_of(&snap);
-    let path = server.snapshot_dir(&snap.id).join("memory");
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .expect("open the snapshot's memory file");
-    let at = (bad * PAGE + 100) as u64;
-    let mut bytes = [0u8; 16];
-    file.seek(SeekFrom::Start(at)).expect("seek");
-    file.read_exact(&mut bytes).expect("read");
-    assert_eq!(&bytes, &snap.page(bad)[100..116]);
-    for b in &mut bytes {
-        *b ^= 0x5a;
-    }
-    file.seek(SeekFrom::Start(at)).expect("seek");
-    file.write_all(&bytes).expect("corrupt");
-    file.sync_all().expect("sync");
+    let bad = snap.page_between_data();
+    server.corrupt_page(&snap, bad);
     (server, snap, bad)
 }
 
@@ -327,24 +305,8 @@ fn corrupt_page_is_poisoned_never_installed() {
     cfg.deadline = Duration::from_secs(2);
     let pager = start(cfg, mem);
     let mem = Mem::of(&pager, 0);
-    // Fed through `Pager::fault`, so that nothing in this process touches
-    // the page (it would raise SIGBUS).
     let rt = runtime();
-    let r = block_on(
-        &rt,
-        "Pager::fault on the corrupt page",
-        pager.fault(mem.base() + bad * PAGE, PAGE),
-    );
-    assert!(
-        matches!(r, Err(FaultError::Poisoned(p)) if p.0 == bad as u64),
-        "{r:?}"
-    );
-    let s = pager.stats();
-    assert_eq!(s.corrupt_pages, u64::from(CORRUPT_RETRIES) + 1, "{s:#?}");
-    assert_eq!(s.poisoned_pages, 1, "{s:#?}");
-    // The pages fetched with it (its read-ahead window) are fine.
-    let good: Vec<usize> = (bad - 1..snap.pages()).filter(|&p| p != bad).collect();
-    assert_touched_right(mem, &snap, good);
+    let s = assert_corrupt_page_poisoned(&pager, &snap, bad, &rt);
     // The page stays poisoned: asking again gives the same answer, at once.
     let again = block_on(
         &rt,

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::process::Command;
 use std::time::Duration;
 
@@ -265,23 +264,7 @@ fn corrupt_server() -> (Server, Snapshot, usize) {
     let bad = (HALF_ZERO_UNIT * UNIT + UNIT / 2..(HALF_ZERO_UNIT + 1) * UNIT)
         .find(|&p| !snap.is_zero(p))
         .expect("a page with content");
-    let path = server.snapshot_dir(&snap.id).join("memory");
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .expect("open the snapshot's memory file");
-    let at = (bad * PAGE + 100) as u64;
-    let mut bytes = [0u8; 16];
-    file.seek(SeekFrom::Start(at)).expect("seek");
-    file.read_exact(&mut bytes).expect("read");
-    assert_eq!(&bytes, &snap.page(bad)[100..116]);
-    for b in &mut bytes {
-        *b ^= 0x5a;
-    }
-    file.seek(SeekFrom::Start(at)).expect("seek");
-    file.write_all(&bytes).expect("corrupt");
-    file.sync_all().expect("sync");
+    server.corrupt_page(&snap, bad);
     (server, snap, bad)
 }
 

@@ -6,20 +6,18 @@
 
 mod common;
 
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::{
-    Mem, PAGE, Server, Snapshot, assert_touched_right, block_on, check_all, complete, config,
-    image_4k, memory, runtime, start, touch_and_check,
+    Mem, PAGE, Server, Snapshot, assert_corrupt_page_poisoned, block_on, check_all, complete,
+    config, image_4k, memory, runtime, start, touch_and_check,
 };
 use faultline_client::backing::BackingKind;
 use faultline_client::fleet;
-use faultline_client::pager::{
-    CORRUPT_RETRIES, FaultError, FaultTransport, OnFailure, PagerConfig, PrefetchPolicy,
-};
+use faultline_client::pager::{FaultTransport, OnFailure, PagerConfig, PrefetchPolicy};
 use faultline_client::remote::ConnectOptions;
 use faultline_proto::{PageSize, SnapshotId, frame};
 use faultline_server::auth::{Right, TokensFile};
@@ -296,37 +294,13 @@ fn auto_falls_back_to_grpc() {
     assert!(s.pages_by_source.demand > 0, "{s:#?}");
 }
 
-/// A server whose snapshot has one page flipped on disk (before it opened
-/// the snapshot); returns the page.
-fn corrupt(server: &Server, snap: &Snapshot) -> usize {
-    let bad = (PAGES as usize / 2..snap.pages() - 1)
-        .find(|&p| !snap.is_zero(p - 1) && !snap.is_zero(p) && !snap.is_zero(p + 1))
-        .expect("three adjacent pages with content");
-    let path = server.snapshot_dir(&snap.id).join("memory");
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .expect("open the snapshot's memory file");
-    let at = (bad * PAGE + 100) as u64;
-    let mut bytes = [0u8; 16];
-    file.seek(SeekFrom::Start(at)).unwrap();
-    file.read_exact(&mut bytes).unwrap();
-    for b in &mut bytes {
-        *b ^= 0x5a;
-    }
-    file.seek(SeekFrom::Start(at)).unwrap();
-    file.write_all(&bytes).unwrap();
-    file.sync_all().unwrap();
-    bad
-}
-
 /// Over the lean transport a page failing its digest is fetched again, then poisoned, never installed; its neighbours are right.
 #[test]
 fn lean_corrupt_page_never_installed() {
     let server = Server::start();
     let snap = server.import("bad", PageSize::Size4K, image_4k(23, PAGES));
-    let bad = corrupt(&server, &snap);
+    let bad = snap.page_between_data();
+    server.corrupt_page(&snap, bad);
     let Some((mem, _)) = memory(BackingKind::Anonymous, snap.image.len()) else {
         return;
     };
@@ -334,22 +308,7 @@ fn lean_corrupt_page_never_installed() {
     cfg.on_failure = OnFailure::Poison;
     cfg.deadline = Duration::from_secs(2);
     let pager = start(cfg, mem);
-    let mem = Mem::of(&pager, 0);
-    let rt = runtime();
-    let r = block_on(
-        &rt,
-        "Pager::fault on the corrupt page",
-        pager.fault(mem.base() + bad * PAGE, PAGE),
-    );
-    assert!(
-        matches!(r, Err(FaultError::Poisoned(p)) if p.0 == bad as u64),
-        "{r:?}"
-    );
-    let s = pager.stats();
-    assert_eq!(s.corrupt_pages, u64::from(CORRUPT_RETRIES) + 1, "{s:#?}");
-    assert_eq!(s.poisoned_pages, 1, "{s:#?}");
-    let good: Vec<usize> = (bad - 1..snap.pages()).filter(|&p| p != bad).collect();
-    assert_touched_right(mem, &snap, good);
+    assert_corrupt_page_poisoned(&pager, &snap, bad, &runtime());
 }
 
 /// Over the lean transport, killing the home server mid-restore fails over to the other one: every page right.

@@ -5,17 +5,17 @@
 
 mod common;
 
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::{
-    Mem, PAGE, Rng, Server, Snapshot, assert_touched_right, block_on, check_all, complete, config,
-    image_2m, image_4k, memory, runtime, start, touch_and_check,
+    Mem, Rng, Server, Snapshot, assert_corrupt_page_poisoned, block_on, check_all, complete,
+    config, image_2m, image_4k, memory, runtime, start, touch_and_check,
 };
 use faultline_client::backing::BackingKind;
-use faultline_client::pager::{CORRUPT_RETRIES, FaultError, OnFailure, PrefetchPolicy};
+use faultline_client::pager::{OnFailure, PrefetchPolicy};
 use faultline_client::remote::{ConnectOptions, Remote, Token};
 use faultline_proto::unix::{PAGE_FILE_PREFACE, PageFileRequest, PageFileResponse, frame};
 use faultline_proto::{CreateVolume, PageSize, SnapshotId, VolumeSource};
@@ -124,10 +124,8 @@ fn demand_faults_read_the_page_file() {
 fn corrupt_page_behind_the_page_file_is_never_installed() {
     let server = Server::start_unix(ServeOptions::default());
     let snap = server.import("img", PageSize::Size4K, image_4k(41, PAGES));
-    let bad = (PAGES as usize / 2..snap.pages() - 1)
-        .find(|&p| !snap.is_zero(p - 1) && !snap.is_zero(p) && !snap.is_zero(p + 1))
-        .expect("three adjacent pages with content");
-    flip_bytes(&server.snapshot_dir(&snap.id).join("memory"), &snap, bad);
+    let bad = snap.page_between_data();
+    server.corrupt_page(&snap, bad);
     let Some((mem, _)) = memory(BackingKind::Anonymous, snap.image.len()) else {
         return;
     };
@@ -136,43 +134,7 @@ fn corrupt_page_behind_the_page_file_is_never_installed() {
     cfg.deadline = Duration::from_secs(2);
     let pager = start(cfg, mem);
     assert!(pager.reads_page_file());
-    let mem = Mem::of(&pager, 0);
-    let rt = runtime();
-    // Through `Pager::fault`, so that nothing here touches the page (SIGBUS).
-    let r = block_on(
-        &rt,
-        "Pager::fault on the corrupt page",
-        pager.fault(mem.base() + bad * PAGE, PAGE),
-    );
-    assert!(
-        matches!(r, Err(FaultError::Poisoned(p)) if p.0 == bad as u64),
-        "{r:?}"
-    );
-    let s = pager.stats();
-    assert_eq!(s.corrupt_pages, u64::from(CORRUPT_RETRIES) + 1, "{s:#?}");
-    assert_eq!(s.poisoned_pages, 1, "{s:#?}");
-    let good: Vec<usize> = (bad - 1..snap.pages()).filter(|&p| p != bad).collect();
-    assert_touched_right(mem, &snap, good);
-}
-
-/// Flips 16 bytes of page `page` in the store's `memory` file (before the server opened it).
-fn flip_bytes(path: &std::path::Path, snap: &Snapshot, page: usize) {
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .expect("open the snapshot's memory file");
-    let at = (page * PAGE + 100) as u64;
-    let mut bytes = [0u8; 16];
-    file.seek(SeekFrom::Start(at)).expect("seek");
-    file.read_exact(&mut bytes).expect("read");
-    assert_eq!(&bytes, &snap.page(page)[100..116]);
-    for b in &mut bytes {
-        *b ^= 0x5a;
-    }
-    file.seek(SeekFrom::Start(at)).expect("seek");
-    file.write_all(&bytes).expect("corrupt");
-    file.sync_all().expect("sync");
+    assert_corrupt_page_poisoned(&pager, &snap, bad, &runtime());
 }
 
 /// Sends a page-file request by hand and reads the answer (the descriptor, if any, is dropped).

@@ -52,6 +52,15 @@ impl Snapshot {
         &self.image[i * self.page_size..(i + 1) * self.page_size]
     }
 
+    /// A page in the second half with content, whose neighbours have
+    /// content too (a page to corrupt: its read-ahead window brings good
+    /// pages with it).
+    pub fn page_between_data(&self) -> usize {
+        (self.pages() / 2..self.pages() - 1)
+            .find(|&p| !self.is_zero(p - 1) && !self.is_zero(p) && !self.is_zero(p + 1))
+            .expect("three adjacent pages with content")
+    }
+
     /// Whether page `i` is all zeros (the server's zero map says the same).
     pub fn is_zero(&self, i: usize) -> bool {
         self.page(i).iter().all(|&b| b == 0)
@@ -186,6 +195,30 @@ impl Server {
     /// The directory holding snapshot `id` (`manifest.json`, `memory`, ...).
     pub fn snapshot_dir(&self, id: &SnapshotId) -> PathBuf {
         self.store.root().join(id.as_str())
+    }
+
+    /// Flips 16 bytes of page `page` of `snap` in the store's `memory` file
+    /// (call it before the server opens the snapshot): the page then fails
+    /// its digest on every read.
+    pub fn corrupt_page(&self, snap: &Snapshot, page: usize) {
+        use std::io::{Read, Seek, SeekFrom};
+        let path = self.snapshot_dir(&snap.id).join("memory");
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .expect("open the snapshot's memory file");
+        let at = (page * snap.page_size + 100) as u64;
+        let mut bytes = [0u8; 16];
+        file.seek(SeekFrom::Start(at)).expect("seek");
+        file.read_exact(&mut bytes).expect("read");
+        assert_eq!(&bytes, &snap.page(page)[100..116]);
+        for b in &mut bytes {
+            *b ^= 0x5a;
+        }
+        file.seek(SeekFrom::Start(at)).expect("seek");
+        file.write_all(&bytes).expect("corrupt");
+        file.sync_all().expect("sync");
     }
 
     /// `http://127.0.0.1:PORT`, or `unix://PATH`.
@@ -601,4 +634,35 @@ impl Drop for StalledServer {
             let _ = t.join();
         }
     }
+}
+
+/// Faults on page `bad` of region 0 through `Pager::fault` (nothing here
+/// touches it: it would raise SIGBUS) and asserts that, corrupt on the
+/// server, it was fetched again, then poisoned, never installed, and that
+/// every page from `bad - 1` on except it is right. Returns the statistics.
+pub fn assert_corrupt_page_poisoned(
+    pager: &Pager,
+    snap: &Snapshot,
+    bad: usize,
+    rt: &tokio::runtime::Runtime,
+) -> Stats {
+    use faultline_client::pager::{CORRUPT_RETRIES, FaultError};
+    let mem = Mem::of(pager, 0);
+    let page = snap.page_size;
+    let r = block_on(
+        rt,
+        "Pager::fault on the corrupt page",
+        pager.fault(mem.base() + bad * page, page),
+    );
+    assert!(
+        matches!(r, Err(FaultError::Poisoned(p)) if p.0 == bad as u64),
+        "{r:?}"
+    );
+    let s = pager.stats();
+    assert_eq!(s.corrupt_pages, u64::from(CORRUPT_RETRIES) + 1, "{s:#?}");
+    assert_eq!(s.poisoned_pages, 1, "{s:#?}");
+    // The pages fetched with it (its read-ahead window) are fine.
+    let good: Vec<usize> = (bad - 1..snap.pages()).filter(|&p| p != bad).collect();
+    assert_touched_right(mem, snap, good);
+    s
 }
