@@ -5,8 +5,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +16,7 @@ use common::{
 use faultline_client::backing::BackingKind;
 use faultline_client::pager::{OnFailure, PrefetchPolicy};
 use faultline_client::remote::{ConnectOptions, Remote, Token};
-use faultline_proto::unix::{PAGE_FILE_PREFACE, PageFileRequest, PageFileResponse, frame};
+use faultline_proto::unix::PageFileResponse;
 use faultline_proto::{CreateVolume, PageSize, SnapshotId, VolumeSource};
 use faultline_server::auth::{Right, TokensFile};
 use faultline_server::store::SnapshotStore;
@@ -137,22 +136,9 @@ fn corrupt_page_behind_the_page_file_is_never_installed() {
     assert_corrupt_page_poisoned(&pager, &snap, bad, &runtime());
 }
 
-/// Sends a page-file request by hand and reads the answer (the descriptor, if any, is dropped).
+/// Sends a page-file request by hand and reads the answer.
 fn ask_page_file(path: &std::path::Path, snapshot: &str, token: Option<&str>) -> PageFileResponse {
-    let mut s = UnixStream::connect(path).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let req = PageFileRequest {
-        snapshot: snapshot.into(),
-        authorization: token.map(|t| format!("Bearer {t}")),
-        working_set: None,
-    };
-    let mut out = PAGE_FILE_PREFACE.to_vec();
-    out.extend_from_slice(&frame(&req));
-    s.write_all(&out).unwrap();
-    let mut answer = Vec::new();
-    s.read_to_end(&mut answer).unwrap();
-    let len = u32::from_le_bytes(answer[..4].try_into().unwrap()) as usize;
-    serde_json::from_slice(&answer[4..4 + len]).expect("an answer")
+    faultline_server::testing::ask_page_file(path, snapshot, token.map(|t| format!("Bearer {t}")))
 }
 
 /// Tokens apply on the Unix socket as on TCP: a token-less client is refused (gRPC and the

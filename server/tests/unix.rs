@@ -2,14 +2,13 @@
 //! server per path (a killed server's socket replaced, a live one refused), the socket removed
 //! on shutdown, TLS refused, and a page-file request answered on the socket.
 
-use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use faultline_proto::unix::{PAGE_FILE_PREFACE, PageFileRequest, PageFileResponse, frame};
+use faultline_proto::unix::PageFileResponse;
 
 const BIN: &str = env!("CARGO_BIN_EXE_faultline-server");
 
@@ -40,20 +39,7 @@ fn wait_listening(sock: &Path, child: &mut Child) {
 
 /// Sends a page-file request for `snapshot` and reads the answer.
 fn ask(sock: &Path, snapshot: &str) -> PageFileResponse {
-    let mut s = UnixStream::connect(sock).expect("connect");
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    let req = PageFileRequest {
-        snapshot: snapshot.into(),
-        authorization: None,
-        working_set: None,
-    };
-    let mut out = PAGE_FILE_PREFACE.to_vec();
-    out.extend_from_slice(&frame(&req));
-    s.write_all(&out).unwrap();
-    let mut answer = Vec::new();
-    s.read_to_end(&mut answer).unwrap();
-    let len = u32::from_le_bytes(answer[..4].try_into().unwrap()) as usize;
-    serde_json::from_slice(&answer[4..4 + len]).expect("an answer")
+    faultline_server::testing::ask_page_file(sock, snapshot, None)
 }
 
 /// The socket is mode 0600 and answers a page-file request (NotFound for a missing snapshot);

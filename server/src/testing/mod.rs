@@ -19,3 +19,32 @@ pub fn synthetic_image(seed: u64, pages: u64, page_size: usize) -> Vec<u8> {
 
 #[cfg(feature = "test-certs")]
 pub mod certs;
+
+/// Asks the server on the Unix socket `path` for `snapshot`'s page file by
+/// hand, as a client would (`authorization`: the header's value, e.g.
+/// `Bearer TOKEN`), and returns its answer; a descriptor that comes with it
+/// is dropped. For tests of the handover's checks.
+pub fn ask_page_file(
+    path: &std::path::Path,
+    snapshot: &str,
+    authorization: Option<String>,
+) -> faultline_proto::unix::PageFileResponse {
+    use faultline_proto::unix::{self, PAGE_FILE_PREFACE, PageFileRequest};
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(path).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("read timeout");
+    let req = PageFileRequest {
+        snapshot: snapshot.into(),
+        authorization,
+        working_set: None,
+    };
+    let mut out = PAGE_FILE_PREFACE.to_vec();
+    out.extend_from_slice(&unix::frame(&req));
+    s.write_all(&out).expect("send the request");
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).expect("read the answer");
+    let header: [u8; 4] = answer[..4].try_into().expect("a frame header");
+    let len = unix::frame_len(header, unix::MAX_PAGE_FILE_ANSWER_BYTES).expect("frame length");
+    unix::unframe(&answer[4..4 + len]).expect("an answer")
+}
