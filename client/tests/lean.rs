@@ -1,7 +1,7 @@
 //! The demand link on the lean fault transport (docs/protocol.md, "The lean
 //! fault transport"): restores by demand faults on real userfaultfd from an
 //! in-process server on 127.0.0.1, with the transport forced (a server
-//! without it would fail the link, not fall back), tokens, fail-over, a
+//! without it would fail the link, not fall back), tokens (over mutual TLS: tests/secure.rs), fail-over, a
 //! corrupt page, and the fall-back to gRPC for a server that lacks it.
 
 mod common;
@@ -341,80 +341,4 @@ fn lean_fails_over_when_home_server_killed() {
         "the link did not move to the other server: {s:#?}"
     );
     drop(other);
-}
-
-/// Over mutual TLS with a token, a restore by demand faults on the lean transport (forced) is right byte for byte.
-#[test]
-fn lean_over_mutual_tls_with_token() {
-    use faultline_server::testing::certs::{TestCa, Usage};
-    use faultline_server::tls::TlsFiles;
-
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(LocalStore::new(dir.path().join("store")).unwrap());
-    let image = image_4k(31, PAGES);
-    let file = dir.path().join("mem.img");
-    std::fs::write(&file, &image).unwrap();
-    let id = SnapshotId::new("lean-tls").unwrap();
-    faultline_server::import::import_file(
-        &*store,
-        id.clone(),
-        PageSize::Size4K,
-        &[],
-        &file,
-        |_| {},
-    )
-    .unwrap();
-    let ca = TestCa::new("test CA");
-    let (server_cert, server_key) = ca
-        .issue(Usage::Server, "server")
-        .write(dir.path(), "server");
-    let ca_path = ca.write_cert(dir.path(), "ca");
-    let (cert, key) = ca.issue(Usage::Client, "vmm").write(dir.path(), "client");
-    let tokens = dir.path().join("tokens.json");
-    let mut tokens_file = TokensFile::default();
-    let (token, _) = tokens_file
-        .add_new("vmm".into(), vec!["lean*".into()], vec![Right::Read])
-        .unwrap();
-    tokens_file.save(&tokens).unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let opts = ServeOptions {
-        tls: Some(TlsFiles {
-            cert: server_cert,
-            key: server_key,
-            client_ca: Some(ca_path.clone()),
-        }),
-        tokens: Some(tokens),
-        ..ServeOptions::default()
-    };
-    let handle = runtime
-        .block_on(faultline_server::spawn_with(
-            "127.0.0.1:0".parse().unwrap(),
-            store as Arc<dyn SnapshotStore>,
-            opts,
-        ))
-        .unwrap();
-    let snap = Snapshot {
-        id: id.clone(),
-        image: Arc::new(image),
-        page_size: PAGE,
-    };
-    let Some((mem, _)) = memory(BackingKind::Anonymous, snap.image.len()) else {
-        return;
-    };
-    let mut cfg = PagerConfig::new(handle.url(), id);
-    cfg.prefetch = PrefetchPolicy::None;
-    cfg.fault_transport = FaultTransport::Lean;
-    cfg.connect =
-        ConnectOptions::from_files(Some(&ca_path), Some(&cert), Some(&key), Some(&token)).unwrap();
-    let pager = start(cfg, mem);
-    check_all(Mem::of(&pager, 0), &snap, TOUCHERS);
-    let s = complete(&pager);
-    assert!(s.pages_by_source.demand > 0, "{s:#?}");
-    drop(pager.into_inner());
-    drop(handle);
-    runtime.shutdown_background();
 }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use faultline_client::backing::BackingKind;
-use faultline_client::pager::{OnFailure, PrefetchPolicy};
+use faultline_client::pager::{FaultTransport, OnFailure, PrefetchPolicy};
 use faultline_client::remote::{ConnectOptions, Remote, RemoteError, Token};
 use faultline_client::restore::{RestoreOptions, Touch};
 use faultline_client::strategy::Mode;
@@ -164,8 +164,8 @@ fn remote_with_connect_options() {
 }
 
 /// Whole restores through the pager over mutual TLS with a token: demand
-/// faults with the working-set upload, then a full prefetch, all
-/// authenticate; every touched page matches.
+/// faults on the lean fault transport (forced) with the working-set upload,
+/// then a full prefetch, all authenticate; every touched page matches.
 #[test]
 fn restore_over_mutual_tls_with_token() {
     if testutil::require_uffd().is_none() {
@@ -187,7 +187,7 @@ fn restore_over_mutual_tls_with_token() {
         verify: true,
         on_failure: OnFailure::Abort,
         deadline: std::time::Duration::from_secs(20),
-        fault_transport: Default::default(),
+        fault_transport: FaultTransport::Lean,
     };
     let summary = faultline_client::restore::run(&opts).unwrap();
     eprintln!("{summary}");
