@@ -358,6 +358,21 @@ pub(super) fn tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(5)..].join(" | ")
 }
 
+/// Reads the one JSON line a finished client process printed (`what` names
+/// it in the error).
+pub(super) fn json_line<T: serde::de::DeserializeOwned>(
+    child: &mut std::process::Child,
+    what: &str,
+) -> anyhow::Result<T> {
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .expect("piped")
+        .read_to_string(&mut out)?;
+    serde_json::from_str(out.trim()).with_context(|| format!("{what} printed {out:?}"))
+}
+
 /// Starts a server process on `store`; returns it and its URL.
 fn start_server(exe: &Path, store: &Path, log: &Path) -> anyhow::Result<(Reaped, String)> {
     let stderr =
@@ -474,15 +489,7 @@ fn fan_out(
             "client {i} of {n} failed ({status}): {}",
             tail(&log)
         );
-        let mut out = String::new();
-        client
-            .child
-            .stdout
-            .take()
-            .expect("piped")
-            .read_to_string(&mut out)?;
-        let line: ClientLine = serde_json::from_str(out.trim())
-            .with_context(|| format!("client {i} of {n} printed {out:?}"))?;
+        let line: ClientLine = json_line(&mut client.child, &format!("client {i} of {n}"))?;
         per_client.push(ClientRun {
             process_s: exited.as_secs_f64(),
             line,

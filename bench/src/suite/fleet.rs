@@ -46,7 +46,7 @@ use faultline_server::store::object::{CHUNK_BYTES, ChunkStats, ObjectStoreOption
 use faultline_server::{Limits, chunk_cache, store::object::metrics as store_metrics};
 use serde::{Deserialize, Serialize};
 
-use super::fanout::{REAP_INTERVAL, Reaped, children_cpu, read_machine_ticks, tail};
+use super::fanout::{REAP_INTERVAL, Reaped, children_cpu, json_line, read_machine_ticks, tail};
 use super::report::{Bar, Percentiles, Plot, ratio};
 use super::working_set::fold_page;
 use super::{Ctx, ScenarioReport, Summary, Table, Target};
@@ -703,15 +703,7 @@ fn run_arm(setup: &Setup<'_>, arm: Arm, repeat: usize) -> anyhow::Result<Run> {
                 setup.images[i % SNAPSHOTS].name,
                 tail(&log)
             );
-            let mut out = String::new();
-            client
-                .child
-                .stdout
-                .take()
-                .expect("piped")
-                .read_to_string(&mut out)?;
-            let line: ClientLine = serde_json::from_str(out.trim())
-                .with_context(|| format!("restore {i} printed {out:?}"))?;
+            let line: ClientLine = json_line(&mut client.child, &format!("restore {i}"))?;
             restores.push(RestoreRun {
                 snapshot: i % SNAPSHOTS,
                 process_s,
