@@ -446,7 +446,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
                     .push(gbps(ctx.size, secs)),
                     Err(RestoreFailure::Mismatch(e)) => return Err(e),
                     Err(RestoreFailure::Setup(why)) => {
-                        notes.push(format!("{} over {}: {why}", row.kind, t.label()));
+                        notes.push(format!("{} over {}: {why}", row.label, t.label()));
                     }
                 }
                 bar.inc(1);
@@ -568,7 +568,7 @@ fn same_host(report: &mut ScenarioReport, ctx: &Ctx, repeats: usize, rows: &[Row
             }
         };
         table.row(vec![
-            row.kind.to_string(),
+            row.label.clone(),
             Summary::of(&row.faultline_gbps).fmt(2),
             fmt_or(&row.unix_stream_gbps),
             Summary::of(&row.unix_file_gbps).fmt(2),
@@ -580,7 +580,7 @@ fn same_host(report: &mut ScenarioReport, ctx: &Ctx, repeats: usize, rows: &[Row
         report.targets.push(Target {
             name: format!(
                 "full restore over unix:// + page file vs QEMU postcopy ({})",
-                row.kind
+                row.label
             ),
             goal: format!(">= {QEMU_TARGET}x"),
             value: q.map_or_else(
@@ -592,7 +592,7 @@ fn same_host(report: &mut ScenarioReport, ctx: &Ctx, repeats: usize, rows: &[Row
         report.targets.push(Target {
             name: format!(
                 "full restore over unix:// + page file vs eager local copy ({})",
-                row.kind
+                row.label
             ),
             goal: format!(">= {EAGER_TARGET}x"),
             value: format!("{:.2}x ({:.2}–{:.2})", e.median, e.min, e.max),
