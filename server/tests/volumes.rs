@@ -109,6 +109,18 @@ async fn read_all(c: &mut Client, name: &str) -> Vec<u8> {
     out
 }
 
+/// What a `Prefetch` of `req` streams: the image it fills (pages not sent
+/// stay 0xAA) and the pages it sent, in order.
+async fn prefetch_all(c: &mut Client, req: pb::PrefetchRequest) -> (Vec<u8>, Vec<u64>) {
+    let mut stream = c.prefetch(req).await.unwrap().into_inner();
+    let mut out = vec![0xAAu8; PAGES as usize * PAGE];
+    let mut seen = Vec::new();
+    while let Some(batch) = stream.next().await {
+        apply(batch.unwrap(), &mut out, &mut seen);
+    }
+    (out, seen)
+}
+
 /// Checks the manifest of `name` describes `image` page by page.
 async fn assert_manifest_matches(c: &mut Client, name: &str, image: &[u8]) {
     let m = c
@@ -205,19 +217,11 @@ async fn write_then_read_through_every_path() {
     drop(tx);
 
     // Prefetch of every page.
-    let mut stream = c
-        .prefetch(pb::PrefetchRequest {
-            snapshot: "vol".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = vec![0xAAu8; PAGES as usize * PAGE];
-    let mut seen = Vec::new();
-    while let Some(batch) = stream.next().await {
-        apply(batch.unwrap(), &mut out, &mut seen);
-    }
+    let req = pb::PrefetchRequest {
+        snapshot: "vol".into(),
+        ..Default::default()
+    };
+    let (out, seen) = prefetch_all(&mut c, req).await;
     assert_eq!(seen.len() as u64, PAGES);
     assert!(out == want, "Prefetch differs");
     // The parent is untouched.
@@ -699,20 +703,12 @@ async fn working_sets_of_a_volume() {
         .unwrap()
         .into_inner();
     assert_eq!(m.working_sets, ["default"]);
-    let mut stream = c
-        .prefetch(pb::PrefetchRequest {
-            snapshot: "sealed".into(),
-            order: pb::PrefetchOrder::WorkingSetOnly as i32,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = vec![0xAAu8; PAGES as usize * PAGE];
-    let mut seen = Vec::new();
-    while let Some(batch) = stream.next().await {
-        apply(batch.unwrap(), &mut out, &mut seen);
-    }
+    let req = pb::PrefetchRequest {
+        snapshot: "sealed".into(),
+        order: pb::PrefetchOrder::WorkingSetOnly as i32,
+        ..Default::default()
+    };
+    let (_, mut seen) = prefetch_all(&mut c, req).await;
     seen.sort_unstable();
     assert_eq!(seen, [3, 900, 901]);
 }
