@@ -25,6 +25,7 @@ fn settings() -> [Bulk; 3] {
     [
         Bulk {
             streams: 1,
+            page_file_streams: 1,
             batch_bytes: 0,
             shmem_copy: false,
             hugetlb_copy: false,
@@ -32,6 +33,7 @@ fn settings() -> [Bulk; 3] {
         },
         Bulk {
             streams: 4,
+            page_file_streams: 4,
             batch_bytes: 64 << 10,
             shmem_copy: true,
             hugetlb_copy: true,

@@ -48,6 +48,10 @@ const MEMCPY_BYTES: usize = 256 << 20;
 /// (~0.1 s) for the clock and the scheduler to be noise.
 const MEMCPY_ROUNDS: usize = 4;
 
+/// Bytes per `write` and `read` of the bare TCP stream: 1 MiB, the
+/// prefetcher's batch ([`faultline_client::pager::PREFETCH_BATCH_BYTES`]).
+const TCP_CHUNK: usize = 1 << 20;
+
 /// Huge pages reserved beyond the image's: the restored memory needs exactly
 /// the image's, a few spare ones absorb rounding and other users.
 const HUGE_PAGE_MARGIN: usize = 8;
@@ -177,8 +181,8 @@ struct Row {
     /// The same-host transport's GB/s, per repeat: byte stream, page file.
     unix_stream_gbps: Vec<f64>,
     unix_file_gbps: Vec<f64>,
-    /// The page file read by two prefetch streams.
-    unix_file2_gbps: Vec<f64>,
+    /// The page file read by one prefetch stream (before PAGE_FILE_STREAMS).
+    unix_file1_gbps: Vec<f64>,
     /// Why the backing stopped being measured, if it did.
     failed: Option<String>,
 }
@@ -221,6 +225,7 @@ fn bulk_variants(quick: bool) -> Vec<(String, Bulk)> {
         "1 stream, 1 MiB batches, shmem by CONTINUE (before)".to_string(),
         Bulk {
             streams: 1,
+            page_file_streams: 1,
             batch_bytes: 0,
             shmem_copy: false,
             hugetlb_copy: false,
@@ -312,6 +317,47 @@ fn memcpy_once(src: &[u8], dst: &mut [u8]) -> f64 {
     )
 }
 
+/// One bare loopback TCP stream moving `data_bytes` (the image's non-zero
+/// bytes, what a restore must move) from one thread to another, 1 MiB
+/// writes into 1 MiB reads and nothing else: the ceiling of any one-stream
+/// transport on this machine, in GB/s of the `image_bytes` it stands for.
+fn tcp_stream_once(data_bytes: u64, image_bytes: u64) -> anyhow::Result<f64> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let sender = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut conn, _) = listener.accept()?;
+        conn.set_nodelay(true)?;
+        let mut chunk = vec![0u8; TCP_CHUNK];
+        let mut rng = SplitMix64::new(SPOT_SEED);
+        for word in chunk.chunks_exact_mut(8) {
+            word.copy_from_slice(&rng.next_u64().to_le_bytes());
+        }
+        let mut left = data_bytes as usize;
+        while left > 0 {
+            let n = left.min(TCP_CHUNK);
+            conn.write_all(&chunk[..n])?;
+            left -= n;
+        }
+        Ok(())
+    });
+    let mut conn = std::net::TcpStream::connect(addr)?;
+    let mut buf = vec![0u8; TCP_CHUNK];
+    let started = Instant::now();
+    let mut got = 0u64;
+    while got < data_bytes {
+        match conn.read(&mut buf)? {
+            0 => bail!("the bare TCP stream ended after {got} of {data_bytes} bytes"),
+            n => got += n as u64,
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("the bare TCP sender panicked"))??;
+    Ok(gbps(image_bytes, secs))
+}
+
 /// Reads the whole image once (untimed), so the eager copies read a warm
 /// page cache from their first repeat.
 fn warm(image: &File) -> anyhow::Result<()> {
@@ -331,6 +377,9 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
         ..ImageSpec::realistic(ctx.size)
     })?;
     let qemu_image = small.image.clone();
+    // What a restore must move: the image's non-zero pages.
+    let m = &small.manifest;
+    let data_bytes = (m.page_count - m.zero_map.count_ones()) * m.page_size.bytes();
     let mut rows = vec![
         Row::new(BackingKind::Anonymous, small.clone()),
         Row::new(BackingKind::Shmem, small),
@@ -391,6 +440,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
     let src = vec![0x5au8; MEMCPY_BYTES];
     let mut dst = vec![0xa5u8; MEMCPY_BYTES];
     let mut memcpy_gbps = Vec::new();
+    let mut tcp_gbps = Vec::new();
     let mut qemu = Qemu {
         not_run: qemu::unavailable(),
         runs: Vec::new(),
@@ -428,20 +478,24 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
                 }
                 bar.inc(1);
             }
-            for (t, streams) in [
-                (Transport::UnixStream, 1),
-                (Transport::UnixFile, 1),
-                (Transport::UnixFile, 2),
+            // The page file with its default streams, and with one (as
+            // before PAGE_FILE_STREAMS).
+            for (t, one_stream) in [
+                (Transport::UnixStream, false),
+                (Transport::UnixFile, false),
+                (Transport::UnixFile, true),
             ] {
                 let at = |c: &mut PagerConfig| {
                     t.configure(c, &unix);
-                    c.bulk.streams = streams;
+                    if one_stream {
+                        c.bulk.page_file_streams = 1;
+                    }
                 };
                 match faultline_once(ctx, row, &images[i], &spots[i], at) {
-                    Ok((secs, _)) => match (t, streams) {
+                    Ok((secs, _)) => match (t, one_stream) {
                         (Transport::UnixStream, _) => &mut row.unix_stream_gbps,
-                        (_, 1) => &mut row.unix_file_gbps,
-                        _ => &mut row.unix_file2_gbps,
+                        (_, false) => &mut row.unix_file_gbps,
+                        _ => &mut row.unix_file1_gbps,
                     }
                     .push(gbps(ctx.size, secs)),
                     Err(RestoreFailure::Mismatch(e)) => return Err(e),
@@ -481,13 +535,17 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
             bar.inc(1);
         }
         memcpy_gbps.push(memcpy_once(&src, &mut dst));
+        match tcp_stream_once(data_bytes, ctx.size) {
+            Ok(g) => tcp_gbps.push(g),
+            Err(e) => notes.push(format!("bare TCP stream: {e:#}")),
+        }
         bar.inc(1);
     }
     bar.finish_and_clear();
     drop((src, dst, _huge_pages));
 
     drop(unix);
-    let mut report = report(ctx, repeats, &rows, &qemu, &memcpy_gbps, notes);
+    let mut report = report(ctx, repeats, &rows, &qemu, [&memcpy_gbps, &tcp_gbps], notes);
     same_host(&mut report, ctx, repeats, &rows, &qemu);
     let mut table = Table::new(
         format!(
@@ -543,7 +601,7 @@ fn same_host(report: &mut ScenarioReport, ctx: &Ctx, repeats: usize, rows: &[Row
             "TCP GB/s",
             "unix:// stream GB/s",
             "unix:// + page file GB/s",
-            "page file, 2 streams GB/s",
+            "page file, 1 stream GB/s (before)",
             "page file / TCP",
             "page file / QEMU",
             "page file / eager",
@@ -572,7 +630,7 @@ fn same_host(report: &mut ScenarioReport, ctx: &Ctx, repeats: usize, rows: &[Row
             Summary::of(&row.faultline_gbps).fmt(2),
             fmt_or(&row.unix_stream_gbps),
             Summary::of(&row.unix_file_gbps).fmt(2),
-            fmt_or(&row.unix_file2_gbps),
+            fmt_or(&row.unix_file1_gbps),
             format!("{}x", Summary::of(&over_tcp).fmt(2)),
             q.map_or_else(|| "not run".into(), |q| format!("{}x", q.fmt(2))),
             format!("{}x", e.fmt(2)),
@@ -603,7 +661,7 @@ fn same_host(report: &mut ScenarioReport, ctx: &Ctx, repeats: usize, rows: &[Row
             "tcp_gbps": row.faultline_gbps,
             "unix_stream_gbps": row.unix_stream_gbps,
             "unix_file_gbps": row.unix_file_gbps,
-            "unix_file_2_streams_gbps": row.unix_file2_gbps,
+            "unix_file_1_stream_gbps": row.unix_file1_gbps,
             "unix_file_over_tcp": over_tcp,
             "unix_file_over_qemu": over_qemu,
             "unix_file_over_eager": over_eager,
@@ -654,7 +712,7 @@ impl Row {
             stats: Vec::new(),
             unix_stream_gbps: Vec::new(),
             unix_file_gbps: Vec::new(),
-            unix_file2_gbps: Vec::new(),
+            unix_file1_gbps: Vec::new(),
             failed: None,
         }
     }
@@ -671,10 +729,12 @@ fn report(
     repeats: usize,
     rows: &[Row],
     qemu: &Qemu,
-    memcpy_gbps: &[f64],
+    [memcpy_gbps, tcp_gbps]: [&[f64]; 2],
     mut notes: Vec<String>,
 ) -> ScenarioReport {
     let memcpy = Summary::of(memcpy_gbps);
+    let tcp = (!tcp_gbps.is_empty()).then(|| Summary::of(tcp_gbps));
+    let fmt_tcp = |s: Option<Summary>| s.map_or_else(|| "not run".to_string(), |s| s.fmt(2));
     let qemu_gbps = qemu.gbps(ctx.size);
     let qemu_summary =
         (qemu.not_run.is_none() && !qemu_gbps.is_empty()).then(|| Summary::of(&qemu_gbps));
@@ -690,8 +750,10 @@ fn report(
             "QEMU postcopy GB/s",
             "eager local copy GB/s",
             "memcpy GB/s",
+            "bare TCP stream GB/s",
             "faultline / QEMU",
             "faultline / eager",
+            "faultline / bare TCP",
         ],
     );
     let mut targets = Vec::new();
@@ -710,6 +772,13 @@ fn report(
             .map(|(f, q)| f / q)
             .collect();
         let q = (qemu_summary.is_some() && !over_qemu.is_empty()).then(|| Summary::of(&over_qemu));
+        let over_tcp: Vec<f64> = row
+            .faultline_gbps
+            .iter()
+            .zip(tcp_gbps)
+            .map(|(f, t)| f / t)
+            .collect();
+        let over_tcp = (!over_tcp.is_empty()).then(|| Summary::of(&over_tcp));
         table.row(vec![
             row.label.clone(),
             // The region's strategy serves faults; bulk runs may differ.
@@ -722,8 +791,10 @@ fn report(
             qemu_summary.map_or_else(|| "not run".into(), |s| s.fmt(2)),
             e.fmt(2),
             memcpy.fmt(2),
+            fmt_tcp(tcp),
             q.map_or_else(|| "not run".into(), |q| q.fmt(2)),
             r.fmt(2),
+            fmt_tcp(over_tcp),
         ]);
         targets.push(Target {
             name: format!("full restore vs QEMU postcopy ({})", row.label),
@@ -776,6 +847,7 @@ fn report(
             "eager_gbps": row.eager_gbps,
             "faultline_over_eager": row.ratios,
             "faultline_over_qemu": over_qemu,
+            "faultline_over_bare_tcp": over_tcp,
             "faultline": f,
             "eager": e,
             "ratio": r,
@@ -831,8 +903,10 @@ fn report(
              memory between two guest-less QEMU processes over 127.0.0.1 (postcopy from the \
              start, timed from the source's MIGRATION setup event to the destination's \
              completed event), reading the page-cache-warm image file with pread straight into \
-             fresh memory of the same backing, and a memcpy between two populated 256 MiB \
-             buffers. GB/s are of image bytes (1 GB = 1e9 B); {repeats} interleaved repeats; \
+             fresh memory of the same backing, a memcpy between two populated 256 MiB \
+             buffers, and a bare TCP stream over 127.0.0.1 moving the image's non-zero bytes \
+             between two threads (1 MiB writes and reads, nothing else: the ceiling of one \
+             stream, counted in the image bytes it stands for). GB/s are of image bytes (1 GB = 1e9 B); {repeats} interleaved repeats; \
              {SPOT_CHECKS} pages of every restore compared with the image.",
             ctx.size >> 20
         ),
@@ -856,6 +930,8 @@ fn report(
                 "gbps": qemu_gbps,
             },
             "memcpy": memcpy,
+            "bare_tcp_gbps": tcp_gbps,
+            "bare_tcp": tcp,
             "memcpy_bytes": MEMCPY_BYTES * MEMCPY_ROUNDS,
             "failed": failed,
         }),

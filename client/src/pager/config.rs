@@ -32,6 +32,15 @@ pub const NO_READAHEAD: (u64, u64) = (0, 0);
 /// there are cores to spare.
 pub const PREFETCH_STREAMS: usize = 1;
 
+/// Prefetch streams when the pages come from the server's page file (a
+/// `unix://` server on this host, `super::source`): two, one per core of
+/// the machines measured. There the server does no work per page, so the
+/// two cores the TCP path splits between the server's sends and the
+/// client's receive both read, check and install: 1.32-1.44x one stream on
+/// every backing in the full run (docs/BENCHMARKS.md, "Same-host
+/// transport").
+pub const PAGE_FILE_STREAMS: usize = 2;
+
 /// Page bytes per prefetch batch asked of the server: 1 MiB. Larger
 /// batches (4 and 16 MiB) measured slower here, not faster: a batch is
 /// copied into the decode buffer, checked and installed while the next one
@@ -78,6 +87,9 @@ pub struct Bulk {
     /// Parallel prefetch streams (at least 1; 1 sends everything on one
     /// stream, working set first).
     pub streams: usize,
+    /// Parallel prefetch streams when the pager reads the server's page
+    /// file instead of a socket (at least 1), in place of `streams`.
+    pub page_file_streams: usize,
     /// Page bytes per batch asked of the server (0: the server's default;
     /// the server caps it at 16 MiB).
     pub batch_bytes: u64,
@@ -103,6 +115,7 @@ impl Default for Bulk {
     fn default() -> Self {
         Self {
             streams: PREFETCH_STREAMS,
+            page_file_streams: PAGE_FILE_STREAMS,
             batch_bytes: PREFETCH_BATCH_BYTES,
             shmem_copy: true,
             hugetlb_copy: false,

@@ -71,7 +71,8 @@ use tokio::sync::{Notify, mpsc, watch};
 
 pub use config::{
     Bulk, DEFAULT_DEADLINE, FaultTransport, MAX_READAHEAD_BYTES, MIN_READAHEAD_BYTES, NO_READAHEAD,
-    OnFailure, PREFETCH_BATCH_BYTES, PREFETCH_STREAMS, PagerConfig, PrefetchPolicy, Region,
+    OnFailure, PAGE_FILE_STREAMS, PREFETCH_BATCH_BYTES, PREFETCH_STREAMS, PagerConfig,
+    PrefetchPolicy, Region,
 };
 pub use error::{FaultError, InstallError, StartError};
 pub use faults::Readahead;

@@ -259,7 +259,13 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         .manifest
         .working_sets
         .contains(&shared.config.working_set);
-    let streams = shared.config.bulk.streams.max(1);
+    let bulk = &shared.config.bulk;
+    let streams = if shared.page_file.is_some() {
+        bulk.page_file_streams
+    } else {
+        bulk.streams
+    }
+    .max(1);
     match shared.config.prefetch {
         PrefetchPolicy::None => {}
         PrefetchPolicy::WorkingSet if !has_working_set => {
