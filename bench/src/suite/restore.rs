@@ -358,6 +358,11 @@ fn tcp_stream_once(data_bytes: u64, image_bytes: u64) -> anyhow::Result<f64> {
     Ok(gbps(image_bytes, secs))
 }
 
+/// `a[i] / b[i]`, repeat by repeat (as far as both go).
+fn per_repeat(a: &[f64], b: &[f64]) -> Vec<f64> {
+    a.iter().zip(b).map(|(x, y)| x / y).collect()
+}
+
 /// Reads the whole image once (untimed), so the eager copies read a warm
 /// page cache from their first repeat.
 fn warm(image: &File) -> anyhow::Result<()> {
@@ -562,12 +567,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
             if g.is_empty() {
                 continue;
             }
-            let speedup: Vec<f64> = row
-                .faultline_gbps
-                .iter()
-                .zip(g)
-                .map(|(d, x)| d / x)
-                .collect();
+            let speedup = per_repeat(&row.faultline_gbps, g);
             table.row(vec![
                 row.label.clone(),
                 label.clone(),
@@ -607,15 +607,14 @@ fn same_host(report: &mut ScenarioReport, ctx: &Ctx, repeats: usize, rows: &[Row
             "page file / eager",
         ],
     );
-    let per = |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x / y).collect() };
     let mut data = Vec::new();
     for row in rows
         .iter()
         .filter(|r| r.complete() && !r.unix_file_gbps.is_empty())
     {
-        let over_tcp = per(&row.unix_file_gbps, &row.faultline_gbps);
-        let over_qemu = per(&row.unix_file_gbps, &qemu_gbps);
-        let over_eager = per(&row.unix_file_gbps, &row.eager_gbps);
+        let over_tcp = per_repeat(&row.unix_file_gbps, &row.faultline_gbps);
+        let over_qemu = per_repeat(&row.unix_file_gbps, &qemu_gbps);
+        let over_eager = per_repeat(&row.unix_file_gbps, &row.eager_gbps);
         let q = (qemu.not_run.is_none() && !over_qemu.is_empty()).then(|| Summary::of(&over_qemu));
         let e = Summary::of(&over_eager);
         let fmt_or = |v: &[f64]| {
@@ -765,19 +764,9 @@ fn report(
         let r = Summary::of(&row.ratios);
         // faultline over QEMU, repeat by repeat (the two ran in the same
         // repeat, minutes apart at most).
-        let over_qemu: Vec<f64> = row
-            .faultline_gbps
-            .iter()
-            .zip(&qemu_gbps)
-            .map(|(f, q)| f / q)
-            .collect();
+        let over_qemu = per_repeat(&row.faultline_gbps, &qemu_gbps);
         let q = (qemu_summary.is_some() && !over_qemu.is_empty()).then(|| Summary::of(&over_qemu));
-        let over_tcp: Vec<f64> = row
-            .faultline_gbps
-            .iter()
-            .zip(tcp_gbps)
-            .map(|(f, t)| f / t)
-            .collect();
+        let over_tcp = per_repeat(&row.faultline_gbps, tcp_gbps);
         let over_tcp = (!over_tcp.is_empty()).then(|| Summary::of(&over_tcp));
         table.row(vec![
             row.label.clone(),
