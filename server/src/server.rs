@@ -359,6 +359,9 @@ impl Server {
             Some(path) => Authenticator::from_file(path.clone())?,
             None => Authenticator::open(),
         });
+        // Now, not when `run` builds the service on its task: /metrics
+        // shows the limits from the moment the server exists.
+        crate::metrics::register_limits(&opts.service_limits);
         Ok(Self {
             store,
             opts,

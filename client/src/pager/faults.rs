@@ -149,8 +149,13 @@ impl Shared {
                     return Ok(());
                 }
                 PageState::InFlight => {
-                    // Joined: the fetch in flight wakes every waiter when it
-                    // installs the page.
+                    // Joined: the fetch in flight wakes the page when it
+                    // installs it, because it is marked joined now. If the
+                    // install finished first, look again: the page is
+                    // settled and resolving it here wakes the thread.
+                    if !self.table.join(page) {
+                        continue;
+                    }
                     self.counters.joined();
                     self.record(region.unit_of(page));
                     return Ok(());

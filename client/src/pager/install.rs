@@ -11,7 +11,11 @@
 //! 4. **finish**: `InFlight -> Present`; if a REMOVE made the page
 //!    `ZeroOnFault` meanwhile, the install is stale: **discard** it.
 //! 5. **wake** the run's waiters, only now (woken earlier, a guest thread
-//!    could discard a page the pager still counts as in flight).
+//!    could discard a page the pager still counts as in flight), and only
+//!    if there are any: the faulting page of a demand install, pages a
+//!    fault joined while they were in flight ([`PageTable::join`]; a fault
+//!    that finds its page settled instead wakes itself), pages whose state
+//!    changed under the install.
 //!
 //! A claim never outlives its path: when an install fails, the path either
 //! retries the run itself (the demand link, after a backoff, still holding
@@ -23,7 +27,7 @@ use faultline_proto::{PageIndex, PageRange};
 
 use super::Shared;
 use super::error::InstallError;
-use super::pages::PageState;
+use super::pages::{Finished, PageState};
 use super::region::{Caller, RegionState};
 use super::stats::Source;
 use crate::backing::BackingKind;
@@ -150,15 +154,24 @@ impl Shared {
             self.counters.pages(source, rest);
         }
         let mut raced = false;
+        let mut wake = demand.is_some();
         for p in unit.iter() {
-            raced |= !self.table.finish(p) && self.table.get(p) == PageState::ZeroOnFault;
+            match self.table.finish(p) {
+                Finished::Present { waited } => wake |= waited,
+                Finished::Changed => {
+                    wake = true;
+                    raced |= self.table.get(p) == PageState::ZeroOnFault;
+                }
+            }
         }
         if raced {
             // As in `install_claimed_by`: the guest discarded the huge page
             // while it was being installed (a discard takes it whole).
             region.discard(start);
         }
-        region.wake_range(start, unit.count());
+        if wake {
+            region.wake_range(start, unit.count());
+        }
         Ok(())
     }
 
@@ -184,15 +197,28 @@ impl Shared {
         if count > demand {
             self.counters.pages(source, count - demand);
         }
+        // Step 5 only where a thread sleeps: the faulting page of a demand
+        // install (its fault claimed it, not joined it), pages a fault
+        // joined, and pages whose state changed under the install.
+        let mut wake = demand > 0;
         for p in (start.0..start.0 + count).map(PageIndex) {
-            // The guest discarded the page while it was being installed:
-            // throw the install away, unless a fault has resolved the page
-            // since (discarding a present page would leave it unmapped).
-            if !self.table.finish(p) && self.table.get(p) == PageState::ZeroOnFault {
-                region.discard(p);
+            match self.table.finish(p) {
+                Finished::Present { waited } => wake |= waited,
+                Finished::Changed => {
+                    wake = true;
+                    // The guest discarded the page while it was being
+                    // installed: throw the install away, unless a fault has
+                    // resolved the page since (discarding a present page
+                    // would leave it unmapped).
+                    if self.table.get(p) == PageState::ZeroOnFault {
+                        region.discard(p);
+                    }
+                }
             }
         }
-        region.wake_range(start, count);
+        if wake {
+            region.wake_range(start, count);
+        }
         Ok(())
     }
 

@@ -18,6 +18,12 @@
 //! unregisters, the kernel supplies zero pages itself). A page is *settled*
 //! when it is Present or ZeroOnFault (or Poisoned); the pager completes
 //! when every page of its regions is settled.
+//!
+//! An InFlight page also records whether a fault sleeps on it
+//! ([`PageTable::join`], a bit beside the state): only then does its
+//! installer wake it (`UFFDIO_WAKE`). A replay installs tens of thousands of
+//! scattered one-page runs while the guest sleeps on one of them; a wake
+//! per run cost the prefetcher a fifth of its time (docs/BENCHMARKS.md).
 
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
@@ -45,10 +51,14 @@ pub enum PageState {
     Outside = 5,
 }
 
+/// The bit of a stored byte saying that a fault sleeps on an InFlight page
+/// (set by [`PageTable::join`]; every transition out of InFlight clears it).
+const WAITED: u8 = 0x80;
+
 impl PageState {
     /// The state stored as `byte` (only this module stores bytes).
     fn from_byte(byte: u8) -> Self {
-        match byte {
+        match byte & !WAITED {
             0 => Self::Missing,
             1 => Self::InFlight,
             2 => Self::Present,
@@ -62,6 +72,19 @@ impl PageState {
     pub fn is_unsettled(self) -> bool {
         matches!(self, Self::Missing | Self::InFlight)
     }
+}
+
+/// What [`PageTable::finish`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finished {
+    /// The page is Present now; `waited` if a fault sleeps on it.
+    Present {
+        /// A fault joined the page while it was in flight.
+        waited: bool,
+    },
+    /// The page was no longer in flight (a REMOVE or the failure policy
+    /// settled it meanwhile).
+    Changed,
 }
 
 /// Atomic page states plus the count of pages not yet settled.
@@ -102,9 +125,44 @@ impl PageTable {
 
     /// Swaps `page` from `from` to `to`; false if it was not in `from`.
     fn swap(&self, page: PageIndex, from: PageState, to: PageState) -> bool {
-        self.states[page.0 as usize]
-            .compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+        self.take(page, from, to).is_some()
+    }
+
+    /// [`Self::swap`], saying whether a fault had joined the page
+    /// (`Some(true)`: its waiter needs a wake); `None` if it was not in
+    /// `from`.
+    fn take(&self, page: PageIndex, from: PageState, to: PageState) -> Option<bool> {
+        let slot = &self.states[page.0 as usize];
+        let mut cur = slot.load(Ordering::Acquire);
+        loop {
+            if cur & !WAITED != from as u8 {
+                return None;
+            }
+            match slot.compare_exchange(cur, to as u8, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Some(cur & WAITED != 0),
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// A fault found `page` in flight and will sleep until its installer
+    /// wakes it: marks it so. False if the page is no longer in flight (the
+    /// caller looks again: an install that finished first did not wake it).
+    /// The installer's [`Self::finish`] and this are one atomic byte, so
+    /// exactly one of them sees the other: either the install wakes the
+    /// page, or the fault finds it settled.
+    pub fn join(&self, page: PageIndex) -> bool {
+        let slot = &self.states[page.0 as usize];
+        let in_flight = PageState::InFlight as u8;
+        match slot.compare_exchange(
+            in_flight,
+            in_flight | WAITED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => true,
+            Err(now) => now == in_flight | WAITED,
+        }
     }
 
     /// Pages still Missing or InFlight.
@@ -142,15 +200,19 @@ impl PageTable {
         self.swap(page, PageState::InFlight, PageState::Missing)
     }
 
-    /// Marks a claimed page installed: InFlight -> Present. Returns false
-    /// if the state changed meanwhile (a REMOVE made it ZeroOnFault): the
-    /// caller installed stale content and must discard it.
-    pub fn finish(&self, page: PageIndex) -> bool {
-        let ok = self.swap(page, PageState::InFlight, PageState::Present);
-        if ok {
-            self.unsettled.fetch_sub(1, Ordering::AcqRel);
+    /// Marks a claimed page installed: InFlight -> Present, saying whether
+    /// a fault joined it meanwhile ([`Self::join`]: the caller must wake
+    /// it). [`Finished::Changed`] if the state changed meanwhile (a REMOVE
+    /// made it ZeroOnFault): the caller installed stale content and must
+    /// discard it.
+    pub fn finish(&self, page: PageIndex) -> Finished {
+        match self.take(page, PageState::InFlight, PageState::Present) {
+            Some(waited) => {
+                self.unsettled.fetch_sub(1, Ordering::AcqRel);
+                Finished::Present { waited }
+            }
+            None => Finished::Changed,
         }
-        ok
     }
 
     /// A ZeroOnFault page was installed locally: -> Present. False if
@@ -245,7 +307,7 @@ mod tests {
         assert_eq!(t.get(PageIndex(7)), PageState::Outside);
         assert!(t.claim(PageIndex(0)));
         assert!(!t.claim(PageIndex(0)), "claimed twice");
-        assert!(t.finish(PageIndex(0)));
+        assert_eq!(t.finish(PageIndex(0)), Finished::Present { waited: false });
         assert_eq!(t.unsettled(), 4);
         assert!(!t.claim(PageIndex(0)), "present page claimed");
     }
@@ -258,7 +320,7 @@ mod tests {
         assert!(t.claim(PageIndex(2)));
         assert_eq!(t.remove(PageIndex(2)), PageState::InFlight);
         assert_eq!(t.unsettled(), 4);
-        assert!(!t.finish(PageIndex(2)));
+        assert_eq!(t.finish(PageIndex(2)), Finished::Changed);
         assert_eq!(t.unsettled(), 4);
         assert!(t.zero_installed(PageIndex(2)));
         assert!(!t.zero_installed(PageIndex(2)), "installed twice");
@@ -287,12 +349,45 @@ mod tests {
     fn fetched_bitmap() {
         let t = table();
         assert!(t.claim(PageIndex(3)));
-        assert!(t.finish(PageIndex(3)));
+        assert_eq!(t.finish(PageIndex(3)), Finished::Present { waited: false });
         let m = t.fetched_bitmap();
         let set: Vec<u64> = (0..8).filter(|&i| m.get(i)).collect();
         // Not the zero page 1 until it is mapped.
         assert_eq!(set, vec![3, 6, 7]);
         assert!(t.zero_installed(PageIndex(1)));
         assert!(t.fetched_bitmap().get(1));
+    }
+
+    /// A fault joins a page only while it is in flight; the install then
+    /// reports the waiter once, and every other transition drops the mark.
+    #[test]
+    fn joined_pages_are_reported_to_their_installer() {
+        let t = table();
+        assert!(!t.join(PageIndex(0)), "a missing page cannot be joined");
+        assert!(t.claim(PageIndex(0)));
+        assert_eq!(
+            t.finish(PageIndex(0)),
+            Finished::Present { waited: false },
+            "nobody joined"
+        );
+        assert!(t.claim(PageIndex(2)));
+        assert!(t.join(PageIndex(2)));
+        assert!(t.join(PageIndex(2)), "a second fault joins too");
+        assert_eq!(t.get(PageIndex(2)), PageState::InFlight);
+        assert!(!t.claim(PageIndex(2)), "a joined page is still claimed");
+        assert_eq!(t.finish(PageIndex(2)), Finished::Present { waited: true });
+        assert!(!t.join(PageIndex(2)), "settled: the fault looks again");
+        assert_eq!(t.get(PageIndex(2)), PageState::Present);
+        // Released, poisoned or removed while joined: the mark goes with it.
+        assert!(t.claim(PageIndex(3)) && t.join(PageIndex(3)));
+        assert!(t.release(PageIndex(3)));
+        assert_eq!(t.get(PageIndex(3)), PageState::Missing);
+        assert!(t.claim(PageIndex(4)) && t.join(PageIndex(4)));
+        assert_eq!(t.remove(PageIndex(4)), PageState::InFlight);
+        assert_eq!(t.get(PageIndex(4)), PageState::ZeroOnFault);
+        assert!(t.claim(PageIndex(5)) && t.join(PageIndex(5)));
+        t.poison(PageIndex(5));
+        assert_eq!(t.get(PageIndex(5)), PageState::Poisoned);
+        assert_eq!(t.unsettled(), 1, "only page 3 is owed");
     }
 }

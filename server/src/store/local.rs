@@ -19,7 +19,10 @@
 //! where a `pread` error fails one request with DataLoss. A read that the
 //! page cache can answer is copied on the calling worker (`preadv2` with
 //! `RWF_NOWAIT`, which fails instead of waiting for the disk); anything
-//! else, a cold read, runs on a blocking thread.
+//! else, a cold read, runs on a blocking thread. A store in memory (tmpfs,
+//! ramfs) has no disk to wait for but refuses `RWF_NOWAIT` (EOPNOTSUPP):
+//! there every read is a plain `pread` on the calling worker
+//! ([`InlineRead`]).
 //!
 //! Leftover temporary files of a process that died (`.tmp-*` whose PID is
 //! not running) are removed when a store is opened.
@@ -55,6 +58,53 @@ use faultline_proto::{CreateVolume, LayerKind, SealVolume, VolumeSource};
 /// default prefetch batch. Copying it takes tens of microseconds; larger
 /// reads go to a blocking thread whatever the cache holds.
 pub const INLINE_READ_MAX_BYTES: usize = 1 << 20;
+
+/// `statfs` magic numbers of the file systems that keep every page in
+/// memory (`linux/magic.h`): reading them never waits for a disk (a page
+/// swapped out is read back from swap, as any anonymous page would be).
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+const RAMFS_MAGIC: i64 = 0x8584_58f6;
+
+/// How a read small enough to copy on the calling async worker
+/// ([`INLINE_READ_MAX_BYTES`]) is tried there, by the image's file system.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum InlineRead {
+    /// `preadv2` with `RWF_NOWAIT`: what the page cache holds, falling back
+    /// to a blocking thread for the rest.
+    NoWait,
+    /// A plain `pread`: the file system keeps the file in memory and
+    /// refuses `RWF_NOWAIT`. Sending each read to a blocking thread there
+    /// cost two thread wake-ups per demand fault (the bench's stores are
+    /// on tmpfs; docs/BENCHMARKS.md, "The server's reads from tmpfs").
+    Plain,
+}
+
+impl InlineRead {
+    /// The mode for `file`, from its file system.
+    fn of(file: &File) -> Self {
+        let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+        // SAFETY: fstatfs writes one `statfs` into the buffer passed, which
+        // is exactly that large; the fd is open (borrowed from `file`).
+        if unsafe { libc::fstatfs(file.as_raw_fd(), st.as_mut_ptr()) } < 0 {
+            return Self::NoWait;
+        }
+        // SAFETY: fstatfs succeeded, so it initialised the whole struct.
+        let st = unsafe { st.assume_init() };
+        #[allow(clippy::unnecessary_cast)] // f_type's width differs by libc.
+        match st.f_type as i64 {
+            TMPFS_MAGIC | RAMFS_MAGIC => Self::Plain,
+            _ => Self::NoWait,
+        }
+    }
+
+    /// The `preadv2` flags of an inline read.
+    fn flags(self) -> libc::c_int {
+        match self {
+            Self::NoWait => libc::RWF_NOWAIT,
+            Self::Plain => 0,
+        }
+    }
+}
 
 /// Distinguishes temporary working-set files of concurrent writers.
 static NEXT_TMP_SET: AtomicU64 = AtomicU64::new(0);
@@ -1081,6 +1131,8 @@ pub struct LocalSnapshot {
     page_size: PageSize,
     /// The image, read with `pread` (never mapped: see the module docs).
     memory: Arc<File>,
+    /// How small reads of `memory` are tried on the calling worker.
+    inline: InlineRead,
     working_sets: RwLock<HashMap<WorkingSetName, Arc<Vec<PageIndex>>>>,
 }
 
@@ -1216,6 +1268,7 @@ impl LocalSnapshot {
                 digests,
                 working_sets: ws_names,
             })),
+            inline: InlineRead::of(&memory),
             memory: Arc::new(memory),
             working_sets: RwLock::new(working_sets),
         })
@@ -1262,9 +1315,11 @@ impl Snapshot for LocalSnapshot {
         let offset = range.start().0 * ps;
         let mut buf = Vec::with_capacity(len);
         if len <= INLINE_READ_MAX_BYTES {
-            // What the page cache holds, without waiting for the disk.
+            // What the page cache holds, without waiting for the disk (or,
+            // in memory, all of it: `InlineRead`). A short or failed read
+            // leaves the rest to the blocking thread, which reports errors.
             while buf.len() < len {
-                match pread_append(&self.memory, &mut buf, len, offset, libc::RWF_NOWAIT) {
+                match pread_append(&self.memory, &mut buf, len, offset, self.inline.flags()) {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {}
                 }
@@ -1354,4 +1409,38 @@ fn pread_append(
     // initialised and within its capacity.
     unsafe { buf.set_len(done + n) };
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::FromRawFd;
+
+    /// A file in memory (a memfd, as tmpfs) refuses `RWF_NOWAIT`, so its
+    /// small reads are plain reads on the calling worker, which succeed.
+    #[test]
+    fn memory_files_are_read_inline_without_nowait() {
+        // SAFETY: memfd_create takes a NUL-terminated name and flags; it
+        // returns a new descriptor or -1, and nothing else owns it.
+        let fd =
+            unsafe { libc::memfd_create(c"faultline-inline-read".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: `fd` was just created, is open, and is owned only here.
+        let mut file = unsafe { File::from_raw_fd(fd) };
+        file.write_all(&[7u8; 8192]).unwrap();
+        let mode = InlineRead::of(&file);
+        assert_eq!(mode, InlineRead::Plain);
+        let mut buf = Vec::with_capacity(4096);
+        let nowait = pread_append(&file, &mut buf, 4096, 4096, libc::RWF_NOWAIT);
+        assert_eq!(
+            nowait.map_err(|e| e.raw_os_error()),
+            Err(Some(libc::EOPNOTSUPP)),
+            "the kernel fact InlineRead::Plain exists for"
+        );
+        assert_eq!(
+            pread_append(&file, &mut buf, 4096, 4096, mode.flags()).unwrap(),
+            4096
+        );
+        assert!(buf.iter().all(|&b| b == 7));
+    }
 }
