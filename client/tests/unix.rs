@@ -10,14 +10,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{
-    Mem, Rng, Server, Snapshot, assert_corrupt_page_poisoned, block_on, check_all, complete,
-    config, image_2m, image_4k, memory, runtime, start, touch_and_check,
+    Mem, Rng, Server, Snapshot, assert_corrupt_page_poisoned, assert_touched_right, block_on,
+    check_all, complete, config, image_2m, image_4k, memory, runtime, settle, start,
+    touch_and_check,
 };
 use faultline_client::backing::BackingKind;
 use faultline_client::pager::{OnFailure, PrefetchPolicy};
 use faultline_client::remote::{ConnectOptions, Remote, Token};
 use faultline_proto::unix::PageFileResponse;
-use faultline_proto::{CreateVolume, PageSize, SnapshotId, VolumeSource};
+use faultline_proto::{CreateVolume, PageSize, SnapshotId, VolumeSource, WorkingSetName};
 use faultline_server::auth::{Right, TokensFile};
 use faultline_server::store::SnapshotStore;
 use faultline_server::{LocalStore, ServeOptions};
@@ -137,6 +138,49 @@ fn corrupt_page_behind_the_page_file_is_never_installed() {
 }
 
 /// Sends a page-file request by hand and reads the answer.
+/// A recorded working set longer than a chunk is replayed from the page
+/// file on two streams taking turns: every page of it prefetched before
+/// any touch, each right.
+#[test]
+fn working_set_replays_from_the_page_file_on_two_streams() {
+    let server = Server::start_unix(ServeOptions::default());
+    let snap = server.import("ws", PageSize::Size4K, image_4k(23, PAGES));
+    let Some((mem, _)) = memory(BackingKind::Anonymous, snap.image.len()) else {
+        return;
+    };
+    let mut cfg = config(&server, &snap, PrefetchPolicy::None);
+    cfg.record = true;
+    cfg.readahead = faultline_client::pager::NO_READAHEAD;
+    cfg.working_set = WorkingSetName::new("boot").expect("name");
+    let pager = start(cfg, mem);
+    // Scattered data pages, more than two chunks of the split (256 pages).
+    let data = snap.data_pages();
+    let touched = Rng::new(9).shuffle(data.iter().copied().step_by(2).collect::<Vec<_>>());
+    assert!(touched.len() > 512, "{} pages", touched.len());
+    assert_touched_right(Mem::of(&pager, 0), &snap, touched.clone());
+    let stored = pager.record_working_set().expect("record the working set");
+    assert!(stored >= touched.len() as u64, "{stored} pages stored");
+    drop(pager);
+
+    let Some((mem, _)) = memory(BackingKind::Anonymous, snap.image.len()) else {
+        return;
+    };
+    let mut cfg = config(&server, &snap, PrefetchPolicy::WorkingSet);
+    cfg.working_set = WorkingSetName::new("boot").expect("name");
+    assert!(cfg.bulk.page_file_streams >= 2, "{:?}", cfg.bulk);
+    let pager = start(cfg, mem);
+    assert!(pager.reads_page_file());
+    let want = touched.len() as u64;
+    let s = settle(&pager, "prefetching the working set", |s| {
+        s.pages_by_source.prefetch >= want
+    });
+    assert_eq!(s.pages_by_source.prefetch, want, "{s:#?}");
+    assert_eq!(s.faults, 0, "{s:#?}");
+    assert_eq!(s.corrupt_pages + s.poisoned_pages, 0, "{s:#?}");
+    assert_touched_right(Mem::of(&pager, 0), &snap, touched);
+    assert_eq!(pager.stats().faults, 0, "every touched page was there");
+}
+
 fn ask_page_file(path: &std::path::Path, snapshot: &str, token: Option<&str>) -> PageFileResponse {
     faultline_server::testing::ask_page_file(path, snapshot, token.map(|t| format!("Bearer {t}")))
 }

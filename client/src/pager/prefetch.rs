@@ -7,9 +7,11 @@
 //! [`super::Bulk::streams`] contiguous parts of the snapshot, each streamed
 //! on its own connection by a task of its own, so that on two cores one
 //! stream receives while another verifies and installs, and the server
-//! reads and sends on as many threads. The working set goes first, on one
-//! stream, in its recorded order: a replay needs its order more than its
-//! speed. On shmem, bulk runs are installed by `UFFDIO_COPY`
+//! reads and sends on as many threads. The working set goes first, in its
+//! recorded order: a replay needs its order more than its speed. Over a
+//! socket it goes on one stream; from the server's page file the streams
+//! take turns by chunks of it (`split_working_set`), which keeps the order
+//! within a chunk per stream. On shmem, bulk runs are installed by `UFFDIO_COPY`
 //! ([`super::Bulk::shmem_copy`]). docs/BENCHMARKS.md has the measurements
 //! behind each choice.
 
@@ -245,6 +247,15 @@ pub(super) fn install_unclaimed(
     flush(&mut pending, run.range.end())
 }
 
+/// Pages of the recorded working set given to one stream at a time when it
+/// is read from the server's page file on several streams
+/// ([`split_working_set`]): the streams take turns by chunks of this many
+/// pages, so that together they still follow the recorded order closely
+/// (a guest replaying it is never more than a chunk per stream ahead of
+/// where both are), while each chunk is long enough that a stream's
+/// batches stay full.
+const WORKING_SET_CHUNK_PAGES: u64 = 256;
+
 /// Times a stream is followed by one over the install units it left
 /// half-assembled (units.rs): the follow-up streams whole units in snapshot
 /// order, which completes them, so a second round is needed only if faults
@@ -276,15 +287,13 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             );
         }
         PrefetchPolicy::WorkingSet => {
-            retrying(&shared, pb::PrefetchOrder::WorkingSetOnly, Vec::new()).await;
+            working_set(&shared, streams).await;
         }
         PrefetchPolicy::All if streams == 1 => {
             retrying(&shared, pb::PrefetchOrder::WorkingSetThenRest, Vec::new()).await;
         }
         PrefetchPolicy::All => {
-            if has_working_set
-                && !retrying(&shared, pb::PrefetchOrder::WorkingSetOnly, Vec::new()).await
-            {
+            if has_working_set && !working_set(&shared, streams).await {
                 return;
             }
             let mut tasks = JoinSet::new();
@@ -306,6 +315,88 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             }
         }
     }
+}
+
+/// Prefetches the recorded working set, in its order. From the server's
+/// page file it is read on `streams` tasks at once ([`split_working_set`]):
+/// there every page costs the client a read, a check and an install, and
+/// one stream kept one core busy while the other mostly waited for the
+/// guest's faults. Then (and over a socket, only) one stream of the whole
+/// set from the server, which settles what the parts left: pages of a
+/// failed part, half-assembled huge pages. False if the pager should stop
+/// prefetching.
+async fn working_set(shared: &Arc<Shared>, streams: usize) -> bool {
+    // Mixed regions assemble whole huge pages, whose pages the parts would
+    // deal out to different streams: one stream there.
+    let mixed = shared.regions.iter().any(RegionState::is_mixed);
+    let parts = match &shared.page_file {
+        Some(file) if streams > 1 && !mixed => {
+            split_working_set(file.working_set(), streams, WORKING_SET_CHUNK_PAGES)
+        }
+        _ => Vec::new(),
+    };
+    if parts.len() > 1 {
+        let mut tasks = JoinSet::new();
+        for part in parts {
+            let shared = shared.clone();
+            tasks.spawn(async move {
+                let file = shared
+                    .page_file
+                    .as_ref()
+                    .expect("parts come from the page file");
+                let mut units = Assembler::default();
+                let done = super::source::prefetch_ranges(
+                    &shared,
+                    file,
+                    part,
+                    Source::Prefetch,
+                    &mut units,
+                )
+                .await;
+                // Half-assembled units are left to the stream below.
+                let _ = units.take_dropped(&shared);
+                done
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            match done {
+                Ok(Ok(())) => {}
+                Ok(Err(PrefetchError::Install(e @ InstallError::OwnerGone { .. }))) => {
+                    shared.on_install_error(&e);
+                    return false;
+                }
+                Ok(Err(e)) => tracing::warn!("prefetch: the working set's page-file part: {e}"),
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(_) => {}
+            }
+        }
+    }
+    retrying(shared, pb::PrefetchOrder::WorkingSetOnly, Vec::new()).await
+}
+
+/// The working set's `runs` (first-touch order) dealt out to `parts`
+/// streams in turns of `chunk` pages (runs longer than that are cut), each
+/// part keeping the recorded order. Fewer parts if the set is short.
+fn split_working_set(runs: &[PageRange], parts: usize, chunk: u64) -> Vec<Vec<PageRange>> {
+    let parts = parts.max(1);
+    let chunk = chunk.max(1);
+    let mut out: Vec<Vec<PageRange>> = vec![Vec::new(); parts];
+    let (mut turn, mut filled) = (0, 0);
+    for run in runs {
+        let mut start = run.start().0;
+        while start < run.end() {
+            let take = (chunk - filled).min(run.end() - start);
+            out[turn].push(PageRange::new(PageIndex(start), take).expect("non-empty"));
+            start += take;
+            filled += take;
+            if filled == chunk {
+                turn = (turn + 1) % parts;
+                filled = 0;
+            }
+        }
+    }
+    out.retain(|p| !p.is_empty());
+    out
 }
 
 /// `count` pages split into at most `parts` contiguous ranges of nearly
@@ -422,6 +513,34 @@ pub(crate) async fn fill_eager(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The working set is dealt out in turns of whole chunks, each part in
+    /// the recorded order, every page once.
+    #[test]
+    fn working_set_is_dealt_out_in_chunks() {
+        let r = |s, n| PageRange::new(PageIndex(s), n).unwrap();
+        // Runs in first-touch order: 3 pages, 1, 6 (cut at the chunk's end), 1.
+        let runs = [r(10, 3), r(2, 1), r(40, 6), r(7, 1)];
+        let parts = split_working_set(&runs, 2, 4);
+        assert_eq!(
+            parts,
+            vec![vec![r(10, 3), r(2, 1), r(44, 2), r(7, 1)], vec![r(40, 4)]]
+        );
+        let mut pages: Vec<u64> = parts
+            .iter()
+            .flatten()
+            .flat_map(|r| r.iter())
+            .map(|p| p.0)
+            .collect();
+        pages.sort_unstable();
+        assert_eq!(pages, [2, 7, 10, 11, 12, 40, 41, 42, 43, 44, 45]);
+        assert_eq!(
+            split_working_set(&runs[..1], 4, 4).len(),
+            1,
+            "one chunk, one part"
+        );
+        assert!(split_working_set(&[], 2, 4).is_empty());
+    }
 
     /// The bulk is split into contiguous parts covering every page once.
     #[test]

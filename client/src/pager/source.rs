@@ -348,15 +348,34 @@ fn plan(file: &PageFile, manifest: &Manifest, req: &pb::PrefetchRequest) -> Vec<
 }
 
 /// Does what [`super::prefetch::stream_into`] does for `req`, reading the
-/// pages from the page file instead of a stream: batches of the
-/// configured size, each page still missing read, verified and installed
-/// as a streamed one would be (the install units of mixed regions assembled
-/// in `units`, as the stream's are), zero pages mapped. An error reading the file
-/// is returned (the caller falls back to the stream).
+/// pages from the page file instead of a stream ([`prefetch_ranges`] over
+/// the ranges the request names, in its order).
 pub(crate) async fn prefetch(
     shared: &Shared,
     file: &PageFile,
     req: &pb::PrefetchRequest,
+    source: Source,
+    units: &mut Assembler,
+) -> Result<(), PrefetchError> {
+    prefetch_ranges(
+        shared,
+        file,
+        plan(file, &shared.manifest, req),
+        source,
+        units,
+    )
+    .await
+}
+
+/// Reads `ranges` from the page file in their order, in batches of the
+/// configured size: each page still missing read, verified and installed
+/// as a streamed one would be (the install units of mixed regions assembled
+/// in `units`, as the stream's are), zero pages mapped. An error reading the
+/// file is returned (the caller falls back to the stream).
+pub(crate) async fn prefetch_ranges(
+    shared: &Shared,
+    file: &PageFile,
+    ranges: Vec<PageRange>,
     source: Source,
     units: &mut Assembler,
 ) -> Result<(), PrefetchError> {
@@ -370,7 +389,7 @@ pub(crate) async fn prefetch(
     // Pages since the last wake-up of waiters and yield: a working set is
     // mostly one-page runs, and doing both per run cost more than the reads.
     let mut since = 0;
-    for range in plan(file, manifest, req) {
+    for range in ranges {
         let mut start = range.start().0;
         while start < range.end() {
             let count = batch_pages.min(range.end() - start);
