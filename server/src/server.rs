@@ -338,6 +338,8 @@ impl Reloader {
 #[derive(Debug)]
 pub struct Server {
     store: Arc<dyn SnapshotStore>,
+    /// Built with the server, so /metrics shows its limits from the start.
+    service: FaultlineService,
     opts: ServeOptions,
     tls: Option<Arc<TlsReloader>>,
     auth: Arc<Authenticator>,
@@ -359,11 +361,10 @@ impl Server {
             Some(path) => Authenticator::from_file(path.clone())?,
             None => Authenticator::open(),
         });
-        // Now, not when `run` builds the service on its task: /metrics
-        // shows the limits from the moment the server exists.
-        crate::metrics::register_limits(&opts.service_limits);
+        let service = FaultlineService::with_limits(store.clone(), opts.service_limits.clone());
         Ok(Self {
             store,
+            service,
             opts,
             tls,
             auth,
@@ -499,7 +500,7 @@ impl Server {
         } else {
             None
         };
-        let service = FaultlineService::with_limits(self.store, self.opts.service_limits.clone());
+        let service = self.service;
         // The lean fault transport shares the port, the service and the tokens.
         let lean = Arc::new(LeanFault::new(service.clone(), self.auth.clone()));
         // In the background: a store that does not answer yet (an object

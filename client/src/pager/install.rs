@@ -154,22 +154,13 @@ impl Shared {
             self.counters.pages(source, rest);
         }
         let mut raced = false;
-        let mut wake = demand.is_some();
-        for p in unit.iter() {
-            match self.table.finish(p) {
-                Finished::Present { waited } => wake |= waited,
-                Finished::Changed => {
-                    wake = true;
-                    raced |= self.table.get(p) == PageState::ZeroOnFault;
-                }
-            }
-        }
+        let waiters = self.finish_run(start, unit.count(), |_| raced = true);
         if raced {
-            // As in `install_claimed_by`: the guest discarded the huge page
-            // while it was being installed (a discard takes it whole).
+            // The guest discarded the huge page while it was being
+            // installed (a discard takes it whole).
             region.discard(start);
         }
-        if wake {
+        if waiters || demand.is_some() {
             region.wake_range(start, unit.count());
         }
         Ok(())
@@ -197,29 +188,35 @@ impl Shared {
         if count > demand {
             self.counters.pages(source, count - demand);
         }
-        // Step 5 only where a thread sleeps: the faulting page of a demand
-        // install (its fault claimed it, not joined it), pages a fault
-        // joined, and pages whose state changed under the install.
-        let mut wake = demand > 0;
+        let waiters = self.finish_run(start, count, |p| region.discard(p));
+        // The faulting page of a demand install was claimed by its fault,
+        // not joined: it always has a sleeper.
+        if waiters || demand > 0 {
+            region.wake_range(start, count);
+        }
+        Ok(())
+    }
+
+    /// Step 4 for the `count` installed pages from `start`, and what step 5 needs:
+    /// true if a thread may sleep on one of them (a fault joined it, or its
+    /// state changed under the install). `stale` gets each page the guest
+    /// discarded while it was being installed (ZeroOnFault now), whose
+    /// install must be thrown away; a page a fault has resolved since is
+    /// not stale (discarding a present page would leave it unmapped).
+    fn finish_run(&self, start: PageIndex, count: u64, mut stale: impl FnMut(PageIndex)) -> bool {
+        let mut waiters = false;
         for p in (start.0..start.0 + count).map(PageIndex) {
             match self.table.finish(p) {
-                Finished::Present { waited } => wake |= waited,
+                Finished::Present { waited } => waiters |= waited,
                 Finished::Changed => {
-                    wake = true;
-                    // The guest discarded the page while it was being
-                    // installed: throw the install away, unless a fault has
-                    // resolved the page since (discarding a present page
-                    // would leave it unmapped).
+                    waiters = true;
                     if self.table.get(p) == PageState::ZeroOnFault {
-                        region.discard(p);
+                        stale(p);
                     }
                 }
             }
         }
-        if wake {
-            region.wake_range(start, count);
-        }
-        Ok(())
+        waiters
     }
 
     /// Gives claimed pages back (`InFlight -> Missing`) and wakes their

@@ -321,9 +321,9 @@ pub(crate) async fn run(shared: Arc<Shared>) {
 /// page file it is read on `streams` tasks at once ([`split_working_set`]):
 /// there every page costs the client a read, a check and an install, and
 /// one stream kept one core busy while the other mostly waited for the
-/// guest's faults. Then (and over a socket, only) one stream of the whole
-/// set from the server, which settles what the parts left: pages of a
-/// failed part, half-assembled huge pages. False if the pager should stop
+/// guest's faults. Then (and over a socket or into a mixed region, only)
+/// one stream of the whole set, which settles what the parts left (the
+/// pages of a part that failed). False if the pager should stop
 /// prefetching.
 async fn working_set(shared: &Arc<Shared>, streams: usize) -> bool {
     // Mixed regions assemble whole huge pages, whose pages the parts would
@@ -344,18 +344,10 @@ async fn working_set(shared: &Arc<Shared>, streams: usize) -> bool {
                     .page_file
                     .as_ref()
                     .expect("parts come from the page file");
+                // No region is mixed here, so nothing is assembled.
                 let mut units = Assembler::default();
-                let done = super::source::prefetch_ranges(
-                    &shared,
-                    file,
-                    part,
-                    Source::Prefetch,
-                    &mut units,
-                )
-                .await;
-                // Half-assembled units are left to the stream below.
-                let _ = units.take_dropped(&shared);
-                done
+                super::source::prefetch_ranges(&shared, file, part, Source::Prefetch, &mut units)
+                    .await
             });
         }
         while let Some(done) = tasks.join_next().await {

@@ -75,7 +75,7 @@ enum InlineRead {
     /// A plain `pread`: the file system keeps the file in memory and
     /// refuses `RWF_NOWAIT`. Sending each read to a blocking thread there
     /// cost two thread wake-ups per demand fault (the bench's stores are
-    /// on tmpfs; docs/BENCHMARKS.md, "The server's reads from tmpfs").
+    /// on tmpfs whenever TMPDIR is; docs/BENCHMARKS.md, "Session 6").
     Plain,
 }
 
