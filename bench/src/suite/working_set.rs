@@ -3,7 +3,8 @@
 //! A workload that reads a scattered 10% of a snapshot's pages, run on
 //! restored memory three ways (demand faults only, replaying a recorded
 //! working set, replaying it then everything else) and on memory already
-//! filled locally. Each time runs from the restore's start (`Pager::start`)
+//! filled locally; beside them, the kernel's share of a replay alone (the
+//! install floor). Each time runs from the restore's start (`Pager::start`)
 //! to the workload's last page read; the workload's checksum must match the
 //! image's every time.
 
@@ -14,6 +15,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use faultline_client::backing::{BackingKind, GuestMemory};
 use faultline_client::pager::{PagerConfig, PrefetchPolicy, Stats};
+use faultline_client::uffd::{RegisterModes, Uffd};
 use serde_json::json;
 
 use super::report::{Bar, Plot, ratio};
@@ -99,16 +101,19 @@ enum Mode {
     ReplayUnixFile,
     /// Memory filled from the image before the clock starts.
     Local,
+    /// The kernel's share of a replay alone ([`install_floor_run`]).
+    InstallFloor,
 }
 
 impl Mode {
-    const ALL: [Mode; 6] = [
+    const ALL: [Mode; 7] = [
         Self::Demand,
         Self::ReplayWorkingSet,
         Self::ReplayAll,
         Self::ReplayUnixStream,
         Self::ReplayUnixFile,
         Self::Local,
+        Self::InstallFloor,
     ];
 
     fn label(self) -> &'static str {
@@ -119,6 +124,10 @@ impl Mode {
             Self::ReplayUnixStream => "replay (working-set) over unix:// (byte stream)",
             Self::ReplayUnixFile => "replay (working-set) over unix:// + page file",
             Self::Local => "local memory",
+            Self::InstallFloor => {
+                "kernel install floor (one thread: UFFDIO_COPY / ZEROPAGE per page, no network, \
+                 no digest, no workload)"
+            }
         }
     }
 
@@ -130,6 +139,7 @@ impl Mode {
             Self::ReplayUnixStream => "replay_unix_stream",
             Self::ReplayUnixFile => "replay_unix_file",
             Self::Local => "local",
+            Self::InstallFloor => "install_floor",
         }
     }
 
@@ -140,7 +150,7 @@ impl Mode {
                 Some(PrefetchPolicy::WorkingSet)
             }
             Self::ReplayAll => Some(PrefetchPolicy::All),
-            Self::Local => None,
+            Self::Local | Self::InstallFloor => None,
         }
     }
 
@@ -243,6 +253,66 @@ fn local_run(
     })
 }
 
+/// The kernel's share of a replay, alone: the workload's pages put into
+/// fresh anonymous memory registered with a uffd, in the workload's order,
+/// by one thread, each data page by one `UFFDIO_COPY` from a buffer already
+/// in memory (as a received batch is), each zero page by one
+/// `UFFDIO_ZEROPAGE`. No network, no page file, no digest, no workload while
+/// it runs: a replay does all of this and more, on the same cores as the
+/// workload. Checked afterwards (untimed) by the workload's checksum.
+fn install_floor_run(
+    ctx: &Ctx,
+    manifest: &faultline_proto::Manifest,
+    image: &File,
+    order: &[u64],
+    expected: u64,
+) -> anyhow::Result<Run> {
+    let page_bytes = manifest.page_size.bytes_usize();
+    let is_zero = |p: u64| manifest.is_zero(faultline_proto::PageIndex(p));
+    let data_pages = order.iter().filter(|&&p| !is_zero(p)).count();
+    let mut data = vec![0u8; data_pages * page_bytes];
+    for (chunk, &p) in data
+        .chunks_exact_mut(page_bytes)
+        .zip(order.iter().filter(|&&p| !is_zero(p)))
+    {
+        image
+            .read_exact_at(chunk, p * page_bytes as u64)
+            .context("reading the image")?;
+    }
+    let memory = GuestMemory::new(BackingKind::Anonymous, ctx.size as usize)
+        .context("creating anonymous memory")?;
+    let base = memory.host_addr();
+    let uffd = Uffd::open().context("opening a userfaultfd")?;
+    // SAFETY: `memory` is fresh anonymous memory that no Rust object lives
+    // in; the uffd is closed (ending the registration) before `memory` is
+    // read or dropped.
+    unsafe { uffd.register(base, memory.len(), RegisterModes::MISSING) }
+        .context("registering the memory")?;
+    let mut sources = data.chunks_exact(page_bytes);
+    let started = Instant::now();
+    for &p in order {
+        let dst = base + p as usize * page_bytes;
+        // Nobody faults on this memory: no wake.
+        if is_zero(p) {
+            uffd.zeropage(dst, page_bytes, true)?;
+        } else {
+            let src = sources.next().expect("one buffered page per data page");
+            uffd.copy(dst, src, true)?;
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    drop(uffd);
+    let checksum = workload(&memory, page_bytes, order)?;
+    check(checksum, expected, "the install floor's")?;
+    Ok(Run {
+        secs,
+        start_s: 0.0,
+        stats: None,
+        recorded: None,
+        strategy: None,
+    })
+}
+
 fn check(got: u64, want: u64, what: &str) -> anyhow::Result<()> {
     if got != want {
         bail!("the workload's checksum on {what} memory is {got:#018x}, the image's {want:#018x}");
@@ -267,7 +337,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
     let expected = expected_checksum(&image, page_bytes, &order)?;
 
     let bar = ctx.bar(
-        "working-set: record, then 6 modes",
+        "working-set: record, then 7 modes",
         1 + (repeats * Mode::ALL.len()) as u64,
     );
     let unix = UnixServer::start(ctx)?;
@@ -286,12 +356,15 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
     let mut runs: Vec<Vec<Run>> = Mode::ALL.iter().map(|_| Vec::new()).collect();
     for _ in 0..repeats {
         for (i, mode) in Mode::ALL.iter().enumerate() {
-            let run = match mode.prefetch() {
-                Some(p) => {
+            let run = match (mode, mode.prefetch()) {
+                (_, Some(p)) => {
                     let via = (mode.transport(), &unix);
                     restored_run(ctx, &snapshot, via, p, false, &order, expected)
                 }
-                None => local_run(ctx, &image, page_bytes, &order, expected),
+                (Mode::InstallFloor, None) => {
+                    install_floor_run(ctx, manifest, &image, &order, expected)
+                }
+                (_, None) => local_run(ctx, &image, page_bytes, &order, expected),
             }
             .with_context(|| mode.label())?;
             runs[i].push(run);
@@ -362,6 +435,13 @@ fn report(
     let demand = secs[at(Mode::Demand)].median;
     let replay = secs[at(Mode::ReplayWorkingSet)].median;
     let replay_file = secs[at(Mode::ReplayUnixFile)].median;
+    let floor = secs[at(Mode::InstallFloor)].median;
+    let start_of =
+        |m: Mode| Summary::of(&runs[at(m)].iter().map(|r| r.start_s).collect::<Vec<_>>()).median;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // The least a replay can take: its Pager::start, then the workload and
+    // the kernel's installs sharing the cores (the workload is one thread).
+    let bound = start_of(Mode::ReplayUnixFile) + local.max((local + floor) / cores as f64);
     let mut table = Table::new(
         format!(
             "A scattered {WORKING_SET_PERCENT}% of a {} MiB realistic snapshot ({} pages) read \
@@ -419,7 +499,23 @@ fn report(
     ];
 
     let recorded = record.recorded.unwrap_or(0);
+    let data_in_order = order.len() - zero_in_order;
     let mut notes = vec![format!(
+        "The kernel install floor: installing the {} pages alone takes {floor:.4} s on one \
+         thread ({:.2} us per page on average; {data_in_order} UFFDIO_COPY, {zero_in_order} \
+         UFFDIO_ZEROPAGE), {} local memory's workload. A replay does that work and the \
+         workload's on {cores} core(s), so it cannot end before Pager::start + max(local, \
+         (local + floor) / {cores}) = {bound:.4} s, {} local memory, without receiving, \
+         reading or checking a single page; the replay over unix:// + page file is {} that \
+         bound, over TCP {}.",
+        order.len(),
+        floor * 1e6 / order.len().max(1) as f64,
+        ratio(floor, local),
+        ratio(bound, local),
+        ratio(replay_file, bound),
+        ratio(replay, bound),
+    )];
+    notes.push(format!(
         "The local run reads {} pages ({:.0} MiB) already in RAM, a few microseconds each. A \
          replay must also move the recorded set's data pages (the recording holds {recorded} \
          pages, {:.0} MiB with its zero pages, which travel as ranges only) over loopback from the in-process server while the workload runs, with the server, \
@@ -428,14 +524,8 @@ fn report(
         order.len(),
         (order.len() as u64 * 4096) as f64 / f64::from(1 << 20),
         (recorded * 4096) as f64 / f64::from(1 << 20),
-        Summary::of(
-            &runs[at(Mode::ReplayWorkingSet)]
-                .iter()
-                .map(|r| r.start_s)
-                .collect::<Vec<_>>()
-        )
-        .median,
-    )];
+        start_of(Mode::ReplayWorkingSet),
+    ));
     notes.push(format!(
         "The recorded working set holds {recorded} pages for the {} pages touched ({} of them \
          zero pages, which travel as ranges and are mapped ahead by the prefetcher): the \
@@ -500,7 +590,9 @@ fn report(
              must equal the image's. Timed from Pager::start to the last read on fresh anonymous \
              memory with prefetch none, after recording the first-touch order once, with \
              prefetch working-set and all; and on anonymous memory filled from the image \
-             beforehand (untimed). {repeats} interleaved repeats.",
+             beforehand (untimed); and, as the replay's floor, the same pages installed into \
+             registered memory by one thread from memory, without the workload. {repeats} \
+             interleaved repeats.",
             ctx.size >> 20
         ),
         tables: vec![table],
