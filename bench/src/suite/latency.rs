@@ -11,7 +11,10 @@
 //! - the floor's two halves, written here: a local userfaultfd handler (a
 //!   thread polling the uffd, one `UFFDIO_COPY` of 4 KiB per fault, the
 //!   image in local memory) and a bare loopback TCP ping-pong (64 B out, 4 KiB
-//!   back). A remote fault needs both, so their sum is *the floor*;
+//!   back). A remote fault needs both, so their sum is *the floor*; and the
+//!   same ping-pong on tokio (a multi-thread runtime's task serving, a
+//!   current-thread runtime's client, as faultline's server and demand
+//!   thread are), which shows what the async runtime adds to a round trip;
 //! - a plain page fault: first read of a page of a fresh private mapping of
 //!   the (page-cache-warm) image file, and first write of fresh anonymous
 //!   memory (zero fill).
@@ -90,6 +93,8 @@ enum Method {
     LocalHandler,
     /// The floor's network half: a loopback TCP ping-pong of a page.
     Tcp,
+    /// The same ping-pong on tokio runtimes on both ends.
+    TcpTokio,
     /// First read of a private file mapping (page cache warm).
     FileFault,
     /// First read of a one-page private file mapping (no fault-around).
@@ -100,10 +105,11 @@ enum Method {
 
 impl Method {
     /// Every method, in the order each repeat runs them.
-    const ALL: [Method; 10] = [
+    const ALL: [Method; 11] = [
         Self::Faultline,
         Self::LocalHandler,
         Self::Tcp,
+        Self::TcpTokio,
         Self::FaultlineGrpc,
         Self::FaultlineNoReadahead,
         Self::FaultlineUnixStream,
@@ -123,6 +129,7 @@ impl Method {
             Self::FaultlineUnixFile => "faultline over unix:// + page file",
             Self::LocalHandler => "local uffd handler (poll thread, one UFFDIO_COPY)",
             Self::Tcp => "TCP ping-pong, 64 B -> 4 KiB",
+            Self::TcpTokio => "TCP ping-pong on tokio (multi-thread server, current-thread client)",
             Self::FileFault => "plain fault, file mapping (page cache)",
             Self::FilePageFault => "plain fault, one-page file mapping",
             Self::ZeroFill => "plain fault, anonymous zero fill (write)",
@@ -139,6 +146,7 @@ impl Method {
             Self::FaultlineUnixFile => "faultline_unix_file",
             Self::LocalHandler => "local_handler",
             Self::Tcp => "tcp",
+            Self::TcpTokio => "tcp_tokio",
             Self::FileFault => "file_fault",
             Self::FilePageFault => "file_page_fault",
             Self::ZeroFill => "zero_fill",
@@ -278,6 +286,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
                     Method::FilePageFault => file_page_fault(&file, &sample)?,
                     Method::ZeroFill => zero_fill(image.len(), &sample)?,
                     Method::Tcp => tcp(sample.len())?,
+                    Method::TcpTokio => tcp_tokio(sample.len())?,
                 };
                 out.samples[m].push(s);
                 bar.inc(1);
@@ -937,6 +946,62 @@ fn tcp(count: usize) -> anyhow::Result<Vec<f64>> {
         samples.remove(0);
         Ok(samples)
     })
+}
+
+/// Worker threads of [`tcp_tokio`]'s server runtime: two, as many as these
+/// machines have cores (the in-process faultline server's runtime sizes
+/// itself the same way).
+const TOKIO_SERVER_WORKERS: usize = 2;
+
+/// [`tcp`] on tokio: the server a task on a multi-thread runtime, the client
+/// on a current-thread runtime (as faultline's server and demand thread
+/// are); µs per round trip, the first left out.
+fn tcp_tokio(count: usize) -> anyhow::Result<Vec<f64>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(TOKIO_SERVER_WORKERS)
+        .enable_io()
+        .build()?;
+    let listener = server_rt.block_on(tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))?;
+    let addr = listener.local_addr()?;
+    let server = server_rt.spawn(async move {
+        let (mut conn, _) = listener.accept().await?;
+        conn.set_nodelay(true)?;
+        let mut request = [0u8; TCP_REQUEST];
+        let reply = vec![0x5a; TCP_REPLY];
+        loop {
+            match conn.read_exact(&mut request).await {
+                Ok(_) => conn.write_all(&reply).await?,
+                Err(e) if e.kind() == ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    });
+    let client_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    let samples = client_rt.block_on(async {
+        let mut client = tokio::net::TcpStream::connect(addr).await?;
+        client.set_nodelay(true)?;
+        let mut samples = Vec::with_capacity(count);
+        let mut reply = vec![0u8; TCP_REPLY];
+        for i in 0..count {
+            let mut request = [0u8; TCP_REQUEST];
+            request[..8].copy_from_slice(&(i as u64 * PAGE as u64).to_le_bytes());
+            let t = Instant::now();
+            client.write_all(&request).await?;
+            client.read_exact(&mut reply).await?;
+            samples.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        Ok::<_, std::io::Error>(samples)
+    })?;
+    // The client's socket is closed: EOF ends the server's loop.
+    server_rt
+        .block_on(server)
+        .context("the tokio TCP server panicked")??;
+    let mut samples = samples;
+    samples.remove(0);
+    Ok(samples)
 }
 
 #[cfg(test)]

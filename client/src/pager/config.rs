@@ -33,13 +33,18 @@ pub const NO_READAHEAD: (u64, u64) = (0, 0);
 pub const PREFETCH_STREAMS: usize = 1;
 
 /// Prefetch streams when the pages come from the server's page file (a
-/// `unix://` server on this host, `super::source`): two, one per core of
-/// the machines measured. There the server does no work per page, so the
-/// two cores the TCP path splits between the server's sends and the
-/// client's receive both read, check and install: 1.32-1.44x one stream on
-/// every backing in the full run (docs/BENCHMARKS.md, "Same-host
-/// transport").
-pub const PAGE_FILE_STREAMS: usize = 2;
+/// `unix://` server on this host, `super::source`): three, on two cores.
+/// There the server does no work per page, so the client's streams read,
+/// check and install on every core. Two streams (one per core) were
+/// 1.32-1.44x one stream on every backing (docs/BENCHMARKS.md, "Same-host
+/// transport"); three were another 1.2-1.4x two on every backing in
+/// interleaved restore runs on a 2-core Intel host (1 GiB: anon 5.8-6.0
+/// against 3.9-4.6 GB/s, hugetlbfs 6.9 against 5.3), and four no faster than
+/// three. Running the streams on threads of their own instead of the
+/// runtime's two workers did not help two streams, so the gain is not a
+/// worker left idle. The working-set replay from the page file is a little
+/// faster too (0.135 against 0.144 s median of four runs of five).
+pub const PAGE_FILE_STREAMS: usize = 3;
 
 /// Page bytes per prefetch batch asked of the server: 1 MiB. Larger
 /// batches (4 and 16 MiB) measured slower here, not faster: a batch is
