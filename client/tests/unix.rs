@@ -139,10 +139,10 @@ fn corrupt_page_behind_the_page_file_is_never_installed() {
 
 /// Sends a page-file request by hand and reads the answer.
 /// A recorded working set longer than a chunk is replayed from the page
-/// file on two streams taking turns: every page of it prefetched before
+/// file on several streams taking turns: every page of it prefetched before
 /// any touch, each right.
 #[test]
-fn working_set_replays_from_the_page_file_on_two_streams() {
+fn working_set_replays_from_the_page_file_on_several_streams() {
     let server = Server::start_unix(ServeOptions::default());
     let snap = server.import("ws", PageSize::Size4K, image_4k(23, PAGES));
     let Some((mem, _)) = memory(BackingKind::Anonymous, snap.image.len()) else {
@@ -153,10 +153,12 @@ fn working_set_replays_from_the_page_file_on_two_streams() {
     cfg.readahead = faultline_client::pager::NO_READAHEAD;
     cfg.working_set = WorkingSetName::new("boot").expect("name");
     let pager = start(cfg, mem);
-    // Scattered data pages, more than two chunks of the split (256 pages).
+    // Scattered data pages, a chunk of the split (256 pages) for every
+    // stream and more.
     let data = snap.data_pages();
-    let touched = Rng::new(9).shuffle(data.iter().copied().step_by(2).collect::<Vec<_>>());
-    assert!(touched.len() > 512, "{} pages", touched.len());
+    let touched = Rng::new(9).shuffle(data.to_vec());
+    let streams = faultline_client::pager::PAGE_FILE_STREAMS;
+    assert!(touched.len() > 256 * streams, "{} pages", touched.len());
     assert_touched_right(Mem::of(&pager, 0), &snap, touched.clone());
     let stored = pager.record_working_set().expect("record the working set");
     assert!(stored >= touched.len() as u64, "{stored} pages stored");
