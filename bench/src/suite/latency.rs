@@ -948,18 +948,14 @@ fn tcp(count: usize) -> anyhow::Result<Vec<f64>> {
     })
 }
 
-/// Worker threads of [`tcp_tokio`]'s server runtime: two, as many as these
-/// machines have cores (the in-process faultline server's runtime sizes
-/// itself the same way).
-const TOKIO_SERVER_WORKERS: usize = 2;
-
-/// [`tcp`] on tokio: the server a task on a multi-thread runtime, the client
-/// on a current-thread runtime (as faultline's server and demand thread
-/// are); µs per round trip, the first left out.
+/// [`tcp`] on tokio: the server a task on a multi-thread runtime of as many
+/// workers as the in-process faultline server's, the client on a
+/// current-thread runtime (as the pager's demand thread is); µs per round
+/// trip, the first left out.
 fn tcp_tokio(count: usize) -> anyhow::Result<Vec<f64>> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(TOKIO_SERVER_WORKERS)
+        .worker_threads(super::SERVER_THREADS)
         .enable_io()
         .build()?;
     let listener = server_rt.block_on(tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))?;

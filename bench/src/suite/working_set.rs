@@ -178,6 +178,19 @@ struct Run {
     strategy: Option<&'static str>,
 }
 
+impl Run {
+    /// A run that timed something other than a restore (no pager).
+    fn without_pager(secs: f64) -> Self {
+        Self {
+            secs,
+            start_s: 0.0,
+            stats: None,
+            recorded: None,
+            strategy: None,
+        }
+    }
+}
+
 /// A restore into fresh anonymous memory with `prefetch` (recording the
 /// first-touch order and uploading it if `record`) running the workload.
 #[allow(clippy::too_many_arguments)]
@@ -244,13 +257,7 @@ fn local_run(
     let checksum = workload(&memory, page_bytes, order)?;
     let secs = started.elapsed().as_secs_f64();
     check(checksum, expected, "local")?;
-    Ok(Run {
-        secs,
-        start_s: 0.0,
-        stats: None,
-        recorded: None,
-        strategy: None,
-    })
+    Ok(Run::without_pager(secs))
 }
 
 /// The kernel's share of a replay, alone: the workload's pages put into
@@ -304,13 +311,7 @@ fn install_floor_run(
     drop(uffd);
     let checksum = workload(&memory, page_bytes, order)?;
     check(checksum, expected, "the install floor's")?;
-    Ok(Run {
-        secs,
-        start_s: 0.0,
-        stats: None,
-        recorded: None,
-        strategy: None,
-    })
+    Ok(Run::without_pager(secs))
 }
 
 fn check(got: u64, want: u64, what: &str) -> anyhow::Result<()> {

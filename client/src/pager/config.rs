@@ -42,7 +42,7 @@ pub const PREFETCH_STREAMS: usize = 1;
 /// against 3.9-4.6 GB/s, hugetlbfs 6.9 against 5.3), and four no faster than
 /// three. Running the streams on threads of their own instead of the
 /// runtime's two workers did not help two streams, so the gain is not a
-/// worker left idle. The working-set replay from the page file is a little
+/// worker left idle; what it is was not established. The working-set replay from the page file is a little
 /// faster too (0.135 against 0.144 s median of four runs of five).
 pub const PAGE_FILE_STREAMS: usize = 3;
 
