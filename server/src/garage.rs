@@ -7,7 +7,6 @@
 //! and its directory removed when dropped.
 
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -75,12 +74,6 @@ fn script(args: &[&str], env: &[(&str, String)]) -> Result<String, GarageError> 
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-/// A port nothing listens on now (the listener is closed again; Garage binds
-/// it a moment later).
-fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 impl Garage {
     /// Whether the binary is built.
     pub fn available() -> bool {
@@ -139,10 +132,13 @@ impl Garage {
             ));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir)?;
+            let [s3, rpc, admin] = crate::testing::free_ports(3)?[..] else {
+                unreachable!("three ports asked for")
+            };
             let ports = [
-                ("GARAGE_S3_PORT", free_port()?.to_string()),
-                ("GARAGE_RPC_PORT", free_port()?.to_string()),
-                ("GARAGE_ADMIN_PORT", free_port()?.to_string()),
+                ("GARAGE_S3_PORT", s3.to_string()),
+                ("GARAGE_RPC_PORT", rpc.to_string()),
+                ("GARAGE_ADMIN_PORT", admin.to_string()),
             ];
             let mut garage = Self {
                 dir,

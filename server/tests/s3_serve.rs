@@ -538,14 +538,6 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
     Some((code, body))
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Kills the child server when the test ends, however it ends.
 struct Child(std::process::Child);
 
@@ -564,8 +556,9 @@ async fn readiness_follows_the_store() {
         return;
     };
     garage.stop().unwrap();
-    let grpc: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let ports = faultline_server::testing::free_ports(2).expect("two free ports");
+    let grpc = std::net::SocketAddr::from(([127, 0, 0, 1], ports[0]));
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], ports[1]));
     let _server = Child(
         Command::new(BIN)
             .args(["serve", "--store", &garage.url("ready")])

@@ -469,13 +469,6 @@ struct Server {
     log: PathBuf,
 }
 
-/// A port nothing listens on now (a server binds it a moment later).
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// Starts `n` servers of `store` (a directory or `s3://...`, reached with
 /// `env`) and waits until all are ready.
 fn start_servers(
@@ -486,9 +479,11 @@ fn start_servers(
     scratch: &Path,
 ) -> anyhow::Result<Vec<Server>> {
     let mut servers = Vec::with_capacity(n);
-    for i in 0..n {
-        let grpc = format!("127.0.0.1:{}", free_port()?);
-        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    // A gRPC and a metrics port for each server, all distinct.
+    let ports = faultline_server::testing::free_ports(2 * n)?;
+    for (i, pair) in ports.chunks_exact(2).enumerate() {
+        let grpc = format!("127.0.0.1:{}", pair[0]);
+        let metrics = SocketAddr::from(([127, 0, 0, 1], pair[1]));
         let log = scratch.join(format!("server-{i}.log"));
         let out = std::fs::File::create(&log)?;
         let child = Command::new(bin)

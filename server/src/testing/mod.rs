@@ -20,6 +20,19 @@ pub fn synthetic_image(seed: u64, pages: u64, page_size: usize) -> Vec<u8> {
 #[cfg(feature = "test-certs")]
 pub mod certs;
 
+/// `n` distinct loopback ports nothing listens on now, for servers that
+/// bind them a moment later (another process may still take one in
+/// between). The listeners that found them stay open until all are found:
+/// a port closed at once can come back from the next `bind(:0)`, which once
+/// gave a server the same port for gRPC and metrics ("Address already in
+/// use").
+pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
+    let held = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()?;
+    held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
+}
+
 /// Asks the server on the Unix socket `path` for `snapshot`'s page file by
 /// hand, as a client would (`authorization`: the header's value, e.g.
 /// `Bearer TOKEN`), and returns its answer; a descriptor that comes with it
