@@ -103,10 +103,13 @@ enum Mode {
     Local,
     /// The kernel's share of a replay alone ([`install_floor_run`]).
     InstallFloor,
+    /// The same, each data page read from the image file first, as the
+    /// page file's replay reads it.
+    InstallFloorReads,
 }
 
 impl Mode {
-    const ALL: [Mode; 7] = [
+    const ALL: [Mode; 8] = [
         Self::Demand,
         Self::ReplayWorkingSet,
         Self::ReplayAll,
@@ -114,6 +117,7 @@ impl Mode {
         Self::ReplayUnixFile,
         Self::Local,
         Self::InstallFloor,
+        Self::InstallFloorReads,
     ];
 
     fn label(self) -> &'static str {
@@ -128,6 +132,10 @@ impl Mode {
                 "kernel install floor (one thread: UFFDIO_COPY / ZEROPAGE per page, no network, \
                  no digest, no workload)"
             }
+            Self::InstallFloorReads => {
+                "kernel install floor with reads (the same, each data page first read from \
+                 the image file by one pread)"
+            }
         }
     }
 
@@ -140,6 +148,7 @@ impl Mode {
             Self::ReplayUnixFile => "replay_unix_file",
             Self::Local => "local",
             Self::InstallFloor => "install_floor",
+            Self::InstallFloorReads => "install_floor_reads",
         }
     }
 
@@ -150,7 +159,7 @@ impl Mode {
                 Some(PrefetchPolicy::WorkingSet)
             }
             Self::ReplayAll => Some(PrefetchPolicy::All),
-            Self::Local | Self::InstallFloor => None,
+            Self::Local | Self::InstallFloor | Self::InstallFloorReads => None,
         }
     }
 
@@ -266,17 +275,24 @@ fn local_run(
 /// in memory (as a received batch is), each zero page by one
 /// `UFFDIO_ZEROPAGE`. No network, no page file, no digest, no workload while
 /// it runs: a replay does all of this and more, on the same cores as the
-/// workload. Checked afterwards (untimed) by the workload's checksum.
+/// workload. Checked afterwards (untimed) by the workload's checksum. With
+/// `reads`, each data page is first read from the image file by one `pread`
+/// inside the timed loop, as a replay from the server's page file reads it.
 fn install_floor_run(
     ctx: &Ctx,
     manifest: &faultline_proto::Manifest,
     image: &File,
     order: &[u64],
     expected: u64,
+    reads: bool,
 ) -> anyhow::Result<Run> {
     let page_bytes = manifest.page_size.bytes_usize();
     let is_zero = |p: u64| manifest.is_zero(faultline_proto::PageIndex(p));
-    let data_pages = order.iter().filter(|&&p| !is_zero(p)).count();
+    let data_pages = if reads {
+        0
+    } else {
+        order.iter().filter(|&&p| !is_zero(p)).count()
+    };
     let mut data = vec![0u8; data_pages * page_bytes];
     for (chunk, &p) in data
         .chunks_exact_mut(page_bytes)
@@ -296,12 +312,18 @@ fn install_floor_run(
     unsafe { uffd.register(base, memory.len(), RegisterModes::MISSING) }
         .context("registering the memory")?;
     let mut sources = data.chunks_exact(page_bytes);
+    let mut page = vec![0u8; page_bytes];
     let started = Instant::now();
     for &p in order {
         let dst = base + p as usize * page_bytes;
         // Nobody faults on this memory: no wake.
         if is_zero(p) {
             uffd.zeropage(dst, page_bytes, true)?;
+        } else if reads {
+            image
+                .read_exact_at(&mut page, p * page_bytes as u64)
+                .context("reading the image")?;
+            uffd.copy(dst, &page, true)?;
         } else {
             let src = sources.next().expect("one buffered page per data page");
             uffd.copy(dst, src, true)?;
@@ -338,7 +360,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
     let expected = expected_checksum(&image, page_bytes, &order)?;
 
     let bar = ctx.bar(
-        "working-set: record, then 7 modes",
+        "working-set: record, then 8 modes",
         1 + (repeats * Mode::ALL.len()) as u64,
     );
     let unix = UnixServer::start(ctx)?;
@@ -362,8 +384,9 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
                     let via = (mode.transport(), &unix);
                     restored_run(ctx, &snapshot, via, p, false, &order, expected)
                 }
-                (Mode::InstallFloor, None) => {
-                    install_floor_run(ctx, manifest, &image, &order, expected)
+                (Mode::InstallFloor | Mode::InstallFloorReads, None) => {
+                    let reads = *mode == Mode::InstallFloorReads;
+                    install_floor_run(ctx, manifest, &image, &order, expected, reads)
                 }
                 (_, None) => local_run(ctx, &image, page_bytes, &order, expected),
             }
@@ -443,6 +466,10 @@ fn report(
     // The least a replay can take: its Pager::start, then the workload and
     // the kernel's installs sharing the cores (the workload is one thread).
     let bound = start_of(Mode::ReplayUnixFile) + local.max((local + floor) / cores as f64);
+    // The same with the page file's reads, for the replay that does them.
+    let floor_reads = secs[at(Mode::InstallFloorReads)].median;
+    let bound_reads =
+        start_of(Mode::ReplayUnixFile) + local.max((local + floor_reads) / cores as f64);
     let mut table = Table::new(
         format!(
             "A scattered {WORKING_SET_PERCENT}% of a {} MiB realistic snapshot ({} pages) read \
@@ -508,13 +535,18 @@ fn report(
          workload's on {cores} core(s), so it cannot end before Pager::start + max(local, \
          (local + floor) / {cores}) = {bound:.4} s, {} local memory, without receiving, \
          reading or checking a single page; the replay over unix:// + page file is {} that \
-         bound, over TCP {}.",
+         bound, over TCP {}. Reading each data page from the image file as well (one pread \
+         each, as the page file's replay does) takes the floor to {floor_reads:.4} s and the \
+         bound to {bound_reads:.4} s, {} local memory; the replay over unix:// + page file is \
+         {} that bound.",
         order.len(),
         floor * 1e6 / order.len().max(1) as f64,
         ratio(floor, local),
         ratio(bound, local),
         ratio(replay_file, bound),
         ratio(replay, bound),
+        ratio(bound_reads, local),
+        ratio(replay_file, bound_reads),
     )];
     notes.push(format!(
         "The local run reads {} pages ({:.0} MiB) already in RAM, a few microseconds each. A \
