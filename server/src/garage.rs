@@ -132,14 +132,12 @@ impl Garage {
             ));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir)?;
-            let [s3, rpc, admin] = crate::testing::free_ports(3)?[..] else {
-                unreachable!("three ports asked for")
-            };
-            let ports = [
-                ("GARAGE_S3_PORT", s3.to_string()),
-                ("GARAGE_RPC_PORT", rpc.to_string()),
-                ("GARAGE_ADMIN_PORT", admin.to_string()),
-            ];
+            let names = ["GARAGE_S3_PORT", "GARAGE_RPC_PORT", "GARAGE_ADMIN_PORT"];
+            let ports: Vec<(&str, String)> = names
+                .into_iter()
+                .zip(crate::testing::free_ports(names.len())?)
+                .map(|(name, port)| (name, port.to_string()))
+                .collect();
             let mut garage = Self {
                 dir,
                 env: Vec::new(),

@@ -932,9 +932,7 @@ fn tcp(count: usize) -> anyhow::Result<Vec<f64>> {
         let mut samples = Vec::with_capacity(count);
         let mut reply = vec![0u8; TCP_REPLY];
         for i in 0..count {
-            let mut request = [0u8; TCP_REQUEST];
-            request[..8].copy_from_slice(&(i as u64 * PAGE as u64).to_le_bytes());
-            request[8..16].copy_from_slice(&(PAGE as u64).to_le_bytes());
+            let request = tcp_request(i);
             let t = Instant::now();
             client.write_all(&request)?;
             client.read_exact(&mut reply)?;
@@ -946,6 +944,15 @@ fn tcp(count: usize) -> anyhow::Result<Vec<f64>> {
         samples.remove(0);
         Ok(samples)
     })
+}
+
+/// The ping-pong's `i`-th request: the page's offset and length, as a
+/// fault request would name them, in 64 bytes.
+fn tcp_request(i: usize) -> [u8; TCP_REQUEST] {
+    let mut request = [0u8; TCP_REQUEST];
+    request[..8].copy_from_slice(&(i as u64 * PAGE as u64).to_le_bytes());
+    request[8..16].copy_from_slice(&(PAGE as u64).to_le_bytes());
+    request
 }
 
 /// [`tcp`] on tokio: the server a task on a multi-thread runtime of as many
@@ -976,14 +983,13 @@ fn tcp_tokio(count: usize) -> anyhow::Result<Vec<f64>> {
     let client_rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()?;
-    let samples = client_rt.block_on(async {
+    let mut samples = client_rt.block_on(async {
         let mut client = tokio::net::TcpStream::connect(addr).await?;
         client.set_nodelay(true)?;
         let mut samples = Vec::with_capacity(count);
         let mut reply = vec![0u8; TCP_REPLY];
         for i in 0..count {
-            let mut request = [0u8; TCP_REQUEST];
-            request[..8].copy_from_slice(&(i as u64 * PAGE as u64).to_le_bytes());
+            let request = tcp_request(i);
             let t = Instant::now();
             client.write_all(&request).await?;
             client.read_exact(&mut reply).await?;
@@ -995,7 +1001,6 @@ fn tcp_tokio(count: usize) -> anyhow::Result<Vec<f64>> {
     server_rt
         .block_on(server)
         .context("the tokio TCP server panicked")??;
-    let mut samples = samples;
     samples.remove(0);
     Ok(samples)
 }

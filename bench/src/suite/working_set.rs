@@ -288,19 +288,20 @@ fn install_floor_run(
 ) -> anyhow::Result<Run> {
     let page_bytes = manifest.page_size.bytes_usize();
     let is_zero = |p: u64| manifest.is_zero(faultline_proto::PageIndex(p));
-    let data_pages = if reads {
-        0
-    } else {
-        order.iter().filter(|&&p| !is_zero(p)).count()
-    };
-    let mut data = vec![0u8; data_pages * page_bytes];
-    for (chunk, &p) in data
-        .chunks_exact_mut(page_bytes)
-        .zip(order.iter().filter(|&&p| !is_zero(p)))
-    {
+    let read_page = |p: u64, into: &mut [u8]| {
         image
-            .read_exact_at(chunk, p * page_bytes as u64)
-            .context("reading the image")?;
+            .read_exact_at(into, p * page_bytes as u64)
+            .context("reading the image")
+    };
+    // Without `reads`, every data page in memory before the clock starts.
+    let buffered: Vec<u64> = if reads {
+        Vec::new()
+    } else {
+        order.iter().copied().filter(|&p| !is_zero(p)).collect()
+    };
+    let mut data = vec![0u8; buffered.len() * page_bytes];
+    for (chunk, &p) in data.chunks_exact_mut(page_bytes).zip(&buffered) {
+        read_page(p, chunk)?;
     }
     let memory = GuestMemory::new(BackingKind::Anonymous, ctx.size as usize)
         .context("creating anonymous memory")?;
@@ -319,15 +320,15 @@ fn install_floor_run(
         // Nobody faults on this memory: no wake.
         if is_zero(p) {
             uffd.zeropage(dst, page_bytes, true)?;
-        } else if reads {
-            image
-                .read_exact_at(&mut page, p * page_bytes as u64)
-                .context("reading the image")?;
-            uffd.copy(dst, &page, true)?;
-        } else {
-            let src = sources.next().expect("one buffered page per data page");
-            uffd.copy(dst, src, true)?;
+            continue;
         }
+        let src = if reads {
+            read_page(p, &mut page)?;
+            &page[..]
+        } else {
+            sources.next().expect("one buffered page per data page")
+        };
+        uffd.copy(dst, src, true)?;
     }
     let secs = started.elapsed().as_secs_f64();
     drop(uffd);
@@ -462,14 +463,16 @@ fn report(
     let floor = secs[at(Mode::InstallFloor)].median;
     let start_of =
         |m: Mode| Summary::of(&runs[at(m)].iter().map(|r| r.start_s).collect::<Vec<_>>()).median;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    // The least a replay can take: its Pager::start, then the workload and
-    // the kernel's installs sharing the cores (the workload is one thread).
-    let bound = start_of(Mode::ReplayUnixFile) + local.max((local + floor) / cores as f64);
-    // The same with the page file's reads, for the replay that does them.
     let floor_reads = secs[at(Mode::InstallFloorReads)].median;
-    let bound_reads =
-        start_of(Mode::ReplayUnixFile) + local.max((local + floor_reads) / cores as f64);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // The least a replay can take given a floor: its Pager::start, then the
+    // workload and the floor's work sharing the cores (the workload is one
+    // thread).
+    let start = start_of(Mode::ReplayUnixFile);
+    let bound_of = |floor: f64| start + local.max((local + floor) / cores as f64);
+    let bound = bound_of(floor);
+    // With the page file's reads, for the replay that does them.
+    let bound_reads = bound_of(floor_reads);
     let mut table = Table::new(
         format!(
             "A scattered {WORKING_SET_PERCENT}% of a {} MiB realistic snapshot ({} pages) read \
