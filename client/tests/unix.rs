@@ -137,9 +137,9 @@ fn corrupt_page_behind_the_page_file_is_never_installed() {
     assert_corrupt_page_poisoned(&pager, &snap, bad, &runtime());
 }
 
-/// Sends a page-file request by hand and reads the answer.
-/// A recorded working set longer than a chunk is replayed from the page
-/// file on several streams taking turns: every page of it prefetched before
+/// A recorded working set longer than a chunk is replayed from its own page
+/// file (the image's copy of a page, corrupted after recording, is never
+/// read) on several streams taking turns: every page of it prefetched before
 /// any touch, each right.
 #[test]
 fn working_set_replays_from_the_page_file_on_several_streams() {
@@ -163,6 +163,7 @@ fn working_set_replays_from_the_page_file_on_several_streams() {
     let stored = pager.record_working_set().expect("record the working set");
     assert!(stored >= touched.len() as u64, "{stored} pages stored");
     drop(pager);
+    server.corrupt_page(&snap, touched[touched.len() / 2]);
 
     let Some((mem, _)) = memory(BackingKind::Anonymous, snap.image.len()) else {
         return;
@@ -181,6 +182,44 @@ fn working_set_replays_from_the_page_file_on_several_streams() {
     assert_eq!(s.corrupt_pages + s.poisoned_pages, 0, "{s:#?}");
     assert_touched_right(Mem::of(&pager, 0), &snap, touched);
     assert_eq!(pager.stats().faults, 0, "every touched page was there");
+}
+
+/// A page corrupted in the working set's own page file fails its digest and
+/// is never installed: the guest's touch of it is served right from the
+/// image, and every other page of the set is prefetched.
+#[test]
+fn corrupt_page_in_the_working_set_file_is_never_installed() {
+    let server = Server::start_unix(ServeOptions::default());
+    let snap = server.import("wsbad", PageSize::Size4K, image_4k(29, PAGES));
+    let Some((mem, _)) = memory(BackingKind::Anonymous, snap.image.len()) else {
+        return;
+    };
+    let mut cfg = config(&server, &snap, PrefetchPolicy::None);
+    cfg.record = true;
+    cfg.readahead = faultline_client::pager::NO_READAHEAD;
+    cfg.working_set = WorkingSetName::new("boot").expect("name");
+    let pager = start(cfg, mem);
+    let touched = Rng::new(5).shuffle(snap.data_pages().to_vec());
+    assert_touched_right(Mem::of(&pager, 0), &snap, touched.clone());
+    pager.record_working_set().expect("record the working set");
+    drop(pager);
+    // Only data pages were touched, so the file holds them in touch order.
+    let bad = 3;
+    server.corrupt_file_page(&snap, "wspages-boot", bad, touched[bad]);
+
+    let Some((mem, _)) = memory(BackingKind::Anonymous, snap.image.len()) else {
+        return;
+    };
+    let mut cfg = config(&server, &snap, PrefetchPolicy::WorkingSet);
+    cfg.working_set = WorkingSetName::new("boot").expect("name");
+    let pager = start(cfg, mem);
+    let want = touched.len() as u64 - 1;
+    let s = settle(&pager, "prefetching the working set", |s| {
+        s.pages_by_source.prefetch >= want && s.corrupt_pages >= 1
+    });
+    assert_eq!(s.pages_by_source.prefetch, want, "{s:#?}");
+    assert_touched_right(Mem::of(&pager, 0), &snap, touched);
+    assert_eq!(pager.stats().faults, 1, "only the corrupt page was missing");
 }
 
 fn ask_page_file(path: &std::path::Path, snapshot: &str, token: Option<&str>) -> PageFileResponse {

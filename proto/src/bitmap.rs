@@ -118,6 +118,31 @@ impl PageBitmap {
         self.words.iter().map(|w| u64::from(w.count_ones())).sum()
     }
 
+    /// Number of set bits in `start..end`, a word at a time. Panics if the
+    /// range reaches past `len`.
+    pub fn count_ones_in(&self, start: u64, end: u64) -> u64 {
+        assert!(
+            start <= end && end <= self.len,
+            "bits {start}..{end} out of a bitmap of {}",
+            self.len
+        );
+        let mut ones = 0;
+        let mut i = start;
+        while i < end {
+            let bit = i % 64;
+            let n = (64 - bit).min(end - i);
+            let word = self.words[(i / 64) as usize] >> bit;
+            let word = if n == 64 {
+                word
+            } else {
+                word & ((1u64 << n) - 1)
+            };
+            ones += u64::from(word.count_ones());
+            i += n;
+        }
+        ones
+    }
+
     /// Maximal runs of set bits, as `(start, count)`, ascending.
     pub fn runs(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         let mut i = 0;
@@ -184,6 +209,29 @@ impl PageBitmap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Counting the set bits of a range agrees with testing each bit, across
+    /// word boundaries and for empty ranges.
+    #[test]
+    fn count_ones_in_agrees_with_get() {
+        let mut m = PageBitmap::new(200);
+        for i in [0, 1, 63, 64, 65, 127, 128, 150, 199] {
+            m.set(i);
+        }
+        m.set_range(70, 20);
+        for (start, end) in [
+            (0, 200),
+            (0, 0),
+            (1, 64),
+            (63, 65),
+            (64, 128),
+            (66, 199),
+            (199, 200),
+        ] {
+            let want = (start..end).filter(|&i| m.get(i)).count() as u64;
+            assert_eq!(m.count_ones_in(start, end), want, "{start}..{end}");
+        }
+    }
 
     /// The byte layout is LSB-first and round-trips.
     #[test]

@@ -20,7 +20,8 @@
 //! [`PAGE_FILE_PREFACE`] where a gRPC client would send HTTP/2's preface,
 //! then one framed [`PageFileRequest`] (a little-endian `u32` length, then
 //! JSON); the server answers one framed [`PageFileResponse`], with the image's
-//! file descriptor attached (`SCM_RIGHTS`) when the answer is OK, and closes
+//! file descriptor attached (`SCM_RIGHTS`) when the answer is OK (and after
+//! it, when the answer says so, the working set's page file), and closes
 //! the connection. The token and the right are those of `ReadPages` (`read`
 //! on the snapshot); the client still checks every page it takes from the
 //! file against the manifest's digest. docs/protocol.md has the reasoning.
@@ -102,6 +103,11 @@ pub struct PageFileResponse {
     /// that name (OK only).
     #[serde(default)]
     pub working_set: Vec<(u64, u64)>,
+    /// A second descriptor is attached after the image's: the working set's
+    /// non-zero pages one after another in that order (the server's
+    /// `wspages-` file), so that a replay reads it front to back (OK only).
+    #[serde(default)]
+    pub working_set_file: bool,
 }
 
 /// Frames `msg`: its JSON, after its length as a little-endian `u32`.

@@ -11,6 +11,9 @@
 //!   the object store's chunks live in memory, a layered snapshot or a
 //!   volume resolves each page through its chain. Those answer
 //!   Unimplemented, and the client uses the byte stream on the same socket.
+//!   When the request names a working set that has a page file of its own
+//!   ([`Snapshot::working_set_pages`]), that file's descriptor follows the
+//!   image's, read-only as well, and the runs sent are its order.
 //! - **Authorization** is `ReadPages`'s: the same `authorization` value,
 //!   checked by the same [`Authenticator`], and the `read` right on the
 //!   snapshot, decided before the snapshot is looked up.
@@ -22,6 +25,7 @@
 //! One request per connection; the connection is closed after the answer.
 //!
 //! [`Snapshot::page_file`]: crate::store::Snapshot::page_file
+//! [`Snapshot::working_set_pages`]: crate::store::Snapshot::working_set_pages
 
 use std::io::IoSlice;
 use std::os::fd::AsRawFd;
@@ -58,8 +62,8 @@ impl PageFiles {
         let mut body = vec![0u8; frame_len(header, MAX_PAGE_FILE_MESSAGE_BYTES)?];
         stream.read_exact(&mut body).await?;
         let req: PageFileRequest = unframe(&body)?;
-        let (answer, file) = match self.open(&req).await {
-            Ok((answer, file)) => (answer, file),
+        let (answer, files) = match self.open(&req).await {
+            Ok((answer, files)) => (answer, files),
             Err(status) => {
                 let outcome = if status.code() == tonic::Code::Unimplemented {
                     "fallback"
@@ -78,13 +82,14 @@ impl PageFiles {
                     page_size: 0,
                     page_count: 0,
                     working_set: Vec::new(),
+                    working_set_file: false,
                 };
                 stream.write_all(&frame(&answer)).await?;
                 return Ok(());
             }
         };
         let bytes = frame(&answer);
-        let fds = [file.as_raw_fd()];
+        let fds: Vec<_> = files.iter().map(|f| f.as_raw_fd()).collect();
         // The whole answer goes in one sendmsg with the descriptor on its
         // first byte; a fresh connection's send buffer holds it, so
         // WouldBlock is waited out only in theory.
@@ -112,11 +117,12 @@ impl PageFiles {
         Ok(())
     }
 
-    /// Checks the request as `ReadPages` would and opens the snapshot's file.
+    /// Checks the request as `ReadPages` would and opens the snapshot's file,
+    /// and the working set's page file after it if the store has one.
     async fn open(
         &self,
         req: &PageFileRequest,
-    ) -> Result<(PageFileResponse, Arc<std::fs::File>), tonic::Status> {
+    ) -> Result<(PageFileResponse, Vec<Arc<std::fs::File>>), tonic::Status> {
         let mut metadata = tonic::metadata::MetadataMap::new();
         if let Some(value) = &req.authorization {
             let value = value.parse().map_err(|_| {
@@ -141,25 +147,29 @@ impl PageFiles {
             )));
         };
         let manifest = snapshot.manifest();
-        let working_set = match &req.working_set {
-            Some(name) => {
-                let name = WorkingSetName::new(name.clone())
-                    .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
-                snapshot
-                    .working_set(&name)
-                    .map(|pages| runs(&pages))
-                    .unwrap_or_default()
+        let mut files = vec![file];
+        let mut working_set = Vec::new();
+        if let Some(name) = &req.working_set {
+            let name = WorkingSetName::new(name.clone())
+                .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+            // The runs of the order the page file was written for, so that
+            // the two agree even while the set is being recorded again.
+            if let Some(pages) = snapshot.working_set_pages(&name) {
+                working_set = runs(&pages.order);
+                files.push(pages.file);
+            } else if let Some(order) = snapshot.working_set(&name) {
+                working_set = runs(&order);
             }
-            None => Vec::new(),
-        };
+        }
         let answer = PageFileResponse {
             code: 0,
             message: String::new(),
             page_size: manifest.page_size.bytes(),
             page_count: manifest.page_count,
             working_set,
+            working_set_file: files.len() == 2,
         };
-        Ok((answer, file))
+        Ok((answer, files))
     }
 }
 

@@ -33,7 +33,7 @@ use crate::auth::{Access, Right};
 use crate::error::Error;
 use crate::limits::Limits;
 use crate::metrics;
-use crate::store::{Snapshot, SnapshotSpec, SnapshotStore, Volume};
+use crate::store::{Snapshot, SnapshotSpec, SnapshotStore, Volume, WorkingSetPages};
 
 /// Most page bytes one `ReadPages` call or one `Fault` request may ask for:
 /// 4096 pages of 4 KiB, or 8 huge pages. A fault's read-ahead window is far
@@ -342,20 +342,76 @@ async fn build_batch(
     codec: Compression,
     ranges: &[PageRange],
 ) -> Result<(pb::PageBatch, BatchStats), Error> {
+    let source = Source {
+        snapshot,
+        ws_pages: None,
+    };
+    build_batch_from(
+        source,
+        codec,
+        ranges.iter().copied().zip(std::iter::repeat(None)),
+    )
+    .await
+}
+
+/// Where a batch's pages are read: the snapshot's image, and for ranges
+/// given a slot, a working set's page file.
+#[derive(Clone, Copy)]
+struct Source<'a> {
+    snapshot: &'a dyn Snapshot,
+    ws_pages: Option<&'a WorkingSetPages>,
+}
+
+/// [`build_batch`] of `ranges`, each with the slot of its first non-zero
+/// page in `source`'s working-set page file if it is to be read from there
+/// (consecutive slots in one read: the file holds the set in order).
+async fn build_batch_from(
+    source: Source<'_>,
+    codec: Compression,
+    ranges: impl IntoIterator<Item = (PageRange, Option<u64>)>,
+) -> Result<(pb::PageBatch, BatchStats), Error> {
+    let snapshot = source.snapshot;
     let mut stats = BatchStats::default();
     let mut zero = Vec::new();
     let mut raw = Vec::new();
-    for range in ranges {
-        for (part, is_zero) in snapshot.zero_runs(*range) {
+    let mut filed: Vec<(PageRange, u64)> = Vec::new();
+    for (range, slot) in ranges {
+        let mut slot = slot.filter(|_| source.ws_pages.is_some());
+        for (part, is_zero) in snapshot.zero_runs(range) {
             stats.pages += part.count();
             if is_zero {
                 stats.zero_pages += part.count();
                 zero.push(part.into());
+            } else if let Some(s) = slot.as_mut() {
+                filed.push((part, *s));
+                *s += part.count();
             } else {
                 let data = snapshot.read(part).await?;
                 stats.bytes += data.len() as u64;
                 raw.push((part, data));
             }
+        }
+    }
+    if let Some(pages) = source.ws_pages {
+        let ps = snapshot.manifest().page_size.bytes();
+        let mut i = 0;
+        while i < filed.len() {
+            let (first, at) = filed[i];
+            let mut end = at + first.count();
+            let mut j = i + 1;
+            while j < filed.len() && filed[j].1 == end {
+                end += filed[j].0.count();
+                j += 1;
+            }
+            let data = snapshot
+                .read_working_set(pages, at, end - at, first)
+                .await?;
+            stats.bytes += data.len() as u64;
+            for &(part, slot) in &filed[i..j] {
+                let from = ((slot - at) * ps) as usize;
+                raw.push((part, data.slice(from..from + (part.count() * ps) as usize)));
+            }
+            i = j;
         }
     }
     let encode = move || {
@@ -464,6 +520,8 @@ struct PrefetchPlan {
     skip: PageBitmap,
     /// A working set to send first, if any.
     first: Option<Arc<Vec<PageIndex>>>,
+    /// Its page file, if the store has one for it (`first` is its order).
+    ws_pages: Option<WorkingSetPages>,
     /// Explicit ranges, in order.
     ranges: Vec<PageRange>,
     /// Then every page, ascending.
@@ -480,23 +538,33 @@ struct Stopped;
 /// each when full.
 struct Batcher {
     snapshot: Arc<dyn Snapshot>,
+    manifest: Arc<Manifest>,
+    ws_pages: Option<WorkingSetPages>,
     codec: Compression,
     batch_pages: u64,
-    pending: Vec<PageRange>,
+    /// Each range with the slot of its first non-zero page in `ws_pages`'
+    /// file, if it is read from there.
+    pending: Vec<(PageRange, Option<u64>)>,
     pending_pages: u64,
     tx: mpsc::Sender<Result<pb::PageBatch, Status>>,
 }
 
 impl Batcher {
-    /// Adds `range`, sending batches as they fill.
-    async fn push(&mut self, range: PageRange) -> Result<(), Stopped> {
+    /// Adds `range`, sending batches as they fill; `slot` is where its first
+    /// non-zero page is in the working set's page file, to read it there.
+    async fn push(&mut self, range: PageRange, mut slot: Option<u64>) -> Result<(), Stopped> {
         let mut start = range.start().0;
         let end = range.end();
         while start < end {
             let room = self.batch_pages - self.pending_pages;
             let take = room.min(end - start);
-            self.pending
-                .push(PageRange::new(PageIndex(start), take).expect("non-empty"));
+            self.pending.push((
+                PageRange::new(PageIndex(start), take).expect("non-empty"),
+                slot,
+            ));
+            if let Some(s) = slot.as_mut() {
+                *s += take - self.manifest.zero_map.count_ones_in(start, start + take);
+            }
             self.pending_pages += take;
             start += take;
             if self.pending_pages >= self.batch_pages {
@@ -513,7 +581,11 @@ impl Batcher {
         }
         let ranges = std::mem::take(&mut self.pending);
         self.pending_pages = 0;
-        match build_batch(&*self.snapshot, self.codec, &ranges).await {
+        let source = Source {
+            snapshot: &*self.snapshot,
+            ws_pages: self.ws_pages.as_ref(),
+        };
+        match build_batch_from(source, self.codec, ranges).await {
             Ok((batch, stats)) => {
                 count_served("prefetch", stats);
                 self.tx.send(Ok(batch)).await.map_err(|_| Stopped)
@@ -544,44 +616,58 @@ impl PrefetchPlan {
             manifest,
             mut skip,
             first,
+            ws_pages,
             ranges,
             then_all,
             codec,
             batch_bytes,
         } = self;
         let page_count = manifest.page_count;
+        let from_file = ws_pages.is_some();
         let mut out = Batcher {
             batch_pages: (batch_bytes / manifest.page_size.bytes()).max(1),
             snapshot,
+            manifest: manifest.clone(),
+            ws_pages,
             codec,
             pending: Vec::new(),
             pending_pages: 0,
             tx,
         };
-        // The working set, page by page (first-touch order), in runs.
+        // The working set, page by page (first-touch order), in runs, each
+        // with its slot in the page file (counted over every non-zero page
+        // of the order, sent or not).
         let mut scanned = 0u64;
-        let mut run: Option<PageRange> = None;
+        let mut slot = 0u64;
+        let mut run: Option<(PageRange, u64)> = None;
         for &page in first.iter().flat_map(|ws| ws.iter()) {
             scanned += 1;
             if scanned.is_multiple_of(SCAN_YIELD_PAGES) {
                 tokio::task::yield_now().await;
+            }
+            let at = slot;
+            if page.0 < page_count && !manifest.zero_map.get(page.0) {
+                slot += 1;
             }
             if page.0 >= page_count || skip.get(page.0) {
                 continue;
             }
             skip.set(page.0);
             run = match run {
-                Some(r) if r.end() == page.0 => PageRange::new(r.start(), r.count() + 1),
+                Some((r, s)) if r.end() == page.0 => Some((
+                    PageRange::new(r.start(), r.count() + 1).expect("non-empty"),
+                    s,
+                )),
                 pending => {
-                    if let Some(r) = pending {
-                        out.push(r).await?;
+                    if let Some((r, s)) = pending {
+                        out.push(r, from_file.then_some(s)).await?;
                     }
-                    PageRange::new(page, 1)
+                    Some((PageRange::new(page, 1).expect("non-empty"), at))
                 }
             };
         }
-        if let Some(r) = run {
-            out.push(r).await?;
+        if let Some((r, s)) = run {
+            out.push(r, from_file.then_some(s)).await?;
         }
         // Then ranges, skipping what was sent or is held a word at a time.
         let all = then_all.then(|| PageRange::new(PageIndex(0), page_count).expect("non-empty"));
@@ -597,8 +683,11 @@ impl PrefetchPlan {
                 }
                 let to = skip.next_set(from, stop);
                 skip.set_range(from, to - from);
-                out.push(PageRange::new(PageIndex(from), to - from).expect("non-empty"))
-                    .await?;
+                out.push(
+                    PageRange::new(PageIndex(from), to - from).expect("non-empty"),
+                    None,
+                )
+                .await?;
                 pos = to;
             }
         }
@@ -807,7 +896,16 @@ impl pb::faultline_server::Faultline for FaultlineService {
                 .into_iter()
                 .map(|r| check_range(r, &manifest))
                 .collect::<Result<Vec<_>, _>>()?;
-            let ws = snapshot.working_set(&ws_name);
+            // With its page file, the set is read from there in its order;
+            // the order is the one the file was written for.
+            let ws_pages = match order {
+                pb::PrefetchOrder::Ranges => None,
+                _ => snapshot.working_set_pages(&ws_name),
+            };
+            let ws = match &ws_pages {
+                Some(p) => Some(p.order.clone()),
+                None => snapshot.working_set(&ws_name),
+            };
             let (first, ranges, then_all) = match order {
                 pb::PrefetchOrder::WorkingSetThenRest => (ws, Vec::new(), true),
                 pb::PrefetchOrder::WorkingSetOnly => {
@@ -835,6 +933,7 @@ impl pb::faultline_server::Faultline for FaultlineService {
                 manifest,
                 skip,
                 first,
+                ws_pages,
                 ranges,
                 then_all,
                 codec,

@@ -166,6 +166,93 @@ async fn prefetch_order_working_set_then_rest_minus_have() {
     assert_eq!(m.working_sets, vec!["default".to_owned()]);
 }
 
+/// A recorded working set is streamed from its own page file (`wspages-`), which holds its
+/// non-zero pages in order: a page of the image damaged after recording is still sent as
+/// recorded; a store opened again with that file torn ignores it and reads the image.
+#[tokio::test]
+async fn prefetch_reads_the_working_set_from_its_page_file() {
+    let f = Fixture::start().await;
+    let mut c = f.client().await;
+    // Zero pages, long runs and one-page runs, some pages listed twice.
+    let mut ws = vec![range(700, 40), range(10, 1), range(300, 3), range(10, 1)];
+    ws.extend((0..60).map(|i| range((i * 131) % PAGES, 1)));
+    c.record_working_set(pb::RecordWorkingSetRequest {
+        snapshot: SNAPSHOT.into(),
+        name: "boot".into(),
+        ranges: ws,
+    })
+    .await
+    .unwrap();
+    let id = faultline_proto::SnapshotId::new(SNAPSHOT).unwrap();
+    let name = faultline_proto::WorkingSetName::new("boot").unwrap();
+    let dir = f.store.root().join(SNAPSHOT);
+    let opened = f.store.open_blocking(&id).unwrap();
+    let order = opened.working_set(&name).unwrap();
+    let data: Vec<u64> = order
+        .iter()
+        .map(|p| p.0)
+        .filter(|&p| page_kind(p) != PageKind::Zero)
+        .collect();
+    assert!(
+        data.len() > 40 && data.len() < order.len(),
+        "{} of {}",
+        data.len(),
+        order.len()
+    );
+    let pages_file = dir.join("wspages-boot");
+    let len = std::fs::metadata(&pages_file).unwrap().len();
+    assert_eq!(
+        len,
+        data.len() as u64 * PAGE as u64 + 32,
+        "the set's data pages and a trailer"
+    );
+
+    // Damage the image's copy of one of the set's pages.
+    let victim = data[data.len() / 2];
+    let memory = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("memory"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&memory, &[0x5a; 64], victim * PAGE as u64).unwrap();
+    let prefetch = |batch: u64| pb::PrefetchRequest {
+        snapshot: SNAPSHOT.into(),
+        order: pb::PrefetchOrder::WorkingSetOnly as i32,
+        working_set: "boot".into(),
+        max_batch_bytes: batch,
+        ..Default::default()
+    };
+    for batch in [PAGE as u64, 0] {
+        let mut stream = c.prefetch(prefetch(batch)).await.unwrap().into_inner();
+        let mut out = vec![0xAAu8; f.image.len()];
+        let mut seen = Vec::new();
+        while let Some(b) = stream.next().await {
+            apply(b.unwrap(), &mut out, &mut seen);
+        }
+        let want: Vec<u64> = order.iter().map(|p| p.0).collect();
+        if batch == PAGE as u64 {
+            assert_eq!(seen, want, "one page a batch: the recorded order");
+        }
+        for p in want {
+            assert_eq!(&out[p as usize * PAGE..][..PAGE], f.pages(p, 1), "page {p}");
+        }
+    }
+
+    // Torn: a store opened now serves the set from the image (which has the damage).
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&pages_file)
+        .unwrap();
+    file.set_len(len - 1).unwrap();
+    let again = faultline_server::LocalStore::new(f.store.root().to_owned()).unwrap();
+    let reopened = again.open_blocking(&id).unwrap();
+    assert!(reopened.working_set(&name).is_some());
+    use faultline_server::store::Snapshot;
+    assert!(
+        reopened.working_set_pages(&name).is_none(),
+        "a torn page file is not used"
+    );
+}
+
 /// Prefetch of everything in default-sized batches reproduces the image;
 /// explicit ranges send exactly those pages.
 #[tokio::test]

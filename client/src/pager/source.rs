@@ -57,6 +57,61 @@ pub(crate) struct PageFile {
     /// The recorded working set asked for, as runs in first-touch order
     /// (empty if the snapshot has none of that name).
     working_set: Vec<PageRange>,
+    /// The working set's own page file, if the server has one.
+    ws_pages: Option<WorkingSetPages>,
+}
+
+/// A working set's non-zero pages one after another in its order (the
+/// server's `wspages-` file): a replay reads it front to back, where the
+/// image would be read scattered (the reason, measured: the server's
+/// `store::ws_pages`).
+#[derive(Debug)]
+struct WorkingSetPages {
+    file: File,
+    /// The set's runs sorted by first page, each with the position (in
+    /// pages) of its first non-zero page in `file`.
+    runs: Vec<(PageRange, u64)>,
+}
+
+impl WorkingSetPages {
+    /// Indexes the file of the set whose runs are `working_set`; `None` if
+    /// the file is too short for them.
+    fn new(file: File, working_set: &[PageRange], manifest: &Manifest) -> Option<Self> {
+        let mut runs = Vec::with_capacity(working_set.len());
+        let mut pos = 0;
+        for r in working_set {
+            runs.push((*r, pos));
+            pos += r.count() - manifest.zero_map.count_ones_in(r.start().0, r.end());
+        }
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        if len < pos * manifest.page_size.bytes() {
+            tracing::warn!(
+                "the working set's page file of {} is too short ({len} bytes for {pos} pages); \
+                 reading the set from the image",
+                manifest.id
+            );
+            return None;
+        }
+        runs.sort_unstable_by_key(|(r, _)| r.start());
+        Some(Self { file, runs })
+    }
+
+    /// Where the first non-zero page of `range` is in the file, in pages;
+    /// `None` unless `range` lies within one of the set's runs.
+    fn position(&self, range: PageRange, manifest: &Manifest) -> Option<u64> {
+        let i = self
+            .runs
+            .partition_point(|(r, _)| r.start() <= range.start())
+            .checked_sub(1)?;
+        let (run, pos) = self.runs[i];
+        (range.end() <= run.end()).then(|| {
+            let before = range.start().0 - run.start().0;
+            pos + before
+                - manifest
+                    .zero_map
+                    .count_ones_in(run.start().0, range.start().0)
+        })
+    }
 }
 
 /// Asks the server at `url` for the page file of the snapshot whose
@@ -70,7 +125,9 @@ pub(crate) fn open(config: &PagerConfig, manifest: &Manifest, url: &str) -> Opti
         return None;
     }
     match handover(config, &path) {
-        Ok((answer, Some(file))) if answer.code == 0 => {
+        Ok((answer, mut files)) if answer.code == 0 && !files.is_empty() => {
+            let ws_file = (answer.working_set_file && files.len() == 2).then(|| files.remove(1));
+            let file = files.swap_remove(0);
             let size = file.metadata().map(|m| m.len()).unwrap_or(0);
             if answer.page_size != manifest.page_size.bytes()
                 || answer.page_count != manifest.page_count
@@ -88,14 +145,21 @@ pub(crate) fn open(config: &PagerConfig, manifest: &Manifest, url: &str) -> Opti
                 return None;
             }
             let working_set = read_working_set(&answer, manifest);
+            let ws_pages = ws_file.and_then(|f| WorkingSetPages::new(f, &working_set, manifest));
             tracing::info!(
-                "{url}: reading pages of {} from the server's page file",
-                manifest.id
+                "{url}: reading pages of {} from the server's page file{}",
+                manifest.id,
+                if ws_pages.is_some() {
+                    " (the working set from its own, in order)"
+                } else {
+                    ""
+                }
             );
             Some(PageFile {
                 file,
                 page_bytes: manifest.page_size.bytes_usize(),
                 working_set,
+                ws_pages,
             })
         }
         Ok((answer, _)) if answer.code == tonic::Code::Unimplemented as i32 => {
@@ -133,11 +197,11 @@ fn read_working_set(answer: &PageFileResponse, manifest: &Manifest) -> Vec<PageR
 }
 
 /// The exchange itself: connect, send the preface and the request, receive
-/// the answer and the descriptor.
+/// the answer and the descriptors (the image's, then the working set's).
 fn handover(
     config: &PagerConfig,
     path: &std::path::Path,
-) -> io::Result<(PageFileResponse, Option<File>)> {
+) -> io::Result<(PageFileResponse, Vec<File>)> {
     let mut stream = UnixStream::connect(path)?;
     stream.set_read_timeout(Some(HANDOVER_TIMEOUT))?;
     stream.set_write_timeout(Some(HANDOVER_TIMEOUT))?;
@@ -193,8 +257,7 @@ fn handover(
     }
     body.truncate(len);
     let answer: PageFileResponse = unframe(&body)?;
-    let file = (fds.len() == 1).then(|| File::from(fds.pop().expect("one")));
-    Ok((answer, file))
+    Ok((answer, fds.into_iter().map(File::from).collect()))
 }
 
 fn read_byte(stream: &mut UnixStream) -> io::Result<u8> {
@@ -223,6 +286,20 @@ impl PageFile {
         keep: impl Fn(PageIndex) -> bool,
         nowait: bool,
     ) -> io::Result<Option<PageBatch>> {
+        self.read_from(manifest, range, keep, nowait, None)
+    }
+
+    /// [`Self::read`], from the working set's page file at page `ws` (where
+    /// `range`'s first non-zero page is there: [`Self::ws_position`]) if
+    /// given, else from the image.
+    fn read_from(
+        &self,
+        manifest: &Manifest,
+        range: PageRange,
+        keep: impl Fn(PageIndex) -> bool,
+        nowait: bool,
+        mut ws: Option<u64>,
+    ) -> io::Result<Option<PageBatch>> {
         let mut batch = PageBatch {
             runs: Vec::new(),
             zero: Vec::new(),
@@ -241,10 +318,20 @@ impl PageFile {
             let run = PageRange::new(PageIndex(p), end - p).expect("non-empty");
             if zero {
                 batch.zero.push(run);
-            } else if wanted {
-                match self.read_run(run, nowait)? {
-                    Some(data) => batch.runs.push(PageRun { range: run, data }),
-                    None => return Ok(None),
+            } else {
+                let (file, at) = match (&self.ws_pages, ws.as_mut()) {
+                    (Some(pages), Some(pos)) => {
+                        let at = *pos;
+                        *pos += run.count();
+                        (&pages.file, at)
+                    }
+                    _ => (&self.file, run.start().0),
+                };
+                if wanted {
+                    match self.read_run(file, at, run.count(), nowait)? {
+                        Some(data) => batch.runs.push(PageRun { range: run, data }),
+                        None => return Ok(None),
+                    }
                 }
             }
             p = end;
@@ -252,21 +339,34 @@ impl PageFile {
         Ok(Some(batch))
     }
 
-    /// The bytes of `run`; `None` if `nowait` and the page cache does not
-    /// hold them.
-    fn read_run(&self, run: PageRange, nowait: bool) -> io::Result<Option<Bytes>> {
-        let len = run.count() as usize * self.page_bytes;
-        let offset = run.start().0 * self.page_bytes as u64;
+    /// Where the first non-zero page of `range` is in the working set's page
+    /// file; `None` if there is no such file or `range` is not within one
+    /// of the set's runs.
+    fn ws_position(&self, range: PageRange, manifest: &Manifest) -> Option<u64> {
+        self.ws_pages.as_ref()?.position(range, manifest)
+    }
+
+    /// The bytes of `count` pages of `file` from page `at`; `None` if
+    /// `nowait` and the page cache does not hold them.
+    fn read_run(
+        &self,
+        file: &File,
+        at: u64,
+        count: u64,
+        nowait: bool,
+    ) -> io::Result<Option<Bytes>> {
+        let len = count as usize * self.page_bytes;
+        let offset = at * self.page_bytes as u64;
         // Not zeroed first: the read fills all of it or fails (a memset of
         // every batch measured as a tenth of the path's time).
         let mut buf = Vec::with_capacity(len);
         let flags = if nowait { libc::RWF_NOWAIT } else { 0 };
-        match read_uninit(&self.file, buf.spare_capacity_mut(), offset, flags) {
+        match read_uninit(file, buf.spare_capacity_mut(), offset, flags) {
             Ok(true) => {}
             Ok(false) => return Ok(None),
             // The file system does not do RWF_NOWAIT: a plain read.
             Err(e) if nowait && e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                if !read_uninit(&self.file, buf.spare_capacity_mut(), offset, 0)? {
+                if !read_uninit(file, buf.spare_capacity_mut(), offset, 0)? {
                     return Ok(None);
                 }
             }
@@ -390,6 +490,8 @@ pub(crate) async fn prefetch_ranges(
     // mostly one-page runs, and doing both per run cost more than the reads.
     let mut since = 0;
     for range in ranges {
+        // Within the working set's runs, its own file is read in order.
+        let mut ws = file.ws_position(range, manifest);
         let mut start = range.start().0;
         while start < range.end() {
             let count = batch_pages.min(range.end() - start);
@@ -397,9 +499,15 @@ pub(crate) async fn prefetch_ranges(
             start += count;
             let missing = |p: PageIndex| shared.table.get(p) == PageState::Missing;
             let batch = file
-                .read(manifest, chunk, missing, false)
+                .read_from(manifest, chunk, missing, false, ws)
                 .map_err(PrefetchError::PageFile)?
                 .expect("a blocking read always reads");
+            if let Some(pos) = ws.as_mut() {
+                *pos += count
+                    - manifest
+                        .zero_map
+                        .count_ones_in(chunk.start().0, chunk.end());
+            }
             for run in &batch.runs {
                 install_unclaimed(shared, run, source, units)?;
             }

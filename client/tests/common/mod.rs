@@ -201,14 +201,20 @@ impl Server {
     /// (call it before the server opens the snapshot): the page then fails
     /// its digest on every read.
     pub fn corrupt_page(&self, snap: &Snapshot, page: usize) {
+        self.corrupt_file_page(snap, "memory", page, page);
+    }
+
+    /// Flips 16 bytes of the `slot`th page of the snapshot's file `name`, which
+    /// holds page `page` of `snap` there.
+    pub fn corrupt_file_page(&self, snap: &Snapshot, name: &str, slot: usize, page: usize) {
         use std::io::{Read, Seek, SeekFrom};
-        let path = self.snapshot_dir(&snap.id).join("memory");
+        let path = self.snapshot_dir(&snap.id).join(name);
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(&path)
-            .expect("open the snapshot's memory file");
-        let at = (page * snap.page_size + 100) as u64;
+            .expect("open the snapshot's file");
+        let at = (slot * snap.page_size + 100) as u64;
         let mut bytes = [0u8; 16];
         file.seek(SeekFrom::Start(at)).expect("seek");
         file.read_exact(&mut bytes).expect("read");

@@ -8,6 +8,8 @@
 //!     digests               one little-endian CRC32C per page
 //!     workingset-WSNAME     recorded working set: little-endian u64 page
 //!                           indices in first-touch order
+//!     wspages-WSNAME        its non-zero pages in that order, for sequential
+//!                           replays (`ws_pages`; optional, checked on open)
 //!     .tmp-workingset-...   a working set being written (renamed into
 //!                           place: a reader sees the old set or the new one)
 //!   .tmp-NAME-PID-N         a snapshot being written (never listed)
@@ -45,10 +47,11 @@ use faultline_proto::{
 
 use super::layers::{self, Chain, LAYER_FORMAT_VERSION, LayerFile, MAX_CHAIN_DEPTH, WeakChain};
 use super::writer::TMP_PREFIX;
+use super::ws_pages::{self, WORKING_SET_PAGES_PREFIX};
 use super::{
     CreateError, ListError, OpenError, ReadError, RecordError, Snapshot, SnapshotSpec,
     SnapshotStore, SnapshotSummary, SnapshotWrite, SnapshotWriter, Volume, VolumeError,
-    first_touch_order,
+    WorkingSetPages, first_touch_order,
 };
 use crate::limits::Limits;
 use faultline_proto::{CreateVolume, LayerKind, SealVolume, VolumeSource};
@@ -485,6 +488,12 @@ impl LocalStore {
                 limit: self.inner.max_working_sets,
             });
         }
+        // The page file first: until the order file is renamed over the old
+        // one, the new page file does not match it and is not used.
+        let ws_file = match &snapshot {
+            Recordable::Standalone(s) => self.write_ws_pages(s, name, &order, &bytes),
+            Recordable::Layered(_) => None,
+        };
         let path = snapshot.dir().join(format!("{WORKING_SET_PREFIX}{name}"));
         let tmp = snapshot.dir().join(format!(
             "{TMP_PREFIX}{WORKING_SET_PREFIX}{name}-{}-{}",
@@ -502,8 +511,59 @@ impl LocalStore {
         // coming back after a crash.
         let _ = File::open(snapshot.dir()).and_then(|d| d.sync_all());
         let pages = order.len() as u64;
-        snapshot.add_working_set(name.clone(), order);
+        snapshot.add_working_set(name.clone(), order, ws_file);
         Ok(pages)
+    }
+
+    /// Writes the page file of `s`'s working set `name` ([`ws_pages`]) and
+    /// opens it; `None` (logged, and any older file removed) if it cannot
+    /// be written, which leaves the set to be read from the image.
+    fn write_ws_pages(
+        &self,
+        s: &LocalSnapshot,
+        name: &WorkingSetName,
+        order: &[PageIndex],
+        order_bytes: &[u8],
+    ) -> Option<File> {
+        let manifest = s.manifest();
+        let need = ws_pages::data_pages(order, &manifest).count() as u64
+            * manifest.page_size.bytes()
+            + ws_pages::TRAILER_BYTES;
+        let reserve = self.inner.min_free_disk_bytes;
+        let path = s.dir.join(format!("{WORKING_SET_PAGES_PREFIX}{name}"));
+        let tmp = s.dir.join(format!(
+            "{TMP_PREFIX}{WORKING_SET_PAGES_PREFIX}{name}-{}-{}",
+            std::process::id(),
+            NEXT_TMP_SET.fetch_add(1, Ordering::Relaxed)
+        ));
+        let written = super::writer::free_bytes(&s.dir)
+            .and_then(|free| {
+                if free < reserve.saturating_add(need) {
+                    Err(std::io::Error::other(format!(
+                        "{need} bytes are needed and {free} are free, above a reserve of \
+                         {reserve} (`--min-free-disk`)"
+                    )))
+                } else {
+                    Ok(())
+                }
+            })
+            .and_then(|()| {
+                ws_pages::write(&s.dir, &tmp, name, order, order_bytes, &manifest, &s.memory)
+            })
+            .and_then(|()| File::open(&path));
+        match written {
+            Ok(file) => Some(file),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                let _ = std::fs::remove_file(&path);
+                tracing::warn!(
+                    snapshot = %manifest.id,
+                    "working set {name}: its pages were not copied for sequential replays \
+                     ({e}); replays read them from the image"
+                );
+                None
+            }
+        }
     }
 }
 
@@ -912,9 +972,9 @@ impl Recordable {
         }
     }
 
-    fn add_working_set(&self, name: WorkingSetName, order: Vec<PageIndex>) {
+    fn add_working_set(&self, name: WorkingSetName, order: Vec<PageIndex>, pages: Option<File>) {
         match self {
-            Self::Standalone(s) => s.add_working_set(name, order),
+            Self::Standalone(s) => s.add_working_set(name, order, pages),
             Self::Layered(c) => c.add_working_set(name, order),
         }
     }
@@ -1134,6 +1194,9 @@ pub struct LocalSnapshot {
     /// How small reads of `memory` are tried on the calling worker.
     inline: InlineRead,
     working_sets: RwLock<HashMap<WorkingSetName, Arc<Vec<PageIndex>>>>,
+    /// The working sets' page files that match their orders, each with the
+    /// order it was written for.
+    ws_pages: RwLock<HashMap<WorkingSetName, WorkingSetPages>>,
 }
 
 impl LocalSnapshot {
@@ -1228,6 +1291,7 @@ impl LocalSnapshot {
             )));
         }
         let mut working_sets = HashMap::new();
+        let mut order_bytes = Vec::new();
         if let Ok(entries) = std::fs::read_dir(dir) {
             for entry in entries.flatten() {
                 let file_name = entry.file_name();
@@ -1248,41 +1312,71 @@ impl LocalSnapshot {
                         "working set {ws} lists pages past the end"
                     )));
                 }
-                working_sets.insert(ws, Arc::new(pages));
+                working_sets.insert(ws.clone(), Arc::new(pages));
+                order_bytes.push((ws, bytes));
             }
         }
 
         let mut ws_names: Vec<_> = working_sets.keys().cloned().collect();
         ws_names.sort();
+        let manifest = Arc::new(Manifest {
+            format_version: MANIFEST_FORMAT_VERSION,
+            id: id.clone(),
+            page_size,
+            page_count: file.page_count,
+            regions: spec.regions,
+            zero_map,
+            digest_algorithm: file.digest_algorithm,
+            digests,
+            working_sets: ws_names,
+        });
+        let ws_pages = order_bytes
+            .iter()
+            .filter_map(|(ws, bytes)| {
+                let order = &working_sets[ws];
+                let file = ws_pages::open(dir, ws, order, bytes, &manifest)?;
+                let pages = WorkingSetPages {
+                    order: order.clone(),
+                    file: Arc::new(file),
+                };
+                Some((ws.clone(), pages))
+            })
+            .collect();
         Ok(Self {
             dir: dir.to_owned(),
             page_size,
-            manifest: RwLock::new(Arc::new(Manifest {
-                format_version: MANIFEST_FORMAT_VERSION,
-                id: id.clone(),
-                page_size,
-                page_count: file.page_count,
-                regions: spec.regions,
-                zero_map,
-                digest_algorithm: file.digest_algorithm,
-                digests,
-                working_sets: ws_names,
-            })),
+            manifest: RwLock::new(manifest),
             inline: InlineRead::of(&memory),
             memory: Arc::new(memory),
             working_sets: RwLock::new(working_sets),
+            ws_pages: RwLock::new(ws_pages),
         })
     }
 }
 
 impl LocalSnapshot {
-    /// Makes a newly recorded working set visible to readers.
-    fn add_working_set(&self, name: WorkingSetName, order: Vec<PageIndex>) {
+    /// Makes a newly recorded working set, and its page file if it has one,
+    /// visible to readers.
+    fn add_working_set(&self, name: WorkingSetName, order: Vec<PageIndex>, pages: Option<File>) {
+        let order = Arc::new(order);
+        {
+            let mut files = self.ws_pages.write().expect("working set lock poisoned");
+            match pages {
+                Some(f) => files.insert(
+                    name.clone(),
+                    WorkingSetPages {
+                        order: order.clone(),
+                        file: Arc::new(f),
+                    },
+                ),
+                None => files.remove(&name),
+            };
+        }
         let mut sets = self
             .working_sets
             .write()
             .expect("working set lock poisoned");
-        sets.insert(name, Arc::new(order));
+        sets.insert(name, order);
         let mut names: Vec<_> = sets.keys().cloned().collect();
         names.sort();
         let mut manifest = self.manifest.write().expect("manifest lock poisoned");
@@ -1311,29 +1405,77 @@ impl Snapshot for LocalSnapshot {
 
     async fn read(&self, range: PageRange) -> Result<Bytes, ReadError> {
         let ps = self.page_size.bytes();
-        let len = usize::try_from(range.count() * ps).expect("a checked range fits in memory");
-        let offset = range.start().0 * ps;
+        self.read_file(
+            &self.memory,
+            range.start().0 * ps,
+            range.count() * ps,
+            range,
+        )
+        .await
+    }
+
+    fn working_set(&self, name: &WorkingSetName) -> Option<Arc<Vec<PageIndex>>> {
+        self.working_sets
+            .read()
+            .expect("working set lock poisoned")
+            .get(name)
+            .cloned()
+    }
+
+    fn working_set_pages(&self, name: &WorkingSetName) -> Option<WorkingSetPages> {
+        self.ws_pages
+            .read()
+            .expect("working set lock poisoned")
+            .get(name)
+            .cloned()
+    }
+
+    async fn read_working_set(
+        &self,
+        pages: &WorkingSetPages,
+        at: u64,
+        count: u64,
+        first: PageRange,
+    ) -> Result<Bytes, ReadError> {
+        let ps = self.page_size.bytes();
+        self.read_file(&pages.file, at * ps, count * ps, first)
+            .await
+    }
+}
+
+impl LocalSnapshot {
+    /// `len` bytes of `file` (the image or a working set's page file, on the
+    /// same file system) from `offset`: inline what the page cache holds,
+    /// else on a blocking thread. `range` names the pages in errors.
+    async fn read_file(
+        &self,
+        file: &Arc<File>,
+        offset: u64,
+        len: u64,
+        range: PageRange,
+    ) -> Result<Bytes, ReadError> {
+        let len = usize::try_from(len).expect("a checked range fits in memory");
         let mut buf = Vec::with_capacity(len);
         if len <= INLINE_READ_MAX_BYTES {
             // What the page cache holds, without waiting for the disk (or,
             // in memory, all of it: `InlineRead`). A short or failed read
             // leaves the rest to the blocking thread, which reports errors.
             while buf.len() < len {
-                match pread_append(&self.memory, &mut buf, len, offset, self.inline.flags()) {
+                match pread_append(file, &mut buf, len, offset, self.inline.flags()) {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {}
                 }
             }
         }
         if buf.len() < len {
-            let file = self.memory.clone();
+            let file = file.clone();
             buf = tokio::task::spawn_blocking(move || {
                 while buf.len() < len {
                     match pread_append(&file, &mut buf, len, offset, 0) {
                         Ok(0) => {
                             return Err(std::io::Error::new(
                                 std::io::ErrorKind::UnexpectedEof,
-                                "the image file ends early (truncated?)",
+                                "the file ends early (truncated?)",
                             ));
                         }
                         Ok(_) => {}
@@ -1355,14 +1497,6 @@ impl Snapshot for LocalSnapshot {
             })?;
         }
         Ok(Bytes::from(buf))
-    }
-
-    fn working_set(&self, name: &WorkingSetName) -> Option<Arc<Vec<PageIndex>>> {
-        self.working_sets
-            .read()
-            .expect("working set lock poisoned")
-            .get(name)
-            .cloned()
     }
 }
 

@@ -46,6 +46,7 @@ pub mod layers;
 pub mod local;
 pub mod object;
 pub mod writer;
+pub mod ws_pages;
 
 use std::sync::Arc;
 
@@ -185,6 +186,16 @@ impl TryFrom<pb::SnapshotHeader> for SnapshotSpec {
     }
 }
 
+/// A working set's page file and the order it holds the set's pages in
+/// ([`Snapshot::working_set_pages`]).
+#[derive(Debug, Clone)]
+pub struct WorkingSetPages {
+    /// The order.
+    pub order: Arc<Vec<PageIndex>>,
+    /// The file: the order's non-zero pages one after another.
+    pub file: Arc<std::fs::File>,
+}
+
 /// An open, immutable snapshot whose pages can be read.
 #[async_trait::async_trait]
 pub trait Snapshot: Send + Sync + std::fmt::Debug {
@@ -215,6 +226,30 @@ pub trait Snapshot: Send + Sync + std::fmt::Debug {
     /// where pages are not laid out so (object store, layers, volumes).
     fn page_file(&self) -> Option<Arc<std::fs::File>> {
         None
+    }
+
+    /// Working set `name`'s non-zero pages one after another in its order
+    /// ([`ws_pages`]), read-only and never changed, with the order they are
+    /// in; `None` where the store keeps no such file (then the set is read
+    /// from the image).
+    fn working_set_pages(&self, _name: &WorkingSetName) -> Option<WorkingSetPages> {
+        None
+    }
+
+    /// The bytes of `count` pages of `pages`' file from page `at` (their
+    /// slots, not page indices); `first` is the first of those pages, for
+    /// errors. Never blocks the calling async worker on storage.
+    async fn read_working_set(
+        &self,
+        _pages: &WorkingSetPages,
+        _at: u64,
+        _count: u64,
+        first: PageRange,
+    ) -> Result<Bytes, ReadError> {
+        Err(ReadError::Unavailable {
+            snapshot: self.manifest().id.clone(),
+            reason: format!("this store keeps no working-set page file (reading {first})"),
+        })
     }
 }
 
