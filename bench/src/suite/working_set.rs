@@ -103,8 +103,8 @@ enum Mode {
     Local,
     /// The kernel's share of a replay alone ([`install_floor_run`]).
     InstallFloor,
-    /// The same, each data page read from the image file first, as the
-    /// page file's replay reads it.
+    /// The same, each data page first read from a file holding the set's
+    /// data pages in order, as a replay reads the store's `wspages-` file.
     InstallFloorReads,
 }
 
@@ -133,8 +133,8 @@ impl Mode {
                  no digest, no workload)"
             }
             Self::InstallFloorReads => {
-                "kernel install floor with reads (the same, each data page first read from \
-                 the image file by one pread)"
+                "kernel install floor with reads (the same, each data page first read by one \
+                 pread from a file of the set's data pages in order, as the store keeps it)"
             }
         }
     }
@@ -276,8 +276,11 @@ fn local_run(
 /// `UFFDIO_ZEROPAGE`. No network, no page file, no digest, no workload while
 /// it runs: a replay does all of this and more, on the same cores as the
 /// workload. Checked afterwards (untimed) by the workload's checksum. With
-/// `reads`, each data page is first read from the image file by one `pread`
-/// inside the timed loop, as a replay from the server's page file reads it.
+/// `reads`, the data pages are first copied in order into a file beside the
+/// image (untimed: the store's `wspages-` file, written when the set is
+/// recorded), and each is read from there by one `pread` inside the timed
+/// loop, as a replay reads the set (the client from the handed-over file,
+/// the server before sending it).
 fn install_floor_run(
     ctx: &Ctx,
     manifest: &faultline_proto::Manifest,
@@ -293,16 +296,21 @@ fn install_floor_run(
             .read_exact_at(into, p * page_bytes as u64)
             .context("reading the image")
     };
-    // Without `reads`, every data page in memory before the clock starts.
-    let buffered: Vec<u64> = if reads {
-        Vec::new()
-    } else {
-        order.iter().copied().filter(|&p| !is_zero(p)).collect()
-    };
+    // Every data page in memory before the clock starts, in order; with
+    // `reads`, then written to the file the timed loop reads.
+    let buffered: Vec<u64> = order.iter().copied().filter(|&p| !is_zero(p)).collect();
     let mut data = vec![0u8; buffered.len() * page_bytes];
     for (chunk, &p) in data.chunks_exact_mut(page_bytes).zip(&buffered) {
         read_page(p, chunk)?;
     }
+    let in_order = if reads {
+        let file = tempfile::tempfile_in(ctx.store.root()).context("creating the set's file")?;
+        file.write_all_at(&data, 0).context("writing the set's file")?;
+        data = Vec::new();
+        Some(file)
+    } else {
+        None
+    };
     let memory = GuestMemory::new(BackingKind::Anonymous, ctx.size as usize)
         .context("creating anonymous memory")?;
     let base = memory.host_addr();
@@ -314,6 +322,7 @@ fn install_floor_run(
         .context("registering the memory")?;
     let mut sources = data.chunks_exact(page_bytes);
     let mut page = vec![0u8; page_bytes];
+    let mut slot = 0u64;
     let started = Instant::now();
     for &p in order {
         let dst = base + p as usize * page_bytes;
@@ -322,8 +331,10 @@ fn install_floor_run(
             uffd.zeropage(dst, page_bytes, true)?;
             continue;
         }
-        let src = if reads {
-            read_page(p, &mut page)?;
+        let src = if let Some(file) = &in_order {
+            file.read_exact_at(&mut page, slot * page_bytes as u64)
+                .context("reading the set's file")?;
+            slot += 1;
             &page[..]
         } else {
             sources.next().expect("one buffered page per data page")
@@ -538,8 +549,8 @@ fn report(
          workload's on {cores} core(s), so it cannot end before Pager::start + max(local, \
          (local + floor) / {cores}) = {bound:.4} s, {} local memory, without receiving, \
          reading or checking a single page; the replay over unix:// + page file is {} that \
-         bound, over TCP {}. Reading each data page from the image file as well (one pread \
-         each, as the page file's replay does) takes the floor to {floor_reads:.4} s and the \
+         bound, over TCP {}. Reading each data page as well (one pread each from a file of \
+         the set's data pages in order, as a replay reads the store's copy) takes the floor to {floor_reads:.4} s and the \
          bound to {bound_reads:.4} s, {} local memory; the replay over unix:// + page file is \
          {} that bound.",
         order.len(),
