@@ -305,7 +305,8 @@ fn install_floor_run(
     }
     let in_order = if reads {
         let file = tempfile::tempfile_in(ctx.store.root()).context("creating the set's file")?;
-        file.write_all_at(&data, 0).context("writing the set's file")?;
+        file.write_all_at(&data, 0)
+            .context("writing the set's file")?;
         data = Vec::new();
         Some(file)
     } else {

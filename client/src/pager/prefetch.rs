@@ -29,6 +29,7 @@ use super::error::InstallError;
 use super::faults::Caller;
 use super::link::{INITIAL_BACKOFF, MAX_BACKOFF, STALL_TIMEOUT};
 use super::region::RegionState;
+use super::source::Slotted;
 use super::stats::Source;
 use super::units::Assembler;
 use super::{PrefetchPolicy, Shared};
@@ -331,7 +332,9 @@ async fn working_set(shared: &Arc<Shared>, streams: usize) -> bool {
     let mixed = shared.regions.iter().any(RegionState::is_mixed);
     let parts = match &shared.page_file {
         Some(file) if streams > 1 && !mixed => {
-            split_working_set(file.working_set(), streams, WORKING_SET_CHUNK_PAGES)
+            split_working_set(file.working_set(), streams, WORKING_SET_CHUNK_PAGES, |r| {
+                super::source::nonzero_pages(&shared.manifest, r)
+            })
         }
         _ => Vec::new(),
     };
@@ -366,19 +369,29 @@ async fn working_set(shared: &Arc<Shared>, streams: usize) -> bool {
     retrying(shared, pb::PrefetchOrder::WorkingSetOnly, Vec::new()).await
 }
 
-/// The working set's `runs` (first-touch order) dealt out to `parts`
-/// streams in turns of `chunk` pages (runs longer than that are cut), each
-/// part keeping the recorded order. Fewer parts if the set is short.
-fn split_working_set(runs: &[PageRange], parts: usize, chunk: u64) -> Vec<Vec<PageRange>> {
+/// The working set's `runs` (first-touch order, with their slots) dealt out
+/// to `parts` streams in turns of `chunk` pages (runs longer than that are
+/// cut, the rest's slot moved past the `nonzero` pages cut off), each part
+/// keeping the recorded order. Fewer parts if the set is short.
+fn split_working_set(
+    runs: &[Slotted],
+    parts: usize,
+    chunk: u64,
+    nonzero: impl Fn(PageRange) -> u64,
+) -> Vec<Vec<Slotted>> {
     let parts = parts.max(1);
     let chunk = chunk.max(1);
-    let mut out: Vec<Vec<PageRange>> = vec![Vec::new(); parts];
+    let mut out: Vec<Vec<Slotted>> = vec![Vec::new(); parts];
     let (mut turn, mut filled) = (0, 0);
-    for run in runs {
+    for &(run, mut slot) in runs {
         let mut start = run.start().0;
         while start < run.end() {
             let take = (chunk - filled).min(run.end() - start);
-            out[turn].push(PageRange::new(PageIndex(start), take).expect("non-empty"));
+            let piece = PageRange::new(PageIndex(start), take).expect("non-empty");
+            out[turn].push((piece, slot));
+            if let Some(s) = slot.as_mut() {
+                *s += nonzero(piece);
+            }
             start += take;
             filled += take;
             if filled == chunk {
@@ -511,27 +524,42 @@ mod tests {
     #[test]
     fn working_set_is_dealt_out_in_chunks() {
         let r = |s, n| PageRange::new(PageIndex(s), n).unwrap();
-        // Runs in first-touch order: 3 pages, 1, 6 (cut at the chunk's end), 1.
-        let runs = [r(10, 3), r(2, 1), r(40, 6), r(7, 1)];
-        let parts = split_working_set(&runs, 2, 4);
+        // Runs in first-touch order: 3 pages, 1, 6 (cut at the chunk's end), 1;
+        // as if page 41 were zero (the slots count the others).
+        let runs = [
+            (r(10, 3), Some(0)),
+            (r(2, 1), Some(3)),
+            (r(40, 6), Some(4)),
+            (r(7, 1), Some(9)),
+        ];
+        let nonzero = |p: PageRange| p.iter().filter(|p| p.0 != 41).count() as u64;
+        let parts = split_working_set(&runs, 2, 4, nonzero);
         assert_eq!(
             parts,
-            vec![vec![r(10, 3), r(2, 1), r(44, 2), r(7, 1)], vec![r(40, 4)]]
+            vec![
+                vec![
+                    (r(10, 3), Some(0)),
+                    (r(2, 1), Some(3)),
+                    (r(44, 2), Some(7)),
+                    (r(7, 1), Some(9))
+                ],
+                vec![(r(40, 4), Some(4))]
+            ]
         );
         let mut pages: Vec<u64> = parts
             .iter()
             .flatten()
-            .flat_map(|r| r.iter())
+            .flat_map(|(r, _)| r.iter())
             .map(|p| p.0)
             .collect();
         pages.sort_unstable();
         assert_eq!(pages, [2, 7, 10, 11, 12, 40, 41, 42, 43, 44, 45]);
         assert_eq!(
-            split_working_set(&runs[..1], 4, 4).len(),
+            split_working_set(&runs[..1], 4, 4, nonzero).len(),
             1,
             "one chunk, one part"
         );
-        assert!(split_working_set(&[], 2, 4).is_empty());
+        assert!(split_working_set(&[], 2, 4, nonzero).is_empty());
     }
 
     /// The bulk is split into contiguous parts covering every page once.

@@ -55,63 +55,51 @@ pub(crate) struct PageFile {
     file: File,
     page_bytes: usize,
     /// The recorded working set asked for, as runs in first-touch order
-    /// (empty if the snapshot has none of that name).
-    working_set: Vec<PageRange>,
-    /// The working set's own page file, if the server has one.
-    ws_pages: Option<WorkingSetPages>,
+    /// (empty if the snapshot has none of that name), each with its slot in
+    /// `ws_file`: where its first non-zero page is there, in pages.
+    working_set: Vec<Slotted>,
+    /// The working set's non-zero pages one after another in its order (the
+    /// server's `wspages-` file), if it has one: a replay reads it front to
+    /// back, where the image would be read scattered (the reason, measured:
+    /// the server's `store::ws_pages`).
+    ws_file: Option<File>,
 }
 
-/// A working set's non-zero pages one after another in its order (the
-/// server's `wspages-` file): a replay reads it front to back, where the
-/// image would be read scattered (the reason, measured: the server's
-/// `store::ws_pages`).
-#[derive(Debug)]
-struct WorkingSetPages {
-    file: File,
-    /// The set's runs sorted by first page, each with the position (in
-    /// pages) of its first non-zero page in `file`.
-    runs: Vec<(PageRange, u64)>,
-}
+/// A range of pages and, if it is read from the working set's page file,
+/// the slot of its first non-zero page there (carried with the range, as
+/// it is dealt out to streams and cut into batches, rather than looked up).
+pub(crate) type Slotted = (PageRange, Option<u64>);
 
-impl WorkingSetPages {
-    /// Indexes the file of the set whose runs are `working_set`; `None` if
-    /// the file is too short for them.
-    fn new(file: File, working_set: &[PageRange], manifest: &Manifest) -> Option<Self> {
-        let mut runs = Vec::with_capacity(working_set.len());
-        let mut pos = 0;
-        for r in working_set {
-            runs.push((*r, pos));
-            pos += r.count() - manifest.zero_map.count_ones_in(r.start().0, r.end());
-        }
-        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-        if len < pos * manifest.page_size.bytes() {
+/// The working set's `runs` with their slots in `file`, which holds their
+/// non-zero pages in order; `None` slots if the file is absent or too short
+/// for them.
+fn slotted(runs: Vec<PageRange>, file: Option<&File>, manifest: &Manifest) -> Vec<Slotted> {
+    let mut out = Vec::with_capacity(runs.len());
+    let mut slot = 0;
+    for r in runs {
+        out.push((r, Some(slot)));
+        slot += nonzero_pages(manifest, r);
+    }
+    let len = file.and_then(|f| f.metadata().ok()).map_or(0, |m| m.len());
+    if len < slot * manifest.page_size.bytes() {
+        if file.is_some() {
             tracing::warn!(
-                "the working set's page file of {} is too short ({len} bytes for {pos} pages); \
+                "the working set's page file of {} is too short ({len} bytes for {slot} pages); \
                  reading the set from the image",
                 manifest.id
             );
-            return None;
         }
-        runs.sort_unstable_by_key(|(r, _)| r.start());
-        Some(Self { file, runs })
+        out.iter_mut().for_each(|(_, s)| *s = None);
     }
+    out
+}
 
-    /// Where the first non-zero page of `range` is in the file, in pages;
-    /// `None` unless `range` lies within one of the set's runs.
-    fn position(&self, range: PageRange, manifest: &Manifest) -> Option<u64> {
-        let i = self
-            .runs
-            .partition_point(|(r, _)| r.start() <= range.start())
-            .checked_sub(1)?;
-        let (run, pos) = self.runs[i];
-        (range.end() <= run.end()).then(|| {
-            let before = range.start().0 - run.start().0;
-            pos + before
-                - manifest
-                    .zero_map
-                    .count_ones_in(run.start().0, range.start().0)
-        })
-    }
+/// The non-zero pages of `range`.
+pub(crate) fn nonzero_pages(manifest: &Manifest, range: PageRange) -> u64 {
+    range.count()
+        - manifest
+            .zero_map
+            .count_ones_in(range.start().0, range.end())
 }
 
 /// Asks the server at `url` for the page file of the snapshot whose
@@ -144,12 +132,16 @@ pub(crate) fn open(config: &PagerConfig, manifest: &Manifest, url: &str) -> Opti
                 );
                 return None;
             }
-            let working_set = read_working_set(&answer, manifest);
-            let ws_pages = ws_file.and_then(|f| WorkingSetPages::new(f, &working_set, manifest));
+            let working_set = slotted(
+                read_working_set(&answer, manifest),
+                ws_file.as_ref(),
+                manifest,
+            );
+            let ws_file = ws_file.filter(|_| working_set.first().is_some_and(|w| w.1.is_some()));
             tracing::info!(
                 "{url}: reading pages of {} from the server's page file{}",
                 manifest.id,
-                if ws_pages.is_some() {
+                if ws_file.is_some() {
                     " (the working set from its own, in order)"
                 } else {
                     ""
@@ -159,7 +151,7 @@ pub(crate) fn open(config: &PagerConfig, manifest: &Manifest, url: &str) -> Opti
                 file,
                 page_bytes: manifest.page_size.bytes_usize(),
                 working_set,
-                ws_pages,
+                ws_file,
             })
         }
         Ok((answer, _)) if answer.code == tonic::Code::Unimplemented as i32 => {
@@ -267,8 +259,8 @@ fn read_byte(stream: &mut UnixStream) -> io::Result<u8> {
 }
 
 impl PageFile {
-    /// The working set's runs, in first-touch order.
-    pub(crate) fn working_set(&self) -> &[PageRange] {
+    /// The working set's runs, in first-touch order, with their slots.
+    pub(crate) fn working_set(&self) -> &[Slotted] {
         &self.working_set
     }
 
@@ -289,9 +281,9 @@ impl PageFile {
         self.read_from(manifest, range, keep, nowait, None)
     }
 
-    /// [`Self::read`], from the working set's page file at page `ws` (where
-    /// `range`'s first non-zero page is there: [`Self::ws_position`]) if
-    /// given, else from the image.
+    /// [`Self::read`], from the working set's page file at slot `ws` (where
+    /// `range`'s first non-zero page is there) if given, else from the
+    /// image.
     fn read_from(
         &self,
         manifest: &Manifest,
@@ -319,11 +311,11 @@ impl PageFile {
             if zero {
                 batch.zero.push(run);
             } else {
-                let (file, at) = match (&self.ws_pages, ws.as_mut()) {
-                    (Some(pages), Some(pos)) => {
-                        let at = *pos;
-                        *pos += run.count();
-                        (&pages.file, at)
+                let (file, at) = match (&self.ws_file, ws.as_mut()) {
+                    (Some(ws_file), Some(slot)) => {
+                        let at = *slot;
+                        *slot += run.count();
+                        (ws_file, at)
                     }
                     _ => (&self.file, run.start().0),
                 };
@@ -337,13 +329,6 @@ impl PageFile {
             p = end;
         }
         Ok(Some(batch))
-    }
-
-    /// Where the first non-zero page of `range` is in the working set's page
-    /// file; `None` if there is no such file or `range` is not within one
-    /// of the set's runs.
-    fn ws_position(&self, range: PageRange, manifest: &Manifest) -> Option<u64> {
-        self.ws_pages.as_ref()?.position(range, manifest)
     }
 
     /// The bytes of `count` pages of `file` from page `at`; `None` if
@@ -433,8 +418,8 @@ fn read_uninit(
 /// What a `Prefetch` of `req` would stream, as ranges in its order: the
 /// working set (runs in first-touch order), then (`WorkingSetThenRest`) the
 /// whole snapshot; or the ranges named.
-fn plan(file: &PageFile, manifest: &Manifest, req: &pb::PrefetchRequest) -> Vec<PageRange> {
-    let all = PageRange::new(PageIndex(0), manifest.page_count);
+fn plan(file: &PageFile, manifest: &Manifest, req: &pb::PrefetchRequest) -> Vec<Slotted> {
+    let all = PageRange::new(PageIndex(0), manifest.page_count).map(|r| (r, None));
     match pb::PrefetchOrder::try_from(req.order).unwrap_or(pb::PrefetchOrder::WorkingSetThenRest) {
         pb::PrefetchOrder::WorkingSetOnly => file.working_set().to_vec(),
         pb::PrefetchOrder::Ranges => req
@@ -442,6 +427,7 @@ fn plan(file: &PageFile, manifest: &Manifest, req: &pb::PrefetchRequest) -> Vec<
             .iter()
             .filter_map(|r| PageRange::try_from(*r).ok())
             .filter(|r| r.end() <= manifest.page_count)
+            .map(|r| (r, None))
             .collect(),
         _ => file.working_set().iter().copied().chain(all).collect(),
     }
@@ -468,14 +454,15 @@ pub(crate) async fn prefetch(
 }
 
 /// Reads `ranges` from the page file in their order, in batches of the
-/// configured size: each page still missing read, verified and installed
-/// as a streamed one would be (the install units of mixed regions assembled
-/// in `units`, as the stream's are), zero pages mapped. An error reading the
-/// file is returned (the caller falls back to the stream).
+/// configured size (those with a slot from the working set's own file): each
+/// page still missing read, verified and installed as a streamed one would
+/// be (the install units of mixed regions assembled in `units`, as the
+/// stream's are), zero pages mapped. An error reading the file is returned
+/// (the caller falls back to the stream).
 pub(crate) async fn prefetch_ranges(
     shared: &Shared,
     file: &PageFile,
-    ranges: Vec<PageRange>,
+    ranges: Vec<Slotted>,
     source: Source,
     units: &mut Assembler,
 ) -> Result<(), PrefetchError> {
@@ -489,9 +476,7 @@ pub(crate) async fn prefetch_ranges(
     // Pages since the last wake-up of waiters and yield: a working set is
     // mostly one-page runs, and doing both per run cost more than the reads.
     let mut since = 0;
-    for range in ranges {
-        // Within the working set's runs, its own file is read in order.
-        let mut ws = file.ws_position(range, manifest);
+    for (range, mut ws) in ranges {
         let mut start = range.start().0;
         while start < range.end() {
             let count = batch_pages.min(range.end() - start);
@@ -502,11 +487,8 @@ pub(crate) async fn prefetch_ranges(
                 .read_from(manifest, chunk, missing, false, ws)
                 .map_err(PrefetchError::PageFile)?
                 .expect("a blocking read always reads");
-            if let Some(pos) = ws.as_mut() {
-                *pos += count
-                    - manifest
-                        .zero_map
-                        .count_ones_in(chunk.start().0, chunk.end());
+            if let Some(slot) = ws.as_mut() {
+                *slot += nonzero_pages(manifest, chunk);
             }
             for run in &batch.runs {
                 install_unclaimed(shared, run, source, units)?;
