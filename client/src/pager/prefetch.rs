@@ -10,12 +10,13 @@
 //! reads and sends on as many threads. The working set goes first, in its
 //! recorded order: a replay needs its order more than its speed. Over a
 //! socket it goes on one stream; from the server's page file the streams
-//! take turns by chunks of it (`split_working_set`), which keeps the order
-//! within a chunk per stream. On shmem, bulk runs are installed by `UFFDIO_COPY`
+//! take its groups of pages in turn from a queue they share
+//! (`WorkingSetQueue`), so that all of them work just ahead of the guest. On shmem, bulk runs are installed by `UFFDIO_COPY`
 //! ([`super::Bulk::shmem_copy`]). docs/BENCHMARKS.md has the measurements
 //! behind each choice.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::task::JoinSet;
@@ -248,14 +249,17 @@ pub(super) fn install_unclaimed(
     flush(&mut pending, run.range.end())
 }
 
-/// Pages of the recorded working set given to one stream at a time when it
-/// is read from the server's page file on several streams
-/// ([`split_working_set`]): the streams take turns by chunks of this many
-/// pages, so that together they still follow the recorded order closely
-/// (a guest replaying it is never more than a chunk per stream ahead of
-/// where both are), while each chunk is long enough that a stream's
-/// batches stay full.
-const WORKING_SET_CHUNK_PAGES: u64 = 256;
+/// Pages of the recorded working set a stream takes at a time when it is
+/// read from the server's page file on several streams
+/// ([`WorkingSetQueue`]): each stream takes the next group of this many
+/// pages in the recorded order from a queue they share, so that together
+/// they work on the next few groups at once and a guest replaying the set
+/// finds its pages installed at their combined speed. Dealt out by turns in
+/// chunks of 256 pages instead, each chunk went at one stream's speed, and
+/// the guest overtook the stream in it and faulted on the rest of the chunk:
+/// up to 9,000 faults in a replay, against about 150 (docs/BENCHMARKS.md,
+/// "Session 9"). A group is read from the set's page file in one `pread`.
+const WORKING_SET_GROUP_PAGES: u64 = 64;
 
 /// Times a stream is followed by one over the install units it left
 /// half-assembled (units.rs): the follow-up streams whole units in snapshot
@@ -330,27 +334,43 @@ async fn working_set(shared: &Arc<Shared>, streams: usize) -> bool {
     // Mixed regions assemble whole huge pages, whose pages the parts would
     // deal out to different streams: one stream there.
     let mixed = shared.regions.iter().any(RegionState::is_mixed);
-    let parts = match &shared.page_file {
-        Some(file) if streams > 1 && !mixed => {
-            split_working_set(file.working_set(), streams, WORKING_SET_CHUNK_PAGES, |r| {
-                super::source::nonzero_pages(&shared.manifest, r)
-            })
-        }
-        _ => Vec::new(),
-    };
-    if parts.len() > 1 {
+    if let Some(file) = &shared.page_file
+        && streams > 1
+        && !mixed
+        && !file.working_set().is_empty()
+    {
+        let queue = Arc::new(WorkingSetQueue::new(
+            file.working_set(),
+            WORKING_SET_GROUP_PAGES,
+            |r| super::source::nonzero_pages(&shared.manifest, r),
+        ));
         let mut tasks = JoinSet::new();
-        for part in parts {
-            let shared = shared.clone();
+        for _ in 0..streams {
+            let (shared, queue) = (shared.clone(), queue.clone());
             tasks.spawn(async move {
                 let file = shared
                     .page_file
                     .as_ref()
-                    .expect("parts come from the page file");
+                    .expect("the queue comes from the page file");
                 // No region is mixed here, so nothing is assembled.
                 let mut units = Assembler::default();
-                super::source::prefetch_ranges(&shared, file, part, Source::Prefetch, &mut units)
-                    .await
+                while let Some(group) = queue.next_group() {
+                    super::source::prefetch_ranges(
+                        &shared,
+                        file,
+                        group.to_vec(),
+                        Source::Prefetch,
+                        &mut units,
+                    )
+                    .await?;
+                    if shared.is_stopping() {
+                        break;
+                    }
+                    // Between groups, the runtime's other tasks (the other
+                    // streams, the watcher) get their turn.
+                    tokio::task::yield_now().await;
+                }
+                Ok::<(), PrefetchError>(())
             });
         }
         while let Some(done) = tasks.join_next().await {
@@ -360,7 +380,7 @@ async fn working_set(shared: &Arc<Shared>, streams: usize) -> bool {
                     shared.on_install_error(&e);
                     return false;
                 }
-                Ok(Err(e)) => tracing::warn!("prefetch: the working set's page-file part: {e}"),
+                Ok(Err(e)) => tracing::warn!("prefetch: the working set's page-file stream: {e}"),
                 Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
                 Err(_) => {}
             }
@@ -369,39 +389,60 @@ async fn working_set(shared: &Arc<Shared>, streams: usize) -> bool {
     retrying(shared, pb::PrefetchOrder::WorkingSetOnly, Vec::new()).await
 }
 
-/// The working set's `runs` (first-touch order, with their slots) dealt out
-/// to `parts` streams in turns of `chunk` pages (runs longer than that are
-/// cut, the rest's slot moved past the `nonzero` pages cut off), each part
-/// keeping the recorded order. Fewer parts if the set is short.
-fn split_working_set(
-    runs: &[Slotted],
-    parts: usize,
-    chunk: u64,
-    nonzero: impl Fn(PageRange) -> u64,
-) -> Vec<Vec<Slotted>> {
-    let parts = parts.max(1);
-    let chunk = chunk.max(1);
-    let mut out: Vec<Vec<Slotted>> = vec![Vec::new(); parts];
-    let (mut turn, mut filled) = (0, 0);
-    for &(run, mut slot) in runs {
-        let mut start = run.start().0;
-        while start < run.end() {
-            let take = (chunk - filled).min(run.end() - start);
-            let piece = PageRange::new(PageIndex(start), take).expect("non-empty");
-            out[turn].push((piece, slot));
-            if let Some(s) = slot.as_mut() {
-                *s += nonzero(piece);
-            }
-            start += take;
-            filled += take;
-            if filled == chunk {
-                turn = (turn + 1) % parts;
-                filled = 0;
+/// The recorded working set cut into groups of pages, in its order, for
+/// the streams that read it from the page file to take one at a time
+/// ([`WORKING_SET_GROUP_PAGES`]).
+struct WorkingSetQueue {
+    /// The set's runs, with their slots, cut where a group ends.
+    pieces: Vec<Slotted>,
+    /// Where each group starts in `pieces`, and then `pieces.len()`.
+    bounds: Vec<usize>,
+    /// The next group to take.
+    next: AtomicUsize,
+}
+
+impl WorkingSetQueue {
+    /// `runs` (first-touch order, with their slots) in groups of `group`
+    /// pages (the last one shorter; a run crossing a group's end is cut
+    /// there, the rest's slot moved past the `nonzero` pages cut off).
+    fn new(runs: &[Slotted], group: u64, nonzero: impl Fn(PageRange) -> u64) -> Self {
+        let group = group.max(1);
+        let mut pieces = Vec::with_capacity(runs.len());
+        let mut bounds = vec![0];
+        let mut filled = 0;
+        for &(run, mut slot) in runs {
+            let mut start = run.start().0;
+            while start < run.end() {
+                let take = (group - filled).min(run.end() - start);
+                let piece = PageRange::new(PageIndex(start), take).expect("non-empty");
+                pieces.push((piece, slot));
+                if let Some(s) = slot.as_mut() {
+                    *s += nonzero(piece);
+                }
+                start += take;
+                filled += take;
+                if filled == group {
+                    bounds.push(pieces.len());
+                    filled = 0;
+                }
             }
         }
+        if filled > 0 {
+            bounds.push(pieces.len());
+        }
+        Self {
+            pieces,
+            bounds,
+            next: AtomicUsize::new(0),
+        }
     }
-    out.retain(|p| !p.is_empty());
-    out
+
+    /// The next group no stream has taken yet, in the recorded order.
+    fn next_group(&self) -> Option<&[Slotted]> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        let (&start, &end) = (self.bounds.get(i)?, self.bounds.get(i + 1)?);
+        Some(&self.pieces[start..end])
+    }
 }
 
 /// `count` pages split into at most `parts` contiguous ranges of nearly
@@ -519,12 +560,12 @@ pub(crate) async fn fill_eager(
 mod tests {
     use super::*;
 
-    /// The working set is dealt out in turns of whole chunks, each part in
-    /// the recorded order, every page once.
+    /// The working set is queued in groups of whole pages, in the recorded
+    /// order, every page once, each taken by one stream.
     #[test]
-    fn working_set_is_dealt_out_in_chunks() {
+    fn working_set_is_queued_in_groups() {
         let r = |s, n| PageRange::new(PageIndex(s), n).unwrap();
-        // Runs in first-touch order: 3 pages, 1, 6 (cut at the chunk's end), 1;
+        // Runs in first-touch order: 3 pages, 1, 6 (cut at the group's end), 1;
         // as if page 41 were zero (the slots count the others).
         let runs = [
             (r(10, 3), Some(0)),
@@ -533,33 +574,22 @@ mod tests {
             (r(7, 1), Some(9)),
         ];
         let nonzero = |p: PageRange| p.iter().filter(|p| p.0 != 41).count() as u64;
-        let parts = split_working_set(&runs, 2, 4, nonzero);
+        let queue = WorkingSetQueue::new(&runs, 4, nonzero);
+        let groups: Vec<Vec<Slotted>> =
+            std::iter::from_fn(|| queue.next_group().map(<[_]>::to_vec)).collect();
         assert_eq!(
-            parts,
+            groups,
             vec![
-                vec![
-                    (r(10, 3), Some(0)),
-                    (r(2, 1), Some(3)),
-                    (r(44, 2), Some(7)),
-                    (r(7, 1), Some(9))
-                ],
-                vec![(r(40, 4), Some(4))]
+                vec![(r(10, 3), Some(0)), (r(2, 1), Some(3))],
+                vec![(r(40, 4), Some(4))],
+                vec![(r(44, 2), Some(7)), (r(7, 1), Some(9))],
             ]
         );
-        let mut pages: Vec<u64> = parts
-            .iter()
-            .flatten()
-            .flat_map(|(r, _)| r.iter())
-            .map(|p| p.0)
-            .collect();
-        pages.sort_unstable();
-        assert_eq!(pages, [2, 7, 10, 11, 12, 40, 41, 42, 43, 44, 45]);
-        assert_eq!(
-            split_working_set(&runs[..1], 4, 4, nonzero).len(),
-            1,
-            "one chunk, one part"
-        );
-        assert!(split_working_set(&[], 2, 4, nonzero).is_empty());
+        assert!(queue.next_group().is_none(), "every group taken once");
+        let one = WorkingSetQueue::new(&runs[..1], 4, nonzero);
+        assert_eq!(one.next_group().map(<[_]>::len), Some(1));
+        assert!(one.next_group().is_none());
+        assert!(WorkingSetQueue::new(&[], 4, nonzero).next_group().is_none());
     }
 
     /// The bulk is split into contiguous parts covering every page once.

@@ -70,6 +70,17 @@ pub(crate) struct PageFile {
 /// it is dealt out to streams and cut into batches, rather than looked up).
 pub(crate) type Slotted = (PageRange, Option<u64>);
 
+/// A run of a group read from the working set's page file
+/// ([`PageFile::read_group`]), installed in the set's order: a guest
+/// replaying the set right behind the prefetcher would otherwise fault on
+/// the group's zero pages while its data pages went in first.
+enum Piece {
+    /// Non-zero pages with their bytes.
+    Data(PageRun),
+    /// Zero pages.
+    Zero(PageRange),
+}
+
 /// The working set's `runs` with their slots in `file`, which holds their
 /// non-zero pages in order; `None` slots if the file is absent or too short
 /// for them.
@@ -331,6 +342,57 @@ impl PageFile {
         Ok(Some(batch))
     }
 
+    /// The pages of `group`, consecutive runs of the working set whose
+    /// non-zero pages are `nonzero` pages from `slot` in its page file, in
+    /// the group's order: runs of non-zero pages with their bytes, zero
+    /// pages as ranges. The file is read once for all of them (a set is
+    /// mostly one-page runs, and a read per run cost a system call and a
+    /// buffer each); pages already installed are read too, and the install
+    /// skips them.
+    fn read_group(
+        &self,
+        manifest: &Manifest,
+        group: &[PageRange],
+        slot: u64,
+        nonzero: u64,
+    ) -> io::Result<Vec<Piece>> {
+        let ws_file = self
+            .ws_file
+            .as_ref()
+            .expect("runs have slots only where the set has a page file");
+        let data = match nonzero {
+            0 => Bytes::new(),
+            n => self
+                .read_run(ws_file, slot, n, false)?
+                .expect("a blocking read always reads"),
+        };
+        let mut pieces = Vec::with_capacity(group.len());
+        let mut at = 0;
+        for range in group {
+            let mut p = range.start().0;
+            while p < range.end() {
+                let zero = manifest.zero_map.get(p);
+                let mut end = p + 1;
+                while end < range.end() && manifest.zero_map.get(end) == zero {
+                    end += 1;
+                }
+                let run = PageRange::new(PageIndex(p), end - p).expect("non-empty");
+                if zero {
+                    pieces.push(Piece::Zero(run));
+                } else {
+                    let len = run.count() as usize * self.page_bytes;
+                    pieces.push(Piece::Data(PageRun {
+                        range: run,
+                        data: data.slice(at..at + len),
+                    }));
+                    at += len;
+                }
+                p = end;
+            }
+        }
+        Ok(pieces)
+    }
+
     /// The bytes of `count` pages of `file` from page `at`; `None` if
     /// `nowait` and the page cache does not hold them.
     fn read_run(
@@ -476,7 +538,43 @@ pub(crate) async fn prefetch_ranges(
     // Pages since the last wake-up of waiters and yield: a working set is
     // mostly one-page runs, and doing both per run cost more than the reads.
     let mut since = 0;
-    for (range, mut ws) in ranges {
+    let mut group = Vec::new();
+    let mut ranges = ranges.into_iter().peekable();
+    while let Some((range, mut ws)) = ranges.next() {
+        if let Some(slot) = ws.filter(|_| range.count() <= batch_pages && file.ws_file.is_some()) {
+            // Runs of the set's page file whose slots follow on from this
+            // one's, up to a batch of pages in all: read as one.
+            group.clear();
+            group.push(range);
+            let mut pages = range.count();
+            let mut next = slot + nonzero_pages(manifest, range);
+            while let Some(&(r, Some(s))) = ranges.peek() {
+                if s != next || pages + r.count() > batch_pages {
+                    break;
+                }
+                ranges.next();
+                group.push(r);
+                pages += r.count();
+                next += nonzero_pages(manifest, r);
+            }
+            let pieces = file
+                .read_group(manifest, &group, slot, next - slot)
+                .map_err(PrefetchError::PageFile)?;
+            for piece in &pieces {
+                match piece {
+                    Piece::Data(run) => install_unclaimed(shared, run, source, units)?,
+                    Piece::Zero(zero) => {
+                        for region in shared.regions.iter() {
+                            shared.install_zero_pages(region, *zero, Caller::Other);
+                        }
+                    }
+                }
+            }
+            if !settle_batch(shared, pages, &mut since, batch_pages).await {
+                return Ok(());
+            }
+            continue;
+        }
         let mut start = range.start().0;
         while start < range.end() {
             let count = batch_pages.min(range.end() - start);
@@ -490,27 +588,62 @@ pub(crate) async fn prefetch_ranges(
             if let Some(slot) = ws.as_mut() {
                 *slot += nonzero_pages(manifest, chunk);
             }
-            for run in &batch.runs {
-                install_unclaimed(shared, run, source, units)?;
-            }
-            for zero in &batch.zero {
-                for region in shared.regions.iter() {
-                    shared.install_zero_pages(region, *zero, Caller::Other);
-                }
-            }
-            since += count;
-            if since >= batch_pages {
-                since = 0;
-                shared.progress.notify_waiters();
-                if shared.is_stopping() {
-                    return Ok(());
-                }
-                // The reads are blocking: let the runtime's other tasks (the
-                // watcher) run between batches.
-                tokio::task::yield_now().await;
+            if !install_batch(
+                shared,
+                &batch,
+                count,
+                &mut since,
+                batch_pages,
+                source,
+                units,
+            )
+            .await?
+            {
+                return Ok(());
             }
         }
     }
     shared.progress.notify_waiters();
     Ok(())
+}
+
+/// Installs `batch` (`count` pages read from the page file) as
+/// [`prefetch_ranges`] does, then [`settle_batch`]. False once the pager is
+/// stopping.
+async fn install_batch(
+    shared: &Shared,
+    batch: &PageBatch,
+    count: u64,
+    since: &mut u64,
+    batch_pages: u64,
+    source: Source,
+    units: &mut Assembler,
+) -> Result<bool, PrefetchError> {
+    for run in &batch.runs {
+        install_unclaimed(shared, run, source, units)?;
+    }
+    for zero in &batch.zero {
+        for region in shared.regions.iter() {
+            shared.install_zero_pages(region, *zero, Caller::Other);
+        }
+    }
+    Ok(settle_batch(shared, count, since, batch_pages).await)
+}
+
+/// Counts `count` more pages installed in `since`; every `batch_pages`
+/// pages wakes the pager's waiters and yields to the runtime. False once
+/// the pager is stopping.
+async fn settle_batch(shared: &Shared, count: u64, since: &mut u64, batch_pages: u64) -> bool {
+    *since += count;
+    if *since >= batch_pages {
+        *since = 0;
+        shared.progress.notify_waiters();
+        if shared.is_stopping() {
+            return false;
+        }
+        // The reads are blocking: let the runtime's other tasks (the
+        // watcher) run between batches.
+        tokio::task::yield_now().await;
+    }
+    true
 }
