@@ -161,21 +161,26 @@ async fn stream_units_into(
     received
 }
 
-/// Installs what one batch brought: its runs (pages nobody has claimed) and
-/// its zero ranges; then tells waiters.
+/// Installs what one batch brought: its zero ranges first, then its runs
+/// (pages nobody has claimed); then tells waiters. Zero pages first because
+/// a batch does not keep the recorded order between its two lists, and a
+/// guest replaying a working set right behind the stream faulted on the
+/// batch's zero pages while its data went in: mapped first, they cost a
+/// `UFFDIO_ZEROPAGE` each and no fault (TCP replay: 328-2,447 faults
+/// against 990-8,922, docs/BENCHMARKS.md "Session 9").
 fn install_batch(
     shared: &Shared,
     batch: &PageBatch,
     source: Source,
     units: &mut Assembler,
 ) -> Result<(), InstallError> {
-    for run in &batch.runs {
-        install_unclaimed(shared, run, source, units)?;
-    }
     for zero in &batch.zero {
         for region in shared.regions.iter() {
             shared.install_zero_pages(region, *zero, Caller::Other);
         }
+    }
+    for run in &batch.runs {
+        install_unclaimed(shared, run, source, units)?;
     }
     shared.progress.notify_waiters();
     Ok(())
@@ -323,12 +328,13 @@ pub(crate) async fn run(shared: Arc<Shared>) {
 }
 
 /// Prefetches the recorded working set, in its order. From the server's
-/// page file it is read on `streams` tasks at once ([`split_working_set`]):
+/// page file it is read on `streams` tasks at once, each taking the next
+/// group of its pages from a queue they share ([`WorkingSetQueue`]):
 /// there every page costs the client a read, a check and an install, and
 /// one stream kept one core busy while the other mostly waited for the
 /// guest's faults. Then (and over a socket or into a mixed region, only)
-/// one stream of the whole set, which settles what the parts left (the
-/// pages of a part that failed). False if the pager should stop
+/// one stream of the whole set, which settles what the streams left (the
+/// pages of a group that failed). False if the pager should stop
 /// prefetching.
 async fn working_set(shared: &Arc<Shared>, streams: usize) -> bool {
     // Mixed regions assemble whole huge pages, whose pages the parts would
