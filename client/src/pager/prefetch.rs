@@ -11,7 +11,8 @@
 //! recorded order: a replay needs its order more than its speed. Over a
 //! socket it goes on one stream; from the server's page file the streams
 //! take its groups of pages in turn from a queue they share
-//! (`WorkingSetQueue`), so that all of them work just ahead of the guest. On shmem, bulk runs are installed by `UFFDIO_COPY`
+//! (`WorkingSetQueue`), so that all of them work just ahead of the guest.
+//! On shmem, bulk runs are installed by `UFFDIO_COPY`
 //! ([`super::Bulk::shmem_copy`]). docs/BENCHMARKS.md has the measurements
 //! behind each choice.
 
