@@ -162,14 +162,27 @@ async fn stream_units_into(
     received
 }
 
-/// Installs what one batch brought: its zero ranges first, then its runs
-/// (pages nobody has claimed); then tells waiters. Zero pages first because
-/// a batch does not keep the recorded order between its two lists, and a
-/// guest replaying a working set right behind the stream faulted on the
-/// batch's zero pages while its data went in: mapped first, they cost a
-/// `UFFDIO_ZEROPAGE` each and no fault (TCP replay: 328-2,447 faults
-/// against 990-8,922, docs/BENCHMARKS.md "Session 9").
+/// Installs what one batch brought ([`install_pages`]), then tells
+/// waiters.
 fn install_batch(
+    shared: &Shared,
+    batch: &PageBatch,
+    source: Source,
+    units: &mut Assembler,
+) -> Result<(), InstallError> {
+    install_pages(shared, batch, source, units)?;
+    shared.progress.notify_waiters();
+    Ok(())
+}
+
+/// Installs a batch's pages, from a stream or the page file: its zero
+/// ranges first, then its runs (pages nobody has claimed). Zero pages first
+/// because a batch does not keep the recorded order between its two lists,
+/// and a guest replaying a working set right behind the prefetcher faulted
+/// on the batch's zero pages while its data went in: mapped first, they
+/// cost a `UFFDIO_ZEROPAGE` each and no fault (TCP replay: 328-2,447 faults
+/// against 990-8,922, docs/BENCHMARKS.md "Session 9").
+pub(super) fn install_pages(
     shared: &Shared,
     batch: &PageBatch,
     source: Source,
@@ -183,7 +196,6 @@ fn install_batch(
     for run in &batch.runs {
         install_unclaimed(shared, run, source, units)?;
     }
-    shared.progress.notify_waiters();
     Ok(())
 }
 
@@ -365,7 +377,7 @@ async fn working_set(shared: &Arc<Shared>, streams: usize) -> bool {
                     super::source::prefetch_ranges(
                         &shared,
                         file,
-                        group.to_vec(),
+                        group,
                         Source::Prefetch,
                         &mut units,
                     )

@@ -36,9 +36,8 @@ use faultline_proto::unix::{
 use faultline_proto::{Manifest, PageIndex, PageRange, pb};
 use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
 
-use super::faults::Caller;
 use super::pages::PageState;
-use super::prefetch::{PrefetchError, install_unclaimed};
+use super::prefetch::{PrefetchError, install_pages};
 use super::stats::Source;
 use super::units::Assembler;
 use super::{PagerConfig, Shared};
@@ -69,17 +68,6 @@ pub(crate) struct PageFile {
 /// the slot of its first non-zero page there (carried with the range, as
 /// it is dealt out to streams and cut into batches, rather than looked up).
 pub(crate) type Slotted = (PageRange, Option<u64>);
-
-/// A run of a group read from the working set's page file
-/// ([`PageFile::read_group`]), installed in the set's order: a guest
-/// replaying the set right behind the prefetcher would otherwise fault on
-/// the group's zero pages while its data pages went in first.
-enum Piece {
-    /// Non-zero pages with their bytes.
-    Data(PageRun),
-    /// Zero pages.
-    Zero(PageRange),
-}
 
 /// The working set's `runs` with their slots in `file`, which holds their
 /// non-zero pages in order; `None` slots if the file is absent or too short
@@ -343,19 +331,18 @@ impl PageFile {
     }
 
     /// The pages of `group`, consecutive runs of the working set whose
-    /// non-zero pages are `nonzero` pages from `slot` in its page file, in
-    /// the group's order: runs of non-zero pages with their bytes, zero
-    /// pages as ranges. The file is read once for all of them (a set is
-    /// mostly one-page runs, and a read per run cost a system call and a
-    /// buffer each); pages already installed are read too, and the install
-    /// skips them.
+    /// non-zero pages are `nonzero` pages from `slot` in its page file, as a
+    /// batch. The file is read once for all of them (a set is mostly
+    /// one-page runs, and a read per run cost a system call and a buffer
+    /// each); pages already installed are read too, and the install skips
+    /// them.
     fn read_group(
         &self,
         manifest: &Manifest,
-        group: &[PageRange],
+        group: &[Slotted],
         slot: u64,
         nonzero: u64,
-    ) -> io::Result<Vec<Piece>> {
+    ) -> io::Result<PageBatch> {
         let ws_file = self
             .ws_file
             .as_ref()
@@ -366,31 +353,35 @@ impl PageFile {
                 .read_run(ws_file, slot, n, false)?
                 .expect("a blocking read always reads"),
         };
-        let mut pieces = Vec::with_capacity(group.len());
+        let mut batch = PageBatch {
+            runs: Vec::with_capacity(group.len()),
+            zero: Vec::new(),
+        };
         let mut at = 0;
-        for range in group {
+        for (range, _) in group {
             let mut p = range.start().0;
             while p < range.end() {
                 let zero = manifest.zero_map.get(p);
-                let mut end = p + 1;
-                while end < range.end() && manifest.zero_map.get(end) == zero {
-                    end += 1;
-                }
+                let end = if zero {
+                    manifest.zero_map.next_clear(p, range.end())
+                } else {
+                    manifest.zero_map.next_set(p, range.end())
+                };
                 let run = PageRange::new(PageIndex(p), end - p).expect("non-empty");
                 if zero {
-                    pieces.push(Piece::Zero(run));
+                    batch.zero.push(run);
                 } else {
                     let len = run.count() as usize * self.page_bytes;
-                    pieces.push(Piece::Data(PageRun {
+                    batch.runs.push(PageRun {
                         range: run,
                         data: data.slice(at..at + len),
-                    }));
+                    });
                     at += len;
                 }
                 p = end;
             }
         }
-        Ok(pieces)
+        Ok(batch)
     }
 
     /// The bytes of `count` pages of `file` from page `at`; `None` if
@@ -508,7 +499,7 @@ pub(crate) async fn prefetch(
     prefetch_ranges(
         shared,
         file,
-        plan(file, &shared.manifest, req),
+        &plan(file, &shared.manifest, req),
         source,
         units,
     )
@@ -524,7 +515,7 @@ pub(crate) async fn prefetch(
 pub(crate) async fn prefetch_ranges(
     shared: &Shared,
     file: &PageFile,
-    ranges: Vec<Slotted>,
+    ranges: &[Slotted],
     source: Source,
     units: &mut Assembler,
 ) -> Result<(), PrefetchError> {
@@ -538,43 +529,41 @@ pub(crate) async fn prefetch_ranges(
     // Pages since the last wake-up of waiters and yield: a working set is
     // mostly one-page runs, and doing both per run cost more than the reads.
     let mut since = 0;
-    let mut group = Vec::new();
-    let mut ranges = ranges.into_iter().peekable();
-    while let Some((range, mut ws)) = ranges.next() {
+    let mut i = 0;
+    while let Some(&(range, mut ws)) = ranges.get(i) {
         if let Some(slot) = ws.filter(|_| range.count() <= batch_pages && file.ws_file.is_some()) {
-            // Runs of the set's page file whose slots follow on from this
-            // one's, up to a batch of pages in all: read as one.
-            group.clear();
-            group.push(range);
-            let mut pages = range.count();
-            let mut next = slot + nonzero_pages(manifest, range);
-            while let Some(&(r, Some(s))) = ranges.peek() {
+            // The runs from this one whose slots follow on from each other,
+            // up to a batch of pages in all: read as one.
+            let (mut pages, mut next) = (0, slot);
+            let mut end = i;
+            while let Some(&(r, Some(s))) = ranges.get(end) {
                 if s != next || pages + r.count() > batch_pages {
                     break;
                 }
-                ranges.next();
-                group.push(r);
                 pages += r.count();
                 next += nonzero_pages(manifest, r);
+                end += 1;
             }
-            let pieces = file
-                .read_group(manifest, &group, slot, next - slot)
+            let batch = file
+                .read_group(manifest, &ranges[i..end], slot, next - slot)
                 .map_err(PrefetchError::PageFile)?;
-            for piece in &pieces {
-                match piece {
-                    Piece::Data(run) => install_unclaimed(shared, run, source, units)?,
-                    Piece::Zero(zero) => {
-                        for region in shared.regions.iter() {
-                            shared.install_zero_pages(region, *zero, Caller::Other);
-                        }
-                    }
-                }
-            }
-            if !settle_batch(shared, pages, &mut since, batch_pages).await {
+            i = end;
+            if !install_batch(
+                shared,
+                &batch,
+                pages,
+                &mut since,
+                batch_pages,
+                source,
+                units,
+            )
+            .await?
+            {
                 return Ok(());
             }
             continue;
         }
+        i += 1;
         let mut start = range.start().0;
         while start < range.end() {
             let count = batch_pages.min(range.end() - start);
@@ -607,9 +596,10 @@ pub(crate) async fn prefetch_ranges(
     Ok(())
 }
 
-/// Installs `batch` (`count` pages read from the page file) as
-/// [`prefetch_ranges`] does, then [`settle_batch`]. False once the pager is
-/// stopping.
+/// Installs `batch` (`count` pages read from the page file) as a stream's
+/// batch is installed ([`install_pages`]); every `batch_pages` pages
+/// (counted in `since`) wakes the pager's waiters and yields to the
+/// runtime. False once the pager is stopping.
 async fn install_batch(
     shared: &Shared,
     batch: &PageBatch,
@@ -619,31 +609,17 @@ async fn install_batch(
     source: Source,
     units: &mut Assembler,
 ) -> Result<bool, PrefetchError> {
-    for run in &batch.runs {
-        install_unclaimed(shared, run, source, units)?;
-    }
-    for zero in &batch.zero {
-        for region in shared.regions.iter() {
-            shared.install_zero_pages(region, *zero, Caller::Other);
-        }
-    }
-    Ok(settle_batch(shared, count, since, batch_pages).await)
-}
-
-/// Counts `count` more pages installed in `since`; every `batch_pages`
-/// pages wakes the pager's waiters and yields to the runtime. False once
-/// the pager is stopping.
-async fn settle_batch(shared: &Shared, count: u64, since: &mut u64, batch_pages: u64) -> bool {
+    install_pages(shared, batch, source, units)?;
     *since += count;
     if *since >= batch_pages {
         *since = 0;
         shared.progress.notify_waiters();
         if shared.is_stopping() {
-            return false;
+            return Ok(false);
         }
         // The reads are blocking: let the runtime's other tasks (the
         // watcher) run between batches.
         tokio::task::yield_now().await;
     }
-    true
+    Ok(true)
 }
