@@ -104,7 +104,7 @@ impl Garage {
         // tests, and a skip must be visible.
         let _ = writeln!(std::io::stderr(), "skipping {test}: {e}");
         if let Some(path) = std::env::var_os(SKIP_LOG_ENV) {
-            let line = format!("{test}: {e}\n");
+            let line = format!("skipped {test}: {e}\n");
             let _ = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)

@@ -738,7 +738,7 @@ mod tests {
     /// faults there, so the pager fills it before the vCPU runs (Eager) and no fault is served.
     #[test]
     fn guest_memfd_restore_is_filled_eagerly_and_matches() {
-        if testutil::require_kvm().is_none() {
+        if !testutil::guest_memfd_available() {
             return;
         }
         let report = match run(&config(BackingKind::GuestMemfd, WalkOrder::Random, 54)) {

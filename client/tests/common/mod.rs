@@ -359,6 +359,7 @@ pub fn memory(kind: BackingKind, len: usize) -> Option<(GuestMemory, Option<test
     testutil::require_uffd()?;
     let pages = match kind {
         BackingKind::Hugetlb => Some(testutil::reserve_huge_pages(len / HUGE_PAGE_SIZE)?),
+        BackingKind::GuestMemfd if !testutil::guest_memfd_available() => return None,
         _ => None,
     };
     match GuestMemory::new(kind, len) {
