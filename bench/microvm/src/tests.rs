@@ -158,7 +158,7 @@ fn hugetlb_memory_walks_match_the_host() {
 /// mapping before the vCPU runs.
 #[test]
 fn guest_memfd_walks_match_the_host() {
-    if !have_kvm() {
+    if !have_kvm() || !testutil::guest_memfd_available() {
         return;
     }
     let memory = match GuestMemory::guest_memfd(MEM as usize) {
