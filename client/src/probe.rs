@@ -161,15 +161,6 @@ fn probe_backing(kind: BackingKind) -> BackingReport {
     }
     if kind == BackingKind::GuestMemfd {
         match kvm::probe() {
-            // A KVM without guest_memfd (some hypervisors' KVM) is this host's answer, not a
-            // failed probe: nothing to register, and the message names the backings to use.
-            Ok(caps) if caps.guest_memfd == 0 => {
-                report.kvm = Some(caps);
-                return report.with(
-                    ProbeStatus::Skipped,
-                    backing::KvmError::NoGuestMemfd.to_string(),
-                );
-            }
             Ok(caps) => report.kvm = Some(caps),
             Err(err @ backing::KvmError::Open(_)) => {
                 return report.with(ProbeStatus::Skipped, err.to_string());
@@ -179,6 +170,11 @@ fn probe_backing(kind: BackingKind) -> BackingReport {
     }
     let memory = match GuestMemory::new(kind, len) {
         Ok(memory) => memory,
+        // A KVM without guest_memfd (some hypervisors' KVM) is this host's answer, not a failed
+        // probe: nothing to register, and the message names the backings to use.
+        Err(err @ backing::BackingError::Kvm(backing::KvmError::NoGuestMemfd)) => {
+            return report.with(ProbeStatus::Skipped, err.to_string());
+        }
         Err(err) => return report.with(ProbeStatus::Failed, err.to_string()),
     };
     // Each mode on its own, on a uffd that is dropped before `memory` (see `Uffd`'s drop note).

@@ -87,38 +87,24 @@ pub fn narrowed(reason: impl Display) {
 /// names the backings to use), says so with [`narrowed`], and returns false. No KVM at all is
 /// a skip (a failure unless skipping is allowed).
 pub fn guest_memfd_available() -> bool {
-    if require_kvm().is_none() {
-        return false;
-    }
-    let caps = match backing::kvm::probe() {
-        Ok(caps) => caps,
-        Err(err) => {
-            skip(format!("probing KVM failed: {err}"));
-            return false;
+    match backing::GuestMemory::guest_memfd(2 << 20) {
+        Ok(_) => true,
+        Err(err @ backing::BackingError::Kvm(backing::KvmError::NoGuestMemfd)) => {
+            assert!(
+                err.to_string().contains("use a shmem or hugetlb backing"),
+                "{err}"
+            );
+            narrowed(format!(
+                "{err}; checked that guest_memfd memory is refused with the fix in the message \
+                 instead"
+            ));
+            false
         }
-    };
-    if caps.guest_memfd > 0 {
-        return true;
+        Err(err) => {
+            skip(format!("cannot create guest_memfd memory: {err}"));
+            false
+        }
     }
-    let err = backing::GuestMemory::guest_memfd(2 << 20)
-        .expect_err("guest_memfd memory was created where KVM reports no guest_memfd");
-    assert!(
-        matches!(
-            err,
-            backing::BackingError::Kvm(backing::KvmError::NoGuestMemfd)
-        ),
-        "{err}"
-    );
-    assert!(
-        err.to_string().contains("use a shmem or hugetlb backing"),
-        "{err}"
-    );
-    narrowed(format!(
-        "this host's KVM has no guest_memfd (KVM_CAP_GUEST_MEMFD = {}); checked that \
-         guest_memfd memory is refused with the fix in the message instead",
-        caps.guest_memfd
-    ));
-    false
 }
 
 /// Whether the process runs as root.
