@@ -8,7 +8,7 @@ use faultline_client::backing::BackingKind;
 use faultline_client::fetch::fetch_from_servers;
 use faultline_client::firecracker;
 use faultline_client::pager::far::Budget;
-use faultline_client::pager::{FaultTransport, OnFailure, PagerConfig, PrefetchPolicy};
+use faultline_client::pager::{OnFailure, PagerConfig, PrefetchPolicy, StreamTransport};
 use faultline_client::remote::ConnectOptions;
 use faultline_client::restore::{FarRestoreOptions, RestoreOptions, Touch};
 use faultline_client::strategy::Mode;
@@ -71,7 +71,10 @@ enum Command {
         /// Transport of demand faults: auto (the lean transport where the server offers it, else
         /// gRPC), lean, or grpc (HTTP/2, for comparison).
         #[arg(long, default_value = "auto")]
-        fault_transport: FaultTransport,
+        fault_transport: StreamTransport,
+        /// Transport of prefetch streams: auto, lean or grpc, as for --fault-transport.
+        #[arg(long, default_value = "auto")]
+        prefetch_transport: StreamTransport,
     },
     /// Show what this host's kernel offers faultline, per backing type: run it first.
     Probe {
@@ -189,7 +192,10 @@ struct RestoreArgs {
     /// Transport of demand faults: auto (the lean transport where the server offers it, else
     /// gRPC), lean, or grpc (HTTP/2, for comparison).
     #[arg(long, default_value = "auto", conflicts_with = "volume")]
-    fault_transport: FaultTransport,
+    fault_transport: StreamTransport,
+    /// Transport of prefetch streams: auto, lean or grpc, as for --fault-transport.
+    #[arg(long, default_value = "auto", conflicts_with = "volume")]
+    prefetch_transport: StreamTransport,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -242,6 +248,7 @@ impl RestoreArgs {
             on_failure: self.on_failure,
             deadline: std::time::Duration::from_secs(self.deadline),
             fault_transport: self.fault_transport,
+            prefetch_transport: self.prefetch_transport,
         })
     }
 }
@@ -311,6 +318,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             on_failure,
             deadline,
             fault_transport,
+            prefetch_transport,
         } => {
             let mut config = PagerConfig::new(servers[0].clone(), snapshot);
             config.servers = servers;
@@ -319,6 +327,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             config.on_failure = on_failure;
             config.deadline = std::time::Duration::from_secs(deadline);
             config.fault_transport = fault_transport;
+            config.prefetch_transport = prefetch_transport;
             let listener = firecracker::bind(&socket)?;
             let handler = firecracker::Handler::new(config);
             stop_on_signal(handler.clone())?;

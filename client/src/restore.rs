@@ -20,8 +20,8 @@ use futures::StreamExt;
 use crate::backing::{AccessError, BackingError, BackingKind, GuestMemory};
 use crate::pager::far::{Budget, FarError, FarPager, FarStats, FarStore, RemoteStore, StoreError};
 use crate::pager::{
-    FaultTransport, Latency, OnFailure, PagerConfig, PagesBySource, PrefetchPolicy, Region,
-    StartError, Stats,
+    Latency, OnFailure, PagerConfig, PagesBySource, PrefetchPolicy, Region, StartError, Stats,
+    StreamTransport,
 };
 use crate::remote::{ConnectOptions, Remote, RemoteError};
 use crate::strategy::Mode;
@@ -90,7 +90,9 @@ pub struct RestoreOptions {
     /// Failure deadline.
     pub deadline: Duration,
     /// Which transport carries demand faults.
-    pub fault_transport: FaultTransport,
+    pub fault_transport: StreamTransport,
+    /// Which transport carries prefetch streams.
+    pub prefetch_transport: StreamTransport,
 }
 
 /// The outcome, as printed by `faultline restore --json`.
@@ -266,6 +268,7 @@ pub fn run(opts: &RestoreOptions) -> Result<RestoreSummary, RestoreError> {
     config.on_failure = opts.on_failure;
     config.deadline = opts.deadline;
     config.fault_transport = opts.fault_transport;
+    config.prefetch_transport = opts.prefetch_transport;
     let pager = crate::pager::Pager::start(
         config,
         vec![Region {

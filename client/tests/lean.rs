@@ -1,8 +1,9 @@
-//! The demand link on the lean fault transport (docs/protocol.md, "The lean
-//! fault transport"): restores by demand faults on real userfaultfd from an
-//! in-process server on 127.0.0.1, with the transport forced (a server
-//! without it would fail the link, not fall back), tokens (over mutual TLS: tests/secure.rs), fail-over, a
-//! corrupt page, and the fall-back to gRPC for a server that lacks it.
+//! The lean transports (docs/protocol.md, "The lean fault transport", "The
+//! lean prefetch transport"): restores by demand faults and by prefetch on
+//! real userfaultfd from an in-process server on 127.0.0.1, with the
+//! transport forced (a server without it would fail, not fall back), tokens
+//! (over mutual TLS: tests/secure.rs), fail-over, a corrupt page, and the
+//! fall-back to gRPC for a server that lacks them.
 
 mod common;
 
@@ -17,7 +18,7 @@ use common::{
 };
 use faultline_client::backing::BackingKind;
 use faultline_client::fleet;
-use faultline_client::pager::{FaultTransport, OnFailure, PagerConfig, PrefetchPolicy};
+use faultline_client::pager::{OnFailure, PagerConfig, PrefetchPolicy, StreamTransport};
 use faultline_client::remote::ConnectOptions;
 use faultline_proto::{PageSize, SnapshotId, frame};
 use faultline_server::auth::{Right, TokensFile};
@@ -35,7 +36,7 @@ const TOUCHERS: usize = 4;
 /// every page comes by demand fault over it.
 fn lean(server: &Server, snap: &Snapshot) -> PagerConfig {
     let mut cfg = config(server, snap, PrefetchPolicy::None);
-    cfg.fault_transport = FaultTransport::Lean;
+    cfg.fault_transport = StreamTransport::Lean;
     cfg
 }
 
@@ -73,7 +74,7 @@ fn lean_demand_restore_shmem() {
 fn grpc_forced_demand_restore_anon() {
     restore_by_faults(BackingKind::Anonymous, |server, snap| {
         let mut cfg = config(server, snap, PrefetchPolicy::None);
-        cfg.fault_transport = FaultTransport::Grpc;
+        cfg.fault_transport = StreamTransport::Grpc;
         cfg
     });
 }
@@ -173,7 +174,7 @@ fn lean_restore_with_token() {
     };
     let mut cfg = PagerConfig::new(format!("http://{}", s.addr()), s.snap.id.clone());
     cfg.prefetch = PrefetchPolicy::None;
-    cfg.fault_transport = FaultTransport::Lean;
+    cfg.fault_transport = StreamTransport::Lean;
     cfg.connect = ConnectOptions::from_files(None, None, None, Some(&s.token)).unwrap();
     let pager = start(cfg, mem);
     check_all(Mem::of(&pager, 0), &s.snap, TOUCHERS);
@@ -242,8 +243,8 @@ fn lean_tokens_checked_like_grpc() {
 }
 
 /// A server (or proxy) that knows only HTTP/2: it forwards connections to
-/// `to` and closes those that start with the lean transport's magic, as a
-/// server from before the transport does.
+/// `to` and closes those that start with a lean transport's magic, as a
+/// server from before the transports does.
 fn http2_only_proxy(to: SocketAddr) -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -253,7 +254,10 @@ fn http2_only_proxy(to: SocketAddr) -> SocketAddr {
             let Ok(mut conn) = conn else { continue };
             std::thread::spawn(move || {
                 let mut head = [0u8; frame::MAGIC.len()];
-                if conn.read_exact(&mut head).is_err() || head == frame::MAGIC {
+                if conn.read_exact(&mut head).is_err()
+                    || head == frame::MAGIC
+                    || head == frame::PREFETCH_MAGIC
+                {
                     return;
                 }
                 let Ok(mut up) = std::net::TcpStream::connect(to) else {
@@ -287,7 +291,7 @@ fn auto_falls_back_to_grpc() {
     let proxy = http2_only_proxy(server.addr());
     let mut cfg = PagerConfig::new(format!("http://{proxy}"), snap.id.clone());
     cfg.prefetch = PrefetchPolicy::None;
-    assert_eq!(cfg.fault_transport, FaultTransport::Auto);
+    assert_eq!(cfg.fault_transport, StreamTransport::Auto);
     let pager = start(cfg, mem);
     check_all(Mem::of(&pager, 0), &snap, TOUCHERS);
     let s = complete(&pager);
@@ -341,4 +345,140 @@ fn lean_fails_over_when_home_server_killed() {
         "the link did not move to the other server: {s:#?}"
     );
     drop(other);
+}
+
+/// Every page of `kind` memory restored by the prefetcher on the lean prefetch transport (forced, so
+/// a fall-back would fail it), nothing touched first: every byte right, all of it prefetched.
+fn restore_by_lean_prefetch(kind: BackingKind, page_size: PageSize, image: Vec<u8>) {
+    let server = Server::start();
+    let snap = server.import("lean-bulk", page_size, image);
+    let Some((mem, _huge)) = memory(kind, snap.image.len()) else {
+        return;
+    };
+    let mut cfg = config(&server, &snap, PrefetchPolicy::All);
+    cfg.prefetch_transport = StreamTransport::Lean;
+    cfg.fault_transport = StreamTransport::Lean;
+    let pager = start(cfg, mem);
+    let s = complete(&pager);
+    check_all(Mem::of(&pager, 0), &snap, TOUCHERS);
+    assert_eq!(s.pages_by_source.demand, 0, "{s:#?}");
+    assert!(s.pages_by_source.prefetch > 0, "{s:#?}");
+    assert_eq!(s.corrupt_pages + s.poisoned_pages, 0, "{s:#?}");
+}
+
+/// Anonymous memory restored by prefetch over the lean prefetch transport: every byte right.
+#[test]
+fn lean_prefetch_restore_anon() {
+    restore_by_lean_prefetch(
+        BackingKind::Anonymous,
+        PageSize::Size4K,
+        image_4k(31, PAGES),
+    );
+}
+
+/// shmem memory restored by prefetch over the lean prefetch transport: every byte right.
+#[test]
+fn lean_prefetch_restore_shmem() {
+    restore_by_lean_prefetch(BackingKind::Shmem, PageSize::Size4K, image_4k(37, PAGES));
+}
+
+/// hugetlbfs memory restored from a 2 MiB-page snapshot by prefetch over the lean prefetch transport.
+#[test]
+fn lean_prefetch_restore_hugetlb() {
+    restore_by_lean_prefetch(
+        BackingKind::Hugetlb,
+        PageSize::Size2M,
+        common::image_2m(41, 3, &[1]),
+    );
+}
+
+/// With the default transports (auto), a server without the lean transports has its prefetch
+/// streamed over gRPC instead: every byte right, all of it prefetched.
+#[test]
+fn auto_prefetch_falls_back_to_grpc() {
+    let server = Server::start();
+    let snap = server.import("old-bulk", PageSize::Size4K, image_4k(43, PAGES));
+    let Some((mem, _)) = memory(BackingKind::Anonymous, snap.image.len()) else {
+        return;
+    };
+    let proxy = http2_only_proxy(server.addr());
+    let cfg = PagerConfig::new(format!("http://{proxy}"), snap.id.clone());
+    assert_eq!(cfg.prefetch_transport, StreamTransport::Auto);
+    let pager = start(cfg, mem);
+    let s = complete(&pager);
+    check_all(Mem::of(&pager, 0), &snap, TOUCHERS);
+    assert!(s.pages_by_source.prefetch > 0, "{s:#?}");
+    assert_eq!(s.corrupt_pages + s.poisoned_pages, 0, "{s:#?}");
+}
+
+/// Forced onto the lean prefetch transport, a server without it is a failed prefetch (retried, and
+/// said why), while the demand link still serves every page over gRPC.
+#[test]
+fn lean_prefetch_forced_on_an_old_server_leaves_demand_working() {
+    let server = Server::start();
+    let snap = server.import("old-forced", PageSize::Size4K, image_4k(47, PAGES));
+    let Some((mem, _)) = memory(BackingKind::Anonymous, snap.image.len()) else {
+        return;
+    };
+    let proxy = http2_only_proxy(server.addr());
+    let mut cfg = PagerConfig::new(format!("http://{proxy}"), snap.id.clone());
+    cfg.prefetch_transport = StreamTransport::Lean;
+    let pager = start(cfg, mem);
+    check_all(Mem::of(&pager, 0), &snap, TOUCHERS);
+    let s = complete(&pager);
+    assert_eq!(s.pages_by_source.prefetch, 0, "{s:#?}");
+    assert!(s.pages_by_source.demand > 0, "{s:#?}");
+}
+
+/// Opens a raw lean prefetch connection to `addr` with `authorization` for every page of
+/// `snapshot`; returns the server's first frame.
+fn raw_prefetch(
+    addr: SocketAddr,
+    authorization: &str,
+    snapshot: &str,
+) -> faultline_proto::pb::PrefetchFrame {
+    use faultline_proto::pb;
+    let rt = runtime();
+    block_on(&rt, "a raw lean prefetch", async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut io = frame::FrameStream::new(tcp, frame::MAX_ANSWER_FRAME_BYTES);
+        let hello = pb::FaultHello {
+            authorization: authorization.into(),
+        };
+        let req = pb::PrefetchRequest {
+            snapshot: snapshot.into(),
+            ..Default::default()
+        };
+        io.write_all_of(&frame::PREFETCH_MAGIC, &[&hello, &req])
+            .await
+            .unwrap();
+        io.read("a PrefetchFrame").await.unwrap().unwrap()
+    })
+}
+
+/// The lean prefetch transport checks tokens as gRPC does: none, a wrong one, or one without the
+/// right on the snapshot is refused in-band with a clear error; the right one streams pages.
+#[test]
+fn lean_prefetch_tokens_checked_like_grpc() {
+    use faultline_proto::pb::prefetch_frame::Kind;
+    let s = TokenServer::start();
+    let err = |f: faultline_proto::pb::PrefetchFrame| match f.kind {
+        Some(Kind::Error(e)) => (e.code, e.message),
+        other => panic!("not refused: {other:?}"),
+    };
+    let unauthenticated = tonic::Code::Unauthenticated as i32;
+    let (code, msg) = err(raw_prefetch(s.addr(), "", "lean-1"));
+    assert_eq!(code, unauthenticated, "{msg}");
+    assert!(msg.contains("requires a token"), "{msg}");
+    let (code, msg) = err(raw_prefetch(s.addr(), "Bearer fl_nope", "lean-1"));
+    assert_eq!(code, unauthenticated, "{msg}");
+    let (code, msg) = err(raw_prefetch(
+        s.addr(),
+        &format!("Bearer {}", s.other),
+        "lean-1",
+    ));
+    assert_eq!(code, tonic::Code::PermissionDenied as i32, "{msg}");
+    assert!(msg.contains("does not grant read"), "{msg}");
+    let ok = raw_prefetch(s.addr(), &format!("Bearer {}", s.token), "lean-1");
+    assert!(matches!(ok.kind, Some(Kind::Batch(_))), "{ok:?}");
 }

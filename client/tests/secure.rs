@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use faultline_client::backing::BackingKind;
-use faultline_client::pager::{FaultTransport, OnFailure, PrefetchPolicy};
+use faultline_client::pager::{OnFailure, PrefetchPolicy, StreamTransport};
 use faultline_client::remote::{ConnectOptions, Remote, RemoteError, Token};
 use faultline_client::restore::{RestoreOptions, Touch};
 use faultline_client::strategy::Mode;
@@ -187,7 +187,8 @@ fn restore_over_mutual_tls_with_token() {
         verify: true,
         on_failure: OnFailure::Abort,
         deadline: std::time::Duration::from_secs(20),
-        fault_transport: FaultTransport::Lean,
+        fault_transport: StreamTransport::Lean,
+        prefetch_transport: StreamTransport::Lean,
     };
     let summary = faultline_client::restore::run(&opts).unwrap();
     eprintln!("{summary}");

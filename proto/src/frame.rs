@@ -1,7 +1,8 @@
-//! The lean fault transport's framing: the `Fault` stream's messages
-//! ([`pb::FaultRequest`], [`pb::FaultResponse`]) as length-delimited frames
-//! on a raw byte stream, without HTTP/2 (docs/protocol.md, "The lean fault
-//! transport").
+//! The lean transports' framing: the `Fault` stream's messages
+//! ([`pb::FaultRequest`], [`pb::FaultResponse`]), and a `Prefetch` stream's
+//! ([`pb::PrefetchRequest`], [`pb::PrefetchFrame`]), as length-delimited
+//! frames on a raw byte stream, without HTTP/2 (docs/protocol.md, "The lean
+//! fault transport" and "The lean prefetch transport").
 //!
 //! A connection starts with [`MAGIC`] (where HTTP/2 starts with its
 //! preface), then frames: each a 4-byte big-endian length and that many
@@ -13,10 +14,20 @@
 //! varint delimiter, lets a reader refuse an oversized frame from its first
 //! four bytes, before it buffers any of it.
 //!
+//! A prefetch connection starts with [`PREFETCH_MAGIC`], then the client's
+//! `FaultHello` and `PrefetchRequest`; the server answers with
+//! `PrefetchFrame`s: one per batch, then an end or an error. A batch goes
+//! out as a [`BatchFrame`], the protobuf framing in a small buffer and the
+//! page bytes written from where the server read them, by one vectored
+//! write: no copy in user space (the bytes on the wire are prost's encoding
+//! of the same message).
+//!
 //! [`FrameStream`] works on any `AsyncRead + AsyncWrite` stream (TCP, TLS, a
 //! Unix socket); its reads are cancel-safe, so it can sit in a `select!`.
 
-use bytes::{Buf, BytesMut};
+use std::io::IoSlice;
+
+use bytes::{Buf, Bytes, BytesMut};
 use prost::Message;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -30,6 +41,10 @@ use crate::pb;
 /// falls back to gRPC. The digit is the transport's version.
 pub const MAGIC: [u8; 24] = *b"FAULTLINE-LEAN-FAULT/1\r\n";
 
+/// What a lean prefetch connection starts with: one `Prefetch` stream as
+/// frames. As long as HTTP/2's preface, for the reason [`MAGIC`] is.
+pub const PREFETCH_MAGIC: [u8; 24] = *b"FAULTLINE-LEAN-FETCH/1\r\n";
+
 /// Bytes of a frame's length header.
 pub const HEADER_BYTES: usize = 4;
 
@@ -37,6 +52,15 @@ pub const HEADER_BYTES: usize = 4;
 /// bytes) or a `FaultRequest` (a snapshot name and a range) is far smaller;
 /// this bounds what one client can make the server buffer per connection.
 pub const MAX_REQUEST_FRAME_BYTES: usize = 64 << 10;
+
+/// Largest frame a server reads on a prefetch connection: a
+/// `PrefetchRequest` carries the bitmap of the pages the client has (16 KiB
+/// per GiB of 4 KiB pages) and up to `--max-prefetch-ranges` ranges; gRPC's
+/// limit for it is the server's 32 MiB message limit, and this is the same.
+/// The receive buffer grows with what arrives, not with what a header
+/// announces ([`FrameStream::new`]), so a header alone does not make the
+/// server allocate this much.
+pub const MAX_PREFETCH_REQUEST_FRAME_BYTES: usize = 32 << 20;
 
 /// Largest frame a client reads: an answer carries at most the server's
 /// 16 MiB per request (`MAX_READ_BYTES`), plus its framing and whatever a
@@ -133,6 +157,10 @@ pub struct FrameStream<S> {
     buf: BytesMut,
     /// Largest frame read.
     max_in: usize,
+    /// Whether a frame's whole length is reserved from its header (a client
+    /// reading its server's answers), or the buffer grows with what arrives
+    /// (a server reading what any client may send).
+    reserve_whole: bool,
     /// Encoding buffer, reused.
     out: Vec<u8>,
 }
@@ -141,14 +169,26 @@ pub struct FrameStream<S> {
 const INITIAL_BUFFER: usize = 64 << 10;
 
 impl<S: AsyncRead + AsyncWrite + Unpin> FrameStream<S> {
-    /// Frames on `io`, reading frames of at most `max_in` bytes.
+    /// Frames on `io`, reading frames of at most `max_in` bytes. The
+    /// receive buffer at most doubles per read, up to the frame's length,
+    /// so that a peer must send the bytes it makes this side hold.
     pub fn new(io: S, max_in: usize) -> Self {
         Self {
             io,
             buf: BytesMut::with_capacity(INITIAL_BUFFER),
             max_in,
+            reserve_whole: false,
             out: Vec::new(),
         }
+    }
+
+    /// Reserves each frame's whole length as soon as its header arrives,
+    /// so that a large frame (a batch of pages) lands in one buffer in as
+    /// few reads as the socket allows, with no copy as it grows: for a
+    /// client, whose server's frames are bounded by `max_in`.
+    pub fn reserving_whole_frames(mut self) -> Self {
+        self.reserve_whole = true;
+        self
     }
 
     /// Frames on `io` whose first `already` bytes were read from it before
@@ -170,10 +210,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameStream<S> {
                 return Ok(Some(m));
             }
             // Room for the whole frame, so that a large answer arrives in
-            // few reads (its header says how large).
+            // few reads (its header says how large); or, from an untrusted
+            // peer, twice what has arrived.
             let want =
                 frame_len(&self.buf, self.max_in)?.map_or(INITIAL_BUFFER, |len| HEADER_BYTES + len);
-            self.buf.reserve(want.saturating_sub(self.buf.len()));
+            let room = if self.reserve_whole {
+                want
+            } else {
+                want.min(self.buf.len().max(INITIAL_BUFFER) * 2)
+            };
+            self.buf.reserve(room.saturating_sub(self.buf.len()));
             if self.io.read_buf(&mut self.buf).await? == 0 {
                 if self.buf.is_empty() {
                     return Ok(None);
@@ -219,9 +265,134 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameStream<S> {
         Ok(())
     }
 
+    /// Writes a batch's frame ([`BatchFrame`]) by vectored writes, its page
+    /// bytes straight from their buffers, and flushes it.
+    pub async fn write_batch(&mut self, frame: &BatchFrame) -> Result<(), FrameError> {
+        let mut slices = frame.io_slices();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            let n = rest.len().min(MAX_IO_SLICES);
+            let written = self.io.write_vectored(&rest[..n]).await?;
+            if written == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+            }
+            IoSlice::advance_slices(&mut rest, written);
+        }
+        self.io.flush().await?;
+        Ok(())
+    }
+
     /// The stream.
     pub fn get_mut(&mut self) -> &mut S {
         &mut self.io
+    }
+}
+
+/// Slices given to one `writev`: the kernel refuses more than `IOV_MAX`
+/// (1024 on Linux); a 1 MiB batch of scattered single pages needs about 513.
+const MAX_IO_SLICES: usize = 1024;
+
+/// A `PrefetchFrame` carrying one batch, encoded for a vectored write: the
+/// length header and every protobuf key, length and small field in one
+/// buffer, and each run's page bytes as the batch holds them (a slice of
+/// what the server read), in order. Its bytes are exactly prost's encoding
+/// of the frame (a test checks it), so the client decodes it as any other.
+#[derive(Debug)]
+pub struct BatchFrame {
+    /// The framing.
+    meta: Vec<u8>,
+    /// The frame's bytes in order: spans of `meta`, and page data.
+    parts: Vec<Part>,
+    /// Where the span of `meta` not yet in `parts` starts.
+    mark: usize,
+}
+
+#[derive(Debug)]
+enum Part {
+    Meta(std::ops::Range<usize>),
+    Data(Bytes),
+}
+
+impl BatchFrame {
+    /// The frame of `PrefetchFrame { batch }`.
+    pub fn new(batch: pb::PageBatch) -> Self {
+        use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+        let batch_len = batch.encoded_len();
+        // The oneof's key (one byte for field 1), its length, the batch.
+        let body_len = 1 + encoded_len_varint(batch_len as u64) + batch_len;
+        let mut f = Self {
+            meta: Vec::with_capacity(16 + 24 * batch.runs.len() + 16 * batch.zero.len()),
+            parts: Vec::with_capacity(2 * batch.runs.len() + 1),
+            mark: 0,
+        };
+        f.meta.extend_from_slice(&(body_len as u32).to_be_bytes());
+        encode_key(1, WireType::LengthDelimited, &mut f.meta);
+        encode_varint(batch_len as u64, &mut f.meta);
+        // Fields as prost writes them: in field order, a scalar at its
+        // default (page 0, no compression) left out.
+        for run in batch.runs {
+            encode_key(1, WireType::LengthDelimited, &mut f.meta);
+            encode_varint(run.encoded_len() as u64, &mut f.meta);
+            if run.start != 0 {
+                prost::encoding::uint64::encode(1, &run.start, &mut f.meta);
+            }
+            if run.count != 0 {
+                prost::encoding::uint64::encode(2, &run.count, &mut f.meta);
+            }
+            if !run.data.is_empty() {
+                encode_key(3, WireType::LengthDelimited, &mut f.meta);
+                encode_varint(run.data.len() as u64, &mut f.meta);
+                f.push_data(run.data);
+            }
+            if run.compression != 0 {
+                prost::encoding::int32::encode(4, &run.compression, &mut f.meta);
+            }
+        }
+        for zero in &batch.zero {
+            prost::encoding::message::encode(2, zero, &mut f.meta);
+        }
+        f.close_meta();
+        f
+    }
+
+    /// Ends the current span of framing, then adds `data`.
+    fn push_data(&mut self, data: Bytes) {
+        self.close_meta();
+        self.parts.push(Part::Data(data));
+    }
+
+    fn close_meta(&mut self) {
+        if self.mark < self.meta.len() {
+            self.parts.push(Part::Meta(self.mark..self.meta.len()));
+            self.mark = self.meta.len();
+        }
+    }
+
+    /// The frame's bytes, header included.
+    pub fn len(&self) -> usize {
+        self.parts
+            .iter()
+            .map(|p| match p {
+                Part::Meta(r) => r.len(),
+                Part::Data(d) => d.len(),
+            })
+            .sum()
+    }
+
+    /// Whether it has no bytes (never: a frame has its header).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Its bytes in order, for a vectored write.
+    pub fn io_slices(&self) -> Vec<IoSlice<'_>> {
+        self.parts
+            .iter()
+            .map(|p| match p {
+                Part::Meta(r) => IoSlice::new(&self.meta[r.clone()]),
+                Part::Data(d) => IoSlice::new(d),
+            })
+            .collect()
     }
 }
 
@@ -252,6 +423,23 @@ pub fn refused(code: i32, message: impl Into<String>) -> pb::FaultResponse {
     pb::FaultResponse {
         request_id: 0,
         result: Some(pb::fault_response::Result::Error(pb::Error {
+            code,
+            message: message.into(),
+        })),
+    }
+}
+
+/// The last frame of a prefetch that sent everything.
+pub fn prefetch_end() -> pb::PrefetchFrame {
+    pb::PrefetchFrame {
+        kind: Some(pb::prefetch_frame::Kind::End(pb::PrefetchEnd {})),
+    }
+}
+
+/// The frame ending a prefetch that failed or was refused.
+pub fn prefetch_error(code: i32, message: impl Into<String>) -> pb::PrefetchFrame {
+    pb::PrefetchFrame {
+        kind: Some(pb::prefetch_frame::Kind::Error(pb::Error {
             code,
             message: message.into(),
         })),
@@ -353,6 +541,101 @@ mod tests {
                 .await
                 .unwrap()
                 .is_none()
+        );
+    }
+
+    fn batch() -> pb::PageBatch {
+        let run = |start, count, fill: u8, compression| pb::PageRun {
+            start,
+            count,
+            data: Bytes::from(vec![fill; (count as usize) * 4096]),
+            compression,
+        };
+        pb::PageBatch {
+            runs: vec![
+                run(0, 1, 1, 0),
+                run(7, 3, 2, 0),
+                run(1 << 40, 1, 3, 2),
+                pb::PageRun {
+                    start: 9,
+                    count: 2,
+                    data: Bytes::new(),
+                    compression: 1,
+                },
+            ],
+            zero: vec![
+                pb::PageRange { start: 0, count: 0 },
+                pb::PageRange {
+                    start: 300,
+                    count: 1 << 33,
+                },
+            ],
+        }
+    }
+
+    /// A batch's vectored frame is byte for byte prost's encoding of its `PrefetchFrame`
+    /// (defaults left out, large varints, empty data), its page bytes not copied.
+    #[test]
+    fn batch_frame_is_prosts_encoding() {
+        for b in [batch(), pb::PageBatch::default()] {
+            let frame = BatchFrame::new(b.clone());
+            let got: Vec<u8> = frame.io_slices().iter().flat_map(|s| s.to_vec()).collect();
+            let mut want = Vec::new();
+            encode(
+                &pb::PrefetchFrame {
+                    kind: Some(pb::prefetch_frame::Kind::Batch(b.clone())),
+                },
+                &mut want,
+            );
+            assert_eq!(got, want);
+            assert_eq!(frame.len(), want.len());
+            // Each non-empty run's data is one slice of its own, at its address.
+            let slices = frame.io_slices();
+            for run in b.runs.iter().filter(|r| !r.data.is_empty()) {
+                assert!(slices.iter().any(|s| s.as_ptr() == run.data.as_ptr()));
+            }
+        }
+    }
+
+    /// Batches written by vectored writes over a narrow pipe decode on the other end,
+    /// followed by the end frame.
+    #[tokio::test]
+    async fn batch_frames_stream_and_end() {
+        let (a, b) = tokio::io::duplex(1000);
+        let mut tx = FrameStream::new(a, MAX_PREFETCH_REQUEST_FRAME_BYTES);
+        let mut rx = FrameStream::new(b, MAX_ANSWER_FRAME_BYTES).reserving_whole_frames();
+        let writer = tokio::spawn(async move {
+            for _ in 0..3 {
+                tx.write_batch(&BatchFrame::new(batch())).await.unwrap();
+            }
+            tx.write(&prefetch_end()).await.unwrap();
+        });
+        for _ in 0..3 {
+            let f: pb::PrefetchFrame = rx.read("a PrefetchFrame").await.unwrap().unwrap();
+            assert_eq!(f.kind, Some(pb::prefetch_frame::Kind::Batch(batch())));
+        }
+        let f: pb::PrefetchFrame = rx.read("a PrefetchFrame").await.unwrap().unwrap();
+        assert_eq!(f, prefetch_end());
+        writer.await.unwrap();
+    }
+
+    /// A header announcing a large frame does not make an untrusting reader reserve it:
+    /// its buffer grows with the bytes that arrive.
+    #[tokio::test]
+    async fn untrusted_header_reserves_only_what_arrives() {
+        let (mut a, b) = tokio::io::duplex(64);
+        let mut rx = FrameStream::new(b, MAX_PREFETCH_REQUEST_FRAME_BYTES);
+        a.write_all(&(30u32 << 20).to_be_bytes()).await.unwrap();
+        drop(a);
+        let e = rx
+            .read::<pb::PrefetchRequest>("a request")
+            .await
+            .unwrap_err();
+        assert!(matches!(e, FrameError::Truncated { have: 4, .. }), "{e}");
+        assert!(
+            rx.buf.capacity() <= 2 * INITIAL_BUFFER,
+            "{}",
+            rx.buf.capacity()
         );
     }
 }

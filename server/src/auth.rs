@@ -423,6 +423,18 @@ impl Access {
             .ok_or(Denied::NotAuthenticated)
     }
 
+    /// Who the caller with this access is, for per-client limits: its
+    /// token, or without one the address it called from (`peer`).
+    pub fn identity(&self, peer: Option<IpAddr>) -> Identity {
+        match self {
+            Self::Token(g) => Identity::Token {
+                id: g.id.clone(),
+                name: g.name.clone(),
+            },
+            Self::Unrestricted => peer.map_or(Identity::Unknown, Identity::Peer),
+        }
+    }
+
     /// Whether it allows `right` on `snapshot`.
     pub fn allows(&self, right: Right, snapshot: &str) -> bool {
         match self {
@@ -634,13 +646,7 @@ impl AuthInterceptor {
 impl tonic::service::Interceptor for AuthInterceptor {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         let access = self.auth.authenticate(req.metadata())?;
-        let identity = match &access {
-            Access::Token(g) => Identity::Token {
-                id: g.id.clone(),
-                name: g.name.clone(),
-            },
-            Access::Unrestricted => peer(&req),
-        };
+        let identity = access.identity(req.remote_addr().map(|a| a.ip()));
         req.extensions_mut().insert(access);
         req.extensions_mut().insert(identity);
         Ok(req)

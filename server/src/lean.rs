@@ -15,26 +15,43 @@
 //! frame that is not one of this protocol gets an in-band error and closes
 //! the connection. A vanished client is found by TCP keepalive (the role
 //! HTTP/2 pings play for gRPC connections), set by the accept loop.
+//!
+//! A connection that starts with [`frame::PREFETCH_MAGIC`] carries one
+//! `Prefetch` stream the same way ([`LeanServer::serve_prefetch`]; "The lean
+//! prefetch transport"): the hello, the `PrefetchRequest`, checked and
+//! planned by the same code as the gRPC call
+//! ([`FaultlineService::open_prefetch`]: the token's rights, the prefetch
+//! slots per client, the limits), then a frame per batch written by
+//! vectored writes straight from the buffers the pages were read into, and
+//! an end or an in-band error.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use faultline_proto::frame::{self, FrameError, FrameStream};
+use std::sync::atomic::Ordering;
+
+use faultline_proto::frame::{self, BatchFrame, FrameError, FrameStream};
 use faultline_proto::pb;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::auth::{Access, Authenticator};
-use crate::service::{FaultSession, FaultlineService};
+use crate::service::{FaultSession, FaultlineService, PRODUCER_DIED, PrefetchProducer};
 
 /// Lean connections open now.
 pub const LEAN_CONNECTIONS_OPEN: &str = "faultline_server_lean_connections_open";
 
+/// A frame a prefetch client does not take within this long ends its
+/// stream: a client that stopped reading gives back its prefetch slot and
+/// connection. As long as the client's own stall timeout (5 s) many times
+/// over: a reader busy installing a batch takes milliseconds.
+pub const PREFETCH_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// What serves lean connections: the service and the tokens.
 #[derive(Clone, Debug)]
-pub struct LeanFault {
+pub struct LeanServer {
     service: FaultlineService,
     auth: Arc<Authenticator>,
 }
@@ -42,21 +59,25 @@ pub struct LeanFault {
 /// Why a lean connection ended early.
 #[derive(Debug, thiserror::Error)]
 pub enum LeanError {
-    /// The client sent no hello and `open` within the handshake timeout.
-    #[error("no hello and `open` within {0:?}")]
+    /// The client sent no hello and `open` (or `PrefetchRequest`) within
+    /// the handshake timeout.
+    #[error("no hello and request within {0:?}")]
     Timeout(Duration),
+    /// A prefetch client took no frame for [`PREFETCH_WRITE_TIMEOUT`].
+    #[error("the client took no prefetch frame for {0:?}")]
+    Stalled(Duration),
     /// Reading or writing a frame failed.
     #[error(transparent)]
     Frame(#[from] FrameError),
     /// The client closed the connection before its `open`.
-    #[error("the client closed the connection before opening the Fault stream")]
+    #[error("the client closed the connection before opening its stream")]
     Closed,
     /// The hello or `open` was refused (the client was told why).
     #[error("refused: {0}")]
     Refused(String),
 }
 
-impl LeanFault {
+impl LeanServer {
     /// Serves with `service`, checking tokens with `auth`.
     pub fn new(service: FaultlineService, auth: Arc<Authenticator>) -> Self {
         Self { service, auth }
@@ -81,9 +102,9 @@ impl LeanFault {
         let session = match opened {
             Ok(Ok(s)) => s,
             Ok(Err(Rejection { answer, error })) => {
-                if let Some(answer) = answer {
+                if let Some(e) = answer {
                     // Best effort: the client may have gone already.
-                    let _ = io.write(&answer).await;
+                    let _ = io.write(&frame::refused(e.code, e.message)).await;
                 }
                 return Err(error);
             }
@@ -91,6 +112,121 @@ impl LeanFault {
         };
         io.write(&frame::opened()).await?;
         self.answer_all(&mut io, session, stop).await
+    }
+
+    /// Serves one lean prefetch connection whose [`frame::PREFETCH_MAGIC`]
+    /// has been read: the hello and the request within `handshake_timeout`,
+    /// then the batches until the stream ends, the client goes away, or
+    /// `stop` completes (the server is shutting down: the client is told,
+    /// in-band, to retry).
+    pub async fn serve_prefetch<S>(
+        &self,
+        io: S,
+        peer: Option<SocketAddr>,
+        handshake_timeout: Duration,
+        stop: impl Future<Output = ()>,
+    ) -> Result<(), LeanError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let _open = OpenGauge::new();
+        let mut io = FrameStream::new(io, frame::MAX_PREFETCH_REQUEST_FRAME_BYTES);
+        let t = crate::metrics::Request::start("prefetch");
+        let opened = tokio::time::timeout(handshake_timeout, async {
+            let (access, req) = self.prefetch_request(&mut io, peer).await?;
+            let client = access.identity(peer.map(|a| a.ip())).to_string();
+            self.service
+                .open_prefetch(access, client, req)
+                .await
+                .map_err(|e| Rejection::failed(&t, e))
+        })
+        .await;
+        let start = match opened {
+            Ok(Ok(s)) => s,
+            Ok(Err(Rejection { answer, error })) => {
+                if let Some(e) = answer {
+                    // Best effort: the client may have gone already.
+                    let _ = io.write(&frame::prefetch_error(e.code, e.message)).await;
+                }
+                return Err(error);
+            }
+            Err(_) => return Err(LeanError::Timeout(handshake_timeout)),
+        };
+        drop(t);
+        let PrefetchProducer {
+            mut rx,
+            ended,
+            abort: _producer,
+        } = start.start();
+        let mut stop = std::pin::pin!(stop);
+        loop {
+            let next = tokio::select! {
+                next = rx.recv() => next,
+                () = &mut stop => {
+                    let e = frame::prefetch_error(
+                        tonic::Code::Unavailable as i32,
+                        "the server is shutting down; retry the prefetch on another server",
+                    );
+                    let _ = tokio::time::timeout(PREFETCH_WRITE_TIMEOUT, io.write(&e)).await;
+                    return Ok(());
+                }
+            };
+            let last = match next {
+                Some(Ok(batch)) => {
+                    let frame = BatchFrame::new(batch);
+                    within_write_timeout(io.write_batch(&frame)).await?;
+                    continue;
+                }
+                Some(Err(e)) => {
+                    let e = e.to_pb();
+                    frame::prefetch_error(e.code, e.message)
+                }
+                // A producer that died leaves the channel closed without
+                // `ended`: the stream then ends with Internal, never with
+                // its end.
+                None if ended.load(Ordering::SeqCst) => frame::prefetch_end(),
+                None => frame::prefetch_error(tonic::Code::Internal as i32, PRODUCER_DIED),
+            };
+            return within_write_timeout(io.write(&last)).await;
+        }
+    }
+
+    /// Reads a prefetch connection's hello and request, and checks the token.
+    async fn prefetch_request<S>(
+        &self,
+        io: &mut FrameStream<S>,
+        peer: Option<SocketAddr>,
+    ) -> Result<(Access, pb::PrefetchRequest), Rejection>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let access = self.hello(io, peer).await?;
+        let req: pb::PrefetchRequest = io
+            .read("a PrefetchRequest")
+            .await
+            .map_err(Rejection::frame)?
+            .ok_or(Rejection::closed())?;
+        Ok((access, req))
+    }
+
+    /// Reads the hello and checks its token.
+    async fn hello<S>(
+        &self,
+        io: &mut FrameStream<S>,
+        peer: Option<SocketAddr>,
+    ) -> Result<Access, Rejection>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let hello: pb::FaultHello = io
+            .read("a FaultHello")
+            .await
+            .map_err(Rejection::frame)?
+            .ok_or(Rejection::closed())?;
+        self.authenticate(&hello).map_err(|status| {
+            tracing::debug!(?peer, "lean connection refused: {}", status.message());
+            Rejection::refused(status.code() as i32, status.message().to_owned())
+        })
     }
 
     /// Reads the hello and the `open`, checks the token and opens the
@@ -104,15 +240,7 @@ impl LeanFault {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let t = crate::metrics::Request::start("fault_open");
-        let hello: pb::FaultHello = io
-            .read("a FaultHello")
-            .await
-            .map_err(Rejection::frame)?
-            .ok_or(Rejection::closed())?;
-        let access = self.authenticate(&hello).map_err(|status| {
-            tracing::debug!(?peer, "lean fault connection refused: {}", status.message());
-            Rejection::refused(status.code() as i32, status.message().to_owned())
-        })?;
+        let access = self.hello(io, peer).await?;
         let first: pb::FaultRequest = io
             .read("a FaultRequest")
             .await
@@ -123,18 +251,13 @@ impl LeanFault {
             _ => {
                 let e =
                     crate::Error::Sequence("the first message of a Fault stream must be `open`");
-                let status = t.fail(e);
-                return Err(Rejection::refused(
-                    status.code() as i32,
-                    status.message().to_owned(),
-                ));
+                return Err(Rejection::failed(&t, e));
             }
         };
-        self.service.open_fault(access, open).await.map_err(|e| {
-            let pb = e.to_pb();
-            t.fail(e);
-            Rejection::refused(pb.code, pb.message)
-        })
+        self.service
+            .open_fault(access, open)
+            .await
+            .map_err(|e| Rejection::failed(&t, e))
     }
 
     /// The token of `hello`, checked as the gRPC interceptor checks the
@@ -204,26 +327,34 @@ impl LeanFault {
     }
 }
 
-/// A refused hello or `open`: what to tell the client, and the error.
+/// A refused hello or request: what to tell the client (in the frame its
+/// transport answers with), and the error.
 struct Rejection {
-    answer: Option<pb::FaultResponse>,
+    answer: Option<pb::Error>,
     error: LeanError,
 }
 
 impl Rejection {
     fn refused(code: i32, message: String) -> Self {
         Self {
-            answer: Some(frame::refused(code, message.clone())),
+            answer: Some(pb::Error {
+                code,
+                message: message.clone(),
+            }),
             error: LeanError::Refused(message),
         }
     }
 
+    /// Refused by the service: counted as a failed `rpc`.
+    fn failed(t: &crate::metrics::Request, e: crate::Error) -> Self {
+        let status = t.fail(e);
+        Self::refused(status.code() as i32, status.message().to_owned())
+    }
+
     fn frame(e: FrameError) -> Self {
-        let answer = e.is_malformed().then(|| {
-            frame::refused(
-                tonic::Code::InvalidArgument as i32,
-                format!("{e}; closing the connection"),
-            )
+        let answer = e.is_malformed().then(|| pb::Error {
+            code: tonic::Code::InvalidArgument as i32,
+            message: format!("{e}; closing the connection"),
         });
         Self {
             answer,
@@ -236,6 +367,17 @@ impl Rejection {
             answer: None,
             error: LeanError::Closed,
         }
+    }
+}
+
+/// `write`, failed as [`LeanError::Stalled`] if the client takes none of it
+/// for [`PREFETCH_WRITE_TIMEOUT`].
+async fn within_write_timeout(
+    write: impl Future<Output = Result<(), FrameError>>,
+) -> Result<(), LeanError> {
+    match tokio::time::timeout(PREFETCH_WRITE_TIMEOUT, write).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(LeanError::Stalled(PREFETCH_WRITE_TIMEOUT)),
     }
 }
 

@@ -8,9 +8,9 @@
 //! it caps their number, sets `TCP_NODELAY`, runs the TLS handshake with the
 //! configuration current at that moment (so certificates reload without
 //! dropping anything) and gives each connection [`HANDSHAKE_TIMEOUT`] to
-//! finish TLS and send HTTP/2's preface. A connection that sends the lean
-//! fault transport's magic instead is served by [`crate::lean`] on the
-//! same port.
+//! finish TLS and send HTTP/2's preface. A connection that sends the magic of
+//! a lean transport (fault or prefetch) instead is served by
+//! [`crate::lean`] on the same port.
 //!
 //! The same loop serves a Unix socket ([`Server::run_unix`],
 //! `--listen unix:///PATH`), for a server on the VM's own host: gRPC and the
@@ -32,7 +32,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tonic::service::interceptor::InterceptedService;
 
 use crate::auth::{AuthInterceptor, Authenticator, TokensError};
-use crate::lean::LeanFault;
+use crate::lean::LeanServer;
 use crate::limits::Limits;
 use crate::page_file::PageFiles;
 use crate::readiness::Readiness;
@@ -502,7 +502,7 @@ impl Server {
         };
         let service = self.service;
         // The lean fault transport shares the port, the service and the tokens.
-        let lean = Arc::new(LeanFault::new(service.clone(), self.auth.clone()));
+        let lean = Arc::new(LeanServer::new(service.clone(), self.auth.clone()));
         // In the background: a store that does not answer yet (an object
         // store starting) must not hold up serving health and readiness.
         tokio::spawn({
@@ -644,7 +644,7 @@ impl std::fmt::Display for Peer {
 async fn accept_loop(
     listener: Listener,
     tls: Option<Arc<TlsReloader>>,
-    lean: Arc<LeanFault>,
+    lean: Arc<LeanServer>,
     limits: TransportLimits,
     tx: mpsc::Sender<std::io::Result<Conn>>,
 ) {
@@ -697,7 +697,8 @@ async fn accept_loop(
             let shaken = tokio::time::timeout(limits.handshake_timeout, async {
                 match handshake(io, acceptor).await? {
                     Handshaken::Grpc(io, preface) => Ok(Some(Ok((io, preface)))),
-                    Handshaken::Lean(io) => Ok(Some(Err(io))),
+                    Handshaken::Lean(io) => Ok(Some(Err((io, LeanKind::Fault)))),
+                    Handshaken::LeanPrefetch(io) => Ok(Some(Err((io, LeanKind::Prefetch)))),
                     Handshaken::PageFile(stream) => {
                         let Some(files) = page_files else {
                             return Err(std::io::Error::new(
@@ -712,8 +713,8 @@ async fn accept_loop(
             })
             .await;
             match shaken {
-                Ok(Ok(Some(Err(io)))) => {
-                    // The lean fault transport, on this task (crate::lean).
+                Ok(Ok(Some(Err((io, kind))))) => {
+                    // The lean transports, on this task (crate::lean).
                     io.keepalive(limits.keepalive_interval);
                     let _open = OpenConnection::new();
                     let stop = async move {
@@ -723,11 +724,15 @@ async fn accept_loop(
                         Peer::Tcp(a) => Some(a),
                         Peer::Unix { .. } => None,
                     };
-                    if let Err(e) = lean
-                        .serve(io, tcp_peer, limits.handshake_timeout, stop)
-                        .await
-                    {
-                        tracing::debug!("{peer}: lean fault connection ended: {e}");
+                    let timeout = limits.handshake_timeout;
+                    let served = match kind {
+                        LeanKind::Fault => lean.serve(io, tcp_peer, timeout, stop).await,
+                        LeanKind::Prefetch => {
+                            lean.serve_prefetch(io, tcp_peer, timeout, stop).await
+                        }
+                    };
+                    if let Err(e) = served {
+                        tracing::debug!("{peer}: lean {kind:?} connection ended: {e}");
                     }
                     drop(slot);
                 }
@@ -766,8 +771,17 @@ enum Handshaken {
     Grpc(Io, [u8; 24]),
     /// A lean fault transport client ([`frame::MAGIC`], consumed).
     Lean(Io),
+    /// A lean prefetch client ([`frame::PREFETCH_MAGIC`], consumed).
+    LeanPrefetch(Io),
     /// A Unix client asking for a page file (its preface read).
     PageFile(tokio::net::UnixStream),
+}
+
+/// Which stream a lean connection carries.
+#[derive(Clone, Copy, Debug)]
+enum LeanKind {
+    Fault,
+    Prefetch,
 }
 
 /// Runs the TLS handshake (if any) and reads HTTP/2's connection preface,
@@ -791,13 +805,16 @@ async fn handshake(io: Io, tls: Option<tokio_rustls::TlsAcceptor>) -> std::io::R
     if preface == frame::MAGIC {
         return Ok(Handshaken::Lean(io));
     }
+    if preface == frame::PREFETCH_MAGIC {
+        return Ok(Handshaken::LeanPrefetch(io));
+    }
     match io {
         Io::Unix(stream) if &preface == faultline_proto::unix::PAGE_FILE_PREFACE => {
             Ok(Handshaken::PageFile(stream))
         }
         _ => Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            "not an HTTP/2 (gRPC) client, nor a lean fault connection",
+            "not an HTTP/2 (gRPC) client, nor a lean fault or prefetch connection",
         )),
     }
 }

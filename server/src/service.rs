@@ -274,6 +274,90 @@ impl FaultlineService {
         }))
     }
 
+    /// Validates a `Prefetch` for `client` with `access`, takes one of its
+    /// prefetch slots and plans the stream: what both transports do with
+    /// the request (gRPC here, the lean transport in [`crate::lean`]).
+    pub(crate) async fn open_prefetch(
+        &self,
+        access: Access,
+        client: String,
+        req: pb::PrefetchRequest,
+    ) -> Result<PrefetchStart, Error> {
+        access.check(Right::Read, &req.snapshot)?;
+        let codec = Compression::try_from(req.compression)?;
+        let order = pb::PrefetchOrder::try_from(req.order).map_err(|_| {
+            faultline_proto::ProtocolError::invalid(
+                "order",
+                format!("{} is not a known prefetch order", req.order),
+            )
+        })?;
+        if req.ranges.len() > self.limits.max_prefetch_ranges {
+            return Err(Error::TooLarge {
+                what: "ranges in one Prefetch call (`--max-prefetch-ranges`)",
+                got: req.ranges.len() as u64,
+                limit: self.limits.max_prefetch_ranges as u64,
+            });
+        }
+        let ws_name = WorkingSetName::from_wire(&req.working_set)?;
+        let slot = self.prefetch_slots.take(client)?;
+        let snapshot = self.open(req.snapshot).await?;
+        let manifest = snapshot.manifest();
+        let skip = if req.have.is_empty() {
+            PageBitmap::new(manifest.page_count)
+        } else {
+            PageBitmap::from_bytes("have", &req.have, manifest.page_count)?
+        };
+        let ranges = req
+            .ranges
+            .into_iter()
+            .map(|r| check_range(r, &manifest))
+            .collect::<Result<Vec<_>, _>>()?;
+        // With its page file, the set is read from there in its order;
+        // the order is the one the file was written for.
+        let ws_pages = match order {
+            pb::PrefetchOrder::Ranges => None,
+            _ => snapshot.working_set_pages(&ws_name),
+        };
+        let ws = match &ws_pages {
+            Some(p) => Some(p.order.clone()),
+            None => snapshot.working_set(&ws_name),
+        };
+        let (first, ranges, then_all) = match order {
+            pb::PrefetchOrder::WorkingSetThenRest => (ws, Vec::new(), true),
+            pb::PrefetchOrder::WorkingSetOnly => {
+                if ws.is_none() {
+                    return Err(Error::NoWorkingSet {
+                        snapshot: manifest.id.clone(),
+                        name: ws_name,
+                    });
+                }
+                (ws, Vec::new(), false)
+            }
+            pb::PrefetchOrder::Ranges => {
+                if ranges.is_empty() {
+                    return Err(faultline_proto::ProtocolError::Missing("ranges").into());
+                }
+                (None, ranges, false)
+            }
+        };
+        let batch_bytes = match req.max_batch_bytes {
+            0 => DEFAULT_PREFETCH_BATCH_BYTES,
+            n => n.clamp(manifest.page_size.bytes(), MAX_PREFETCH_BATCH_BYTES),
+        };
+        let plan = PrefetchPlan {
+            snapshot,
+            manifest,
+            skip,
+            first,
+            ws_pages,
+            ranges,
+            then_all,
+            codec,
+            batch_bytes,
+        };
+        Ok(PrefetchStart { plan, slot })
+    }
+
     /// Fault requests of one stream answered at once (`--fault-concurrency`).
     pub(crate) fn fault_concurrency(&self) -> usize {
         self.limits.fault_concurrency.max(1)
@@ -530,6 +614,47 @@ struct PrefetchPlan {
     batch_bytes: u64,
 }
 
+/// A validated `Prefetch` holding its prefetch slot, not started yet.
+pub(crate) struct PrefetchStart {
+    plan: PrefetchPlan,
+    slot: Slot,
+}
+
+/// A running prefetch: its batches (or its error, last) as the producer
+/// task makes them, a few ahead of the consumer.
+pub(crate) struct PrefetchProducer {
+    /// The batches.
+    pub(crate) rx: mpsc::Receiver<Result<pb::PageBatch, Error>>,
+    /// Set by the producer before it closes the channel: a channel closed
+    /// without it is a producer that died.
+    pub(crate) ended: Arc<AtomicBool>,
+    /// Aborts the producer when dropped (the consumer went away).
+    pub(crate) abort: AbortOnDrop,
+}
+
+/// The error ending a prefetch whose producer died (it panicked).
+pub(crate) const PRODUCER_DIED: &str = "the server failed while streaming this prefetch; retry it";
+
+impl PrefetchStart {
+    /// Starts the producer task, which holds the slot while it runs.
+    pub(crate) fn start(self) -> PrefetchProducer {
+        let Self { plan, slot } = self;
+        let (tx, rx) = mpsc::channel(PREFETCH_QUEUE_DEPTH);
+        let ended = Arc::new(AtomicBool::new(false));
+        let producer_ended = ended.clone();
+        let task = tokio::spawn(async move {
+            let _slot = slot;
+            let _active = metrics::ActiveStream::new("prefetch");
+            plan.run(tx, producer_ended).await;
+        });
+        PrefetchProducer {
+            rx,
+            ended,
+            abort: AbortOnDrop(task.abort_handle()),
+        }
+    }
+}
+
 /// The prefetch stream is over: its client went away, or it failed (and
 /// the error was sent).
 struct Stopped;
@@ -546,7 +671,7 @@ struct Batcher {
     /// file, if it is read from there.
     pending: Vec<(PageRange, Option<u64>)>,
     pending_pages: u64,
-    tx: mpsc::Sender<Result<pb::PageBatch, Status>>,
+    tx: mpsc::Sender<Result<pb::PageBatch, Error>>,
 }
 
 impl Batcher {
@@ -592,7 +717,7 @@ impl Batcher {
             }
             Err(e) => {
                 metrics::request_failed("prefetch", &e);
-                let _ = self.tx.send(Err(e.into())).await;
+                let _ = self.tx.send(Err(e)).await;
                 Err(Stopped)
             }
         }
@@ -604,13 +729,13 @@ impl PrefetchPlan {
     /// client goes away, the stream and with it this task are dropped).
     /// Sets `ended` before `tx` is dropped, so that a stream that ends
     /// without it (the producer panicked) is reported as broken.
-    async fn run(self, tx: mpsc::Sender<Result<pb::PageBatch, Status>>, ended: Arc<AtomicBool>) {
+    async fn run(self, tx: mpsc::Sender<Result<pb::PageBatch, Error>>, ended: Arc<AtomicBool>) {
         let _ = self.stream(tx.clone()).await;
         ended.store(true, Ordering::SeqCst);
         drop(tx);
     }
 
-    async fn stream(self, tx: mpsc::Sender<Result<pb::PageBatch, Status>>) -> Result<(), Stopped> {
+    async fn stream(self, tx: mpsc::Sender<Result<pb::PageBatch, Error>>) -> Result<(), Stopped> {
         let Self {
             snapshot,
             manifest,
@@ -697,7 +822,7 @@ impl PrefetchPlan {
 
 /// Aborts a task when dropped: the producer of a stream whose consumer is
 /// gone.
-struct AbortOnDrop(tokio::task::AbortHandle);
+pub(crate) struct AbortOnDrop(tokio::task::AbortHandle);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -866,108 +991,23 @@ impl pb::faultline_server::Faultline for FaultlineService {
         let client = client_identity(&req);
         let access = Access::of(&req);
         let req = req.into_inner();
-        let plan = async {
-            access?.check(Right::Read, &req.snapshot)?;
-            let codec = Compression::try_from(req.compression)?;
-            let order = pb::PrefetchOrder::try_from(req.order).map_err(|_| {
-                faultline_proto::ProtocolError::invalid(
-                    "order",
-                    format!("{} is not a known prefetch order", req.order),
-                )
-            })?;
-            if req.ranges.len() > self.limits.max_prefetch_ranges {
-                return Err(Error::TooLarge {
-                    what: "ranges in one Prefetch call (`--max-prefetch-ranges`)",
-                    got: req.ranges.len() as u64,
-                    limit: self.limits.max_prefetch_ranges as u64,
-                });
-            }
-            let ws_name = WorkingSetName::from_wire(&req.working_set)?;
-            let slot = self.prefetch_slots.take(client)?;
-            let snapshot = self.open(req.snapshot).await?;
-            let manifest = snapshot.manifest();
-            let skip = if req.have.is_empty() {
-                PageBitmap::new(manifest.page_count)
-            } else {
-                PageBitmap::from_bytes("have", &req.have, manifest.page_count)?
-            };
-            let ranges = req
-                .ranges
-                .into_iter()
-                .map(|r| check_range(r, &manifest))
-                .collect::<Result<Vec<_>, _>>()?;
-            // With its page file, the set is read from there in its order;
-            // the order is the one the file was written for.
-            let ws_pages = match order {
-                pb::PrefetchOrder::Ranges => None,
-                _ => snapshot.working_set_pages(&ws_name),
-            };
-            let ws = match &ws_pages {
-                Some(p) => Some(p.order.clone()),
-                None => snapshot.working_set(&ws_name),
-            };
-            let (first, ranges, then_all) = match order {
-                pb::PrefetchOrder::WorkingSetThenRest => (ws, Vec::new(), true),
-                pb::PrefetchOrder::WorkingSetOnly => {
-                    if ws.is_none() {
-                        return Err(Error::NoWorkingSet {
-                            snapshot: manifest.id.clone(),
-                            name: ws_name,
-                        });
-                    }
-                    (ws, Vec::new(), false)
-                }
-                pb::PrefetchOrder::Ranges => {
-                    if ranges.is_empty() {
-                        return Err(faultline_proto::ProtocolError::Missing("ranges").into());
-                    }
-                    (None, ranges, false)
-                }
-            };
-            let batch_bytes = match req.max_batch_bytes {
-                0 => DEFAULT_PREFETCH_BATCH_BYTES,
-                n => n.clamp(manifest.page_size.bytes(), MAX_PREFETCH_BATCH_BYTES),
-            };
-            let plan = PrefetchPlan {
-                snapshot,
-                manifest,
-                skip,
-                first,
-                ws_pages,
-                ranges,
-                then_all,
-                codec,
-                batch_bytes,
-            };
-            Ok((plan, slot))
-        }
-        .await;
-        let (plan, slot) = plan.map_err(|e| t.fail(e))?;
+        let plan = async { self.open_prefetch(access?, client, req).await }.await;
+        let producer = plan.map_err(|e| t.fail(e))?.start();
         drop(t);
-
-        let (tx, rx) = mpsc::channel(PREFETCH_QUEUE_DEPTH);
-        let ended = Arc::new(AtomicBool::new(false));
-        let producer_ended = ended.clone();
-        let task = tokio::spawn(async move {
-            let _slot = slot;
-            let _active = metrics::ActiveStream::new("prefetch");
-            plan.run(tx, producer_ended).await;
-        });
-        let abort = AbortOnDrop(task.abort_handle());
+        let PrefetchProducer { rx, ended, abort } = producer;
         // A producer that died leaves the channel closed without `ended`:
         // the stream then ends with Internal, never with OK.
         let tail = futures::stream::once(async move {
-            (!ended.load(Ordering::SeqCst)).then(|| {
-                Err(Status::internal(
-                    "the server failed while streaming this prefetch; retry it",
-                ))
-            })
+            (!ended.load(Ordering::SeqCst)).then(|| Err(Status::internal(PRODUCER_DIED)))
         })
         .filter_map(futures::future::ready);
-        let batches = ReceiverStream::new(rx).chain(tail).map(move |batch| {
-            let _producer = &abort;
-            batch
-        });
+        let batches = ReceiverStream::new(rx)
+            .map(|batch| batch.map_err(Status::from))
+            .chain(tail)
+            .map(move |batch| {
+                let _producer = &abort;
+                batch
+            });
         Ok(Response::new(Box::pin(batches)))
     }
 

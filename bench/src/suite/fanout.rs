@@ -151,6 +151,7 @@ pub fn client_main(args: &ClientArgs) -> anyhow::Result<()> {
         on_failure: OnFailure::Wait,
         deadline: DEFAULT_DEADLINE,
         fault_transport: Default::default(),
+        prefetch_transport: Default::default(),
     };
     let s = faultline_client::restore::run(&opts)
         .with_context(|| format!("restoring {} from {}", args.snapshot, args.server))?;

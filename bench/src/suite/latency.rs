@@ -37,7 +37,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use faultline_client::backing::GuestMemory;
-use faultline_client::pager::{FaultTransport, PagerConfig, PrefetchPolicy, Stats};
+use faultline_client::pager::{PagerConfig, PrefetchPolicy, Stats, StreamTransport};
 use faultline_client::uffd::{Event, Readiness, RegisterModes, ResolveError, StopSignal, Uffd};
 use faultline_proto::PageIndex;
 use serde_json::json;
@@ -252,9 +252,9 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
                     Method::Faultline | Method::FaultlineNoReadahead | Method::FaultlineGrpc => {
                         let off = method == Method::FaultlineNoReadahead;
                         let transport = if method == Method::FaultlineGrpc {
-                            FaultTransport::Grpc
+                            StreamTransport::Grpc
                         } else {
-                            FaultTransport::Lean
+                            StreamTransport::Lean
                         };
                         let via = (Transport::Tcp, &unix);
                         let run =
@@ -277,7 +277,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
                         } else {
                             Transport::UnixStream
                         };
-                        let auto = FaultTransport::Auto;
+                        let auto = StreamTransport::Auto;
                         faultline(ctx, &snap, &sample, &zeros, false, auto, &image, (t, &unix))?
                             .samples
                     }
@@ -692,7 +692,7 @@ fn faultline(
     sample: &[u64],
     zeros: &[u64],
     readahead_off: bool,
-    fault_transport: FaultTransport,
+    fault_transport: StreamTransport,
     image: &[u8],
     (transport, unix): (Transport, &UnixServer),
 ) -> anyhow::Result<PagerRun> {

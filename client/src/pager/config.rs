@@ -158,32 +158,33 @@ impl std::str::FromStr for OnFailure {
     }
 }
 
-/// Which transport carries the demand link's `Fault` stream.
+/// Which transport carries a stream: the demand link's `Fault` stream
+/// ([`PagerConfig::fault_transport`]) or the prefetcher's `Prefetch`
+/// streams ([`PagerConfig::prefetch_transport`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum FaultTransport {
+pub enum StreamTransport {
     /// The lean transport where the server offers it, else gRPC (with a
     /// debug log). The default: the same messages and checks, without
-    /// HTTP/2's cost per fault (docs/protocol.md, "The lean fault transport").
+    /// HTTP/2's cost per fault and its copies of bulk data (docs/protocol.md,
+    /// "The lean fault transport", "The lean prefetch transport").
     #[default]
     Auto,
     /// The lean transport only: a server without it is a failed connection.
     Lean,
-    /// gRPC's `Fault` stream over HTTP/2, as before the lean transport (for
-    /// comparison, or a proxy that passes only HTTP/2).
+    /// gRPC over HTTP/2, as before the lean transport (for comparison, or
+    /// a proxy that passes only HTTP/2).
     Grpc,
 }
 
-impl std::str::FromStr for FaultTransport {
+impl std::str::FromStr for StreamTransport {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "auto" => Ok(Self::Auto),
             "lean" => Ok(Self::Lean),
             "grpc" => Ok(Self::Grpc),
-            _ => Err(format!(
-                "unknown fault transport {s:?}; use auto, lean or grpc"
-            )),
+            _ => Err(format!("unknown transport {s:?}; use auto, lean or grpc")),
         }
     }
 }
@@ -226,7 +227,10 @@ pub struct PagerConfig {
     /// How the prefetcher moves bulk data.
     pub bulk: Bulk,
     /// Which transport carries demand faults.
-    pub fault_transport: FaultTransport,
+    pub fault_transport: StreamTransport,
+    /// Which transport carries prefetch streams (a server on a Unix socket
+    /// with a page file hands that over instead, `source.rs`).
+    pub prefetch_transport: StreamTransport,
 }
 
 impl PagerConfig {
@@ -245,7 +249,8 @@ impl PagerConfig {
             on_failure: OnFailure::Wait,
             compression: Compression::None,
             bulk: Bulk::default(),
-            fault_transport: FaultTransport::Auto,
+            fault_transport: StreamTransport::Auto,
+            prefetch_transport: StreamTransport::Auto,
         }
     }
 }

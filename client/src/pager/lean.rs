@@ -1,4 +1,4 @@
-//! The lean fault transport, client side: the demand link's `Fault` stream
+//! The lean transports, client side: the demand link's `Fault` stream
 //! as length-delimited frames ([`faultline_proto::frame`]) on its own TCP
 //! (or TLS) connection, without HTTP/2 (docs/protocol.md, "The lean fault
 //! transport"). TLS uses the same options as gRPC connections (CA, client
@@ -12,6 +12,12 @@
 //! without the transport closes a connection that does not start with
 //! HTTP/2's preface: that, before any frame, is [`Opened::Unsupported`], and
 //! the link falls back to gRPC.
+//!
+//! A prefetch stream opens its own lean connection the same way
+//! ([`open_prefetch`], docs/protocol.md "The lean prefetch transport"): the
+//! prefetch magic, the hello and the `PrefetchRequest` in one write, then a
+//! frame per batch, read whole into one buffer sized from its header, whose
+//! runs' page bytes are slices of it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,6 +65,23 @@ impl std::fmt::Debug for LeanSession {
 /// Opens a lean `Fault` stream on `url`, after checking a fail-over
 /// server's manifest as the gRPC path does.
 pub(crate) async fn open(shared: &Shared, url: &str) -> Result<Opened, String> {
+    match connect(shared, url).await? {
+        Connected::Io(io) => start(io, shared, url).await,
+        Connected::Unsupported(why) => Ok(Opened::Unsupported(why)),
+    }
+}
+
+/// What connecting for a lean stream came to.
+enum Connected {
+    /// A connection (TLS done, if any), nothing sent yet.
+    Io(Box<dyn LeanIo>),
+    /// The URL is not one the lean transports run on; why.
+    Unsupported(String),
+}
+
+/// Connects to `url` for a lean stream, after checking a fail-over server's
+/// manifest as the gRPC path does: a Unix socket, TCP, or TLS over TCP.
+async fn connect(shared: &Shared, url: &str) -> Result<Connected, String> {
     if let Some(path) = faultline_proto::unix::unix_path(url) {
         // A server on this host: the same frames on its Unix socket (no TLS
         // there, docs/security.md).
@@ -71,21 +94,21 @@ pub(crate) async fn open(shared: &Shared, url: &str) -> Result<Opened, String> {
             .await
             .map_err(|_| format!("connecting to {url} took over {CONNECT_TIMEOUT:?}"))?
             .map_err(|e| format!("cannot connect to {url}: {e}"))?;
-        return start(Box::new(stream), shared, url).await;
+        return Ok(Connected::Io(Box::new(stream)));
     }
     let (tls, authority) = if let Some(a) = url.strip_prefix("http://") {
         (false, a)
     } else if let Some(a) = url.strip_prefix("https://") {
         (true, a)
     } else {
-        return Ok(Opened::Unsupported(format!(
-            "the lean fault transport runs on http://, https:// and unix:// URLs, not {url}"
+        return Ok(Connected::Unsupported(format!(
+            "the lean transports run on http://, https:// and unix:// URLs, not {url}"
         )));
     };
     let authority = authority.trim_end_matches('/');
     let opts = &shared.config.connect.tls;
     if tls && opts.identity.is_some() && opts.identity_pem.is_none() {
-        return Ok(Opened::Unsupported(
+        return Ok(Connected::Unsupported(
             "the client certificate was given without its PEM (TlsOptions::identity_pem)".into(),
         ));
     }
@@ -103,7 +126,7 @@ pub(crate) async fn open(shared: &Shared, url: &str) -> Result<Opened, String> {
     tcp.set_nodelay(true)
         .map_err(|e| format!("cannot set TCP_NODELAY on the connection to {url}: {e}"))?;
     if !tls {
-        return start(Box::new(tcp), shared, url).await;
+        return Ok(Connected::Io(Box::new(tcp)));
     }
     let host = authority
         .rsplit_once(':')
@@ -118,7 +141,7 @@ pub(crate) async fn open(shared: &Shared, url: &str) -> Result<Opened, String> {
         .connect(name, tcp)
         .await
         .map_err(|e| format!("the TLS handshake with {url} failed: {e}"))?;
-    start(Box::new(stream), shared, url).await
+    Ok(Connected::Io(Box::new(stream)))
 }
 
 /// The TLS client configuration of `opts`, as tonic builds it for gRPC
@@ -166,16 +189,8 @@ fn tls_config(opts: &TlsOptions) -> Result<rustls::ClientConfig, String> {
 /// Sends the magic, the hello and the `open` on `io`, and reads the
 /// server's verdict.
 async fn start(io: Box<dyn LeanIo>, shared: &Shared, url: &str) -> Result<Opened, String> {
-    let mut io = FrameStream::new(io, frame::MAX_ANSWER_FRAME_BYTES);
-    let hello = pb::FaultHello {
-        authorization: shared
-            .config
-            .connect
-            .token
-            .as_ref()
-            .map(|t| t.authorization().to_owned())
-            .unwrap_or_default(),
-    };
+    let mut io = FrameStream::new(io, frame::MAX_ANSWER_FRAME_BYTES).reserving_whole_frames();
+    let hello = hello(shared);
     let open = pb::FaultRequest {
         kind: Some(pb::fault_request::Kind::Open(pb::FaultOpen {
             snapshot: shared.config.snapshot.to_string(),
@@ -204,20 +219,164 @@ async fn start(io: Box<dyn LeanIo>, shared: &Shared, url: &str) -> Result<Opened
             "{url} closed the connection on the lean fault transport's greeting (a server \
              without it)"
         ))),
-        Err(FrameError::Io(e))
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof
-            ) =>
-        {
-            Ok(Opened::Unsupported(format!(
-                "{url} reset the connection on the lean fault transport's greeting (a server \
+        Err(FrameError::Io(e)) if refused_greeting(&e) => Ok(Opened::Unsupported(format!(
+            "{url} reset the connection on the lean fault transport's greeting (a server \
                  without it)"
-            )))
-        }
+        ))),
         Err(e) => Err(format!(
             "reading {url}'s answer to the Fault stream's open: {e}"
         )),
+    }
+}
+
+/// The hello of every lean connection: the token, as gRPC's
+/// `authorization` metadata would carry it.
+fn hello(shared: &Shared) -> pb::FaultHello {
+    pb::FaultHello {
+        authorization: shared
+            .config
+            .connect
+            .token
+            .as_ref()
+            .map(|t| t.authorization().to_owned())
+            .unwrap_or_default(),
+    }
+}
+
+/// Whether `e`, before any frame came back, is a server closing a
+/// connection whose greeting it does not know (one without the transport).
+fn refused_greeting(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::UnexpectedEof
+            | std::io::ErrorKind::BrokenPipe
+    )
+}
+
+/// An open lean `Prefetch` stream: the batches as the server sends them.
+pub(crate) struct PrefetchSession {
+    io: FrameStream<Box<dyn LeanIo>>,
+    /// The first frame, read to learn that the server speaks the transport.
+    first: Option<pb::PrefetchFrame>,
+    /// The end (or an error) came: the stream is over.
+    done: bool,
+}
+
+/// What opening a lean prefetch came to.
+pub(crate) enum PrefetchOpened {
+    /// The stream runs.
+    Session(PrefetchSession),
+    /// The server does not offer the transport (or the URL is one it does
+    /// not run on); why, for the log.
+    Unsupported(String),
+}
+
+/// A failure of a lean prefetch stream: an in-band error from the server
+/// (its code and message, as a gRPC status would carry them), or the
+/// connection failing.
+#[derive(Debug)]
+pub(crate) enum PrefetchFailure {
+    /// The server's in-band error.
+    Server(tonic::Status),
+    /// The connection broke or carried something else; why.
+    Broken(String),
+}
+
+/// Opens a lean `Prefetch` stream of `req` on `url`: the magic, the hello
+/// and the request in one write, then the server's first frame, which says
+/// whether it speaks the transport (a server without it closes at the
+/// magic: [`PrefetchOpened::Unsupported`]).
+pub(crate) async fn open_prefetch(
+    shared: &Shared,
+    url: &str,
+    req: &pb::PrefetchRequest,
+) -> Result<PrefetchOpened, PrefetchFailure> {
+    let io = match connect(shared, url)
+        .await
+        .map_err(PrefetchFailure::Broken)?
+    {
+        Connected::Io(io) => io,
+        Connected::Unsupported(why) => return Ok(PrefetchOpened::Unsupported(why)),
+    };
+    let mut io = FrameStream::new(io, frame::MAX_ANSWER_FRAME_BYTES).reserving_whole_frames();
+    let unsupported = || {
+        PrefetchOpened::Unsupported(format!(
+            "{url} closed the connection on the lean prefetch transport's greeting (a server \
+             without it)"
+        ))
+    };
+    match io
+        .write_all_of(&frame::PREFETCH_MAGIC, &[&hello(shared), req])
+        .await
+    {
+        Ok(()) => {}
+        Err(FrameError::Io(e)) if refused_greeting(&e) => return Ok(unsupported()),
+        Err(e) => {
+            return Err(PrefetchFailure::Broken(format!(
+                "cannot write to {url}: {e}"
+            )));
+        }
+    }
+    match io.read::<pb::PrefetchFrame>("a PrefetchFrame").await {
+        Ok(Some(first)) => Ok(PrefetchOpened::Session(PrefetchSession {
+            io,
+            first: Some(first),
+            done: false,
+        })),
+        Ok(None) => Ok(unsupported()),
+        Err(FrameError::Io(e)) if refused_greeting(&e) => Ok(unsupported()),
+        Err(e) => Err(PrefetchFailure::Broken(format!(
+            "reading {url}'s first prefetch frame: {e}"
+        ))),
+    }
+}
+
+impl PrefetchSession {
+    /// The next batch; `None` once the server sent the stream's end.
+    /// Cancel-safe. An in-band error ends the stream with that error; a
+    /// connection that closes before the end is broken.
+    pub(crate) async fn next(&mut self) -> Option<Result<pb::PageBatch, PrefetchFailure>> {
+        if self.done {
+            return None;
+        }
+        let frame = match self.first.take() {
+            Some(f) => Ok(Some(f)),
+            None => self.io.read::<pb::PrefetchFrame>("a PrefetchFrame").await,
+        };
+        let kind = match frame {
+            Ok(Some(f)) => f.kind,
+            Ok(None) => {
+                self.done = true;
+                return Some(Err(PrefetchFailure::Broken(
+                    "the server closed the prefetch stream before its end".into(),
+                )));
+            }
+            Err(e) => {
+                self.done = true;
+                return Some(Err(PrefetchFailure::Broken(e.to_string())));
+            }
+        };
+        match kind {
+            Some(pb::prefetch_frame::Kind::Batch(b)) => Some(Ok(b)),
+            Some(pb::prefetch_frame::Kind::End(_)) => {
+                self.done = true;
+                None
+            }
+            Some(pb::prefetch_frame::Kind::Error(e)) => {
+                self.done = true;
+                Some(Err(PrefetchFailure::Server(tonic::Status::new(
+                    tonic::Code::from(e.code),
+                    e.message,
+                ))))
+            }
+            None => {
+                self.done = true;
+                Some(Err(PrefetchFailure::Broken(
+                    "the server sent a prefetch frame without a kind".into(),
+                )))
+            }
+        }
     }
 }
 

@@ -26,7 +26,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use super::config::FaultTransport;
+use super::config::StreamTransport;
 use super::error::InstallError;
 use super::lean::{self, LeanSession};
 use super::pages::PageState;
@@ -191,11 +191,11 @@ impl Session {
 /// the calling runtime): on the lean transport where the server offers it
 /// and the configuration allows it, else over gRPC.
 pub(crate) async fn open_session(shared: &Shared, url: &str) -> Result<Session, String> {
-    if shared.config.fault_transport != FaultTransport::Grpc {
+    if shared.config.fault_transport != StreamTransport::Grpc {
         match lean::open(shared, url).await? {
             lean::Opened::Session(s) => return Ok(Session::Lean(s)),
             lean::Opened::Unsupported(why)
-                if shared.config.fault_transport == FaultTransport::Lean =>
+                if shared.config.fault_transport == StreamTransport::Lean =>
             {
                 return Err(format!("{why}, and --fault-transport lean was asked for"));
             }

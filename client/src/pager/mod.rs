@@ -70,9 +70,9 @@ use faultline_proto::{Manifest, PageIndex, PageRange};
 use tokio::sync::{Notify, mpsc, watch};
 
 pub use config::{
-    Bulk, DEFAULT_DEADLINE, FaultTransport, MAX_READAHEAD_BYTES, MIN_READAHEAD_BYTES, NO_READAHEAD,
-    OnFailure, PAGE_FILE_STREAMS, PREFETCH_BATCH_BYTES, PREFETCH_STREAMS, PagerConfig,
-    PrefetchPolicy, Region,
+    Bulk, DEFAULT_DEADLINE, MAX_READAHEAD_BYTES, MIN_READAHEAD_BYTES, NO_READAHEAD, OnFailure,
+    PAGE_FILE_STREAMS, PREFETCH_BATCH_BYTES, PREFETCH_STREAMS, PagerConfig, PrefetchPolicy, Region,
+    StreamTransport,
 };
 pub use error::{FaultError, InstallError, StartError};
 pub use faults::Readahead;

@@ -27,6 +27,7 @@ use faultline_proto::codec::{PageBatch, PageRun};
 use faultline_proto::{PageIndex, PageRange, pb};
 use futures::StreamExt;
 
+use super::config::StreamTransport;
 use super::error::InstallError;
 use super::faults::Caller;
 use super::link::{INITIAL_BACKOFF, MAX_BACKOFF, STALL_TIMEOUT};
@@ -34,7 +35,7 @@ use super::region::RegionState;
 use super::source::Slotted;
 use super::stats::Source;
 use super::units::Assembler;
-use super::{PrefetchPolicy, Shared};
+use super::{PrefetchPolicy, Shared, lean};
 use crate::remote::{Remote, RemoteError, decode_batch};
 
 /// Prefetching a stream failed (the pager retries).
@@ -53,6 +54,9 @@ pub enum PrefetchError {
     /// The server sent nothing for this long.
     #[error("the server sent no prefetch batch for {0:?}")]
     Stalled(Duration),
+    /// The lean prefetch connection failed.
+    #[error("the lean prefetch stream failed: {0}")]
+    Lean(String),
     /// Reading the page file failed (the stream is used instead).
     #[error("reading the page file failed: {0}")]
     PageFile(std::io::Error),
@@ -100,13 +104,7 @@ async fn stream_units_into(
         }
     }
     let stalled = || PrefetchError::Stalled(STALL_TIMEOUT);
-    let opening = async {
-        let remote = Remote::connect_with(url, &shared.config.connect).await?;
-        // A fail-over server must serve the manifest in use (crate::fleet).
-        shared.fleet.check(&remote, &shared.manifest).await?;
-        Ok::<_, PrefetchError>(remote.prefetch(req).await?)
-    };
-    let mut stream = tokio::time::timeout(STALL_TIMEOUT, opening)
+    let mut stream = tokio::time::timeout(STALL_TIMEOUT, Batches::open(shared, url, req))
         .await
         .map_err(|_| stalled())??;
     let mut next_batch = async || -> Result<Option<PageBatch>, PrefetchError> {
@@ -114,8 +112,7 @@ async fn stream_units_into(
             .await
             .map_err(|_| stalled())?;
         let Some(batch) = next else { return Ok(None) };
-        let batch = batch.map_err(RemoteError::rpc("Prefetch"))?;
-        Ok(Some(decode_batch(batch, &shared.manifest)?))
+        Ok(Some(decode_batch(batch?, &shared.manifest)?))
     };
     if !shared.config.bulk.overlap {
         while let Some(batch) = next_batch().await? {
@@ -160,6 +157,66 @@ async fn stream_units_into(
     *units = back;
     installed?;
     received
+}
+
+/// A prefetch stream's batches, on the transport it opened on.
+enum Batches {
+    /// gRPC's `Prefetch` stream.
+    Grpc(tonic::Streaming<pb::PageBatch>),
+    /// The lean prefetch transport (`lean.rs`).
+    Lean(lean::PrefetchSession),
+}
+
+impl Batches {
+    /// Opens `req` on `url`: on the lean transport where the server offers
+    /// it and the configuration allows it, else over gRPC.
+    async fn open(
+        shared: &Shared,
+        url: &str,
+        req: pb::PrefetchRequest,
+    ) -> Result<Self, PrefetchError> {
+        let transport = shared.config.prefetch_transport;
+        if transport != StreamTransport::Grpc {
+            match lean::open_prefetch(shared, url, &req).await {
+                Ok(lean::PrefetchOpened::Session(s)) => return Ok(Self::Lean(s)),
+                Ok(lean::PrefetchOpened::Unsupported(why))
+                    if transport == StreamTransport::Lean =>
+                {
+                    return Err(PrefetchError::Lean(format!(
+                        "{why}, and --prefetch-transport lean was asked for"
+                    )));
+                }
+                Ok(lean::PrefetchOpened::Unsupported(why)) => {
+                    tracing::debug!("prefetch: {why}; using gRPC");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let remote = Remote::connect_with(url, &shared.config.connect).await?;
+        // A fail-over server must serve the manifest in use (crate::fleet).
+        shared.fleet.check(&remote, &shared.manifest).await?;
+        Ok(Self::Grpc(remote.prefetch(req).await?))
+    }
+
+    /// The next batch; `None` at the stream's end.
+    async fn next(&mut self) -> Option<Result<pb::PageBatch, PrefetchError>> {
+        match self {
+            Self::Grpc(s) => s
+                .next()
+                .await
+                .map(|b| b.map_err(|e| RemoteError::rpc("Prefetch")(e).into())),
+            Self::Lean(s) => s.next().await.map(|b| b.map_err(PrefetchError::from)),
+        }
+    }
+}
+
+impl From<lean::PrefetchFailure> for PrefetchError {
+    fn from(e: lean::PrefetchFailure) -> Self {
+        match e {
+            lean::PrefetchFailure::Server(status) => RemoteError::rpc("Prefetch")(status).into(),
+            lean::PrefetchFailure::Broken(why) => Self::Lean(why),
+        }
+    }
 }
 
 /// Installs what one batch brought ([`install_pages`]), then tells
