@@ -396,3 +396,75 @@ impl Drop for OpenGauge {
         metrics::gauge!(LEAN_CONNECTIONS_OPEN).decrement(1.0);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::LocalStore;
+    use crate::store::SnapshotStore;
+    use faultline_proto::{PageSize, SnapshotId};
+
+    /// A prefetch of every page of a 256-page snapshot, one page per batch.
+    fn request() -> pb::PrefetchRequest {
+        pb::PrefetchRequest {
+            snapshot: "s".into(),
+            order: pb::PrefetchOrder::Ranges as i32,
+            ranges: vec![pb::PageRange {
+                start: 0,
+                count: 256,
+            }],
+            max_batch_bytes: 4096,
+            ..Default::default()
+        }
+    }
+
+    /// A server that stops mid-prefetch ends the stream with an in-band Unavailable, never with
+    /// its end frame, and the connection's task returns.
+    #[tokio::test]
+    async fn stopping_ends_a_lean_prefetch_with_unavailable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(LocalStore::new(dir.path().join("store")).unwrap());
+        let image: Vec<u8> = (0..256 * 4096u32).map(|i| (i / 4096 + 1) as u8).collect();
+        let file = dir.path().join("img");
+        std::fs::write(&file, &image).unwrap();
+        let id = SnapshotId::new("s").unwrap();
+        crate::import::import_file(&*store, id, PageSize::Size4K, &[], &file, |_| {}).unwrap();
+        let service = FaultlineService::new(store as Arc<dyn SnapshotStore>);
+        let lean = LeanServer::new(service, Arc::new(Authenticator::open()));
+        // A narrow pipe: the server can only write as fast as the test reads.
+        let (client, server_io) = tokio::io::duplex(256);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = tokio::spawn(async move {
+            let stop = async move {
+                let _ = stopped.await;
+            };
+            lean.serve_prefetch(server_io, None, Duration::from_secs(10), stop)
+                .await
+        });
+        let mut io = FrameStream::new(client, frame::MAX_ANSWER_FRAME_BYTES);
+        io.write_all_of(&[], &[&pb::FaultHello::default(), &request()])
+            .await
+            .unwrap();
+        let first: pb::PrefetchFrame = io.read("a frame").await.unwrap().unwrap();
+        assert!(matches!(
+            first.kind,
+            Some(pb::prefetch_frame::Kind::Batch(_))
+        ));
+        stop.send(()).unwrap();
+        let mut batches = 1;
+        let last = loop {
+            let f: pb::PrefetchFrame = io.read("a frame").await.unwrap().unwrap();
+            match f.kind {
+                Some(pb::prefetch_frame::Kind::Batch(_)) => batches += 1,
+                other => break other,
+            }
+        };
+        let Some(pb::prefetch_frame::Kind::Error(e)) = last else {
+            panic!("not ended with an error after {batches} batches: {last:?}");
+        };
+        assert_eq!(e.code, tonic::Code::Unavailable as i32, "{e:?}");
+        assert!(e.message.contains("shutting down"), "{e:?}");
+        assert!(batches < 256, "{batches}");
+        serving.await.unwrap().unwrap();
+    }
+}

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use faultline_client::backing::{BackingKind, GuestMemory, HUGE_PAGE_SIZE};
-use faultline_client::pager::{Bulk, PagerConfig, Stats};
+use faultline_client::pager::{Bulk, PagerConfig, Stats, StreamTransport};
 use faultline_proto::{Manifest, PageIndex, PageSize};
 use serde_json::json;
 
@@ -216,13 +216,15 @@ fn faultline_once(
 }
 
 /// The prefetcher's bulk settings measured next to the default
-/// ([`Bulk::default`]), interleaved with it: its label and settings. The
-/// first is the prefetcher as it was before issue 13 (one stream, the
-/// server's 1 MiB batches, CONTINUE on shmem).
-fn bulk_variants(quick: bool) -> Vec<(String, Bulk)> {
+/// ([`Bulk::default`] on the default transport), interleaved with it: its
+/// label, settings and the transport of its prefetch streams. The first is
+/// the prefetcher as it was before issue 13 (one stream, the server's 1 MiB
+/// batches, CONTINUE on shmem, gRPC); the second the default over gRPC, as
+/// before the lean prefetch transport.
+fn bulk_variants(quick: bool) -> Vec<(String, Bulk, StreamTransport)> {
     let d = Bulk::default();
-    let mut v = vec![(
-        "1 stream, 1 MiB batches, shmem by CONTINUE (before)".to_string(),
+    let mut v: Vec<(String, Bulk)> = vec![(
+        "1 stream, 1 MiB batches, shmem by CONTINUE, gRPC (before)".to_string(),
         Bulk {
             streams: 1,
             page_file_streams: 1,
@@ -232,6 +234,22 @@ fn bulk_variants(quick: bool) -> Vec<(String, Bulk)> {
             overlap: false,
         },
     )];
+    let grpc = |v: Vec<(String, Bulk)>| {
+        let mut out: Vec<_> = v
+            .into_iter()
+            .map(|(l, b)| (l, b, StreamTransport::Auto))
+            .collect();
+        out[0].2 = StreamTransport::Grpc;
+        out.insert(
+            1,
+            (
+                "default, prefetch over gRPC".into(),
+                d,
+                StreamTransport::Grpc,
+            ),
+        );
+        out
+    };
     // Receive and install overlapped, and hugetlbfs by COPY (issue 13,
     // hugetlbfs bulk); measured in quick runs too.
     v.push((
@@ -249,7 +267,7 @@ fn bulk_variants(quick: bool) -> Vec<(String, Bulk)> {
         },
     ));
     if quick {
-        return v;
+        return grpc(v);
     }
     for streams in [2, 4] {
         v.push((
@@ -280,7 +298,7 @@ fn bulk_variants(quick: bool) -> Vec<(String, Bulk)> {
             ..d
         },
     ));
-    v
+    grpc(v)
 }
 
 /// Why a faultline restore gave no measurement.
@@ -473,8 +491,12 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
                 bar.inc(5 + variants.len() as u64);
                 continue;
             }
-            for (v, (_, bulk)) in variants.iter().enumerate() {
-                match faultline_once(ctx, row, &images[i], &spots[i], |c| c.bulk = *bulk) {
+            for (v, (_, bulk, transport)) in variants.iter().enumerate() {
+                let set = |c: &mut PagerConfig| {
+                    c.bulk = *bulk;
+                    c.prefetch_transport = *transport;
+                };
+                match faultline_once(ctx, row, &images[i], &spots[i], set) {
                     Ok((secs, _)) => variant_gbps[i][v].push(gbps(ctx.size, secs)),
                     Err(RestoreFailure::Mismatch(e)) => return Err(e),
                     Err(RestoreFailure::Setup(why)) => {
@@ -562,7 +584,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
     );
     let mut variant_data = Vec::new();
     for (i, row) in rows.iter().enumerate().filter(|(_, r)| r.complete()) {
-        for (v, (label, bulk)) in variants.iter().enumerate() {
+        for (v, (label, bulk, transport)) in variants.iter().enumerate() {
             let g = &variant_gbps[i][v];
             if g.is_empty() {
                 continue;
@@ -575,7 +597,8 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
                 format!("{}x", Summary::of(&speedup).fmt(2)),
             ]);
             variant_data.push(json!({
-                "backing": row.kind, "label": label, "bulk": bulk, "gbps": g,
+                "backing": row.kind, "label": label, "bulk": bulk,
+                "prefetch_transport": transport, "gbps": g,
                 "default_over_these": speedup,
             }));
         }

@@ -18,8 +18,12 @@ use super::{Ctx, SERVER_THREADS};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Transport {
-    /// gRPC over loopback TCP (the suite's server).
+    /// Loopback TCP (the suite's server), on the default transports (the
+    /// lean ones).
     Tcp,
+    /// Loopback TCP with the prefetch streams on gRPC, as before the lean
+    /// prefetch transport.
+    TcpGrpcPrefetch,
     /// gRPC over the Unix socket, pages as bytes on the streams.
     UnixStream,
     /// The Unix socket, pages read from the handed-over page file.
@@ -30,7 +34,8 @@ impl Transport {
     /// Its label in tables.
     pub fn label(self) -> &'static str {
         match self {
-            Self::Tcp => "TCP (loopback gRPC)",
+            Self::Tcp => "TCP (loopback)",
+            Self::TcpGrpcPrefetch => "TCP, prefetch on gRPC",
             Self::UnixStream => "unix:// (byte stream)",
             Self::UnixFile => "unix:// + page file",
         }
@@ -38,9 +43,15 @@ impl Transport {
 
     /// Points `config` at `server` the way this transport needs.
     pub fn configure(self, config: &mut faultline_client::pager::PagerConfig, server: &UnixServer) {
-        if self != Self::Tcp {
-            config.servers = vec![server.url()];
-            config.connect.no_page_file = self == Self::UnixStream;
+        match self {
+            Self::Tcp => {}
+            Self::TcpGrpcPrefetch => {
+                config.prefetch_transport = faultline_client::pager::StreamTransport::Grpc;
+            }
+            Self::UnixStream | Self::UnixFile => {
+                config.servers = vec![server.url()];
+                config.connect.no_page_file = self == Self::UnixStream;
+            }
         }
     }
 }

@@ -92,6 +92,9 @@ enum Mode {
     Demand,
     /// Prefetch the recorded working set only.
     ReplayWorkingSet,
+    /// The same with the prefetch stream on gRPC (before the lean prefetch
+    /// transport).
+    ReplayWorkingSetGrpc,
     /// Prefetch the recorded working set, then everything else.
     ReplayAll,
     /// Prefetch the working set from a server on a Unix socket, as bytes.
@@ -109,9 +112,10 @@ enum Mode {
 }
 
 impl Mode {
-    const ALL: [Mode; 8] = [
+    const ALL: [Mode; 9] = [
         Self::Demand,
         Self::ReplayWorkingSet,
+        Self::ReplayWorkingSetGrpc,
         Self::ReplayAll,
         Self::ReplayUnixStream,
         Self::ReplayUnixFile,
@@ -124,6 +128,7 @@ impl Mode {
         match self {
             Self::Demand => "demand only (prefetch none)",
             Self::ReplayWorkingSet => "replay (prefetch working-set)",
+            Self::ReplayWorkingSetGrpc => "replay (working-set), prefetch on gRPC (before)",
             Self::ReplayAll => "replay (prefetch all)",
             Self::ReplayUnixStream => "replay (working-set) over unix:// (byte stream)",
             Self::ReplayUnixFile => "replay (working-set) over unix:// + page file",
@@ -143,6 +148,7 @@ impl Mode {
         match self {
             Self::Demand => "demand",
             Self::ReplayWorkingSet => "replay_working_set",
+            Self::ReplayWorkingSetGrpc => "replay_working_set_grpc",
             Self::ReplayAll => "replay_all",
             Self::ReplayUnixStream => "replay_unix_stream",
             Self::ReplayUnixFile => "replay_unix_file",
@@ -155,9 +161,10 @@ impl Mode {
     fn prefetch(self) -> Option<PrefetchPolicy> {
         match self {
             Self::Demand => Some(PrefetchPolicy::None),
-            Self::ReplayWorkingSet | Self::ReplayUnixStream | Self::ReplayUnixFile => {
-                Some(PrefetchPolicy::WorkingSet)
-            }
+            Self::ReplayWorkingSet
+            | Self::ReplayWorkingSetGrpc
+            | Self::ReplayUnixStream
+            | Self::ReplayUnixFile => Some(PrefetchPolicy::WorkingSet),
             Self::ReplayAll => Some(PrefetchPolicy::All),
             Self::Local | Self::InstallFloor | Self::InstallFloorReads => None,
         }
@@ -167,6 +174,7 @@ impl Mode {
         match self {
             Self::ReplayUnixStream => Transport::UnixStream,
             Self::ReplayUnixFile => Transport::UnixFile,
+            Self::ReplayWorkingSetGrpc => Transport::TcpGrpcPrefetch,
             _ => Transport::Tcp,
         }
     }
@@ -373,7 +381,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
     let expected = expected_checksum(&image, page_bytes, &order)?;
 
     let bar = ctx.bar(
-        "working-set: record, then 8 modes",
+        "working-set: record, then 9 modes",
         1 + (repeats * Mode::ALL.len()) as u64,
     );
     let unix = UnixServer::start(ctx)?;
