@@ -99,17 +99,8 @@ impl LeanServer {
         let _open = OpenGauge::new();
         let mut io = FrameStream::new(io, frame::MAX_REQUEST_FRAME_BYTES);
         let opened = tokio::time::timeout(handshake_timeout, self.open(&mut io, peer)).await;
-        let session = match opened {
-            Ok(Ok(s)) => s,
-            Ok(Err(Rejection { answer, error })) => {
-                if let Some(e) = answer {
-                    // Best effort: the client may have gone already.
-                    let _ = io.write(&frame::refused(e.code, e.message)).await;
-                }
-                return Err(error);
-            }
-            Err(_) => return Err(LeanError::Timeout(handshake_timeout)),
-        };
+        let refusal = |e: pb::Error| frame::refused(e.code, e.message);
+        let session = settle(&mut io, opened, handshake_timeout, refusal).await?;
         io.write(&frame::opened()).await?;
         self.answer_all(&mut io, session, stop).await
     }
@@ -141,17 +132,8 @@ impl LeanServer {
                 .map_err(|e| Rejection::failed(&t, e))
         })
         .await;
-        let start = match opened {
-            Ok(Ok(s)) => s,
-            Ok(Err(Rejection { answer, error })) => {
-                if let Some(e) = answer {
-                    // Best effort: the client may have gone already.
-                    let _ = io.write(&frame::prefetch_error(e.code, e.message)).await;
-                }
-                return Err(error);
-            }
-            Err(_) => return Err(LeanError::Timeout(handshake_timeout)),
-        };
+        let refusal = |e: pb::Error| frame::prefetch_error(e.code, e.message);
+        let start = settle(&mut io, opened, handshake_timeout, refusal).await?;
         drop(t);
         let PrefetchProducer {
             mut rx,
@@ -367,6 +349,32 @@ impl Rejection {
             answer: None,
             error: LeanError::Closed,
         }
+    }
+}
+
+/// What a connection's hello and first request came to within the
+/// handshake timeout: the opened stream, or the error that ends the
+/// connection, after telling the client why in the frame `refusal` makes.
+async fn settle<S, T, M>(
+    io: &mut FrameStream<S>,
+    opened: Result<Result<T, Rejection>, tokio::time::error::Elapsed>,
+    handshake_timeout: Duration,
+    refusal: impl FnOnce(pb::Error) -> M,
+) -> Result<T, LeanError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    M: prost::Message,
+{
+    match opened {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(Rejection { answer, error })) => {
+            if let Some(e) = answer {
+                // Best effort: the client may have gone already.
+                let _ = io.write(&refusal(e)).await;
+            }
+            Err(error)
+        }
+        Err(_) => Err(LeanError::Timeout(handshake_timeout)),
     }
 }
 
