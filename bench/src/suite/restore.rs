@@ -259,8 +259,9 @@ fn bulk_variants(quick: bool) -> Vec<(String, Bulk, StreamTransport)> {
             ..d
         },
     ));
+    let other = if d.hugetlb_copy { "CONTINUE" } else { "COPY" };
     v.push((
-        "default, hugetlbfs by COPY".into(),
+        format!("default, hugetlbfs by {other}"),
         Bulk {
             hugetlb_copy: !d.hugetlb_copy,
             ..d
