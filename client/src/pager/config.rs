@@ -107,10 +107,10 @@ pub struct Bulk {
     /// The same for hugetlbfs memory: `UFFDIO_COPY` fills a new huge page
     /// straight from the received buffer, where writing the fill view first
     /// has the kernel zero the 2 MiB page, then copies into it. On by
-    /// default since the lean prefetch transport: 1.2x faster in the median
-    /// of six interleaved restores into hugetlbfs (docs/BENCHMARKS.md,
-    /// "Session 11"), where over gRPC the zeroing was hidden behind the
-    /// stream's own copies.
+    /// default since the lean prefetch transport: faster in six of eight
+    /// interleaved restores into hugetlbfs, 1.14x in the median
+    /// (docs/BENCHMARKS.md, "Session 11"), where over gRPC the zeroing was
+    /// hidden behind the stream's own copies.
     pub hugetlb_copy: bool,
     /// Verify and install each stream's batches on a thread of their own
     /// while the stream's task receives the next ones (receive and install
