@@ -25,8 +25,9 @@
 //! state its threads share), `config.rs`, `lifecycle.rs` (start, end,
 //! teardown), `faults.rs` (the fault thread and the one decision procedure),
 //! `install.rs`, `link.rs` (demand link), `lean.rs` (the lean transports:
-//! the demand link's and the prefetcher's connections), `prefetch.rs`, `source.rs` (the
-//! page file of a server on this host), `region.rs` (one region's ioctls),
+//! the demand link's and the prefetcher's connections), `prefetch.rs`,
+//! `source.rs` (the page file of a server on this host), `region.rs` (one
+//! region's ioctls),
 //! `pages.rs` (page states), `units.rs` (a 4 KiB snapshot in hugetlbfs
 //! memory: whole 2 MiB install units), `recording.rs`, `stats.rs`,
 //! `error.rs`.
