@@ -27,10 +27,9 @@
 //! `install.rs`, `link.rs` (demand link), `lean.rs` (the lean transports:
 //! the demand link's and the prefetcher's connections), `prefetch.rs`,
 //! `source.rs` (the page file of a server on this host), `region.rs` (one
-//! region's ioctls),
-//! `pages.rs` (page states), `units.rs` (a 4 KiB snapshot in hugetlbfs
-//! memory: whole 2 MiB install units), `recording.rs`, `stats.rs`,
-//! `error.rs`.
+//! region's ioctls), `pages.rs` (page states), `units.rs` (a 4 KiB snapshot
+//! in hugetlbfs memory: whole 2 MiB install units), `recording.rs`,
+//! `stats.rs`, `error.rs`.
 //!
 //! Threads: one demand thread (`faultline-fault`) runs a single-threaded
 //! tokio runtime holding the fault loop of every uffd, the demand link and
