@@ -182,38 +182,58 @@ fn lean_restore_with_token() {
     assert!(st.pages_by_source.demand > 0, "{st:#?}");
 }
 
-/// Opens a raw lean connection to `addr` with `authorization` and asks to
-/// open `snapshot`; returns the server's first answer.
+/// Opens a raw lean connection to `addr` that starts with `magic`, sends a hello with
+/// `authorization` and `first`, and returns the server's first frame; if `refused` says it is a
+/// refusal, checks that the server closes the connection after it.
+fn raw_lean<Q, A>(
+    addr: SocketAddr,
+    magic: &[u8],
+    authorization: &str,
+    first: Q,
+    refused: impl FnOnce(&A) -> bool,
+) -> A
+where
+    Q: prost::Message + Sync,
+    A: prost::Message + Default + std::fmt::Debug,
+{
+    let rt = runtime();
+    block_on(&rt, "a raw lean connection", async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut io = frame::FrameStream::new(tcp, frame::MAX_ANSWER_FRAME_BYTES);
+        let hello = faultline_proto::pb::FaultHello {
+            authorization: authorization.into(),
+        };
+        io.write_all_of(magic, &[&hello, &first]).await.unwrap();
+        let answer: A = io.read("the first frame").await.unwrap().unwrap();
+        if refused(&answer) {
+            // The server closes the connection after saying why.
+            let end = io.read::<A>("a frame").await;
+            assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
+        }
+        answer
+    })
+}
+
+/// [`raw_lean`] on a fault connection asking to open `snapshot`.
 fn raw_open(
     addr: SocketAddr,
     authorization: &str,
     snapshot: &str,
 ) -> faultline_proto::pb::FaultResponse {
     use faultline_proto::pb;
-    let rt = runtime();
-    block_on(&rt, "a raw lean open", async {
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut io = frame::FrameStream::new(tcp, frame::MAX_ANSWER_FRAME_BYTES);
-        let hello = pb::FaultHello {
-            authorization: authorization.into(),
-        };
-        let open = pb::FaultRequest {
-            kind: Some(pb::fault_request::Kind::Open(pb::FaultOpen {
-                snapshot: snapshot.into(),
-                compression: 0,
-            })),
-        };
-        io.write_all_of(&frame::MAGIC, &[&hello, &open])
-            .await
-            .unwrap();
-        let first: pb::FaultResponse = io.read("a FaultResponse").await.unwrap().unwrap();
-        if first.result.is_some() {
-            // Refused: the server closes the connection after saying why.
-            let end = io.read::<pb::FaultResponse>("a FaultResponse").await;
-            assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
-        }
-        first
-    })
+    let open = pb::FaultRequest {
+        kind: Some(pb::fault_request::Kind::Open(pb::FaultOpen {
+            snapshot: snapshot.into(),
+            compression: 0,
+        })),
+    };
+    raw_lean(
+        addr,
+        &frame::MAGIC,
+        authorization,
+        open,
+        |r: &pb::FaultResponse| r.result.is_some(),
+    )
 }
 
 /// The lean transport checks tokens as gRPC does: none, a wrong one, or one without the right on the snapshot is refused with a clear error; the right one opens.
@@ -430,30 +450,24 @@ fn lean_prefetch_forced_on_an_old_server_leaves_demand_working() {
     assert!(s.pages_by_source.demand > 0, "{s:#?}");
 }
 
-/// Opens a raw lean prefetch connection to `addr` with `authorization` for every page of
-/// `snapshot`; returns the server's first frame.
+/// [`raw_lean`] on a prefetch connection asking for every page of `snapshot`.
 fn raw_prefetch(
     addr: SocketAddr,
     authorization: &str,
     snapshot: &str,
 ) -> faultline_proto::pb::PrefetchFrame {
     use faultline_proto::pb;
-    let rt = runtime();
-    block_on(&rt, "a raw lean prefetch", async {
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut io = frame::FrameStream::new(tcp, frame::MAX_ANSWER_FRAME_BYTES);
-        let hello = pb::FaultHello {
-            authorization: authorization.into(),
-        };
-        let req = pb::PrefetchRequest {
-            snapshot: snapshot.into(),
-            ..Default::default()
-        };
-        io.write_all_of(&frame::PREFETCH_MAGIC, &[&hello, &req])
-            .await
-            .unwrap();
-        io.read("a PrefetchFrame").await.unwrap().unwrap()
-    })
+    let req = pb::PrefetchRequest {
+        snapshot: snapshot.into(),
+        ..Default::default()
+    };
+    raw_lean(
+        addr,
+        &frame::PREFETCH_MAGIC,
+        authorization,
+        req,
+        |f: &pb::PrefetchFrame| matches!(f.kind, Some(pb::prefetch_frame::Kind::Error(_))),
+    )
 }
 
 /// The lean prefetch transport checks tokens as gRPC does: none, a wrong one, or one without the
