@@ -303,8 +303,6 @@ pub struct BatchFrame {
     meta: Vec<u8>,
     /// The frame's bytes in order: spans of `meta`, and page data.
     parts: Vec<Part>,
-    /// Where the span of `meta` not yet in `parts` starts.
-    mark: usize,
 }
 
 #[derive(Debug)]
@@ -323,7 +321,6 @@ impl BatchFrame {
         let mut f = Self {
             meta: Vec::with_capacity(16 + 24 * batch.runs.len() + 16 * batch.zero.len()),
             parts: Vec::with_capacity(2 * batch.runs.len() + 1),
-            mark: 0,
         };
         f.meta.extend_from_slice(&(body_len as u32).to_be_bytes());
         encode_key(1, WireType::LengthDelimited, &mut f.meta);
@@ -361,27 +358,20 @@ impl BatchFrame {
         self.parts.push(Part::Data(data));
     }
 
+    /// Adds the bytes of `meta` written since the last span as a span.
     fn close_meta(&mut self) {
-        if self.mark < self.meta.len() {
-            self.parts.push(Part::Meta(self.mark..self.meta.len()));
-            self.mark = self.meta.len();
-        }
-    }
-
-    /// The frame's bytes, header included.
-    pub fn len(&self) -> usize {
-        self.parts
+        let from = self
+            .parts
             .iter()
-            .map(|p| match p {
-                Part::Meta(r) => r.len(),
-                Part::Data(d) => d.len(),
+            .rev()
+            .find_map(|p| match p {
+                Part::Meta(r) => Some(r.end),
+                Part::Data(_) => None,
             })
-            .sum()
-    }
-
-    /// Whether it has no bytes (never: a frame has its header).
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+            .unwrap_or(0);
+        if from < self.meta.len() {
+            self.parts.push(Part::Meta(from..self.meta.len()));
+        }
     }
 
     /// Its bytes in order, for a vectored write.
@@ -588,7 +578,6 @@ mod tests {
                 &mut want,
             );
             assert_eq!(got, want);
-            assert_eq!(frame.len(), want.len());
             // Each non-empty run's data is one slice of its own, at its address.
             let slices = frame.io_slices();
             for run in b.runs.iter().filter(|r| !r.data.is_empty()) {

@@ -95,6 +95,10 @@ pub enum Error {
     Write(#[from] WriteError),
     #[error("the server is shutting down; retry on another server or later")]
     Unavailable,
+    /// A prefetch stream's producer died (it panicked) before the stream
+    /// was done.
+    #[error("the server failed while streaming this prefetch; retry it")]
+    PrefetchDied,
 }
 
 impl Error {
@@ -150,6 +154,7 @@ impl Error {
             },
             Self::Denied(_) => Code::PermissionDenied,
             Self::Unavailable => Code::Unavailable,
+            Self::PrefetchDied => Code::Internal,
         }
     }
 

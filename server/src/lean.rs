@@ -29,8 +29,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::sync::atomic::Ordering;
-
 use faultline_proto::frame::{self, BatchFrame, FrameError, FrameStream};
 use faultline_proto::pb;
 use futures::StreamExt;
@@ -38,7 +36,7 @@ use futures::stream::FuturesUnordered;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::auth::{Access, Authenticator};
-use crate::service::{FaultSession, FaultlineService, PRODUCER_DIED, PrefetchProducer};
+use crate::service::{FaultSession, FaultlineService};
 
 /// Lean connections open now.
 pub const LEAN_CONNECTIONS_OPEN: &str = "faultline_server_lean_connections_open";
@@ -135,20 +133,14 @@ impl LeanServer {
         let refusal = |e: pb::Error| frame::prefetch_error(e.code, e.message);
         let start = settle(&mut io, opened, handshake_timeout, refusal).await?;
         drop(t);
-        let PrefetchProducer {
-            mut rx,
-            ended,
-            abort: _producer,
-        } = start.start();
+        let mut producer = start.start();
         let mut stop = std::pin::pin!(stop);
         loop {
             let next = tokio::select! {
-                next = rx.recv() => next,
+                next = producer.next() => next,
                 () = &mut stop => {
-                    let e = frame::prefetch_error(
-                        tonic::Code::Unavailable as i32,
-                        "the server is shutting down; retry the prefetch on another server",
-                    );
+                    let e = crate::Error::Unavailable.to_pb();
+                    let e = frame::prefetch_error(e.code, e.message);
                     let _ = tokio::time::timeout(PREFETCH_WRITE_TIMEOUT, io.write(&e)).await;
                     return Ok(());
                 }
@@ -163,11 +155,7 @@ impl LeanServer {
                     let e = e.to_pb();
                     frame::prefetch_error(e.code, e.message)
                 }
-                // A producer that died leaves the channel closed without
-                // `ended`: the stream then ends with Internal, never with
-                // its end.
-                None if ended.load(Ordering::SeqCst) => frame::prefetch_end(),
-                None => frame::prefetch_error(tonic::Code::Internal as i32, PRODUCER_DIED),
+                None => frame::prefetch_end(),
             };
             return within_write_timeout(io.write(&last)).await;
         }

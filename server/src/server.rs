@@ -697,8 +697,7 @@ async fn accept_loop(
             let shaken = tokio::time::timeout(limits.handshake_timeout, async {
                 match handshake(io, acceptor).await? {
                     Handshaken::Grpc(io, preface) => Ok(Some(Ok((io, preface)))),
-                    Handshaken::Lean(io) => Ok(Some(Err((io, LeanKind::Fault)))),
-                    Handshaken::LeanPrefetch(io) => Ok(Some(Err((io, LeanKind::Prefetch)))),
+                    Handshaken::Lean(io, kind) => Ok(Some(Err((io, kind)))),
                     Handshaken::PageFile(stream) => {
                         let Some(files) = page_files else {
                             return Err(std::io::Error::new(
@@ -769,10 +768,9 @@ enum Handshaken {
     /// An HTTP/2 client (gRPC), with the preface read from it, to be
     /// replayed to hyper.
     Grpc(Io, [u8; 24]),
-    /// A lean fault transport client ([`frame::MAGIC`], consumed).
-    Lean(Io),
-    /// A lean prefetch client ([`frame::PREFETCH_MAGIC`], consumed).
-    LeanPrefetch(Io),
+    /// A lean transport client, its magic consumed: [`frame::MAGIC`] (a
+    /// fault stream) or [`frame::PREFETCH_MAGIC`] (a prefetch).
+    Lean(Io, LeanKind),
     /// A Unix client asking for a page file (its preface read).
     PageFile(tokio::net::UnixStream),
 }
@@ -785,7 +783,7 @@ enum LeanKind {
 }
 
 /// Runs the TLS handshake (if any) and reads HTTP/2's connection preface,
-/// the lean fault transport's magic (as long as the preface), or, on a Unix
+/// a lean transport's magic (as long as the preface), or, on a Unix
 /// socket, the page-file preface.
 async fn handshake(io: Io, tls: Option<tokio_rustls::TlsAcceptor>) -> std::io::Result<Handshaken> {
     let mut io = match (io, tls) {
@@ -803,10 +801,10 @@ async fn handshake(io: Io, tls: Option<tokio_rustls::TlsAcceptor>) -> std::io::R
         return Ok(Handshaken::Grpc(io, preface));
     }
     if preface == frame::MAGIC {
-        return Ok(Handshaken::Lean(io));
+        return Ok(Handshaken::Lean(io, LeanKind::Fault));
     }
     if preface == frame::PREFETCH_MAGIC {
-        return Ok(Handshaken::LeanPrefetch(io));
+        return Ok(Handshaken::Lean(io, LeanKind::Prefetch));
     }
     match io {
         Io::Unix(stream) if &preface == faultline_proto::unix::PAGE_FILE_PREFACE => {

@@ -621,19 +621,36 @@ pub(crate) struct PrefetchStart {
 }
 
 /// A running prefetch: its batches (or its error, last) as the producer
-/// task makes them, a few ahead of the consumer.
+/// task makes them, a few ahead of the consumer. Dropped, it aborts the
+/// producer (the consumer went away).
 pub(crate) struct PrefetchProducer {
-    /// The batches.
-    pub(crate) rx: mpsc::Receiver<Result<pb::PageBatch, Error>>,
+    rx: mpsc::Receiver<Result<pb::PageBatch, Error>>,
     /// Set by the producer before it closes the channel: a channel closed
     /// without it is a producer that died.
-    pub(crate) ended: Arc<AtomicBool>,
-    /// Aborts the producer when dropped (the consumer went away).
-    pub(crate) abort: AbortOnDrop,
+    ended: Arc<AtomicBool>,
+    /// The stream has given its last item.
+    finished: bool,
+    _abort: AbortOnDrop,
 }
 
-/// The error ending a prefetch whose producer died (it panicked).
-pub(crate) const PRODUCER_DIED: &str = "the server failed while streaming this prefetch; retry it";
+impl PrefetchProducer {
+    /// The next batch; an error is the stream's last item, and a producer
+    /// that died ends the stream with [`Error::PrefetchDied`], never as if
+    /// it were complete; `None` once it is. Cancel-safe.
+    pub(crate) async fn next(&mut self) -> Option<Result<pb::PageBatch, Error>> {
+        if self.finished {
+            return None;
+        }
+        let next = self.rx.recv().await;
+        if next.is_none() {
+            self.finished = true;
+            if !self.ended.load(Ordering::SeqCst) {
+                return Some(Err(Error::PrefetchDied));
+            }
+        }
+        next
+    }
+}
 
 impl PrefetchStart {
     /// Starts the producer task, which holds the slot while it runs.
@@ -650,7 +667,8 @@ impl PrefetchStart {
         PrefetchProducer {
             rx,
             ended,
-            abort: AbortOnDrop(task.abort_handle()),
+            finished: false,
+            _abort: AbortOnDrop(task.abort_handle()),
         }
     }
 }
@@ -822,7 +840,7 @@ impl PrefetchPlan {
 
 /// Aborts a task when dropped: the producer of a stream whose consumer is
 /// gone.
-pub(crate) struct AbortOnDrop(tokio::task::AbortHandle);
+struct AbortOnDrop(tokio::task::AbortHandle);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -994,20 +1012,12 @@ impl pb::faultline_server::Faultline for FaultlineService {
         let plan = async { self.open_prefetch(access?, client, req).await }.await;
         let producer = plan.map_err(|e| t.fail(e))?.start();
         drop(t);
-        let PrefetchProducer { rx, ended, abort } = producer;
-        // A producer that died leaves the channel closed without `ended`:
-        // the stream then ends with Internal, never with OK.
-        let tail = futures::stream::once(async move {
-            (!ended.load(Ordering::SeqCst)).then(|| Err(Status::internal(PRODUCER_DIED)))
-        })
-        .filter_map(futures::future::ready);
-        let batches = ReceiverStream::new(rx)
-            .map(|batch| batch.map_err(Status::from))
-            .chain(tail)
-            .map(move |batch| {
-                let _producer = &abort;
-                batch
-            });
+        // The stream owns the producer: dropped with it (the client went
+        // away), the producer is aborted.
+        let batches = futures::stream::unfold(producer, |mut p| async move {
+            let next = p.next().await?;
+            Some((next.map_err(Status::from), p))
+        });
         Ok(Response::new(Box::pin(batches)))
     }
 

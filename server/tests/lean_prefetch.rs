@@ -1,17 +1,22 @@
 //! The lean prefetch transport against a real server on 127.0.0.1:0, spoken
 //! by hand (`faultline_proto::frame`): the same batches as the gRPC stream
 //! and then its end, the gRPC call's errors in-band, malformed frames
-//! refused while the server goes on serving, and the prefetch slots per
-//! client shared with gRPC.
+//! refused while the server goes on serving, the prefetch slots per client
+//! shared with gRPC, and peers that go silent or away costing only
+//! themselves.
 
 mod common;
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use faultline_proto::frame::{self, FrameStream};
 use faultline_proto::pb;
 use faultline_proto::pb::prefetch_frame::Kind;
 use faultline_server::Limits;
+use faultline_server::server::{ServeOptions, TransportLimits};
+use faultline_server::store::SnapshotStore;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use common::{Fixture, PAGES, SNAPSHOT, range};
@@ -202,4 +207,77 @@ async fn lean_prefetch_counts_against_the_slots_per_client() {
             other => panic!("the slot was not given back: {other:?}"),
         }
     }
+}
+
+/// Opens lean prefetches of every page until one streams (the client's slot is free again),
+/// each refusal before it being ResourceExhausted; then reads that one to its end.
+async fn streams_once_the_slot_is_back(addr: std::net::SocketAddr) {
+    let deadline = tokio::time::Instant::now() + PROMPTLY;
+    loop {
+        let mut io = open(addr, &all_pages(SNAPSHOT, 256)).await;
+        match next(&mut io).await {
+            Some(Kind::Batch(_)) => {
+                assert_eq!(batches_to_end(&mut io).await.len(), 3);
+                return;
+            }
+            Some(Kind::Error(e)) if tokio::time::Instant::now() < deadline => {
+                assert_eq!(e.code, tonic::Code::ResourceExhausted as i32, "{e:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => panic!("the slot was not given back: {other:?}"),
+        }
+    }
+}
+
+/// A lean prefetch client that goes away mid-stream costs only itself: its prefetch slot comes back and the same client's next prefetch streams to its end.
+#[tokio::test]
+async fn lean_prefetch_client_gone_mid_stream_gives_its_slot_back() {
+    let f = Fixture::start_with(Limits {
+        max_prefetch_streams_per_client: 1,
+        ..Limits::default()
+    })
+    .await;
+    let mut io = open(f.server.addr(), &all_pages(SNAPSHOT, 1)).await;
+    assert!(matches!(next(&mut io).await, Some(Kind::Batch(_))));
+    drop(io);
+    streams_once_the_slot_is_back(f.server.addr()).await;
+}
+
+/// A lean prefetch connection that sends its magic and hello and then nothing is closed after the handshake timeout, not before, and holds no slot.
+#[tokio::test]
+async fn lean_prefetch_silent_after_hello_times_out() {
+    let f = Fixture::start().await;
+    let timeout = Duration::from_millis(600);
+    let server = faultline_server::spawn_with(
+        "127.0.0.1:0".parse().unwrap(),
+        f.store.clone() as Arc<dyn SnapshotStore>,
+        ServeOptions {
+            limits: TransportLimits {
+                handshake_timeout: timeout,
+                ..TransportLimits::default()
+            },
+            service_limits: Limits {
+                max_prefetch_streams_per_client: 1,
+                ..Limits::default()
+            },
+            ..ServeOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let mut tcp = TcpStream::connect(server.addr()).await.unwrap();
+    let mut greeting = frame::PREFETCH_MAGIC.to_vec();
+    frame::encode(&pb::FaultHello::default(), &mut greeting);
+    tcp.write_all(&greeting).await.unwrap();
+    // While it waits, the same host's prefetch streams: the silent one holds no slot.
+    streams_once_the_slot_is_back(server.addr()).await;
+    let mut io = FrameStream::new(tcp, frame::MAX_ANSWER_FRAME_BYTES);
+    let end = tokio::time::timeout(PROMPTLY, io.read::<pb::PrefetchFrame>("a frame")).await;
+    assert!(matches!(end, Ok(Ok(None) | Err(_))), "{end:?}");
+    assert!(
+        started.elapsed() >= timeout,
+        "closed after {:?}",
+        started.elapsed()
+    );
 }

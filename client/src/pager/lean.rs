@@ -47,12 +47,12 @@ pub(crate) struct LeanSession {
     io: FrameStream<Box<dyn LeanIo>>,
 }
 
-/// What opening a lean session came to.
-pub(crate) enum Opened {
-    /// The stream is open.
-    Session(LeanSession),
+/// What opening a lean stream (or its connection) came to.
+pub(crate) enum Opened<S = LeanSession> {
+    /// The stream is open (the connection made).
+    Session(S),
     /// The server does not offer the transport (or the URL is one it does
-    /// not run on yet); why, for the log.
+    /// not run on); why, for the log.
     Unsupported(String),
 }
 
@@ -66,22 +66,15 @@ impl std::fmt::Debug for LeanSession {
 /// server's manifest as the gRPC path does.
 pub(crate) async fn open(shared: &Shared, url: &str) -> Result<Opened, String> {
     match connect(shared, url).await? {
-        Connected::Io(io) => start(io, shared, url).await,
-        Connected::Unsupported(why) => Ok(Opened::Unsupported(why)),
+        Opened::Session(io) => start(io, shared, url).await,
+        Opened::Unsupported(why) => Ok(Opened::Unsupported(why)),
     }
 }
 
-/// What connecting for a lean stream came to.
-enum Connected {
-    /// A connection (TLS done, if any), nothing sent yet.
-    Io(Box<dyn LeanIo>),
-    /// The URL is not one the lean transports run on; why.
-    Unsupported(String),
-}
-
 /// Connects to `url` for a lean stream, after checking a fail-over server's
-/// manifest as the gRPC path does: a Unix socket, TCP, or TLS over TCP.
-async fn connect(shared: &Shared, url: &str) -> Result<Connected, String> {
+/// manifest as the gRPC path does: a Unix socket, TCP, or TLS over TCP,
+/// with nothing sent yet.
+async fn connect(shared: &Shared, url: &str) -> Result<Opened<Box<dyn LeanIo>>, String> {
     if let Some(path) = faultline_proto::unix::unix_path(url) {
         // A server on this host: the same frames on its Unix socket (no TLS
         // there, docs/security.md).
@@ -94,21 +87,21 @@ async fn connect(shared: &Shared, url: &str) -> Result<Connected, String> {
             .await
             .map_err(|_| format!("connecting to {url} took over {CONNECT_TIMEOUT:?}"))?
             .map_err(|e| format!("cannot connect to {url}: {e}"))?;
-        return Ok(Connected::Io(Box::new(stream)));
+        return Ok(Opened::Session(Box::new(stream)));
     }
     let (tls, authority) = if let Some(a) = url.strip_prefix("http://") {
         (false, a)
     } else if let Some(a) = url.strip_prefix("https://") {
         (true, a)
     } else {
-        return Ok(Connected::Unsupported(format!(
+        return Ok(Opened::Unsupported(format!(
             "the lean transports run on http://, https:// and unix:// URLs, not {url}"
         )));
     };
     let authority = authority.trim_end_matches('/');
     let opts = &shared.config.connect.tls;
     if tls && opts.identity.is_some() && opts.identity_pem.is_none() {
-        return Ok(Connected::Unsupported(
+        return Ok(Opened::Unsupported(
             "the client certificate was given without its PEM (TlsOptions::identity_pem)".into(),
         ));
     }
@@ -126,7 +119,7 @@ async fn connect(shared: &Shared, url: &str) -> Result<Connected, String> {
     tcp.set_nodelay(true)
         .map_err(|e| format!("cannot set TCP_NODELAY on the connection to {url}: {e}"))?;
     if !tls {
-        return Ok(Connected::Io(Box::new(tcp)));
+        return Ok(Opened::Session(Box::new(tcp)));
     }
     let host = authority
         .rsplit_once(':')
@@ -141,7 +134,7 @@ async fn connect(shared: &Shared, url: &str) -> Result<Connected, String> {
         .connect(name, tcp)
         .await
         .map_err(|e| format!("the TLS handshake with {url} failed: {e}"))?;
-    Ok(Connected::Io(Box::new(stream)))
+    Ok(Opened::Session(Box::new(stream)))
 }
 
 /// The TLS client configuration of `opts`, as tonic builds it for gRPC
@@ -263,15 +256,6 @@ pub(crate) struct PrefetchSession {
     done: bool,
 }
 
-/// What opening a lean prefetch came to.
-pub(crate) enum PrefetchOpened {
-    /// The stream runs.
-    Session(PrefetchSession),
-    /// The server does not offer the transport (or the URL is one it does
-    /// not run on); why, for the log.
-    Unsupported(String),
-}
-
 /// A failure of a lean prefetch stream: an in-band error from the server
 /// (its code and message, as a gRPC status would carry them), or the
 /// connection failing.
@@ -286,22 +270,22 @@ pub(crate) enum PrefetchFailure {
 /// Opens a lean `Prefetch` stream of `req` on `url`: the magic, the hello
 /// and the request in one write, then the server's first frame, which says
 /// whether it speaks the transport (a server without it closes at the
-/// magic: [`PrefetchOpened::Unsupported`]).
+/// magic: [`Opened::Unsupported`]).
 pub(crate) async fn open_prefetch(
     shared: &Shared,
     url: &str,
     req: &pb::PrefetchRequest,
-) -> Result<PrefetchOpened, PrefetchFailure> {
+) -> Result<Opened<PrefetchSession>, PrefetchFailure> {
     let io = match connect(shared, url)
         .await
         .map_err(PrefetchFailure::Broken)?
     {
-        Connected::Io(io) => io,
-        Connected::Unsupported(why) => return Ok(PrefetchOpened::Unsupported(why)),
+        Opened::Session(io) => io,
+        Opened::Unsupported(why) => return Ok(Opened::Unsupported(why)),
     };
     let mut io = FrameStream::new(io, frame::MAX_ANSWER_FRAME_BYTES).reserving_whole_frames();
     let unsupported = || {
-        PrefetchOpened::Unsupported(format!(
+        Opened::Unsupported(format!(
             "{url} closed the connection on the lean prefetch transport's greeting (a server \
              without it)"
         ))
@@ -319,7 +303,7 @@ pub(crate) async fn open_prefetch(
         }
     }
     match io.read::<pb::PrefetchFrame>("a PrefetchFrame").await {
-        Ok(Some(first)) => Ok(PrefetchOpened::Session(PrefetchSession {
+        Ok(Some(first)) => Ok(Opened::Session(PrefetchSession {
             io,
             first: Some(first),
             done: false,
@@ -344,39 +328,22 @@ impl PrefetchSession {
             Some(f) => Ok(Some(f)),
             None => self.io.read::<pb::PrefetchFrame>("a PrefetchFrame").await,
         };
-        let kind = match frame {
-            Ok(Some(f)) => f.kind,
-            Ok(None) => {
-                self.done = true;
-                return Some(Err(PrefetchFailure::Broken(
-                    "the server closed the prefetch stream before its end".into(),
-                )));
-            }
-            Err(e) => {
-                self.done = true;
-                return Some(Err(PrefetchFailure::Broken(e.to_string())));
-            }
+        let broken = |why: String| Some(Err(PrefetchFailure::Broken(why)));
+        let item = match frame {
+            Ok(Some(f)) => match f.kind {
+                Some(pb::prefetch_frame::Kind::Batch(b)) => Some(Ok(b)),
+                Some(pb::prefetch_frame::Kind::End(_)) => None,
+                Some(pb::prefetch_frame::Kind::Error(e)) => Some(Err(PrefetchFailure::Server(
+                    tonic::Status::new(tonic::Code::from(e.code), e.message),
+                ))),
+                None => broken("the server sent a prefetch frame without a kind".into()),
+            },
+            Ok(None) => broken("the server closed the prefetch stream before its end".into()),
+            Err(e) => broken(e.to_string()),
         };
-        match kind {
-            Some(pb::prefetch_frame::Kind::Batch(b)) => Some(Ok(b)),
-            Some(pb::prefetch_frame::Kind::End(_)) => {
-                self.done = true;
-                None
-            }
-            Some(pb::prefetch_frame::Kind::Error(e)) => {
-                self.done = true;
-                Some(Err(PrefetchFailure::Server(tonic::Status::new(
-                    tonic::Code::from(e.code),
-                    e.message,
-                ))))
-            }
-            None => {
-                self.done = true;
-                Some(Err(PrefetchFailure::Broken(
-                    "the server sent a prefetch frame without a kind".into(),
-                )))
-            }
-        }
+        // Anything but a batch is the stream's last item.
+        self.done = !matches!(item, Some(Ok(_)));
+        item
     }
 }
 

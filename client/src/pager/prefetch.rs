@@ -178,15 +178,13 @@ impl Batches {
         let transport = shared.config.prefetch_transport;
         if transport != StreamTransport::Grpc {
             match lean::open_prefetch(shared, url, &req).await {
-                Ok(lean::PrefetchOpened::Session(s)) => return Ok(Self::Lean(s)),
-                Ok(lean::PrefetchOpened::Unsupported(why))
-                    if transport == StreamTransport::Lean =>
-                {
+                Ok(lean::Opened::Session(s)) => return Ok(Self::Lean(s)),
+                Ok(lean::Opened::Unsupported(why)) if transport == StreamTransport::Lean => {
                     return Err(PrefetchError::Lean(format!(
                         "{why}, and --prefetch-transport lean was asked for"
                     )));
                 }
-                Ok(lean::PrefetchOpened::Unsupported(why)) => {
+                Ok(lean::Opened::Unsupported(why)) => {
                     tracing::debug!("prefetch: {why}; using gRPC");
                 }
                 Err(e) => return Err(e.into()),
