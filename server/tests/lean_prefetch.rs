@@ -195,18 +195,7 @@ async fn lean_prefetch_counts_against_the_slots_per_client() {
     assert!(msg.contains("max-prefetch-streams-per-client"), "{msg}");
     drop(held);
     // The slot is given back when the server notices the stream is gone.
-    let deadline = tokio::time::Instant::now() + PROMPTLY;
-    loop {
-        let mut io = open(f.server.addr(), &all_pages(SNAPSHOT, 256)).await;
-        match next(&mut io).await {
-            Some(Kind::Batch(_)) => break,
-            Some(Kind::Error(e)) if tokio::time::Instant::now() < deadline => {
-                assert_eq!(e.code, tonic::Code::ResourceExhausted as i32, "{e:?}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            other => panic!("the slot was not given back: {other:?}"),
-        }
-    }
+    streams_once_the_slot_is_back(f.server.addr()).await;
 }
 
 /// Opens lean prefetches of every page until one streams (the client's slot is free again),
