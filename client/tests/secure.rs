@@ -165,7 +165,8 @@ fn remote_with_connect_options() {
 
 /// Whole restores through the pager over mutual TLS with a token: demand
 /// faults on the lean fault transport (forced) with the working-set upload,
-/// then a full prefetch, all authenticate; every touched page matches.
+/// then a full prefetch on the lean prefetch transport (forced), all
+/// authenticate; every touched page matches.
 #[test]
 fn restore_over_mutual_tls_with_token() {
     if testutil::require_uffd().is_none() {
