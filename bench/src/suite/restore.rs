@@ -314,8 +314,8 @@ enum RestoreFailure {
 
 /// One eager local copy into fresh memory of `kind`: GB/s.
 fn eager_once(kind: BackingKind, size: u64, image: &File) -> anyhow::Result<f64> {
-    let memory =
-        GuestMemory::new(kind, size as usize).with_context(|| format!("creating {kind} memory"))?;
+    // Right after a restore into huge pages: once they are back in the pool.
+    let memory = fresh_memory(kind, size as usize)?;
     let started = Instant::now();
     fill_from_image(&memory, image)?;
     let secs = started.elapsed().as_secs_f64();
