@@ -34,6 +34,7 @@ pub mod render;
 pub mod report;
 pub mod restore;
 mod sample;
+pub mod tls;
 pub mod unix;
 pub mod working_set;
 

@@ -22,6 +22,7 @@ use serde_json::json;
 
 use super::report::{Bar, Plot};
 use super::sample::SplitMix64;
+use super::tls::TlsServer;
 use super::unix::{Transport, UnixServer};
 use super::{
     Content, Ctx, HugePages, ImageSpec, Restored, ScenarioReport, Snapshot, Summary, Table, Target,
@@ -183,6 +184,8 @@ struct Row {
     unix_file_gbps: Vec<f64>,
     /// The page file read by one prefetch stream (before PAGE_FILE_STREAMS).
     unix_file1_gbps: Vec<f64>,
+    /// Over TLS, per repeat.
+    tls_gbps: Vec<f64>,
     /// Why the backing stopped being measured, if it did.
     failed: Option<String>,
 }
@@ -473,11 +476,14 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
 
     let variants = bulk_variants(ctx.quick);
     let unix = UnixServer::start(ctx)?;
+    let tls = TlsServer::start(ctx)
+        .map_err(|e| notes.push(format!("the TLS restores were not run: {e:#}")))
+        .ok();
     // Per backing row, per variant: GB/s of each repeat.
     let mut variant_gbps = vec![vec![Vec::<f64>::new(); variants.len()]; rows.len()];
     let bar = ctx.bar(
         "restore: faultline / QEMU postcopy / eager / memcpy",
-        (repeats * ((5 + variants.len()) * rows.len() + 2)) as u64,
+        (repeats * ((6 + variants.len()) * rows.len() + 2)) as u64,
     );
     for _ in 0..repeats {
         if qemu.not_run.is_none() {
@@ -489,7 +495,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
         bar.inc(1);
         for (i, row) in rows.iter_mut().enumerate() {
             if row.failed.is_some() {
-                bar.inc(5 + variants.len() as u64);
+                bar.inc(6 + variants.len() as u64);
                 continue;
             }
             for (v, (_, bulk, transport)) in variants.iter().enumerate() {
@@ -533,6 +539,17 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
                 }
                 bar.inc(1);
             }
+            // The same restore over TLS (the lean transports on rustls).
+            if let Some(tls) = &tls {
+                match faultline_once(ctx, row, &images[i], &spots[i], |c| tls.configure(c)) {
+                    Ok((secs, _)) => row.tls_gbps.push(gbps(ctx.size, secs)),
+                    Err(RestoreFailure::Mismatch(e)) => return Err(e),
+                    Err(RestoreFailure::Setup(why)) => {
+                        notes.push(format!("{} over TLS: {why}", row.label));
+                    }
+                }
+            }
+            bar.inc(1);
             match faultline_once(ctx, row, &images[i], &spots[i], |_| {}) {
                 Ok((secs, stats)) => {
                     row.faultline_s.push(secs);
@@ -572,9 +589,10 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
     bar.finish_and_clear();
     drop((src, dst, _huge_pages));
 
-    drop(unix);
+    drop((unix, tls));
     let mut report = report(ctx, repeats, &rows, &qemu, [&memcpy_gbps, &tcp_gbps], notes);
     same_host(&mut report, ctx, repeats, &rows, &qemu);
+    over_tls(&mut report, repeats, &rows);
     let mut table = Table::new(
         format!(
             "Prefetcher bulk settings, interleaved with the default ({}); GB/s, median (min–max) \
@@ -694,6 +712,42 @@ fn same_host(report: &mut ScenarioReport, ctx: &Ctx, repeats: usize, rows: &[Row
     report.data["same_host"] = json!(data);
 }
 
+/// The TLS table: per backing, the restore over TLS against the same
+/// repeat's plaintext TCP restore.
+fn over_tls(report: &mut ScenarioReport, repeats: usize, rows: &[Row]) {
+    let mut table = Table::new(
+        format!(
+            "Over TLS: the restore above from a server with TLS (rustls; a server certificate, \
+             no client certificate or token), GB/s of image bytes; median (min–max) of \
+             {repeats}, interleaved with the TCP restores"
+        ),
+        &["backing", "TCP GB/s", "TLS GB/s", "TLS / TCP"],
+    );
+    let mut data = Vec::new();
+    for row in rows
+        .iter()
+        .filter(|r| r.complete() && !r.tls_gbps.is_empty())
+    {
+        let over_tcp = per_repeat(&row.tls_gbps, &row.faultline_gbps);
+        table.row(vec![
+            row.label.clone(),
+            Summary::of(&row.faultline_gbps).fmt(2),
+            Summary::of(&row.tls_gbps).fmt(2),
+            format!("{}x", Summary::of(&over_tcp).fmt(2)),
+        ]);
+        data.push(json!({
+            "backing": row.kind,
+            "tcp_gbps": row.faultline_gbps,
+            "tls_gbps": row.tls_gbps,
+            "tls_over_tcp": over_tcp,
+        }));
+    }
+    if !data.is_empty() {
+        report.tables.push(table);
+    }
+    report.data["tls"] = json!(data);
+}
+
 /// The settings in words.
 fn describe(b: Bulk) -> String {
     format!(
@@ -736,6 +790,7 @@ impl Row {
             unix_stream_gbps: Vec::new(),
             unix_file_gbps: Vec::new(),
             unix_file1_gbps: Vec::new(),
+            tls_gbps: Vec::new(),
             failed: None,
         }
     }
@@ -919,8 +974,10 @@ fn report(
              fresh memory of the same backing, a memcpy between two populated 256 MiB \
              buffers, and a bare TCP stream over 127.0.0.1 moving the image's non-zero bytes \
              between two threads (1 MiB writes and reads, nothing else: the ceiling of one \
-             stream, counted in the image bytes it stands for). GB/s are of image bytes (1 GB = 1e9 B); {repeats} interleaved repeats; \
-             {SPOT_CHECKS} pages of every restore compared with the image.",
+             stream, counted in the image bytes it stands for). The same restore also runs \
+             over a Unix socket (the same-host transport) and from a server with TLS. GB/s are \
+             of image bytes (1 GB = 1e9 B); {repeats} interleaved repeats; {SPOT_CHECKS} pages \
+             of every restore compared with the image.",
             ctx.size >> 20
         ),
         tables: vec![table],
