@@ -6,24 +6,22 @@
 //! (the lean fault and prefetch transports on rustls).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use faultline_client::pager::PagerConfig;
 use faultline_client::remote::ConnectOptions;
+use faultline_server::ServeOptions;
 use faultline_server::store::SnapshotStore;
 use faultline_server::testing::certs::{TestCa, Usage};
 use faultline_server::tls::TlsFiles;
-use faultline_server::{ServeOptions, ServerHandle};
 
-use super::{Ctx, SERVER_THREADS};
+use super::Ctx;
+use super::unix::SideServer;
 
 /// The server over TLS; stopped when dropped.
 #[derive(Debug)]
 pub struct TlsServer {
-    runtime: Option<tokio::runtime::Runtime>,
-    handle: Option<ServerHandle>,
-    url: String,
+    server: SideServer,
     connect: ConnectOptions,
 }
 
@@ -39,12 +37,6 @@ impl TlsServer {
         let ca_path = ca.write_cert(&dir, "ca");
         let connect = ConnectOptions::from_files(Some(&ca_path), None, None, None)
             .context("the TLS client options")?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(SERVER_THREADS)
-            .thread_name("faultline-server-tls")
-            .enable_all()
-            .build()
-            .context("starting the TLS server's runtime")?;
         let opts = ServeOptions {
             tls: Some(TlsFiles {
                 cert,
@@ -53,41 +45,27 @@ impl TlsServer {
             }),
             ..ServeOptions::default()
         };
-        let handle = runtime
-            .block_on(faultline_server::spawn_with(
+        let store = ctx.store.clone() as Arc<dyn SnapshotStore>;
+        let server = SideServer::start("faultline-server-tls", async {
+            faultline_server::spawn_with(
                 std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-                ctx.store.clone() as Arc<dyn SnapshotStore>,
+                store,
                 opts,
-            ))
-            .context("serving over TLS on 127.0.0.1")?;
-        let url = handle.url();
+            )
+            .await
+            .context("serving over TLS on 127.0.0.1")
+        })?;
+        let url = server.url();
         anyhow::ensure!(
             url.starts_with("https://"),
             "the TLS server serves {url}, not https://"
         );
-        Ok(Self {
-            runtime: Some(runtime),
-            handle: Some(handle),
-            url,
-            connect,
-        })
+        Ok(Self { server, connect })
     }
 
     /// Points `config` at this server, trusting its CA.
     pub fn configure(&self, config: &mut PagerConfig) {
-        config.servers = vec![self.url.clone()];
+        config.servers = vec![self.server.url()];
         config.connect.tls = self.connect.tls.clone();
-    }
-}
-
-impl Drop for TlsServer {
-    fn drop(&mut self) {
-        if let Some(mut h) = self.handle.take() {
-            h.begin_shutdown();
-        }
-        // Streams of dropped pagers may linger: do not wait for them.
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_timeout(Duration::from_secs(2));
-        }
     }
 }

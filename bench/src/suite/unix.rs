@@ -59,49 +59,72 @@ impl Transport {
 /// The server on the Unix socket; stopped when dropped.
 #[derive(Debug)]
 pub struct UnixServer {
-    runtime: Option<tokio::runtime::Runtime>,
-    handle: Option<ServerHandle>,
-    url: String,
+    server: SideServer,
 }
 
 impl UnixServer {
     /// Serves the suite's store on `faultline.sock` in a scratch directory.
     pub fn start(ctx: &Ctx) -> anyhow::Result<Self> {
         let path = ctx.scratch("unix")?.join("faultline.sock");
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(SERVER_THREADS)
-            .thread_name("faultline-server-unix")
-            .enable_all()
-            .build()
-            .context("starting the Unix server's runtime")?;
-        let handle = runtime
-            .block_on(faultline_server::spawn_unix(
-                &path,
-                ctx.store.clone() as Arc<dyn SnapshotStore>,
-                ServeOptions::default(),
-            ))
-            .with_context(|| format!("serving on {}", path.display()))?;
-        let url = handle.url();
-        Ok(Self {
-            runtime: Some(runtime),
-            handle: Some(handle),
-            url,
-        })
+        let store = ctx.store.clone() as Arc<dyn SnapshotStore>;
+        let server = SideServer::start("faultline-server-unix", async {
+            faultline_server::spawn_unix(&path, store, ServeOptions::default())
+                .await
+                .with_context(|| format!("serving on {}", path.display()))
+        })?;
+        Ok(Self { server })
     }
 
     /// `unix://PATH`.
     pub fn url(&self) -> String {
-        self.url.clone()
+        self.server.url()
     }
 }
 
-impl Drop for UnixServer {
+/// An in-process server besides the suite's, on a runtime of its own with
+/// the same worker count; stopped when dropped.
+#[derive(Debug)]
+pub struct SideServer {
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: Option<ServerHandle>,
+}
+
+impl SideServer {
+    /// Runs `serve` (which starts the server) on a new runtime whose
+    /// threads are named `thread_name`.
+    pub fn start(
+        thread_name: &str,
+        serve: impl Future<Output = anyhow::Result<ServerHandle>>,
+    ) -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(SERVER_THREADS)
+            .thread_name(thread_name)
+            .enable_all()
+            .build()
+            .with_context(|| format!("starting the runtime of {thread_name}"))?;
+        let handle = runtime.block_on(serve)?;
+        Ok(Self {
+            runtime: Some(runtime),
+            handle: Some(handle),
+        })
+    }
+
+    /// The URL it serves.
+    pub fn url(&self) -> String {
+        self.handle
+            .as_ref()
+            .map(ServerHandle::url)
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for SideServer {
     fn drop(&mut self) {
         if let Some(mut h) = self.handle.take() {
             h.begin_shutdown();
         }
-        // Streams of dropped pagers may linger: do not wait for them (the
-        // socket file goes with the server's task).
+        // Streams of dropped pagers may linger: do not wait for them (a
+        // Unix socket's file goes with the server's task).
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_timeout(Duration::from_secs(2));
         }
