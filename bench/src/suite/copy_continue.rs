@@ -6,13 +6,17 @@
 //! forced in turn (`PagerConfig::mode`) and measured on fresh memory, the
 //! modes interleaved over repeats: the latency of random single-page faults
 //! (no prefetch, timed by the touching thread as in scenario 1), and the
-//! throughput of a full restore (prefetch everything, no touching).
+//! throughput of a full restore (prefetch everything, no touching). A probe
+//! then times what a new huge page costs by each way in: a copy, or the
+//! kernel's clear of a page first written through the fill view.
+
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use faultline_client::backing::{BackingKind, HUGE_PAGE_SIZE};
 use faultline_client::pager::{Pager, PagerConfig, PrefetchPolicy, Stats};
 use faultline_client::strategy::{Mode, Strategy};
-use faultline_client::uffd::Uffd;
+use faultline_client::uffd::{RegisterModes, Uffd};
 use faultline_proto::{Manifest, PageIndex};
 use serde_json::json;
 
@@ -32,6 +36,10 @@ const SEED: u64 = 0x5eed_0005;
 /// Huge pages reserved beyond the image's own: slack for pages a previous
 /// run's memory may not have given back yet.
 const HUGE_PAGE_MARGIN: usize = 4;
+
+/// Huge pages each half of the new-page probe fills ([`new_huge_page_cost`]):
+/// 64 MiB, enough pages for a steady per-page time.
+const PROBE_HUGE_PAGES: usize = 32;
 
 /// The two forced modes, in the order each repeat runs them.
 const MODES: [Mode; 2] = [Mode::Copy, Mode::Continue];
@@ -89,7 +97,9 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
                  hugetlbfs memory: random single-page faults with no prefetch, timed by the \
                  touching thread as in scenario 1, and a full restore with prefetch of every \
                  page and no touching (image bytes / time from Pager::start to completion). \
-                 Modes interleaved over repeats; medians, with min–max."
+                 Modes interleaved over repeats; medians, with min–max. Then, on hugetlbfs, \
+                 what a new 2 MiB page costs: filled by UFFDIO_COPY from a cache-hot buffer, \
+                 against allocated and cleared by the kernel (MADV_POPULATE_WRITE)."
             .into(),
         ..Default::default()
     };
@@ -114,6 +124,45 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
     if data.is_empty() {
         report.skipped = Some(report.notes.join(" "));
         return Ok(report);
+    }
+    match new_huge_page_cost(ctx) {
+        Ok((copy, clear)) => {
+            let mut table = Table::new(
+                format!(
+                    "hugetlbfs: what a new 2 MiB page costs, µs per page ({PROBE_HUGE_PAGES} \
+                     pages a repeat, median (min–max) of {})",
+                    ctx.repeats()
+                ),
+                &["install", "µs per 2 MiB page", "vs UFFDIO_COPY"],
+            );
+            let c = Summary::of(&copy);
+            table.row(vec![
+                "UFFDIO_COPY from a cache-hot buffer".into(),
+                c.fmt(1),
+                "1.00x".into(),
+            ]);
+            let over: Vec<f64> = clear.iter().zip(&copy).map(|(a, b)| a / b).collect();
+            table.row(vec![
+                "allocate and clear (MADV_POPULATE_WRITE of a fresh mapping)".into(),
+                Summary::of(&clear).fmt(1),
+                format!("{}x", Summary::of(&over).fmt(2)),
+            ]);
+            report.tables.push(table);
+            report.notes.push(
+                "The new-page probe: receiving a huge page's bytes straight into the fill view \
+                 (then CONTINUE) instead of into a buffer (then COPY) would trade the install's \
+                 copy for the kernel's clearing of the new page on the fill view's first touch; \
+                 it gains only as much as the clear is faster than the copy."
+                    .into(),
+            );
+            data.insert(
+                "new_huge_page_us".into(),
+                json!({"copy": copy, "clear": clear}),
+            );
+        }
+        Err(e) => report
+            .notes
+            .push(format!("hugetlbfs new-page probe: not measured: {e:#}")),
     }
     report.notes.push(
         "Fault latency runs use the default read-ahead: a 4 KiB fault also fetches up to 3 \
@@ -141,6 +190,56 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<ScenarioReport> {
         "backings": data,
     });
     Ok(report)
+}
+
+/// µs per 2 MiB page, per repeat, of filling [`PROBE_HUGE_PAGES`] new huge
+/// pages of a hugetlbfs memfd: by `UFFDIO_COPY` from one cache-hot buffer
+/// into a MISSING registration, and by allocating and clearing them
+/// (`MADV_POPULATE_WRITE`), as a first write through the fill view does.
+fn new_huge_page_cost(ctx: &Ctx) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let len = PROBE_HUGE_PAGES * HUGE_PAGE_SIZE;
+    let _huge = HugePages::reserve(2 * PROBE_HUGE_PAGES + HUGE_PAGE_MARGIN)
+        .map_err(|why| anyhow::anyhow!("cannot reserve huge pages: {why}"))?;
+    let src = vec![0x5au8; HUGE_PAGE_SIZE];
+    let (mut copy, mut clear) = (Vec::new(), Vec::new());
+    for _ in 0..ctx.repeats() {
+        let memory = fresh_memory(BackingKind::Hugetlb, len)?;
+        let uffd = Uffd::open().context("opening a userfaultfd")?;
+        let base = memory.host_addr();
+        // SAFETY: `memory` is fresh hugetlbfs memory that no Rust object
+        // lives in and nothing touches; the uffd is dropped (ending the
+        // registration) before `memory`.
+        unsafe { uffd.register(base, len, RegisterModes::MISSING) }
+            .context("registering the memory")?;
+        let started = Instant::now();
+        for i in 0..PROBE_HUGE_PAGES {
+            // Nobody faults on this memory: no wake.
+            uffd.copy(base + i * HUGE_PAGE_SIZE, &src, true)?;
+        }
+        copy.push(started.elapsed().as_secs_f64() * 1e6 / PROBE_HUGE_PAGES as f64);
+        drop(uffd);
+        drop(memory);
+
+        let memory = fresh_memory(BackingKind::Hugetlb, len)?;
+        let started = Instant::now();
+        // SAFETY: MADV_POPULATE_WRITE only faults in the pages of this
+        // mapping, which `memory` owns and no Rust object lives in.
+        let rc = unsafe {
+            libc::madvise(
+                memory.host_addr() as *mut libc::c_void,
+                len,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        if rc != 0 {
+            bail!(
+                "MADV_POPULATE_WRITE failed: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        clear.push(started.elapsed().as_secs_f64() * 1e6 / PROBE_HUGE_PAGES as f64);
+    }
+    Ok((copy, clear))
 }
 
 /// Appends one backing's table, plot data, notes and data.
