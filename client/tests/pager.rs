@@ -899,3 +899,32 @@ fn hugetlb_region_must_be_huge_page_aligned() {
     assert!(matches!(err, StartError::Layout { .. }), "{err:?}");
     assert!(err.to_string().contains("multiples of 2097152"), "{err}");
 }
+
+/// Two regions that share snapshot pages are refused, naming the first page
+/// they share, and the regions registered before it are let go (this hung).
+#[test]
+fn overlapping_regions_are_refused() {
+    let server = Server::start();
+    let snap = server.import("img", PageSize::Size4K, image_4k(1, 512));
+    let region = |offset_pages: u64| {
+        let (memory, _) = memory(BackingKind::Anonymous, 128 * PAGE).expect("anonymous memory");
+        Region {
+            memory,
+            snapshot_offset: offset_pages * PAGE as u64,
+        }
+    };
+    let err = Pager::start(
+        config(&server, &snap, PrefetchPolicy::None),
+        vec![region(0), region(300), region(100)],
+    )
+    .expect_err("regions sharing pages 100..128");
+    assert!(
+        matches!(err, StartError::Layout { region: 2, .. }),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .contains("page 100 is also held by another region"),
+        "{err}"
+    );
+}

@@ -63,6 +63,13 @@ impl PageBitmap {
         self.words[(i / 64) as usize] &= !(1 << (i % 64));
     }
 
+    /// Bits `64 * w..64 * w + 64` as one word: bit `i` of the bitmap is bit
+    /// `i % 64` of word `i / 64`, and the bits past `len` are clear. Panics
+    /// past the last word. For loops over every page, a word at a time.
+    pub fn word(&self, w: usize) -> u64 {
+        self.words[w]
+    }
+
     /// Sets bits `start..start + count`, a word at a time. Panics if the
     /// range reaches past `len`.
     pub fn set_range(&mut self, start: u64, count: u64) {

@@ -380,13 +380,16 @@ impl Pager {
                     manifest.image_size()
                 )));
             }
-            let first = region.snapshot_offset / ps;
-            for p in first..first + len / ps {
-                if in_region.get(p) {
-                    return Err(layout(format!("page {p} is also held by another region")));
-                }
-                in_region.set(p);
+            // A word at a time: page by page this took about 2.5 ms for
+            // 2 GiB of 4 KiB pages.
+            let (first, count) = (region.snapshot_offset / ps, len / ps);
+            let taken = in_region.next_set(first, first + count);
+            if taken < first + count {
+                return Err(layout(format!(
+                    "page {taken} is also held by another region"
+                )));
             }
+            in_region.set_range(first, count);
             let (uffd, decision) = match &peer {
                 Some(uffd) => (uffd.clone(), Self::peer_decision(region.memory.kind())),
                 None => {

@@ -50,6 +50,16 @@ pub struct RegionState {
     pub unit: u64,
 }
 
+impl Drop for RegionState {
+    /// The uffd goes before the memory. While the range is registered on a
+    /// uffd with `EVENT_UNMAP`, `munmap` sleeps until someone reads the UNMAP
+    /// message, and when a region is dropped nobody is reading: a `Pager::start`
+    /// that failed after registering a region hung here.
+    fn drop(&mut self) {
+        drop(self.take_uffd());
+    }
+}
+
 /// Who is calling a resolve operation. It decides what EAGAIN (a memory-map
 /// event pending on the uffd) means: another thread pauses and retries while
 /// the fault thread reads the event; the fault thread itself must not wait,
