@@ -27,12 +27,16 @@ const EAGAIN_PAUSE: Duration = Duration::from_micros(50);
 pub struct RegionState {
     /// Position in the pager's region list.
     pub index: usize,
+    /// The uffd it is registered on; taken when the pager completes.
+    /// Declared before `memory`, so dropped first: while the range is
+    /// registered on a uffd with `EVENT_UNMAP`, `munmap` sleeps until someone
+    /// reads the UNMAP message, and when a region is dropped nobody is
+    /// reading (a `Pager::start` that failed after registering a region hung).
+    uffd: Mutex<Option<Arc<Uffd>>>,
     /// The memory.
     pub memory: GuestMemory,
     /// How it is filled, and why.
     pub decision: Decision,
-    /// The uffd it is registered on; taken when the pager completes.
-    uffd: Mutex<Option<Arc<Uffd>>>,
     /// Where the guest mapping is now (REMAP events move it).
     host: AtomicUsize,
     /// First snapshot page held by the region.
@@ -48,16 +52,6 @@ pub struct RegionState {
     /// only, so every path claims, installs and settles a unit at once;
     /// the snapshot page stays the unit of transfer and verification.
     pub unit: u64,
-}
-
-impl Drop for RegionState {
-    /// The uffd goes before the memory. While the range is registered on a
-    /// uffd with `EVENT_UNMAP`, `munmap` sleeps until someone reads the UNMAP
-    /// message, and when a region is dropped nobody is reading: a `Pager::start`
-    /// that failed after registering a region hung here.
-    fn drop(&mut self) {
-        drop(self.take_uffd());
-    }
 }
 
 /// Who is calling a resolve operation. It decides what EAGAIN (a memory-map

@@ -567,9 +567,6 @@ impl LocalStore {
     }
 }
 
-/// Whether the process that named a temporary file `.tmp-...-PID-N` is
-/// gone. Files of this process, of running processes and of names that do
-/// not parse are kept.
 /// Diff snapshots and volumes opened so far.
 #[derive(Debug)]
 struct ChainCache {
@@ -578,6 +575,15 @@ struct ChainCache {
     /// The most recently opened, kept open.
     recent: std::collections::VecDeque<Chain>,
     capacity: usize,
+}
+
+impl ChainCache {
+    /// The chain `id`, if it is still held somewhere and was opened from the
+    /// manifest file that has `identity` now.
+    fn get(&self, id: &SnapshotId, identity: FileIdentity) -> Option<Chain> {
+        let (ident, weak) = self.entries.get(id)?;
+        (*ident == identity).then(|| Chain::upgrade(weak)).flatten()
+    }
 }
 
 /// Bytes read at a time when flattening or importing.
@@ -602,10 +608,7 @@ impl LocalStore {
             if let Some(s) = self.cache().get(id, identity) {
                 return Ok(s);
             }
-            if let Some((ident, weak)) = self.chain_cache().entries.get(id)
-                && *ident == identity
-                && let Some(chain) = Chain::upgrade(weak)
-            {
+            if let Some(chain) = self.chain_cache().get(id, identity) {
                 return Ok(Arc::new(chain));
             }
         }
@@ -650,10 +653,7 @@ impl LocalStore {
                 return Err(e);
             }
         };
-        if let Some((ident, weak)) = cache.entries.get(id)
-            && *ident == identity
-            && let Some(chain) = Chain::upgrade(weak)
-        {
+        if let Some(chain) = cache.get(id, identity) {
             return Ok(chain);
         }
         let text = std::fs::read(&path).map_err(|source| OpenError::Read {
